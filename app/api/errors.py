@@ -1,0 +1,54 @@
+"""One error model everywhere: ``{"error": {"code", "message", "request_id"}}``; never a traceback."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app.errors import CapacityError, TlserveError
+
+log = logging.getLogger(__name__)
+
+
+def error_response(request: Request, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    rid = getattr(request.state, "request_id", None)
+    return JSONResponse({"error": {"code": code, "message": message, "request_id": rid}}, status_code=status, headers=headers)
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(TlserveError)
+    async def _tlserve(request: Request, exc: TlserveError) -> JSONResponse:
+        headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, CapacityError) else None
+        if request.url.path.startswith("/v2/"):  # the Open Inference Protocol's own error shape
+            return JSONResponse({"error": exc.message}, status_code=exc.status_code, headers=headers)
+        return error_response(request, exc.status_code, exc.code, exc.message, headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        parts = []
+        for err in exc.errors()[:5]:
+            loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
+            parts.append(f"{loc}: {err.get('msg', 'invalid')}")
+        message = "invalid request: " + "; ".join(parts)
+        if request.url.path.startswith("/v2/"):
+            return JSONResponse({"error": message}, status_code=422)
+        return error_response(request, 422, "malformed_request", message)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        message = exc.detail if isinstance(exc.detail, str) else code
+        if request.url.path.startswith("/v2/"):
+            return JSONResponse({"error": message}, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+        return error_response(request, exc.status_code, code, message, getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.error("unhandled error on %s: %s", request.url.path, type(exc).__name__, exc_info=exc)
+        if request.url.path.startswith("/v2/"):
+            return JSONResponse({"error": "internal error"}, status_code=500)
+        return error_response(request, 500, "internal_error", "internal error; see the server log with this request id")

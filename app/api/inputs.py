@@ -1,0 +1,148 @@
+"""Request bodies → image items, with every limit enforced before the work.
+
+Three forms (``POST /v1/classify``, ``/v1/embed``):
+
+- ``multipart/form-data``: every part with a file name is an image; text parts ``head``,
+  ``top_k``, ``normalize`` are options; any other text part becomes a per-item error;
+- a raw body whose content type is ``image/*`` (or ``application/octet-stream``): one image;
+- ``application/json``: ``{"images": [{"b64": "...", "name": "..."}], "head": ..., "top_k": ...}``.
+
+The body is read with a hard cap (``max_body_bytes``) whether or not Content-Length is sent
+(chunked uploads are counted as they arrive). Formats are sniffed later from the bytes.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException
+from starlette.requests import Request
+
+from app.errors import BodyTooLarge, EmptyInput, MalformedRequest, TooManyImages, UnsupportedMediaType
+from app.service import Item
+from app.settings import Settings
+
+OPTION_FIELDS = ("head", "top_k", "normalize")
+
+
+@dataclass
+class Parsed:
+    items: list[Item]
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The whole body, refusing more than ``limit`` bytes (announced or not)."""
+    announced = request.headers.get("content-length")
+    if announced is not None:
+        try:
+            size = int(announced)
+        except ValueError:
+            raise MalformedRequest("Content-Length is not a number") from None
+        if size > limit:
+            raise BodyTooLarge(f"body of {size} bytes is over the limit of {limit} bytes (max_body_bytes)")
+    chunks, total = [], 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > limit:
+            raise BodyTooLarge(f"body is over the limit of {limit} bytes (max_body_bytes)")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _replay(request: Request, body: bytes) -> Request:
+    sent = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return Request(request.scope, receive)
+
+
+def _b64(value: Any, index: int) -> Item:
+    if not isinstance(value, str):
+        return Item(b"", None, MalformedRequest(f"images[{index}].b64 must be a base64 string"))
+    try:
+        data = base64.b64decode(value.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        return Item(b"", None, MalformedRequest(f"images[{index}].b64 is not valid base64"))
+    return Item(data)
+
+
+async def parse_images(request: Request, settings: Settings) -> Parsed:
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    body = await read_body(request, settings.max_body_bytes)
+    limit = settings.max_images_per_request
+    if ctype == "multipart/form-data":
+        parsed = await _multipart(_replay(request, body), limit)
+    elif ctype == "application/json" or ctype.endswith("+json"):
+        parsed = _json(body, limit)
+    elif ctype.startswith("image/") or ctype == "application/octet-stream":
+        parsed = Parsed([Item(body, request.headers.get("x-filename"))])
+    else:
+        raise UnsupportedMediaType(
+            f"content type {ctype or '(none)'!r} is not accepted: send multipart/form-data, image/*, or application/json"
+        )
+    if not parsed.items:
+        raise EmptyInput("the request holds no images")
+    if len(parsed.items) > limit:
+        raise TooManyImages(f"{len(parsed.items)} images in one request, over the limit of {limit} (max_images_per_request)")
+    return parsed
+
+
+def _json(body: bytes, limit: int) -> Parsed:
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise MalformedRequest("body is not valid JSON") from None
+    if not isinstance(doc, dict):
+        raise MalformedRequest('JSON body must be an object like {"images": [{"b64": "..."}]}')
+    images = doc.get("images")
+    if not isinstance(images, list):
+        raise MalformedRequest('JSON body needs "images": a list of {"b64": "..."} objects')
+    if len(images) > limit:
+        raise TooManyImages(f"{len(images)} images in one request, over the limit of {limit} (max_images_per_request)")
+    items = []
+    for i, entry in enumerate(images):
+        if not isinstance(entry, dict):
+            items.append(Item(b"", None, MalformedRequest(f"images[{i}] must be an object with a b64 field")))
+            continue
+        item = _b64(entry.get("b64"), i)
+        name = entry.get("name")
+        item.name = name if isinstance(name, str) else None
+        items.append(item)
+    options = {k: doc[k] for k in OPTION_FIELDS if k in doc and doc[k] is not None}
+    return Parsed(items, options)
+
+
+async def _multipart(request: Request, limit: int) -> Parsed:
+    try:
+        form = await request.form(max_files=limit, max_fields=limit + 16)
+    except MultiPartException as exc:
+        text = str(getattr(exc, "message", exc))
+        if "Too many files" in text or "Too many fields" in text:
+            raise TooManyImages(f"{text} (max_images_per_request={limit})") from None
+        raise MalformedRequest(f"malformed multipart body: {text}") from None
+    except (ValueError, UnicodeDecodeError, KeyError) as exc:
+        raise MalformedRequest(f"malformed multipart body: {type(exc).__name__}") from None
+    items, options = [], {}
+    try:
+        for key, value in form.multi_items():
+            if isinstance(value, UploadFile):
+                items.append(Item(await value.read(), value.filename or key))
+            elif key in OPTION_FIELDS:
+                options[key] = value
+            else:
+                items.append(Item(b"", key, MalformedRequest(f"part {key!r} has no file name: send images as file parts")))
+    finally:
+        await form.close()
+    return Parsed(items, options)

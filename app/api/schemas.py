@@ -1,0 +1,118 @@
+"""Response (and documented request) models for /v1, so /docs shows real schemas."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="Stable machine-readable code, e.g. `queue_full`, `unsupported_format`")
+    message: str = Field(description="What went wrong, naming the limit or input at fault")
+    request_id: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class ItemError(BaseModel):
+    code: str
+    message: str
+    status: int = Field(description="The HTTP status this error would have on its own")
+
+
+class TopK(BaseModel):
+    label: str
+    probability: float
+
+
+class ImageResult(BaseModel):
+    index: int = Field(description="Position of the image in the request")
+    file: str | None = Field(None, description="File name (multipart) or the JSON item's `name`")
+    label: str | None = None
+    confidence: float | None = None
+    probabilities: dict[str, float] | None = Field(None, description="Every class's probability (when top_k is not set)")
+    top_k: list[TopK] | None = None
+    error: ItemError | None = Field(None, description="Set when this image failed; the others are still classified")
+
+
+class ClassifyResponse(BaseModel):
+    head: str
+    model: str = Field(description="Extractor sha256 prefix")
+    request_id: str
+    results: list[ImageResult]
+
+
+class Embedding(BaseModel):
+    index: int
+    file: str | None = None
+    embedding: list[float] | None = None
+    error: ItemError | None = None
+
+
+class EmbedResponse(BaseModel):
+    model: str
+    dim: int
+    normalized: bool
+    request_id: str
+    results: list[Embedding]
+
+
+class ModelSummary(BaseModel):
+    name: str
+    classes: list[str]
+    loaded: bool
+    error: str | None = None
+    accuracy: float | None = None
+    extractor_sha256: str | None = None
+    pickle_sha256: str | None = None
+    created_at: str | None = None
+
+
+class ModelList(BaseModel):
+    default: str
+    models: list[ModelSummary]
+
+
+class ModelCard(BaseModel):
+    name: str
+    loaded: bool
+    error: str | None = None
+    card: dict[str, Any]
+
+
+class Probe(BaseModel):
+    status: str
+    reason: str | None = None
+
+
+class JsonImage(BaseModel):
+    b64: str = Field(description="Base64 of the image file's bytes")
+    name: str | None = None
+
+
+class JsonImages(BaseModel):
+    images: list[JsonImage]
+    head: str | None = None
+    top_k: int | None = None
+    normalize: bool | None = None
+
+
+IMAGE_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {"files": {"type": "array", "items": {"type": "string", "format": "binary"}}},
+                }
+            },
+            "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
+            "image/png": {"schema": {"type": "string", "format": "binary"}},
+            "application/json": {"schema": {"$ref": "#/components/schemas/JsonImages"}},
+        },
+    }
+}

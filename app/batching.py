@@ -1,0 +1,196 @@
+"""Dynamic batching: concurrent requests' images coalesced into one ONNX Runtime run.
+
+- ``submit(images)`` queues a request's images (split into pieces of at most ``max_batch_size``)
+  and awaits their features. The queue is bounded in *images* (``max_queue_size``): when a
+  request does not fit, :class:`QueueFull` is raised at once (the API turns it into 503 +
+  Retry-After), never a hang.
+- One loop takes the first waiting piece, then keeps adding pieces until the batch holds
+  ``max_batch_size`` images or ``max_queue_delay_ms`` has passed, and runs the batch in a
+  dedicated inference thread, so the event loop (and ``/livez``) never waits on the model.
+- Results are split back to each piece's future. An exception in a batch reaches every piece
+  in that batch; the next batch runs normally. A piece whose request was cancelled (client gone)
+  is dropped before the batch is formed, or its result discarded after.
+- ``drain()`` refuses new work and waits (bounded) until everything accepted has finished.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from app.errors import InferenceError, QueueFull, ShuttingDown
+from app.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Piece:
+    images: np.ndarray
+    future: asyncio.Future[np.ndarray]
+    queued_at: float = field(default_factory=time.perf_counter)
+
+
+class Batcher:
+    def __init__(
+        self,
+        run: Callable[[np.ndarray], np.ndarray],
+        *,
+        max_batch_size: int,
+        max_queue_delay_ms: float,
+        max_queue_size: int,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self._run = run
+        self.max_batch_size = max_batch_size
+        self.max_delay = max_queue_delay_ms / 1000.0
+        self.max_queue_size = max_queue_size
+        self.metrics = metrics
+        self._queue: deque[_Piece] = deque()
+        self._queued_images = 0
+        self._wakeup = asyncio.Event()
+        self._busy = 0  # images in the running batch
+        self._closed = False
+        self._task: asyncio.Task[None] | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+        self.batches = 0
+        self.images = 0
+
+    # --- lifecycle ------------------------------------------------------------------------
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name="batcher")
+
+    @property
+    def depth(self) -> int:
+        return self._queued_images
+
+    @property
+    def idle(self) -> bool:
+        return not self._queue and not self._busy
+
+    async def drain(self, timeout: float) -> bool:
+        """Stop accepting; wait until queued and running work is done. True if it all finished."""
+        self._closed = True
+        deadline = time.monotonic() + timeout
+        while not self.idle and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        return self.idle
+
+    async def stop(self) -> None:
+        self._closed = True
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for piece in self._queue:
+            if not piece.future.done():
+                piece.future.set_exception(ShuttingDown("the server stopped before this request ran"))
+        self._queue.clear()
+        self._executor.shutdown(wait=True)
+
+    # --- requests -------------------------------------------------------------------------
+    async def submit(self, images: np.ndarray) -> np.ndarray:
+        """Features for ``images`` (uint8 [N, S, S, 3]), in order."""
+        if self._closed:
+            raise ShuttingDown("the server is shutting down; retry on another replica")
+        if self._task is None or self._task.done():
+            raise InferenceError("the batch loop is not running")
+        n = len(images)
+        if self._queued_images + n > self.max_queue_size:
+            if self.metrics:
+                self.metrics.rejections.labels("queue_full").inc()
+            raise QueueFull(
+                f"queue full: {self._queued_images} images waiting, this request adds {n}, "
+                f"max_queue_size is {self.max_queue_size}"
+            )
+        loop = asyncio.get_running_loop()
+        pieces = [_Piece(images[i : i + self.max_batch_size], loop.create_future()) for i in range(0, n, self.max_batch_size)]
+        self._queue.extend(pieces)
+        self._queued_images += n
+        self._gauge()
+        self._wakeup.set()
+        try:
+            results = await asyncio.gather(*(p.future for p in pieces))
+        except BaseException:
+            for p in pieces:  # client gone or a piece failed: let the rest go too
+                p.future.cancel()
+            raise
+        return results[0] if len(results) == 1 else np.concatenate(results)
+
+    # --- the loop -------------------------------------------------------------------------
+    def _gauge(self) -> None:
+        if self.metrics:
+            self.metrics.queue_depth.set(self._queued_images)
+
+    def _take(self, room: int) -> list[_Piece]:
+        batch: list[_Piece] = []
+        while self._queue and len(self._queue[0].images) <= room:
+            piece = self._queue.popleft()
+            self._queued_images -= len(piece.images)
+            if piece.future.done():  # cancelled while queued
+                continue
+            batch.append(piece)
+            room -= len(piece.images)
+        self._gauge()
+        return batch
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            while not self._queue:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            batch = self._take(self.max_batch_size)
+            size = sum(len(p.images) for p in batch)
+            deadline = loop.time() + self.max_delay
+            while size < self.max_batch_size and (remaining := deadline - loop.time()) > 0:
+                if not self._queue:
+                    self._wakeup.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wakeup.wait(), remaining)
+                    continue
+                more = self._take(self.max_batch_size - size)
+                if not more:
+                    break  # next piece does not fit: run what we have
+                batch += more
+                size += sum(len(p.images) for p in more)
+            if batch:
+                await self._execute(batch, size, loop)
+
+    async def _execute(self, batch: list[_Piece], size: int, loop: asyncio.AbstractEventLoop) -> None:
+        started = time.perf_counter()
+        images = batch[0].images if len(batch) == 1 else np.concatenate([p.images for p in batch])
+        self._busy = size
+        try:
+            features = await loop.run_in_executor(self._executor, self._run, images)
+        except Exception as exc:  # noqa: BLE001 - every waiting request gets the error
+            log.error("batch of %d images failed: %s", size, exc)
+            err = exc if isinstance(exc, InferenceError) else InferenceError(f"inference failed: {type(exc).__name__}")
+            for p in batch:
+                if not p.future.done():
+                    p.future.set_exception(err)
+            return
+        finally:
+            self._busy = 0
+        elapsed = time.perf_counter() - started
+        self.batches += 1
+        self.images += size
+        if self.metrics:
+            self.metrics.batch_size.observe(size)
+            self.metrics.inference.observe(elapsed)
+        offset = 0
+        for p in batch:
+            k = len(p.images)
+            if self.metrics:
+                self.metrics.queue_wait.observe(started - p.queued_at)
+            if not p.future.done():
+                p.future.set_result(features[offset : offset + k])
+            offset += k

@@ -1,0 +1,130 @@
+"""Every failure tlserve reports, in one tree.
+
+    TlserveError                      base; carries an HTTP status and a stable ``code``
+    ├── InputError (4xx)              the caller sent something we will not process
+    │   ├── ImageDecodeError     422  bytes that are not a decodable image (truncated, corrupt)
+    │   ├── UnsupportedFormat    415  a real file, but not an allowed image format (sniffed)
+    │   ├── ImageTooLarge        422  more pixels than ``max_image_pixels`` (decompression bombs)
+    │   ├── EmptyInput           422  0-byte image or a request without images
+    │   ├── MalformedRequest     422  bad JSON, bad base64, bad options
+    │   ├── BodyTooLarge         413  body over ``max_body_bytes``
+    │   ├── TooManyImages        413  more than ``max_images_per_request``
+    │   ├── UnsupportedMediaType 415  a request content type we do not accept
+    │   └── Unauthorized         401  missing or wrong API key
+    ├── NotFound (404)
+    │   └── HeadNotFound         404  no head with that name in the model store
+    ├── CapacityError (503)
+    │   ├── QueueFull            503  the batch queue is full; retry after ``Retry-After``
+    │   └── ShuttingDown         503  the process is draining
+    └── ModelError (500/503)
+        ├── ArtifactError        500  a model file is missing, changed, or fails its checksum
+        ├── IncompatibleHead     409  a head trained on another extractor
+        ├── NotReady             503  the extractor is not loaded or warmed up yet
+        └── InferenceError       500  ONNX Runtime raised while running a batch
+
+Routes never build error responses by hand: they raise one of these and one handler renders
+``{"error": {"code": ..., "message": ..., "request_id": ...}}``.
+"""
+
+from __future__ import annotations
+
+
+class TlserveError(Exception):
+    status_code: int = 500
+    code: str = "internal_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InputError(TlserveError):
+    status_code = 422
+    code = "invalid_input"
+
+
+class ImageDecodeError(InputError):
+    code = "image_decode_error"
+
+
+class UnsupportedFormat(InputError):
+    status_code = 415
+    code = "unsupported_format"
+
+
+class ImageTooLarge(InputError):
+    code = "image_too_large"
+
+
+class EmptyInput(InputError):
+    code = "empty_input"
+
+
+class MalformedRequest(InputError):
+    code = "malformed_request"
+
+
+class BodyTooLarge(InputError):
+    status_code = 413
+    code = "body_too_large"
+
+
+class TooManyImages(InputError):
+    status_code = 413
+    code = "too_many_images"
+
+
+class UnsupportedMediaType(InputError):
+    status_code = 415
+    code = "unsupported_media_type"
+
+
+class Unauthorized(InputError):
+    status_code = 401
+    code = "unauthorized"
+
+
+class NotFound(TlserveError):
+    status_code = 404
+    code = "not_found"
+
+
+class HeadNotFound(NotFound):
+    code = "head_not_found"
+
+
+class CapacityError(TlserveError):
+    status_code = 503
+    code = "over_capacity"
+    retry_after_s: int = 1
+
+
+class QueueFull(CapacityError):
+    code = "queue_full"
+
+
+class ShuttingDown(CapacityError):
+    code = "shutting_down"
+
+
+class ModelError(TlserveError):
+    status_code = 500
+    code = "model_error"
+
+
+class ArtifactError(ModelError):
+    code = "artifact_error"
+
+
+class IncompatibleHead(ModelError):
+    status_code = 409
+    code = "incompatible_head"
+
+
+class NotReady(ModelError):
+    status_code = 503
+    code = "not_ready"
+
+
+class InferenceError(ModelError):
+    code = "inference_error"

@@ -1,0 +1,49 @@
+"""The app factory: ``create_app(settings)`` → a FastAPI app holding one :class:`Service`."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.routing import APIRoute
+
+from app import __version__
+from app.api import errors, probes, v1
+from app.api.middleware import RequestContext
+from app.service import Service
+from app.settings import Settings, get_settings
+
+
+def _operation_id(route: APIRoute) -> str:
+    return route.name
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    service = Service(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await service.start()
+        try:
+            yield
+        finally:
+            await service.stop()
+
+    app = FastAPI(
+        title="tlserve",
+        version=__version__,
+        description="Transfer-learning image classification: VGG16 conv base (ONNX Runtime) + scikit-learn heads.",
+        lifespan=lifespan,
+        generate_unique_id_function=_operation_id,
+    )
+    app.state.service = service
+    errors.install(app)
+    app.include_router(probes.router)
+    app.include_router(v1.router)
+    if settings.origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.origins, allow_methods=["GET", "POST"], allow_headers=["*"])
+    app.add_middleware(RequestContext, metrics=service.metrics)
+    return app
