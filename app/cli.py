@@ -63,7 +63,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from app.heads import load_head
 
     trainer = _trainer(args)
-    head = load_head(trainer.store, args.head or trainer.settings.default_head, trainer.info.sha256)
+    head = load_head(trainer.store, args.head or trainer.settings.default_head, trainer.info.feature_space)
     report, skipped = trainer.evaluate(head, args.data_dir, limit=args.limit)
     if args.json:
         print(json.dumps({**report.as_dict(), "head": head.name, "skipped": len(skipped)}, indent=2))
@@ -82,7 +82,7 @@ def _predict(args: argparse.Namespace) -> int:
 
     trainer = _trainer(args)
     s = trainer.settings
-    head = load_head(trainer.store, args.head or s.default_head, trainer.info.sha256)
+    head = load_head(trainer.store, args.head or s.default_head, trainer.info.feature_space)
     results, failed = [], 0
     for path in args.images:
         try:

@@ -34,9 +34,9 @@ CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 Pooling = Literal["flatten", "avg", "max"]
 
 
-def feature_dim(size: int, pooling: str) -> int:
+def feature_dim(size: int, pooling: str, channels: int = 512) -> int:
     side = size // 32
-    return 512 if pooling != "flatten" else 512 * side * side
+    return channels if pooling != "flatten" else channels * side * side
 
 
 def build_graph(weights: Weights, size: int, pooling: Pooling = "flatten") -> bytes:
@@ -83,7 +83,7 @@ def build_graph(weights: Weights, size: int, pooling: Pooling = "flatten") -> by
         nodes,
         "vgg16_conv_base",
         [helper.make_tensor_value_info("images", TensorProto.UINT8, ["N", size, size, 3])],
-        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["N", feature_dim(size, pooling)])],
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["N", feature_dim(size, pooling, _channels(weights))])],
         inits,
     )
     model = helper.make_model(
@@ -98,7 +98,11 @@ def build_graph(weights: Weights, size: int, pooling: Pooling = "flatten") -> by
     return model.SerializeToString()
 
 
-def validate(model_bytes: bytes, size: int, pooling: str) -> dict[str, object]:
+def _channels(weights: Weights) -> int:
+    return int(weights[LAYERS[-1]][0].shape[0])
+
+
+def validate(model_bytes: bytes, size: int, dim: int) -> dict[str, object]:
     """Run the exported graph once with ONNX Runtime: shapes, finiteness, timing."""
     import onnxruntime as ort
 
@@ -110,7 +114,7 @@ def validate(model_bytes: bytes, size: int, pooling: str) -> dict[str, object]:
     t0 = time.perf_counter()
     (out,) = sess.run(["features"], {"images": batch})
     elapsed = time.perf_counter() - t0
-    expected = (2, feature_dim(size, pooling))
+    expected = (2, dim)
     if out.shape != expected or not np.isfinite(out).all():
         raise ArtifactError(f"exported graph gives {out.shape} (finite={np.isfinite(out).all()}), expected {expected}")
     return {"onnxruntime": ort.__version__, "batch2_seconds": round(elapsed, 3)}
@@ -135,7 +139,8 @@ def export(
             f"{IMAGENET_WEIGHTS_SHA256}: the artifact changed, refusing to export"
         )
     model_bytes = build_graph(weights, size, pooling)
-    validated = validate(model_bytes, size, pooling)
+    dim = feature_dim(size, pooling, _channels(weights))
+    validated = validate(model_bytes, size, dim)
     file = f"vgg16_{size}_{pooling}.onnx"
     atomic_write(store.root / file, model_bytes)
     entry: dict[str, object] = {
@@ -144,11 +149,11 @@ def export(
         "bytes": len(model_bytes),
         "format": EXPORT_FORMAT,
         "input": {"name": "images", "dtype": "uint8", "layout": "NHWC", "channels": "RGB", "shape": ["N", size, size, 3]},
-        "output": {"name": "features", "shape": ["N", feature_dim(size, pooling)]},
+        "output": {"name": "features", "shape": ["N", dim]},
         "input_size": size,
         "resample": resample,
         "pooling": pooling,
-        "feature_dim": feature_dim(size, pooling),
+        "feature_dim": dim,
         "precision": "fp32",
         "preprocessing": "keras caffe: RGB->BGR, minus BGR mean [103.939, 116.779, 123.68] (inside the graph)",
         "weights": {**source, "weights_sha256": w_sha, "imagenet": w_sha == IMAGENET_WEIGHTS_SHA256},

@@ -126,7 +126,7 @@ class Service:
     def _load_head(self, name: str) -> Head:
         assert self.info is not None
         self._seen_stamps[name] = self._card_stamp(name)
-        head = load_head(self.store, name, self.info.sha256)
+        head = load_head(self.store, name, self.info.feature_space)
         self.heads[name] = head  # one dict assignment: requests see the old or the new head, never a mix
         self.head_errors.pop(name, None)
         return head

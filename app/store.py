@@ -79,6 +79,12 @@ class ExtractorInfo:
     def fingerprint(self) -> str:
         return self.sha256[:12]
 
+    @property
+    def feature_space(self) -> str:
+        """The sha256 of the extractor whose features this one reproduces (itself, unless a quantized
+        variant was measured to agree with its fp32 parent and says so in the manifest)."""
+        return str(self.raw.get("feature_space") or self.sha256)
+
 
 @dataclass(frozen=True)
 class ModelStore:

@@ -169,7 +169,10 @@ class Trainer:
         n = len(data.classes)
         return {
             "classes": data.classes,
-            "extractor": {k: self.info.raw[k] for k in ("sha256", "file", "input_size", "resample", "pooling", "feature_dim")},
+            "extractor": {
+                **{k: self.info.raw[k] for k in ("file", "input_size", "resample", "pooling", "feature_dim")},
+                "sha256": self.info.feature_space,
+            },
             "training": {
                 "data_dir": str(data.root),
                 "split": split,

@@ -1,0 +1,84 @@
+"""Fixtures: a tiny real model store (fast), the real exported store, ../shared photos, live servers."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from app.export import export
+from app.settings import Settings
+from app.store import ModelStore
+from app.training import Trainer
+from tests.helpers import REPO, SHARED_DATA, ServerProcess, tiny_weights, write_color_dataset
+
+TINY_SIZE = 32
+
+
+def make_tiny_store(root: Path, *, pooling: str = "avg", head: str = "colors") -> ModelStore:
+    """A real ONNX extractor (VGG16 topology, few channels) and a real trained head on red/blue images."""
+    store = ModelStore(root)
+    export(store, tiny_weights(), {"name": "test", "artifact": "tiny"}, size=TINY_SIZE, pooling=pooling)  # type: ignore[arg-type]
+    data = write_color_dataset(root.parent / f"{root.name}_data")
+    settings = Settings(model_store=root, default_head=head, intra_op_threads=1)
+    Trainer(settings, progress=False).train(data, head, c=1.0)
+    return store
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tmp_path_factory: pytest.TempPathFactory) -> ModelStore:
+    """Session-wide tiny store; do not modify it (use ``fresh_tiny_store`` for that)."""
+    return make_tiny_store(tmp_path_factory.mktemp("tiny") / "store")
+
+
+@pytest.fixture
+def fresh_tiny_store(tmp_path: Path, tiny_store: ModelStore) -> ModelStore:
+    """A private copy of the tiny store, free to modify."""
+    import shutil
+
+    dst = tmp_path / "store"
+    shutil.copytree(tiny_store.root, dst)
+    return ModelStore(dst)
+
+
+@pytest.fixture
+def tiny_settings(tiny_store: ModelStore) -> Settings:
+    return Settings(model_store=tiny_store.root, default_head="colors", intra_op_threads=1, head_poll_interval_s=0)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not (SHARED_DATA / "train").is_dir():
+        pytest.skip(f"{SHARED_DATA} is absent (real photos live in ../shared)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def real_store() -> ModelStore:
+    """The repository's model store: the real VGG16 export (``make test`` exports it) and the default head."""
+    store = ModelStore(REPO / "model_store")
+    if not store.manifest_path.exists():
+        pytest.skip("model_store/manifest.json is absent: run `tlserve export` (make test does)")
+    manifest = json.loads(store.manifest_path.read_text())
+    if manifest["extractor"].get("precision", "fp32") != "fp32":
+        pytest.skip("the repository store holds a non-default extractor")
+    return store
+
+
+@pytest.fixture
+def server_factory(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
+    """Start real ``tlserve serve`` processes: ``server_factory(store, **env_overrides)``."""
+    started: list[ServerProcess] = []
+
+    def start(store: ModelStore, wait_ready: bool = True, **env: str) -> ServerProcess:
+        full = {"TLSERVE_MODEL_STORE": str(store.root), "TLSERVE_INTRA_OP_THREADS": "1"}
+        full.update({f"TLSERVE_{k.upper()}": str(v) for k, v in env.items()})
+        server = ServerProcess(full, log_path=tmp_path / f"server{len(started)}.log")
+        started.append(server)
+        return server.start(wait_ready=wait_ready)
+
+    yield start
+    for server in started:
+        server.stop()
