@@ -1,0 +1,152 @@
+"""The batcher: coalescing, bounds, error propagation, cancellation, drain."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import numpy as np
+import pytest
+
+from app.batching import Batcher
+from app.errors import InferenceError, QueueFull, ShuttingDown
+
+
+class Engine:
+    """A real callable standing in for ONNX Runtime: sums pixels, records batch sizes, can block or fail."""
+
+    def __init__(self) -> None:
+        self.batches: list[int] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.fail_when = -1
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        self.gate.wait(5)
+        self.batches.append(len(images))
+        if len(images) == self.fail_when:
+            raise RuntimeError("engine exploded")
+        return images.reshape(len(images), -1).sum(axis=1, keepdims=True).astype(np.float32)
+
+
+def imgs(*values: int) -> np.ndarray:
+    return np.stack([np.full((2, 2, 3), v, np.uint8) for v in values])
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def started(engine: Engine, **kw) -> Batcher:
+    b = Batcher(engine, **{"max_batch_size": 8, "max_queue_delay_ms": 20, "max_queue_size": 64, **kw})
+    b.start()
+    return b
+
+
+def test_concurrent_requests_share_one_batch_and_get_their_own_rows() -> None:
+    async def main():
+        engine = Engine()
+        b = await started(engine)
+        results = await asyncio.gather(*(b.submit(imgs(i, i)) for i in range(1, 4)))
+        await b.stop()
+        return engine, results
+
+    engine, results = run(main())
+    assert engine.batches == [6]
+    for i, r in enumerate(results, start=1):
+        np.testing.assert_array_equal(r[:, 0], [i * 12, i * 12])
+
+
+def test_request_larger_than_batch_is_split_and_reassembled_in_order() -> None:
+    async def main():
+        engine = Engine()
+        b = await started(engine, max_batch_size=4)
+        out = await b.submit(imgs(*range(10)))
+        await b.stop()
+        return engine, out
+
+    engine, out = run(main())
+    assert sorted(engine.batches) == [2, 4, 4]
+    np.testing.assert_array_equal(out[:, 0], [v * 12 for v in range(10)])
+
+
+def test_full_queue_refuses_at_once() -> None:
+    async def main():
+        engine = Engine()
+        engine.gate.clear()  # the engine is stuck: nothing leaves the queue
+        b = await started(engine, max_batch_size=2, max_queue_size=4, max_queue_delay_ms=0)
+        first = asyncio.ensure_future(b.submit(imgs(1, 2)))  # taken into the (blocked) batch
+        await asyncio.sleep(0.05)
+        queued = asyncio.ensure_future(b.submit(imgs(3, 4, 5, 6)))  # fills the queue
+        await asyncio.sleep(0.01)
+        with pytest.raises(QueueFull, match="max_queue_size is 4"):
+            await b.submit(imgs(7))
+        engine.gate.set()
+        await asyncio.gather(first, queued)
+        await b.stop()
+
+    run(main())
+
+
+def test_exception_reaches_every_request_in_the_batch_and_next_batch_works() -> None:
+    async def main():
+        engine = Engine()
+        engine.fail_when = 3
+        b = await started(engine)
+        results = await asyncio.gather(b.submit(imgs(1)), b.submit(imgs(2, 3)), return_exceptions=True)
+        after = await b.submit(imgs(4))
+        await b.stop()
+        return results, after
+
+    results, after = run(main())
+    assert all(isinstance(r, InferenceError) for r in results)
+    assert after[0, 0] == 48
+
+
+def test_cancelled_request_does_not_poison_the_batch() -> None:
+    async def main():
+        engine = Engine()
+        b = await started(engine, max_queue_delay_ms=50)
+        gone = asyncio.ensure_future(b.submit(imgs(9, 9, 9)))
+        await asyncio.sleep(0)
+        gone.cancel()
+        kept = await b.submit(imgs(1))
+        await b.stop()
+        return engine, kept, b.depth
+
+    engine, kept, depth = run(main())
+    assert kept[0, 0] == 12 and depth == 0
+    assert engine.batches == [1]  # the cancelled images never reached the engine
+
+
+def test_drain_finishes_accepted_work_then_refuses() -> None:
+    async def main():
+        engine = Engine()
+        engine.gate.clear()
+        b = await started(engine, max_batch_size=1, max_queue_delay_ms=0)
+        pending = [asyncio.ensure_future(b.submit(imgs(i))) for i in range(3)]
+        await asyncio.sleep(0.02)
+        drain = asyncio.ensure_future(b.drain(timeout=5))
+        await asyncio.sleep(0.02)
+        with pytest.raises(ShuttingDown):
+            await b.submit(imgs(5))
+        engine.gate.set()
+        assert await drain is True
+        results = await asyncio.gather(*pending)
+        await b.stop()
+        return results
+
+    results = run(main())
+    assert [r[0, 0] for r in results] == [0, 12, 24]
+
+
+def test_batch_closes_on_size_without_waiting_for_the_delay() -> None:
+    async def main():
+        engine = Engine()
+        b = await started(engine, max_batch_size=2, max_queue_delay_ms=10_000)
+        out = await asyncio.wait_for(asyncio.gather(b.submit(imgs(1)), b.submit(imgs(2))), timeout=5)
+        await b.stop()
+        return engine, out
+
+    engine, _ = run(main())
+    assert engine.batches == [2]
