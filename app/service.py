@@ -195,6 +195,7 @@ class Service:
         return self.extractor, self.info, self.batcher
 
     def head(self, name: str | None) -> Head:
+        self.require_ready()
         name = valid_head_name(name or self.settings.default_head)
         head = self.heads.get(name)
         if head is None:

@@ -1,0 +1,58 @@
+"""One config object: documented, validated, and listed in the README."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import httpx
+import pytest
+from pydantic import ValidationError
+
+from app.settings import Settings, available_cpus, settings_markdown
+from app.store import ModelStore
+from tests.helpers import REPO
+
+
+def test_every_setting_is_documented_and_in_the_readme() -> None:
+    readme = (REPO / "README.md").read_text()
+    for name, field in Settings.model_fields.items():
+        assert field.description, name
+        assert f"`TLSERVE_{name.upper()}`" in readme, f"README lacks TLSERVE_{name.upper()}"
+    assert settings_markdown().count("| `TLSERVE_") == len(Settings.model_fields)
+    assert settings_markdown() in readme, "README's settings table is stale: paste `tlserve settings --markdown`"
+
+
+def test_env_vars_are_read_and_validated(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TLSERVE_MAX_BATCH_SIZE", "7")
+    monkeypatch.setenv("TLSERVE_ALLOWED_FORMATS", "jpeg, png")
+    s = Settings()
+    assert s.max_batch_size == 7 and s.formats == frozenset({"JPEG", "PNG"})
+    monkeypatch.setenv("TLSERVE_MAX_BATCH_SIZE", "0")
+    with pytest.raises(ValidationError):
+        Settings()
+    monkeypatch.setenv("TLSERVE_MAX_BATCH_SIZE", "4")
+    monkeypatch.setenv("TLSERVE_PROVIDER", "tpu")
+    with pytest.raises(ValidationError):
+        Settings()
+
+
+def test_threads_default_to_the_cpus_this_process_may_use() -> None:
+    n = available_cpus()
+    assert 1 <= n <= len(os.sched_getaffinity(0))
+    assert Settings().threads == n and Settings(intra_op_threads=3).threads == 3
+    assert Settings(intra_op_threads=3).decoders == 3 and Settings(decode_threads=1).decoders == 1
+
+
+def test_require_gpu_on_a_cpu_machine_is_not_ready(server_factory, tiny_store: ModelStore) -> None:
+    srv = server_factory(tiny_store, wait_ready=False, require_gpu="true", default_head="colors")
+    srv.wait("/livez", 60)
+    for _ in range(200):
+        r = httpx.get(f"{srv.url}/readyz")
+        if "require_gpu" in r.text:
+            break
+        time.sleep(0.05)
+    assert r.status_code == 503 and "require_gpu" in r.json()["reason"]
+    assert httpx.get(f"{srv.url}/livez").status_code == 200
+    err = httpx.post(f"{srv.url}/v1/classify", content=b"x", headers={"content-type": "image/png"})
+    assert err.status_code == 503 and err.json()["error"]["code"] == "not_ready"
