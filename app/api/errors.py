@@ -8,10 +8,17 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from app.errors import CapacityError, TlserveError
 
 log = logging.getLogger(__name__)
+
+
+def is_oip(request: Request) -> bool:
+    """Open Inference Protocol paths answer errors in its own shape ``{"error": "..."}``."""
+    path = request.url.path
+    return path == "/v2" or path.startswith("/v2/")
 
 
 def error_response(request: Request, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -23,7 +30,7 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(TlserveError)
     async def _tlserve(request: Request, exc: TlserveError) -> JSONResponse:
         headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, CapacityError) else None
-        if request.url.path.startswith("/v2/"):  # the Open Inference Protocol's own error shape
+        if is_oip(request):  # the Open Inference Protocol's own error shape
             return JSONResponse({"error": exc.message}, status_code=exc.status_code, headers=headers)
         return error_response(request, exc.status_code, exc.code, exc.message, headers)
 
@@ -34,7 +41,7 @@ def install(app: FastAPI) -> None:
             loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
             parts.append(f"{loc}: {err.get('msg', 'invalid')}")
         message = "invalid request: " + "; ".join(parts)
-        if request.url.path.startswith("/v2/"):
+        if is_oip(request):
             return JSONResponse({"error": message}, status_code=422)
         return error_response(request, 422, "malformed_request", message)
 
@@ -42,13 +49,20 @@ def install(app: FastAPI) -> None:
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         message = exc.detail if isinstance(exc.detail, str) else code
-        if request.url.path.startswith("/v2/"):
+        if is_oip(request):
             return JSONResponse({"error": message}, status_code=exc.status_code, headers=getattr(exc, "headers", None))
         return error_response(request, exc.status_code, code, message, getattr(exc, "headers", None))
+
+    @app.exception_handler(ClientDisconnect)
+    async def _gone(request: Request, exc: ClientDisconnect) -> JSONResponse:
+        # The client closed the connection mid-upload: nobody will read this answer and it is not a
+        # server fault (no traceback, no 5xx); 499 is nginx's "client closed request".
+        log.info("client disconnected before its request body was read", extra={"path": request.url.path})
+        return error_response(request, 499, "client_disconnected", "the client closed the connection mid-request")
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.error("unhandled error on %s: %s", request.url.path, type(exc).__name__, exc_info=exc)
-        if request.url.path.startswith("/v2/"):
+        if is_oip(request):
             return JSONResponse({"error": "internal error"}, status_code=500)
         return error_response(request, 500, "internal_error", "internal error; see the server log with this request id")

@@ -88,18 +88,6 @@ class Probe(BaseModel):
     reason: str | None = None
 
 
-class JsonImage(BaseModel):
-    b64: str = Field(description="Base64 of the image file's bytes")
-    name: str | None = None
-
-
-class JsonImages(BaseModel):
-    images: list[JsonImage]
-    head: str | None = None
-    top_k: int | None = None
-    normalize: bool | None = None
-
-
 IMAGE_BODY: dict[str, Any] = {
     "requestBody": {
         "required": True,
@@ -112,7 +100,25 @@ IMAGE_BODY: dict[str, Any] = {
             },
             "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
             "image/png": {"schema": {"type": "string", "format": "binary"}},
-            "application/json": {"schema": {"$ref": "#/components/schemas/JsonImages"}},
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["images"],
+                    "properties": {
+                        "images": {
+                            "type": "array",
+                            "items": {
+                                "type": "object",
+                                "required": ["b64"],
+                                "properties": {"b64": {"type": "string", "description": "base64 of the image file"}, "name": {"type": "string"}},
+                            },
+                        },
+                        "head": {"type": "string"},
+                        "top_k": {"type": "integer", "minimum": 1},
+                        "normalize": {"type": "boolean"},
+                    },
+                }
+            },
         },
     }
 }
