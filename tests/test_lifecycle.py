@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import time
 
 import httpx
@@ -44,9 +45,10 @@ def test_sigterm_with_20_requests_in_flight_loses_nothing(server_factory, real_s
     assert ready_status == 503
     assert [r.status_code for r in responses] == [200] * 20
     assert all(r.json()["results"][0]["label"] in ("cat", "dog") for r in responses)
-    assert srv.proc.wait(60) == 0
+    # uvicorn re-raises the captured SIGTERM once shutdown is complete: exit by that signal, or 0
+    assert srv.proc.wait(60) in (0, -signal.SIGTERM)
     log = srv.log_text()
-    assert "Traceback" not in log
+    assert "Application shutdown complete" in log and "Traceback" not in log
 
 
 def test_full_queue_answers_503_with_retry_after_and_stays_healthy(server_factory, real_store: ModelStore) -> None:
