@@ -152,7 +152,7 @@ def test_keras_h5_missing_layer(tmp_path: Path) -> None:
     path = tmp_path / "bad.h5"
     with h5py.File(path, "w") as f:
         f.create_group("block1_conv1")
-    with pytest.raises(ArtifactError, match="no layer block1_conv2|should hold"):
+    with pytest.raises(ArtifactError, match=r"no layer block1_conv2|should hold"):
         from_keras_h5(str(path), tmp_path)
 
 

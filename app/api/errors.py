@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -21,9 +22,23 @@ def is_oip(request: Request) -> bool:
     return path == "/v2" or path.startswith("/v2/")
 
 
+def redact(message: str, store_root: Path) -> str:
+    """``message`` without the model store's location on disk (artifact errors name their files)."""
+    for where in sorted({str(store_root.resolve()), str(store_root.absolute()), str(store_root)}, key=len, reverse=True):
+        if where not in ("", ".", "/"):
+            message = message.replace(where + "/", "<model_store>/")
+    return message
+
+
+def public_message(request: Request, message: str) -> str:
+    service = getattr(request.app.state, "service", None)
+    return message if service is None else redact(message, service.settings.model_store)
+
+
 def error_response(request: Request, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     rid = getattr(request.state, "request_id", None)
-    return JSONResponse({"error": {"code": code, "message": message, "request_id": rid}}, status_code=status, headers=headers)
+    body = {"error": {"code": code, "message": public_message(request, message), "request_id": rid}}
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def install(app: FastAPI) -> None:
@@ -31,7 +46,7 @@ def install(app: FastAPI) -> None:
     async def _tlserve(request: Request, exc: TlserveError) -> JSONResponse:
         headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, CapacityError) else None
         if is_oip(request):  # the Open Inference Protocol's own error shape
-            return JSONResponse({"error": exc.message}, status_code=exc.status_code, headers=headers)
+            return JSONResponse({"error": public_message(request, exc.message)}, status_code=exc.status_code, headers=headers)
         return error_response(request, exc.status_code, exc.code, exc.message, headers)
 
     @app.exception_handler(RequestValidationError)

@@ -65,7 +65,9 @@ def _replay(request: Request, body: bytes) -> Request:
         sent = True
         return {"type": "http.request", "body": body, "more_body": False}
 
-    return Request(request.scope, receive)
+    # Without "app" in the scope, Starlette raises MultiPartException itself (not a generic 400), so the
+    # parser's limits map to our errors: too many files/fields → 413, a malformed body → 422.
+    return Request({k: v for k, v in request.scope.items() if k != "app"}, receive)
 
 
 def _b64(value: Any, index: int) -> Item:
@@ -104,6 +106,8 @@ def _json(body: bytes, limit: int) -> Parsed:
         doc = json.loads(body)
     except (ValueError, UnicodeDecodeError):
         raise MalformedRequest("body is not valid JSON") from None
+    except RecursionError:  # "[[[[…" nested deeper than the parser's stack
+        raise MalformedRequest("body is not valid JSON: nested too deeply") from None
     if not isinstance(doc, dict):
         raise MalformedRequest('JSON body must be an object like {"images": [{"b64": "..."}]}')
     images = doc.get("images")

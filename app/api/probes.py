@@ -7,6 +7,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app.api.deps import ServiceDep, probe_auth
+from app.api.errors import redact
 from app.api.schemas import Probe
 
 router = APIRouter(dependencies=[Depends(probe_auth)])
@@ -25,6 +26,7 @@ async def livez() -> Probe:
 )
 async def readyz(service: ServiceDep) -> JSONResponse:
     ok, reason = service.ready
+    reason = redact(reason, service.settings.model_store)
     return JSONResponse({"status": "ready" if ok else "not_ready", "reason": reason}, status_code=200 if ok else 503)
 
 

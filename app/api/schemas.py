@@ -110,7 +110,10 @@ IMAGE_BODY: dict[str, Any] = {
                             "items": {
                                 "type": "object",
                                 "required": ["b64"],
-                                "properties": {"b64": {"type": "string", "description": "base64 of the image file"}, "name": {"type": "string"}},
+                                "properties": {
+                                    "b64": {"type": "string", "description": "base64 of the image file"},
+                                    "name": {"type": "string"},
+                                },
                             },
                         },
                         "head": {"type": "string"},

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import PurePath
 from typing import Any
 
 import numpy as np
 from fastapi import APIRouter, Depends, Query, Request
 
 from app.api.deps import ServiceDep, require_key
+from app.api.errors import redact
 from app.api.inputs import parse_images
 from app.api.schemas import (
     IMAGE_BODY,
@@ -104,16 +106,41 @@ async def embed(
             "request_id": request.state.request_id, "results": results}  # fmt: skip
 
 
+def _head_error(service: Service, name: str) -> str | None:
+    error = service.head_errors.get(name)
+    return None if error is None else redact(error, service.settings.model_store)
+
+
+def _file_name(line: str) -> str:
+    path, sep, why = line.partition(": ")  # "<path>: <why it was skipped>"
+    return PurePath(path).name + sep + why
+
+
+def _public_card(card: dict[str, Any]) -> dict[str, Any]:
+    """The card as shown over HTTP: training folders and skipped files by name, not by server path."""
+    training = card.get("training")
+    if not isinstance(training, dict):
+        return card
+    training = dict(training)
+    if isinstance(training.get("data_dir"), str):
+        training["data_dir"] = PurePath(training["data_dir"]).name
+    if isinstance(training.get("split"), dict) and isinstance(training["split"].get("val_dir"), str):
+        training["split"] = {**training["split"], "val_dir": PurePath(training["split"]["val_dir"]).name}
+    if isinstance(training.get("skipped_files"), list):
+        training["skipped_files"] = [_file_name(str(line)) for line in training["skipped_files"]]
+    return {**card, "training": training}
+
+
 def _summary(service: Service, name: str) -> ModelSummary:
     try:
         card = read_card(service.store, name)
     except TlserveError as exc:
-        return ModelSummary(name=name, classes=[], loaded=False, error=exc.message)
+        return ModelSummary(name=name, classes=[], loaded=False, error=redact(exc.message, service.settings.model_store))
     return ModelSummary(
         name=name,
         classes=[str(c) for c in card.get("classes", [])],
         loaded=name in service.heads,
-        error=service.head_errors.get(name),
+        error=_head_error(service, name),
         accuracy=(card.get("metrics") or {}).get("accuracy"),
         extractor_sha256=(card.get("extractor") or {}).get("sha256"),
         pickle_sha256=card.get("pickle_sha256"),
@@ -130,7 +157,7 @@ async def list_models(service: ServiceDep) -> ModelList:
 @router.get("/models/{name}", response_model=ModelCard, summary="One head's card")
 async def get_model(name: str, service: ServiceDep) -> ModelCard:
     card = read_card(service.store, name)
-    return ModelCard(name=name, loaded=name in service.heads, error=service.head_errors.get(name), card=card)
+    return ModelCard(name=name, loaded=name in service.heads, error=_head_error(service, name), card=_public_card(card))
 
 
 @router.post("/models/{name}/reload", response_model=ModelSummary, summary="Verify and load a head again (atomic swap)")
