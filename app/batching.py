@@ -5,7 +5,8 @@
   request does not fit, :class:`QueueFull` is raised at once (the API turns it into 503 +
   Retry-After), never a hang.
 - One loop takes the first waiting piece, then keeps adding pieces until the batch holds
-  ``max_batch_size`` images or ``max_queue_delay_ms`` has passed, and runs the batch in a
+  ``max_batch_size`` images or ``max_queue_delay_ms`` has passed since its oldest image was
+  queued (so images that waited through the previous batch run at once), and runs the batch in a
   dedicated inference thread, so the event loop (and ``/livez``) never waits on the model.
 - Results are split back to each piece's future. An exception in a batch reaches every piece
   in that batch; the next batch runs normally. A piece whose request was cancelled (client gone)
@@ -149,8 +150,12 @@ class Batcher:
                 self._wakeup.clear()
                 await self._wakeup.wait()
             batch = self._take(self.max_batch_size)
+            if not batch:
+                continue  # every queued piece had been cancelled
             size = sum(len(p.images) for p in batch)
-            deadline = loop.time() + self.max_delay
+            # The delay counts from when the oldest image was queued, not from now: images that already
+            # waited while the previous batch ran are not held back again (no idle engine between batches).
+            deadline = loop.time() + self.max_delay - (time.perf_counter() - batch[0].queued_at)
             while size < self.max_batch_size and (remaining := deadline - loop.time()) > 0:
                 if not self._queue:
                     self._wakeup.clear()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -109,10 +110,75 @@ def _print_results(results: list[dict], head: str, as_json: bool) -> None:
             print(f"{r.get('file', '?')}: {r['label']} ({r['confidence']:.4f})")
 
 
+def _positive(value: str) -> int:
+    n = int(value)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {n}")
+    return n
+
+
+def _remote(client, chunk: list[tuple[int, Path, bytes]], args: argparse.Namespace, out: list) -> str | None:
+    """Classify one chunk on the server into ``out``; a chunk refused for its images is retried image by image."""
+    from app.client import ClientError
+
+    try:
+        response = client.classify([(path.name, data) for _, path, data in chunk], head=args.head, top_k=args.top_k)
+    except ClientError as exc:
+        if exc.status not in (413, 415, 422):  # the server refused the request itself (auth, head, capacity)
+            raise
+        if len(chunk) == 1:
+            out[chunk[0][0]] = {"file": str(chunk[0][1]), "error": exc.message}
+            return None
+        heads = [_remote(client, [one], args, out) for one in chunk]
+        return next((h for h in heads if h), None)
+    for (i, path, _), r in zip(chunk, response.results, strict=True):
+        fields = r.model_dump(exclude_none=True, exclude={"index", "file", "error"})
+        out[i] = {"file": str(path), **fields, **({"error": r.error.message} if r.error else {})}
+    return response.head
+
+
+def _classify(args: argparse.Namespace) -> int:
+    """0: every image classified; 1: some image failed; 2: the server refused or could not be reached."""
+    import logging
+
+    import httpx
+
+    from app.client import Client, ClientError
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is noise here; retries still log
+    out: list[dict | None] = [None] * len(args.images)
+    todo = []
+    for i, path in enumerate(args.images):
+        try:
+            todo.append((i, path, path.read_bytes()))
+        except OSError as exc:
+            out[i] = {"file": str(path), "error": f"cannot read: {exc.strerror or exc}"}
+    head = None
+    try:
+        with Client(args.url, api_key=args.api_key, timeout=args.timeout, retries=args.retries) as client:
+            for start in range(0, len(todo), args.batch):
+                head = _remote(client, todo[start : start + args.batch], args, out) or head
+    except ClientError as exc:
+        print(f"error: the server refused: {exc.status} {exc.code}: {exc.message}", file=sys.stderr)
+        return 2
+    except httpx.HTTPError as exc:
+        print(f"error: {args.url}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    results = [r for r in out if r is not None]
+    _print_results(results, head or args.head or "(default)", args.json)
+    return 1 if any("error" in r for r in results) else 0
+
+
 def _serve(args: argparse.Namespace) -> int:
     from app.server import serve
 
     return serve(host=args.host, port=args.port)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from app.bench import main as bench_main
+
+    return bench_main(args)
 
 
 def _settings(args: argparse.Namespace) -> int:
@@ -167,10 +233,28 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--progress", action="store_true")
     r.set_defaults(func=_predict)
 
+    c = sub.add_parser("classify", help="classify local images on a running server (remote `predict`)")
+    c.add_argument("images", nargs="+", type=Path)
+    c.add_argument("--url", default=os.environ.get("TLSERVE_URL", "http://127.0.0.1:8000"), help="server URL (env TLSERVE_URL)")
+    c.add_argument("--head")
+    c.add_argument("--top-k", type=_positive, default=None)
+    c.add_argument("--json", action="store_true")
+    c.add_argument("--api-key", default=os.environ.get("TLSERVE_API_KEY"), help="API key (env TLSERVE_API_KEY)")
+    c.add_argument("--batch", type=_positive, default=16, help="images per request (default 16)")
+    c.add_argument("--retries", type=int, default=3, help="retries on 503/429, honouring Retry-After (default 3)")
+    c.add_argument("--timeout", type=float, default=60.0, help="seconds per request (default 60)")
+    c.set_defaults(func=_classify)
+
     s = sub.add_parser("serve", help="run the HTTP service (uvicorn)")
     s.add_argument("--host", default=None)
     s.add_argument("--port", type=int, default=None)
     s.set_defaults(func=_serve)
+
+    from app.bench import add_arguments as bench_arguments
+
+    b = sub.add_parser("bench", help="benchmark: FLOP ceiling, bare ONNX Runtime, in-process, HTTP service under load")
+    bench_arguments(b)
+    b.set_defaults(func=_bench)
 
     g = sub.add_parser("settings", help="print the effective settings (or the README table)")
     g.add_argument("--markdown", action="store_true")
@@ -189,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     except TlserveError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return 1
-    except (FileNotFoundError, ValueError) as exc:
+    except (OSError, ValueError) as exc:  # missing folders, full disk, bad values: one line, no traceback
         print(f"error: {exc}", file=sys.stderr)
         return 1
 

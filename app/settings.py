@@ -92,7 +92,7 @@ class Settings(BaseSettings):
 
     # --- dynamic batching
     max_batch_size: int = Field(16, ge=1, description="Most images in one ONNX Runtime run.")
-    max_queue_delay_ms: float = Field(2.0, ge=0, description="How long the batcher waits for more images once one is queued.")
+    max_queue_delay_ms: float = Field(0.0, ge=0, description="How long the batcher waits for more images once one is queued.")
     max_queue_size: int = Field(256, ge=1, description="Most images waiting; beyond it requests get 503 + Retry-After.")
 
     # --- limits

@@ -11,14 +11,14 @@ from app.errors import Unauthorized
 from app.service import Service
 
 
-def get_service(request: Request) -> Service:
+async def get_service(request: Request) -> Service:
     return request.app.state.service
 
 
 ServiceDep = Annotated[Service, Depends(get_service)]
 
 
-def require_key(request: Request) -> None:
+async def require_key(request: Request) -> None:
     """Constant-time check of ``Authorization: Bearer KEY`` or ``X-API-Key`` when keys are configured."""
     keys: tuple[str, ...] = request.app.state.service.settings.keys
     if not keys:
@@ -32,6 +32,6 @@ def require_key(request: Request) -> None:
         raise Unauthorized("missing or invalid API key (send Authorization: Bearer KEY or X-API-Key)")
 
 
-def probe_auth(request: Request) -> None:
+async def probe_auth(request: Request) -> None:
     if not request.app.state.service.settings.open_probes:
-        require_key(request)
+        await require_key(request)
