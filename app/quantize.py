@@ -113,16 +113,7 @@ def fp32_entry(store: ModelStore) -> dict[str, Any]:
 
 
 def _info(store: ModelStore, entry: dict[str, Any]) -> ExtractorInfo:
-    return ExtractorInfo(
-        path=store.root / entry["file"],
-        sha256=entry["sha256"],
-        size=int(entry["input_size"]),
-        resample=entry["resample"],
-        pooling=entry["pooling"],
-        feature_dim=int(entry["feature_dim"]),
-        precision=entry.get("precision", "fp32"),
-        raw=entry,
-    )
+    return ExtractorInfo.from_entry(store.root, entry)
 
 
 def use_variant(store: ModelStore, precision: str) -> dict[str, Any]:

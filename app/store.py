@@ -85,6 +85,20 @@ class ExtractorInfo:
     precision: str
     raw: dict[str, Any]
 
+    @classmethod
+    def from_entry(cls, root: Path, entry: dict[str, Any]) -> ExtractorInfo:
+        """From a manifest entry (``extractor`` or one of ``variants``); KeyError/ValueError if incomplete."""
+        return cls(
+            path=root / entry["file"],
+            sha256=entry["sha256"],
+            size=int(entry["input_size"]),
+            resample=entry["resample"],
+            pooling=entry["pooling"],
+            feature_dim=int(entry["feature_dim"]),
+            precision=entry.get("precision", "fp32"),
+            raw=entry,
+        )
+
     @property
     def fingerprint(self) -> str:
         return self.sha256[:12]
@@ -120,16 +134,7 @@ class ModelStore:
         if not isinstance(entry, dict):
             raise ArtifactError(f"{self.manifest_path} has no extractor entry")
         try:
-            info = ExtractorInfo(
-                path=self.root / entry["file"],
-                sha256=entry["sha256"],
-                size=int(entry["input_size"]),
-                resample=entry["resample"],
-                pooling=entry["pooling"],
-                feature_dim=int(entry["feature_dim"]),
-                precision=entry.get("precision", "fp32"),
-                raw=entry,
-            )
+            info = ExtractorInfo.from_entry(self.root, entry)
         except (KeyError, TypeError, ValueError) as exc:
             raise ArtifactError(f"{self.manifest_path}: bad extractor entry ({exc})") from None
         if not info.path.exists():
