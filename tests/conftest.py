@@ -12,7 +12,7 @@ from app.export import export
 from app.settings import Settings
 from app.store import ModelStore
 from app.training import Trainer
-from tests.helpers import REPO, SHARED_DATA, ServerProcess, tiny_weights, write_color_dataset
+from tests.helpers import REPO, SHARED_DATA, ServerProcess, settings_env, tiny_weights, write_color_dataset
 
 TINY_SIZE = 32
 
@@ -73,9 +73,7 @@ def server_factory(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
     started: list[ServerProcess] = []
 
     def start(store: ModelStore, wait_ready: bool = True, **env: str) -> ServerProcess:
-        full = {"TLSERVE_MODEL_STORE": str(store.root), "TLSERVE_INTRA_OP_THREADS": "1"}
-        full.update({f"TLSERVE_{k.upper()}": str(v) for k, v in env.items()})
-        server = ServerProcess(full, log_path=tmp_path / f"server{len(started)}.log")
+        server = ServerProcess(settings_env(store.root, **env), log_path=tmp_path / f"server{len(started)}.log")
         started.append(server)
         return server.start(wait_ready=wait_ready)
 

@@ -61,6 +61,13 @@ def write_color_dataset(root: Path, per_class: int = 12) -> Path:
     return root
 
 
+def settings_env(store_root: Path, **settings: object) -> dict[str, str]:
+    """``TLSERVE_*`` variables for a server on ``store_root``: one intra-op thread, plus ``settings``."""
+    env = {"TLSERVE_MODEL_STORE": str(store_root), "TLSERVE_INTRA_OP_THREADS": "1"}
+    env.update({f"TLSERVE_{k.upper()}": str(v) for k, v in settings.items()})
+    return env
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

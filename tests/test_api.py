@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from app.store import ModelStore
-from tests.helpers import ServerProcess, image_bytes
+from tests.helpers import ServerProcess, image_bytes, settings_env
 
 RED, BLUE = (210, 40, 40), (40, 40, 210)
 
@@ -19,8 +19,7 @@ RED, BLUE = (210, 40, 40), (40, 40, 210)
 @pytest.fixture(scope="module")
 def server(tiny_store: ModelStore, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     log = tmp_path_factory.mktemp("api") / "server.log"
-    env = {"TLSERVE_MODEL_STORE": str(tiny_store.root), "TLSERVE_DEFAULT_HEAD": "colors", "TLSERVE_INTRA_OP_THREADS": "1",
-           "TLSERVE_MAX_IMAGES_PER_REQUEST": "8", "TLSERVE_MAX_BODY_BYTES": "200000"}  # fmt: skip
+    env = settings_env(tiny_store.root, default_head="colors", max_images_per_request=8, max_body_bytes=200000)
     proc = ServerProcess(env, log_path=log).start()
     yield proc
     proc.stop()

@@ -12,14 +12,14 @@ import httpx
 import pytest
 
 from app.store import ModelStore
-from tests.helpers import REPO, ServerProcess, free_port, image_bytes
+from tests.helpers import REPO, ServerProcess, free_port, image_bytes, settings_env
 
 RED, BLUE = (210, 40, 40), (40, 40, 210)
 
 
 @pytest.fixture(scope="module")
 def server(tiny_store: ModelStore, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    env = {"TLSERVE_MODEL_STORE": str(tiny_store.root), "TLSERVE_DEFAULT_HEAD": "colors", "TLSERVE_INTRA_OP_THREADS": "1"}
+    env = settings_env(tiny_store.root, default_head="colors")
     proc = ServerProcess(env, log_path=tmp_path_factory.mktemp("cli") / "server.log").start()
     yield proc
     proc.stop()

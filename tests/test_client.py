@@ -14,7 +14,7 @@ import pytest
 
 from app.client import AsyncClient, Client, ClientError
 from app.store import ModelStore
-from tests.helpers import ServerProcess, image_bytes
+from tests.helpers import ServerProcess, image_bytes, settings_env
 
 RED, BLUE = (210, 40, 40), (40, 40, 210)
 PNG_RED = image_bytes(RED, "PNG", size=(40, 36), seed=1)
@@ -23,7 +23,7 @@ JPEG_BLUE = image_bytes(BLUE, "JPEG", size=(48, 40), seed=2)
 
 @pytest.fixture(scope="module")
 def server(tiny_store: ModelStore, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    env = {"TLSERVE_MODEL_STORE": str(tiny_store.root), "TLSERVE_DEFAULT_HEAD": "colors", "TLSERVE_INTRA_OP_THREADS": "1"}
+    env = settings_env(tiny_store.root, default_head="colors")
     proc = ServerProcess(env, log_path=tmp_path_factory.mktemp("client") / "server.log").start()
     yield proc
     proc.stop()
@@ -130,8 +130,7 @@ def test_api_key(server_factory, tiny_store: ModelStore) -> None:
 # --- 503: a real server with a one-image queue -----------------------------------------------------
 @pytest.fixture(scope="module")
 def tight_server(tiny_store: ModelStore, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    env = {"TLSERVE_MODEL_STORE": str(tiny_store.root), "TLSERVE_DEFAULT_HEAD": "colors", "TLSERVE_INTRA_OP_THREADS": "1",
-           "TLSERVE_MAX_QUEUE_SIZE": "1", "TLSERVE_MAX_BATCH_SIZE": "1", "TLSERVE_DECODE_THREADS": "2"}  # fmt: skip
+    env = settings_env(tiny_store.root, default_head="colors", max_queue_size=1, max_batch_size=1, decode_threads=2)
     proc = ServerProcess(env, log_path=tmp_path_factory.mktemp("tight") / "server.log").start()
     yield proc
     proc.stop()

@@ -43,7 +43,7 @@ from app.imaging import load_image
 from app.main import create_app
 from app.settings import Settings
 from app.store import ModelStore
-from tests.helpers import ServerProcess, image_bytes
+from tests.helpers import ServerProcess, image_bytes, settings_env
 
 API_EXAMPLES = int(os.environ.get("TLSERVE_FUZZ_EXAMPLES", "60"))
 LOADER_INPUTS = int(os.environ.get("TLSERVE_FUZZ_LOADER_INPUTS", "2000"))
@@ -61,12 +61,7 @@ def _report() -> Iterator[None]:
 # --- schemathesis against a real server -------------------------------------------------------
 @pytest.fixture(scope="module")
 def server(tiny_store: ModelStore, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    env = {
-        "TLSERVE_MODEL_STORE": str(tiny_store.root),
-        "TLSERVE_DEFAULT_HEAD": "colors",
-        "TLSERVE_INTRA_OP_THREADS": "1",
-        "TLSERVE_MAX_BODY_BYTES": "2000000",
-    }
+    env = settings_env(tiny_store.root, default_head="colors", max_body_bytes=2000000)
     srv = ServerProcess(env, log_path=tmp_path_factory.mktemp("fuzz") / "server.log").start()
     yield srv
     srv.stop()

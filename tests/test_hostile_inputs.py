@@ -26,7 +26,7 @@ from PIL import Image
 
 from app.imaging import load_image
 from app.store import ModelStore
-from tests.helpers import REPO, ServerProcess, image_bytes
+from tests.helpers import REPO, ServerProcess, image_bytes, settings_env
 
 BODY_LIMIT = 1_000_000
 PIXEL_LIMIT = 4_000_000
@@ -231,13 +231,7 @@ IMAGE_KINDS = [
 # --- the server ---------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def server(tiny_store: ModelStore, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    env = {
-        "TLSERVE_MODEL_STORE": str(tiny_store.root),
-        "TLSERVE_DEFAULT_HEAD": "colors",
-        "TLSERVE_INTRA_OP_THREADS": "1",
-        "TLSERVE_MAX_BODY_BYTES": str(BODY_LIMIT),
-        "TLSERVE_MAX_IMAGE_PIXELS": str(PIXEL_LIMIT),
-    }
+    env = settings_env(tiny_store.root, default_head="colors", max_body_bytes=BODY_LIMIT, max_image_pixels=PIXEL_LIMIT)
     srv = ServerProcess(env, log_path=tmp_path_factory.mktemp("hostile") / "server.log").start()
     yield srv
     srv.stop()

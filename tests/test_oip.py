@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from app.store import ModelStore
-from tests.helpers import ServerProcess, image_bytes
+from tests.helpers import ServerProcess, image_bytes, settings_env
 
 th = pytest.importorskip("tritonclient.http")
 from tritonclient.utils import InferenceServerException  # noqa: E402
@@ -31,8 +31,7 @@ IMAGES = [
 
 @pytest.fixture(scope="module")
 def server(tiny_store: ModelStore, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    env = {"TLSERVE_MODEL_STORE": str(tiny_store.root), "TLSERVE_DEFAULT_HEAD": "colors", "TLSERVE_INTRA_OP_THREADS": "1",
-           "TLSERVE_MAX_IMAGES_PER_REQUEST": "8"}  # fmt: skip
+    env = settings_env(tiny_store.root, default_head="colors", max_images_per_request=8)
     proc = ServerProcess(env, log_path=tmp_path_factory.mktemp("oip") / "server.log").start()
     yield proc
     proc.stop()
