@@ -134,7 +134,7 @@ def process_cpu_seconds(pid: int) -> float | None:
 
 # --- machine and model --------------------------------------------------------------------------
 def machine() -> dict[str, Any]:
-    from app.settings import available_cpus
+    from app.cpus import available_cpus
 
     info: dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version(), "cpus": available_cpus()}
     with contextlib.suppress(OSError, subprocess.SubprocessError):
@@ -491,7 +491,8 @@ def server_env(cfg: BenchConfig, head: str | None) -> dict[str, str]:
 
 # --- the run ------------------------------------------------------------------------------------
 def run(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
-    from app.settings import Settings, available_cpus
+    from app.cpus import available_cpus
+    from app.settings import Settings
     from app.store import ModelStore
 
     store = ModelStore(cfg.store)

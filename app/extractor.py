@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from app.cpus import available_cpus
 from app.errors import ArtifactError, InferenceError
-from app.settings import available_cpus
 from app.store import ExtractorInfo
 
 log = logging.getLogger(__name__)

@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 
 from app.errors import ArtifactError, HeadNotFound, IncompatibleHead
+from app.hashing import sha256_bytes
 from app.store import ModelStore, atomic_write, read_json, write_json
-from app.weights import sha256_bytes
 
 log = logging.getLogger(__name__)
 CARD = "card.json"

@@ -39,9 +39,9 @@ import numpy as np
 
 from app import __version__
 from app.errors import ArtifactError, InputError
+from app.hashing import sha256_file
 from app.imaging import is_image_file, load_image
 from app.store import ExtractorInfo, ModelStore, read_json, write_json
-from app.weights import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +177,7 @@ def quantize_file(src: Path, dst: Path, calibration: np.ndarray, *, reduce_range
 def _session(path: Path, threads: int = 0) -> Any:
     import onnxruntime as ort
 
-    from app.settings import available_cpus
+    from app.cpus import available_cpus
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads or available_cpus()

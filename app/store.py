@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from app.errors import ArtifactError, HeadNotFound
-from app.weights import sha256_file
+from app.hashing import sha256_file
 
 MANIFEST = "manifest.json"
 HEAD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")

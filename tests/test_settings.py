@@ -9,7 +9,8 @@ import httpx
 import pytest
 from pydantic import ValidationError
 
-from app.settings import Settings, available_cpus, settings_markdown
+from app.cpus import available_cpus
+from app.settings import Settings, settings_markdown
 from app.store import ModelStore
 from tests.helpers import REPO
 
