@@ -296,15 +296,15 @@ def _rate_row(batch: int, timing: tuple[list[float], float]) -> dict[str, Any]:
 def in_process(store: Path, images: Any, payloads: list[bytes], cfg: BenchConfig, settings: Any) -> dict[str, Any]:
     """``Extractor`` (the service's settings) + head on decoded images; decode cost per image."""
     from app.extractor import Extractor
-    from app.heads import load_head
     from app.imaging import load_image
+    from app.registry import load_head
     from app.store import ModelStore
 
     ms = ModelStore(store)
     info = ms.extractor()
     ex = Extractor(info, provider="cpu", threads=settings.intra_op_threads, spinning=settings.ort_spinning)
     head_name = pick_head(ms, settings.default_head)
-    head = load_head(ms, head_name, info.feature_space) if head_name else None
+    head = load_head(ms.heads, head_name, info.feature_space) if head_name else None
     rows = []
     for b in cfg.batch_sizes:
         batch = batch_of(images, b)
@@ -324,7 +324,7 @@ def in_process(store: Path, images: Any, payloads: list[bytes], cfg: BenchConfig
 
 
 def pick_head(store: Any, preferred: str) -> str | None:
-    names = store.head_names()
+    names = store.heads.names()
     return preferred if preferred in names else (names[0] if names else None)
 
 

@@ -57,15 +57,15 @@ def _train(args: argparse.Namespace) -> int:
     for line in card["training"]["skipped_files"]:
         print(f"  skipped {line}")
     print(report.render())
-    print(f"written to {trainer.store.head_dir(args.name)}")
+    print(f"version {card['version']} written to {trainer.store.heads.version_folder(args.name, card['version'])} (now current)")
     return 0
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from app.heads import load_head
+    from app.registry import load_head
 
     trainer = _trainer(args)
-    head = load_head(trainer.store, args.head or trainer.settings.default_head, trainer.info.feature_space)
+    head = load_head(trainer.store.heads, args.head or trainer.settings.default_head, trainer.info.feature_space)
     report, skipped = trainer.evaluate(head, args.data_dir, limit=args.limit)
     if args.json:
         print(json.dumps({**report.as_dict(), "head": head.name, "skipped": len(skipped)}, indent=2))
@@ -79,12 +79,13 @@ def _predict(args: argparse.Namespace) -> int:
     import numpy as np
 
     from app.errors import InputError
-    from app.heads import describe, load_head
+    from app.heads import describe
     from app.imaging import load_image
+    from app.registry import load_head
 
     trainer = _trainer(args)
     s = trainer.settings
-    head = load_head(trainer.store, args.head or s.default_head, trainer.info.feature_space)
+    head = load_head(trainer.store.heads, args.head or s.default_head, trainer.info.feature_space)
     results, failed = [], 0
     for path in args.images:
         try:

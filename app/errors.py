@@ -7,23 +7,30 @@
     │   ├── ImageTooLarge        422  more pixels than ``max_image_pixels`` (decompression bombs)
     │   ├── EmptyInput           422  0-byte image or a request without images
     │   ├── MalformedRequest     422  bad JSON, bad base64, bad options
+    │   │   └── BadRequest       400  a malformed Open Inference Protocol request (the OIP says 400)
     │   ├── BodyTooLarge         413  body over ``max_body_bytes``
     │   ├── TooManyImages        413  more than ``max_images_per_request``
     │   ├── UnsupportedMediaType 415  a request content type we do not accept
-    │   └── Unauthorized         401  missing or wrong API key
+    │   ├── Unauthorized         401  missing or wrong API key
+    │   ├── Forbidden            403  an inference key used for an admin operation
+    │   └── ClientDisconnected   499  the client closed the connection mid-request (nginx's 499)
     ├── NotFound (404)
-    │   └── HeadNotFound         404  no head with that name in the model store
+    │   ├── HeadNotFound         404  no head with that name in the model store
+    │   └── VersionNotFound      404  the head has no such version (the message lists those it has)
     ├── CapacityError (503)
     │   ├── QueueFull            503  the batch queue is full; retry after ``Retry-After``
     │   └── ShuttingDown         503  the process is draining
     └── ModelError (500/503)
         ├── ArtifactError        500  a model file is missing, changed, or fails its checksum
         ├── IncompatibleHead     409  a head trained on another extractor
+        ├── UntrustedHead        409  a head that is unsigned or wrongly signed while verify keys are set
+        ├── VersionConflict      409  a promotion whose expected current version is stale (compare-and-swap)
         ├── NotReady             503  the extractor is not loaded or warmed up yet
         └── InferenceError       500  ONNX Runtime raised while running a batch
 
 Routes never build error responses by hand: they raise one of these and one handler renders
-``{"error": {"code": ..., "message": ..., "request_id": ...}}``.
+``{"error": {"code": ..., "message": ..., "request_id": ...}}``. Errors raised by the web framework
+itself (unknown route, wrong method, its own validation) get the codes in :data:`HTTP_CODES`.
 """
 
 from __future__ import annotations
@@ -74,6 +81,10 @@ class TooManyImages(InputError):
     code = "too_many_images"
 
 
+class BadRequest(MalformedRequest):
+    status_code = 400
+
+
 class UnsupportedMediaType(InputError):
     status_code = 415
     code = "unsupported_media_type"
@@ -84,6 +95,16 @@ class Unauthorized(InputError):
     code = "unauthorized"
 
 
+class Forbidden(InputError):
+    status_code = 403
+    code = "forbidden"
+
+
+class ClientDisconnected(InputError):
+    status_code = 499
+    code = "client_disconnected"
+
+
 class NotFound(TlserveError):
     status_code = 404
     code = "not_found"
@@ -91,6 +112,10 @@ class NotFound(TlserveError):
 
 class HeadNotFound(NotFound):
     code = "head_not_found"
+
+
+class VersionNotFound(NotFound):
+    code = "version_not_found"
 
 
 class CapacityError(TlserveError):
@@ -121,6 +146,16 @@ class IncompatibleHead(ModelError):
     code = "incompatible_head"
 
 
+class UntrustedHead(ModelError):
+    status_code = 409
+    code = "head_untrusted"
+
+
+class VersionConflict(ModelError):
+    status_code = 409
+    code = "version_conflict"
+
+
 class NotReady(ModelError):
     status_code = 503
     code = "not_ready"
@@ -128,3 +163,9 @@ class NotReady(ModelError):
 
 class InferenceError(ModelError):
     code = "inference_error"
+
+
+HTTP_CODES: dict[int, str] = {404: "not_found", 405: "method_not_allowed"}
+"""Codes for errors the web framework raises itself; any other framework status is ``http_error``."""
+HTTP_ERROR = "http_error"
+INTERNAL_ERROR = TlserveError.code

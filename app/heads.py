@@ -1,39 +1,61 @@
-"""Heads: pickled scikit-learn classifiers with a JSON card, loaded only when their checksum matches.
+"""A head: a pickled scikit-learn classifier that can never run code, checked before it serves.
 
-On disk, ``model_store/heads/<name>/``:
-
-- ``head-<sha12>.pkl``: the pickled estimator, named by its own sha256 prefix;
-- ``card.json``: classes, extractor fingerprint, training summary, metrics, sklearn version,
-  and the pickle's file name and full sha256; it is written last and atomically, so it is the
-  commit point: a reader sees either the old (card, pickle) pair or the new one, never a mix;
-- ``confusion_matrix.png``.
-
-:func:`load_head` reads the card, checks the pickle's sha256 *before* unpickling, and refuses a
-head whose extractor fingerprint differs from the extractor it will run with.
+Pickles are loaded by :func:`safe_unpickle` alone: an allowlist ``Unpickler`` that resolves only
+the globals a head written by ``tlserve train`` needs, so a pickle whose ``__reduce__`` calls
+``os.system`` (or anything else) is refused before any object is built. Then
+:func:`build_head` checks the estimator itself, not just that it unpickled: ``predict_proba``,
+coefficient shapes against the extractor's feature size, finite values, and classes in card order.
+Where heads live on disk and how versions work is :mod:`app.registry`'s business.
 """
 
 from __future__ import annotations
 
 import io
-import logging
 import pickle
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from app.errors import ArtifactError, HeadNotFound, IncompatibleHead
-from app.hashing import sha256_bytes
-from app.store import ModelStore, atomic_write, read_json, write_json
+from app.errors import ArtifactError
 
-log = logging.getLogger(__name__)
-CARD = "card.json"
+MAX_PICKLE_BYTES = 64 * 1024 * 1024
+"""Largest head pickle read (a 1,000-class head on 512-d features is about 4 MB)."""
+
+ALLOWED_GLOBALS: frozenset[tuple[str, str]] = frozenset({
+    ("sklearn.linear_model._logistic", "LogisticRegression"),
+    ("numpy._core.numeric", "_frombuffer"),  # numpy >= 2
+    ("numpy.core.numeric", "_frombuffer"),  # the same function, as numpy 1.x pickles name it
+    ("numpy", "dtype"),
+})  # fmt: skip
+"""Every global a head written by ``tlserve train`` resolves (protocol 5: arrays by ``_frombuffer``)."""
+
+
+class _AllowlistUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in ALLOWED_GLOBALS:
+            raise ArtifactError(
+                f"pickle refers to {module}.{name}, which a head may not use (allowed: LogisticRegression and numpy arrays)"
+            )
+        return super().find_class(module, name)
+
+
+def safe_unpickle(blob: bytes, where: str) -> Any:
+    """The one place tlserve unpickles: only :data:`ALLOWED_GLOBALS` can be resolved."""
+    if len(blob) > MAX_PICKLE_BYTES:
+        raise ArtifactError(f"{where}: pickle is {len(blob)} bytes, over the limit of {MAX_PICKLE_BYTES}")
+    try:
+        return _AllowlistUnpickler(io.BytesIO(blob)).load()
+    except ArtifactError as exc:
+        raise ArtifactError(f"{where}: {exc.message}") from None
+    except Exception as exc:  # noqa: BLE001 - any malformed pickle is one refused artifact
+        raise ArtifactError(f"{where}: cannot unpickle ({type(exc).__name__})") from None
 
 
 @dataclass(frozen=True)
 class Head:
     name: str
+    version: int
     classes: tuple[str, ...]
     estimator: Any
     card: dict[str, Any]
@@ -48,63 +70,43 @@ class Head:
         return np.asarray(proba, dtype=np.float32)
 
 
-def save_head(store: ModelStore, name: str, estimator: Any, card: dict[str, Any], png: bytes | None = None) -> Path:
-    """Write pickle, plot and (last) card atomically; old pickles of this head are removed after."""
-    folder = store.head_dir(name)
-    blob = pickle.dumps(estimator, protocol=5)
-    sha = sha256_bytes(blob)
-    pkl = folder / f"head-{sha[:12]}.pkl"
-    atomic_write(pkl, blob)
-    if png is not None:
-        atomic_write(folder / "confusion_matrix.png", png)
-    write_json(folder / CARD, {**card, "name": name, "pickle": pkl.name, "pickle_sha256": sha})
-    for old in folder.glob("head-*.pkl"):
-        if old != pkl:
-            old.unlink(missing_ok=True)
-    return folder
-
-
-def read_card(store: ModelStore, name: str) -> dict[str, Any]:
-    folder = store.head_dir(name)
-    if not (folder / CARD).exists():
-        raise HeadNotFound(f"no head named {name!r} (known: {', '.join(store.head_names()) or 'none'})")
-    return read_json(folder / CARD)
-
-
-def load_head(store: ModelStore, name: str, extractor_sha256: str | None = None) -> Head:
-    """Verified load: card → sha256 of the pickle → extractor fingerprint → unpickle."""
-    card = read_card(store, name)
-    folder = store.head_dir(name)
+def check_estimator(estimator: Any, classes: tuple[str, ...], feature_dim: int | None, where: str) -> None:
+    """A fitted linear classifier over ``feature_dim`` features with ``len(classes)`` outputs in card order."""
+    if not callable(getattr(estimator, "predict_proba", None)):
+        raise ArtifactError(f"{where}: the estimator ({type(estimator).__name__}) has no predict_proba")
+    shadowed = sorted(k for k in vars(estimator) if callable(getattr(type(estimator), k, None)))
+    if shadowed:  # a state payload that replaces a method with something else
+        raise ArtifactError(f"{where}: the estimator's state overrides its methods {shadowed[:5]}")
+    n = len(classes)
     try:
-        pkl_name, expected = str(card["pickle"]), str(card["pickle_sha256"])
-        classes = tuple(str(c) for c in card["classes"])
-        head_extractor = str(card["extractor"]["sha256"])
-    except (KeyError, TypeError) as exc:
-        raise ArtifactError(f"head {name!r}: card lacks {exc}") from None
-    if "/" in pkl_name or not pkl_name.endswith(".pkl"):
-        raise ArtifactError(f"head {name!r}: card names an invalid pickle file")
-    if extractor_sha256 is not None and head_extractor != extractor_sha256:
-        raise IncompatibleHead(
-            f"head {name!r} was trained on extractor {head_extractor[:12]}, the loaded extractor is "
-            f"{extractor_sha256[:12]}: retrain it with `tlserve train` (features differ between extractors)"
-        )
-    try:
-        blob = (folder / pkl_name).read_bytes()
-    except OSError:
-        raise ArtifactError(f"head {name!r}: pickle {pkl_name} is missing or unreadable") from None
-    actual = sha256_bytes(blob)
-    if actual != expected:
-        raise ArtifactError(
-            f"head {name!r}: pickle sha256 {actual[:12]} does not match its card ({expected[:12]}); refusing to unpickle"
-        )
-    try:
-        estimator = pickle.load(io.BytesIO(blob))  # noqa: S301 - checksum-verified artifact from our own store
-    except Exception as exc:  # noqa: BLE001
-        raise ArtifactError(f"head {name!r}: cannot unpickle ({type(exc).__name__})") from None
-    n_out = len(getattr(estimator, "classes_", classes))
-    if n_out != len(classes):
-        raise ArtifactError(f"head {name!r}: estimator has {n_out} classes, card has {len(classes)}")
-    return Head(name=name, classes=classes, estimator=estimator, card=card)
+        coef = np.asarray(estimator.coef_)
+        intercept = np.asarray(estimator.intercept_)
+        fitted = np.asarray(estimator.classes_)
+    except AttributeError as exc:
+        raise ArtifactError(f"{where}: the estimator is not fitted ({exc.name} missing)") from None
+    rows = 1 if n == 2 else n
+    dim = coef.shape[1] if coef.ndim == 2 else -1
+    if coef.ndim != 2 or coef.shape[0] != rows or (feature_dim is not None and dim != feature_dim):
+        raise ArtifactError(f"{where}: coef_ has shape {coef.shape}, expected ({rows}, {feature_dim or 'D'})")
+    if intercept.shape != (rows,):
+        raise ArtifactError(f"{where}: intercept_ has shape {intercept.shape}, expected ({rows},)")
+    for label, arr in (("coef_", coef), ("intercept_", intercept)):
+        if arr.dtype.kind != "f" or not np.isfinite(arr).all():
+            raise ArtifactError(f"{where}: {label} must hold finite floats")
+    if fitted.shape != (n,) or fitted.dtype.kind not in "iu" or not np.array_equal(fitted, np.arange(n)):
+        raise ArtifactError(f"{where}: estimator classes_ {fitted.tolist()[:10]} do not match the card's {n} classes")
+
+
+def build_head(name: str, version: int, classes: tuple[str, ...], blob: bytes, card: dict[str, Any],
+               feature_dim: int | None) -> Head:  # fmt: skip
+    where = f"head {name!r} version {version}"
+    estimator = safe_unpickle(blob, where)
+    check_estimator(estimator, classes, feature_dim, where)
+    return Head(name=name, version=version, classes=classes, estimator=estimator, card=card)
+
+
+def dump_estimator(estimator: Any) -> bytes:
+    return pickle.dumps(estimator, protocol=5)
 
 
 def describe(head: Head, proba: np.ndarray, top_k: int | None = None) -> dict[str, Any]:

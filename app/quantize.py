@@ -232,15 +232,15 @@ def compare(
     min_agreement: float = MIN_AGREEMENT,
 ) -> dict[str, Any]:
     """Cosine of int8 vs fp32 features and, per fp32-trained head, agreement and accuracy on ``images``."""
-    from app.heads import load_head
+    from app.registry import load_head
 
     f32 = features_of(store.root / fp32["file"], images)
     f8 = features_of(int8_path, images)
     cos = np.sum(f32 * f8, axis=1) / np.maximum(np.linalg.norm(f32, axis=1) * np.linalg.norm(f8, axis=1), 1e-12)
     heads: dict[str, Any] = {}
-    for name in store.head_names():
+    for name in store.heads.names():
         try:
-            head = load_head(store, name, fp32["sha256"])
+            head = load_head(store.heads, name, fp32["sha256"])
         except Exception as exc:  # noqa: BLE001 - a head of another extractor (or broken) is reported, not checked
             heads[name] = {"checked": False, "reason": getattr(exc, "message", str(exc))[:200]}
             continue

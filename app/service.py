@@ -1,50 +1,35 @@
-"""The data plane: one extractor, the loaded heads, the batcher and the decode pool.
+"""The data plane: one extractor, the head registry, the batcher and the decode pool.
 
-The REST layers (``/v1`` and the ``/v2`` Open Inference Protocol) are thin: they parse inputs
-and call :meth:`Service.features` / :meth:`Service.classify`. State is held here, never in
-module globals.
+The fronts (``/v1`` and the ``/v2`` Open Inference Protocol) are thin: they parse their wire format
+into an :class:`~app.inference.InferRequest` and call :meth:`Service.infer`, the one inference
+entry point (decode → batch → extractor → head; images counted in the metrics there, once).
+Heads — loading, reload, polling, per-head errors — are :class:`~app.registry.HeadRegistry`'s.
+State is held here, never in module globals.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from app import __version__
 from app.batching import Batcher
-from app.errors import ArtifactError, HeadNotFound, InputError, NotReady, TlserveError
+from app.errors import HeadNotFound, InputError, NotReady, TlserveError
 from app.extractor import Extractor
-from app.heads import Head, describe, load_head, read_card
+from app.heads import Head
 from app.imaging import load_image
+from app.inference import Decoded, InferRequest, InferResult, Item
 from app.metrics import Metrics
+from app.registry import HeadRegistry, Version
 from app.settings import Settings
-from app.store import ExtractorInfo, ModelStore, valid_head_name
+from app.store import ExtractorInfo, ModelStore
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Item:
-    """One image of a request: its bytes and, when it had one, a file name."""
-
-    data: bytes
-    name: str | None = None
-    error: InputError | None = None  # set when the item was bad before decoding (bad base64, …)
-
-
-@dataclass
-class Decoded:
-    item: Item
-    image: np.ndarray | None
-    error: InputError | None
 
 
 class Service:
@@ -55,14 +40,11 @@ class Service:
         self.info: ExtractorInfo | None = None
         self.extractor: Extractor | None = None
         self.batcher: Batcher | None = None
-        self.heads: dict[str, Head] = {}
-        self._seen_stamps: dict[str, tuple[int, int]] = {}
-        self.head_errors: dict[str, str] = {}
+        self.registry = HeadRegistry(self.store.heads, feature_space="")
         self.decoder = ThreadPoolExecutor(max_workers=settings.decoders, thread_name_prefix="decode")
         self.not_ready_reason: str | None = "starting"
         self.draining = False
         self.started_at = time.time()
-        self._reload_lock = asyncio.Lock()
         self._watch_task: asyncio.Task[None] | None = None
 
     # --- lifecycle ------------------------------------------------------------------------
@@ -89,10 +71,10 @@ class Service:
         )
         self.batcher.start()
         if s.head_poll_interval_s > 0:
-            self._watch_task = asyncio.get_running_loop().create_task(self._watch_heads())
+            self._watch_task = asyncio.get_running_loop().create_task(self.registry.watch(s.head_poll_interval_s))
         self.not_ready_reason = None
         self.metrics.ready.set(1)
-        log.info("ready", extra={"heads": sorted(self.heads), "providers": self.extractor.providers})
+        log.info("ready", extra={"heads": sorted(self.registry.heads), "providers": self.extractor.providers})
 
     def _load(self) -> None:
         s = self.settings
@@ -102,14 +84,11 @@ class Service:
             raise NotReady(f"require_gpu is set but ONNX Runtime runs on {self.extractor.providers[0]}")
         warm = self.extractor.warm_up((1, min(s.max_batch_size, 8)))
         log.info("warm-up done in %.2fs", warm)
-        for name in self.store.head_names():
-            try:
-                self._load_head(name)
-            except TlserveError as exc:
-                self.head_errors[name] = exc.message
-                log.warning("head %s not loaded: %s", name, exc.message)
-        if s.default_head not in self.heads:
-            why = self.head_errors.get(s.default_head, "not found in the model store")
+        self.registry.feature_space = self.info.feature_space
+        self.registry.load_all()
+        if s.default_head not in self.registry.heads:
+            error = self.registry.error(s.default_head)
+            why = error.message if error else "not found in the model store"
             raise NotReady(f"default head {s.default_head!r} is not usable: {why}")
         self.metrics.model_info.info({
             "provider": self.extractor.providers[0],
@@ -118,50 +97,6 @@ class Service:
             "precision": self.info.precision,
             "version": __version__,
         })  # fmt: skip
-
-    def _card_stamp(self, name: str) -> tuple[int, int]:
-        st = os.stat(self.store.head_dir(name) / "card.json")
-        return st.st_mtime_ns, st.st_size
-
-    def _load_head(self, name: str) -> Head:
-        assert self.info is not None
-        self._seen_stamps[name] = self._card_stamp(name)
-        head = load_head(self.store, name, self.info.feature_space)
-        self.heads[name] = head  # one dict assignment: requests see the old or the new head, never a mix
-        self.head_errors.pop(name, None)
-        return head
-
-    async def reload_head(self, name: str) -> Head:
-        """Verify and load ``name`` again; on any failure the previous version keeps serving."""
-        valid_head_name(name)
-        if self.info is None:
-            raise NotReady(self.not_ready_reason or "not ready")
-        async with self._reload_lock:
-            try:
-                head = await asyncio.get_running_loop().run_in_executor(None, self._load_head, name)
-            except FileNotFoundError:
-                raise HeadNotFound(f"no head named {name!r}") from None
-            except TlserveError as exc:
-                self.head_errors[name] = exc.message
-                self.metrics.rejections.labels("head_reload_refused").inc()
-                log.error("reload of head %s refused: %s", name, exc.message)
-                raise
-        log.info("head %s loaded (pickle %s)", name, head.sha256[:12])
-        return head
-
-    async def _watch_heads(self) -> None:
-        """Pick up heads written or changed by ``tlserve train`` (card.json stamp) without a restart."""
-        while True:
-            await asyncio.sleep(self.settings.head_poll_interval_s)
-            for name in self.store.head_names():
-                try:
-                    stamp = self._card_stamp(name)
-                except OSError:
-                    continue
-                if stamp != self._seen_stamps.get(name):
-                    self._seen_stamps[name] = stamp  # a bad card is tried once, not every poll
-                    with contextlib.suppress(TlserveError):
-                        await self.reload_head(name)
 
     async def stop(self) -> None:
         self.draining = True
@@ -188,23 +123,39 @@ class Service:
             return False, self.not_ready_reason
         return True, "ready"
 
-    # --- work -----------------------------------------------------------------------------
-    def require_ready(self) -> tuple[Extractor, ExtractorInfo, Batcher]:
+    def _require_ready(self) -> tuple[ExtractorInfo, Batcher]:
         if self.extractor is None or self.info is None or self.batcher is None:
             raise NotReady(f"not ready: {self.not_ready_reason}")
-        return self.extractor, self.info, self.batcher
+        return self.info, self.batcher
 
-    def head(self, name: str | None) -> Head:
-        self.require_ready()
-        name = valid_head_name(name or self.settings.default_head)
-        head = self.heads.get(name)
-        if head is None:
-            if name in self.head_errors:
-                raise ArtifactError(f"head {name!r} is not loaded: {self.head_errors[name]}")
-            read_card(self.store, name)  # raises HeadNotFound with the known names
-            raise HeadNotFound(f"head {name!r} exists but is not loaded yet; POST /v1/models/{name}/reload")
-        return head
+    # --- heads ----------------------------------------------------------------------------
+    def head(self, name: str | None, version: int | None = None) -> Head:
+        """The head a request names (default: the configured one), or the error that head got."""
+        self._require_ready()
+        name = name or self.settings.default_head
+        return self.registry.get(name) if version is None else self.registry.get_version(name, version)
 
+    def head_record(self, name: str) -> tuple[Version, Head | None, TlserveError | None]:
+        """What the store holds for ``name`` (its current version's card), the served head, its error."""
+        version = self.registry.store.get(name)
+        return version, self.registry.heads.get(name), self.registry.error(name)
+
+    def head_names(self) -> list[str]:
+        return sorted(set(self.registry.store.names()) | set(self.registry.heads))
+
+    async def reload_head(self, name: str) -> Head:
+        """Verify and load ``name`` again; on any failure the previous version keeps serving."""
+        self._require_ready()
+        try:
+            return await self.registry.reload(name)
+        except HeadNotFound:
+            raise
+        except TlserveError as exc:
+            self.metrics.rejections.labels("head_reload_refused").inc()
+            log.error("reload of head %s refused: %s", name, exc.message)
+            raise
+
+    # --- inference ------------------------------------------------------------------------
     def _decode_one(self, item: Item, size: int, resample: str) -> Decoded:
         if item.error is not None:
             return Decoded(item, None, item.error)
@@ -218,46 +169,32 @@ class Service:
         self.metrics.decode.observe(time.perf_counter() - t0)
         return Decoded(item, image, None)
 
-    async def decode(self, items: list[Item]) -> list[Decoded]:
-        _, info, _ = self.require_ready()
+    async def _decode(self, items: list[Item], info: ExtractorInfo) -> list[Decoded]:
         loop = asyncio.get_running_loop()
         if len(items) == 1:
             return [await loop.run_in_executor(self.decoder, self._decode_one, items[0], info.size, info.resample)]
-        return list(
-            await asyncio.gather(
-                *(loop.run_in_executor(self.decoder, self._decode_one, it, info.size, info.resample) for it in items)
-            )
-        )
+        jobs = (loop.run_in_executor(self.decoder, self._decode_one, it, info.size, info.resample) for it in items)
+        return list(await asyncio.gather(*jobs))
 
-    async def features(self, items: list[Item]) -> tuple[list[Decoded], np.ndarray]:
-        """Decode every item, run the good ones through the batcher; features rows follow the good items."""
-        _, info, batcher = self.require_ready()
-        decoded = await self.decode(items)
+    async def infer(self, request: InferRequest) -> InferResult:
+        """The one inference path: head lookup (before any work) → decode → batch → extractor → head."""
+        info, batcher = self._require_ready()
+        head = self.head(request.head, request.version) if request.classify else None
+        decoded = await self._decode(request.items, info)
+        failed = [(i, d.error) for i, d in enumerate(decoded) if d.error is not None]
         good = [d.image for d in decoded if d.image is not None]
-        if not good:
-            return decoded, np.zeros((0, info.feature_dim), np.float32)
-        return decoded, await batcher.submit(np.stack(good))
-
-    async def classify(self, items: list[Item], head_name: str | None, top_k: int | None) -> tuple[Head, list[dict[str, Any]]]:
-        head = self.head(head_name)
-        if top_k is not None and top_k > len(head.classes):
-            top_k = len(head.classes)
-        decoded, feats = await self.features(items)
-        proba = head.predict_proba(feats) if len(feats) else np.zeros((0, len(head.classes)), np.float32)
-        results, row = [], 0
-        for i, d in enumerate(decoded):
-            entry: dict[str, Any] = {"index": i}
-            if d.item.name is not None:
-                entry["file"] = d.item.name
-            if d.error is not None:
-                entry["error"] = {"code": d.error.code, "message": d.error.message, "status": d.error.status_code}
-                self.metrics.images.labels("classify", head.name, "error").inc()
-            else:
-                entry.update(describe(head, proba[row], top_k))
-                row += 1
-                self.metrics.images.labels("classify", head.name, "ok").inc()
-            results.append(entry)
-        return head, results
+        label = head.name if head else ""
+        counter = self.metrics.images
+        if failed:
+            counter.labels(request.endpoint, label, "error").inc(len(failed))
+        if not good or (failed and request.all_or_nothing):
+            empty = np.zeros((0, info.feature_dim), np.float32)
+            proba = np.zeros((0, len(head.classes)), np.float32) if head else None
+            return InferResult(decoded, empty, head, proba, failed)
+        features = await batcher.submit(np.stack(good))
+        proba = head.predict_proba(features) if head else None
+        counter.labels(request.endpoint, label, "ok").inc(len(good))
+        return InferResult(decoded, features, head, proba, failed)
 
     def describe_info(self) -> dict[str, Any]:
         s = self.settings
@@ -286,6 +223,6 @@ class Service:
                 "max_top_k": s.max_top_k,
             },
             "default_head": s.default_head,
-            "heads": sorted(self.heads),
+            "heads": sorted(self.registry.heads),
             "uptime_s": round(time.time() - self.started_at, 1),
         }

@@ -1,4 +1,4 @@
-"""The model store on disk: ``manifest.json`` + the exported extractor + ``heads/<name>/``.
+"""The model store on disk: ``manifest.json`` + the exported extractor + ``heads/`` (see :mod:`app.registry`).
 
 Every write goes to a temporary file in the same folder, is fsynced, then renamed over the
 target, so a reader never sees a half-written artifact (even if the writer is killed).
@@ -8,17 +8,18 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from app.errors import ArtifactError, HeadNotFound
+from app.errors import ArtifactError
 from app.hashing import sha256_file
 
+if TYPE_CHECKING:
+    from app.registry import HeadStore
+
 MANIFEST = "manifest.json"
-HEAD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 def _umask() -> int:
@@ -64,12 +65,6 @@ def read_json(path: Path) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise ArtifactError(f"{path} is not a JSON object")
     return obj
-
-
-def valid_head_name(name: str) -> str:
-    if not HEAD_NAME.match(name) or ".." in name:
-        raise HeadNotFound(f"invalid head name {name[:80]!r}: use letters, digits, '_', '-', '.' (at most 64)")
-    return name
 
 
 @dataclass(frozen=True)
@@ -145,10 +140,9 @@ class ModelStore:
                 raise ArtifactError(f"{info.path} has sha256 {actual[:12]}…, the manifest says {info.sha256[:12]}…")
         return info
 
-    def head_dir(self, name: str) -> Path:
-        return self.heads_dir / valid_head_name(name)
+    @property
+    def heads(self) -> HeadStore:
+        """The versioned head store under ``heads/`` (its layout is :mod:`app.registry`'s alone)."""
+        from app.registry import HeadStore
 
-    def head_names(self) -> list[str]:
-        if not self.heads_dir.is_dir():
-            return []
-        return sorted(p.name for p in self.heads_dir.iterdir() if (p / "card.json").exists() and HEAD_NAME.match(p.name))
+        return HeadStore(self.heads_dir)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import logging
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +12,8 @@ import numpy as np
 
 from app.extractor import Extractor
 from app.features import Dataset, Extracted, FeatureCache, extract_paths
-from app.heads import Head, save_head
+from app.heads import Head
+from app.registry import save_head, valid_head_name
 from app.settings import Settings
 from app.store import ExtractorInfo, ModelStore
 
@@ -133,7 +133,7 @@ class Trainer:
     ) -> tuple[Report, dict[str, Any]]:
         from sklearn.model_selection import train_test_split
 
-        self.store.head_dir(name)  # validates the name before any work
+        valid_head_name(name)  # before any work
         data = Dataset.from_folder(data_dir)
         idx = np.arange(len(data.paths))
         if limit:
@@ -159,8 +159,9 @@ class Trainer:
         estimator = make_estimator(c).fit(xtr, ytr)
         report = make_report(yva, estimator.predict(xva), data.classes)
         card = self._card(data, ytr, yva, skipped, split, c, cv_scores, report)
-        save_head(self.store, name, estimator, card, confusion_png(report, f"{name} ({split['kind']} split)"))
-        return report, card
+        png = confusion_png(report, f"{name} ({split['kind']} split)")
+        version = save_head(self.store.heads, name, estimator, card, {"confusion_matrix.png": png})
+        return report, version.card
 
     def _card(self, data: Dataset, ytr: np.ndarray, yva: np.ndarray, skipped: list, split: dict, c: float,
               cv_scores: dict, report: Report) -> dict[str, Any]:  # fmt: skip
@@ -184,7 +185,6 @@ class Trainer:
             "estimator": {"kind": "LogisticRegression (L2, lbfgs)", "C": c, "cv_accuracy_by_C": cv_scores},
             "metrics": report.as_dict(),
             "sklearn_version": sklearn.__version__,
-            "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         }
 
     def evaluate(self, head: Head, data_dir: Path, *, limit: int = 0) -> tuple[Report, list[tuple[Path, str]]]:

@@ -62,7 +62,7 @@ def test_export_train_evaluate_predict_from_pinned_weights(real_store: ModelStor
 
 
 def test_default_head_meets_its_accuracy_target(real_store: ModelStore) -> None:
-    card = json.loads((real_store.head_dir("cats_vs_dogs") / "card.json").read_text())
+    card = json.loads((real_store.heads.current_folder("cats_vs_dogs") / "card.json").read_text())
     assert card["metrics"]["accuracy"] >= 0.98 and card["metrics"]["n"] == 1000
     assert card["extractor"]["sha256"] == real_store.extractor().feature_space
 

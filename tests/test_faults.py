@@ -32,7 +32,7 @@ from onnx import TensorProto, helper
 from PIL import Image
 
 from app.hashing import sha256_file
-from app.heads import load_head
+from app.registry import load_head
 from app.store import ModelStore, write_json
 from tests.helpers import REPO, ServerProcess, image_bytes, write_color_dataset
 
@@ -55,7 +55,7 @@ def assert_error(r: httpx.Response, status: int, code: str, store: ModelStore | 
 
 
 def card_of(store: ModelStore, name: str = "colors") -> dict:
-    return json.loads((store.head_dir(name) / "card.json").read_text())
+    return json.loads((store.heads.current_folder(name) / "card.json").read_text())
 
 
 # --- a tampered or corrupt head: reload refused, the previous head keeps serving -------------
@@ -76,8 +76,8 @@ def test_tampered_head_is_refused_and_the_previous_head_keeps_serving(
     server = server_factory(store, default_head="colors")
     before = classify(server).json()["results"][0]
     card = card_of(store)
-    pkl = store.head_dir("colors") / card["pickle"]
-    original, card_text = pkl.read_bytes(), (store.head_dir("colors") / "card.json").read_text()
+    pkl = store.heads.current_folder("colors") / card["pickle"]
+    original, card_text = pkl.read_bytes(), (store.heads.current_folder("colors") / "card.json").read_text()
     marker = tmp_path / "unpickled"
     flipped = bytearray(original)
     flipped[len(flipped) // 2] ^= 0x01
@@ -107,12 +107,12 @@ def test_tampered_head_is_refused_and_the_previous_head_keeps_serving(
         "other-extractor": json.dumps({**card, "extractor": {**card["extractor"], "sha256": "0" * 64}}),
     }
     for what, text in bad_cards.items():
-        (store.head_dir("colors") / "card.json").write_text(text)
+        (store.heads.current_folder("colors") / "card.json").write_text(text)
         r = httpx.post(f"{server.url}/v1/models/colors/reload")
         assert r.status_code in (409, 500), (what, r.text)
         assert_error(r, r.status_code, "incompatible_head" if what == "other-extractor" else "artifact_error", store)
         assert classify(server).json()["results"][0] == before, what
-    (store.head_dir("colors") / "card.json").write_text(card_text)
+    (store.heads.current_folder("colors") / "card.json").write_text(card_text)
 
     listed = {m["name"]: m for m in httpx.get(f"{server.url}/v1/models").json()["models"]}
     assert listed["colors"]["loaded"] is True
@@ -151,7 +151,7 @@ def _extractor_garbage_with_matching_checksum(store: ModelStore) -> None:
 
 def _default_head_tampered(store: ModelStore) -> None:
     card = card_of(store)
-    (store.head_dir("colors") / card["pickle"]).write_bytes(b"\x80\x05N.")
+    (store.heads.current_folder("colors") / card["pickle"]).write_bytes(b"\x80\x05N.")
 
 
 UNREADABLE = {
@@ -306,8 +306,9 @@ def test_train_killed_mid_write_or_out_of_space_never_leaves_a_half_written_head
     fresh_tiny_store: ModelStore, server_factory: Callable[..., ServerProcess], tmp_path: Path
 ) -> None:
     store = fresh_tiny_store
+    heads = store.heads
     data = write_color_dataset(tmp_path / "data", per_class=8)
-    folder = store.head_dir("colors")
+    folder = heads.current_folder("colors")
     old = card_of(store)
     pkl_size = (folder / old["pickle"]).stat().st_size
     png_size = (folder / "confusion_matrix.png").stat().st_size
@@ -316,39 +317,45 @@ def test_train_killed_mid_write_or_out_of_space_never_leaves_a_half_written_head
     feature_space = store.extractor().feature_space
     env = quiet_env(tmp_path)
 
+    def newest(name: str = "colors") -> Path:
+        """The version folder the last training run allocated (committed or not)."""
+        return max((p for p in heads.folder(name).iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+
     def still_the_old_head() -> None:
-        assert card_of(store) == old
-        assert load_head(store, "colors", feature_space).sha256 == old["pickle_sha256"]
+        assert heads.versions("colors") == [old["version"]] and card_of(store) == old
+        assert load_head(store.heads, "colors", feature_space).sha256 == old["pickle_sha256"]
         r = httpx.post(f"{server.url}/v1/models/colors/reload")
         assert r.status_code == 200 and r.json()["pickle_sha256"] == old["pickle_sha256"]
         assert classify(server).json()["results"][0]["label"] == "red"
 
-    # 1. killed by the kernel half-way through writing the pickle
+    # 1. killed by the kernel half-way through writing the pickle: its version folder has no card
     r = run_train(store, data, "colors", env, max_file_bytes=pkl_size // 2)
     assert r.returncode == -signal.SIGXFSZ, r.stderr[-2000:]
-    (partial,) = leftovers(folder)
-    assert partial.startswith(".head-") and (folder / partial).stat().st_size == pkl_size // 2
+    staged = newest()
+    assert staged != folder and not (staged / "card.json").exists()
+    (partial,) = leftovers(staged)
+    assert partial.startswith(".head-") and (staged / partial).stat().st_size == pkl_size // 2
     still_the_old_head()
 
     # 2. killed half-way through the plot: the new pickle is complete, but no card names it
     r = run_train(store, data, "colors", env, max_file_bytes=(pkl_size + png_size) // 2)
     assert r.returncode == -signal.SIGXFSZ, r.stderr[-2000:]
-    assert any(p.startswith(".confusion_matrix.png.") for p in leftovers(folder))
-    assert len(list(folder.glob("head-*.pkl"))) == 2
+    staged2 = newest()
+    assert staged2 != staged  # an interrupted version id is never reused
+    assert any(p.startswith(".confusion_matrix.png.") for p in leftovers(staged2))
+    assert len(list(staged2.glob("head-*.pkl"))) == 1 and not (staged2 / "card.json").exists()
     still_the_old_head()
 
     # 3. no room for the pickle (EFBIG): the error is reported, the temporary file removed
-    for p in folder.glob(".*.tmp"):
-        p.unlink()
     r = run_train(store, data, "colors", env, max_file_bytes=pkl_size // 2, die=False)
     assert r.returncode != 0 and "File too large" in r.stderr, r.stderr[-2000:]
-    assert leftovers(folder) == []
+    assert leftovers(newest()) == []
     still_the_old_head()
 
     # 4. a new head killed mid-write is invisible: not listed, not loadable
     r = run_train(store, data, "fresh", env, max_file_bytes=pkl_size // 2)
     assert r.returncode == -signal.SIGXFSZ
-    assert "fresh" not in store.head_names()
+    assert "fresh" not in store.heads.names()
     assert_error(httpx.post(f"{server.url}/v1/models/fresh/reload"), 404, "head_not_found", store)
 
     # 5. the card itself, the commit point, interrupted half-way: the old card stays whole
@@ -363,11 +370,16 @@ def test_train_killed_mid_write_or_out_of_space_never_leaves_a_half_written_head
     assert (folder / "card.json").read_text() == card_text
     still_the_old_head()
 
-    # 6. and a training run that is left alone does replace the head (so the checks above can fail)
+    # 6. and a training run that is left alone does add a new current version (so the checks above
+    #    can fail), while the old version stays whole for a rollback
     r = run_train(store, data, "colors", env)
     assert r.returncode == 0, r.stderr[-2000:]
     new = card_of(store)
-    assert new["pickle_sha256"] != old["pickle_sha256"] and sorted(folder.glob("head-*.pkl")) == [folder / new["pickle"]]
+    assert new["pickle_sha256"] != old["pickle_sha256"] and new["version"] > int(staged2.name)
+    assert heads.versions("colors") == [old["version"], new["version"]]
+    assert sorted(heads.current_folder("colors").glob("head-*.pkl")) == [heads.current_folder("colors") / new["pickle"]]
+    assert load_head(heads, "colors", feature_space, old["version"]).sha256 == old["pickle_sha256"]
     r = httpx.post(f"{server.url}/v1/models/colors/reload")
     assert r.status_code == 200 and r.json()["pickle_sha256"] == new["pickle_sha256"]
+    assert r.json()["version"] == new["version"]
     assert "Traceback" not in server.log_text()

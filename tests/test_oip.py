@@ -373,7 +373,7 @@ def test_real_jpegs_equal_v1(server_factory, real_store: ModelStore, shared_data
     files = sorted((shared_data / "val" / "cat").glob("*.jpg"))[:3] + sorted((shared_data / "val" / "dog").glob("*.jpg"))[:3]
     images = [f.read_bytes() for f in files]
     head = "cats_vs_dogs"
-    if head not in real_store.head_names():
+    if head not in real_store.heads.names():
         pytest.skip(f"model_store/ has no {head!r} head yet: `tlserve train` it on ../shared data first")
     server = server_factory(real_store, default_head=head)
     classes = head_classes(server, head)

@@ -17,7 +17,7 @@ from app.errors import ArtifactError, IncompatibleHead
 from app.export import build_graph
 from app.extractor import Extractor
 from app.hashing import sha256_file
-from app.heads import load_head
+from app.registry import load_head
 from app.imaging import load_image
 from app.quantize import image_files, quantize_int8, use_variant
 from app.store import ModelStore
@@ -63,7 +63,7 @@ def test_quantize_writes_a_new_model_and_records_both(fresh_tiny_store: ModelSto
     f32 = Extractor(store.root / fp32["file"], provider="cpu", threads=1).run(img)
     assert f8.shape == f32.shape == (len(img), info.feature_dim) and np.isfinite(f8).all()
     assert _cosine(f8, f32).min() > 0.99
-    head = load_head(store, "colors", info.feature_space)  # the fp32-trained head is accepted
+    head = load_head(store.heads, "colors", info.feature_space)  # the fp32-trained head is accepted
     assert (head.predict_proba(f8).argmax(1) == head.predict_proba(f32).argmax(1)).all()
 
 
@@ -75,7 +75,7 @@ def test_disagreeing_quantization_refuses_fp32_heads(fresh_tiny_store: ModelStor
     info = store.extractor()
     assert info.feature_space == info.sha256
     with pytest.raises(IncompatibleHead):
-        load_head(store, "colors", info.feature_space)
+        load_head(store.heads, "colors", info.feature_space)
 
 
 def test_use_variant_switches_back_and_forth(fresh_tiny_store: ModelStore, calib: Path) -> None:
@@ -129,7 +129,7 @@ def test_export_int8_cli_and_service(fresh_tiny_store: ModelStore, calib: Path, 
 @pytest.mark.e2e
 def test_real_vgg16_int8_agrees_with_fp32(real_store: ModelStore, shared_data: Path, tmp_path: Path) -> None:
     """Small version of the RESULTS.md measurement: 32 calibration images, 100 val images."""
-    if not real_store.head_names():
+    if not real_store.heads.names():
         pytest.skip("the repository store has no trained head yet (make test trains cats_vs_dogs)")
     store = ModelStore(tmp_path / "store")
     store.root.mkdir()

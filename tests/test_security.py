@@ -173,7 +173,7 @@ def test_a_head_outside_the_heads_folder_is_unreachable(
     store = fresh_tiny_store
     marker = tmp_path / "unpickled"
     blob = pickle.dumps(Touch(marker), protocol=5)
-    card = json.loads((store.head_dir("colors") / "card.json").read_text())
+    card = json.loads((store.heads.current_folder("colors") / "card.json").read_text())
     evil = store.root / "evil"
     evil.mkdir()
     (evil / "head-evil.pkl").write_bytes(blob)
@@ -215,7 +215,7 @@ def test_no_traceback_or_path_in_any_response(fresh_tiny_store: ModelStore, star
     broken = store.heads_dir / "broken"
     broken.mkdir()
     (broken / "card.json").write_text("{ not json")
-    colors = json.loads((store.head_dir("colors") / "card.json").read_text())
+    colors = json.loads((store.heads.current_folder("colors") / "card.json").read_text())
     assert colors["training"]["data_dir"].startswith("/")  # the card on disk does hold a server path
     server = start(store)
     requests = [

@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from app.errors import CapacityError, TlserveError
+from app.errors import HTTP_CODES, HTTP_ERROR, INTERNAL_ERROR, CapacityError, ClientDisconnected, MalformedRequest, TlserveError
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +58,11 @@ def install(app: FastAPI) -> None:
         message = "invalid request: " + "; ".join(parts)
         if is_oip(request):
             return JSONResponse({"error": message}, status_code=422)
-        return error_response(request, 422, "malformed_request", message)
+        return error_response(request, 422, MalformedRequest.code, message)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        code = HTTP_CODES.get(exc.status_code, HTTP_ERROR)
         message = exc.detail if isinstance(exc.detail, str) else code
         if is_oip(request):
             return JSONResponse({"error": message}, status_code=exc.status_code, headers=getattr(exc, "headers", None))
@@ -73,11 +73,12 @@ def install(app: FastAPI) -> None:
         # The client closed the connection mid-upload: nobody will read this answer and it is not a
         # server fault (no traceback, no 5xx); 499 is nginx's "client closed request".
         log.info("client disconnected before its request body was read", extra={"path": request.url.path})
-        return error_response(request, 499, "client_disconnected", "the client closed the connection mid-request")
+        gone = ClientDisconnected("the client closed the connection mid-request")
+        return error_response(request, gone.status_code, gone.code, gone.message)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.error("unhandled error on %s: %s", request.url.path, type(exc).__name__, exc_info=exc)
         if is_oip(request):
             return JSONResponse({"error": "internal error"}, status_code=500)
-        return error_response(request, 500, "internal_error", "internal error; see the server log with this request id")
+        return error_response(request, 500, INTERNAL_ERROR, "internal error; see the server log with this request id")

@@ -13,9 +13,6 @@ The body is read with a hard cap (``max_body_bytes``) whether or not Content-Len
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,8 +20,9 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException
 from starlette.requests import Request
 
+from app.api.parsing import decode_base64, load_json
 from app.errors import BodyTooLarge, EmptyInput, MalformedRequest, TooManyImages, UnsupportedMediaType
-from app.service import Item
+from app.inference import Item
 from app.settings import Settings
 
 OPTION_FIELDS = ("head", "top_k", "normalize")
@@ -71,13 +69,10 @@ def _replay(request: Request, body: bytes) -> Request:
 
 
 def _b64(value: Any, index: int) -> Item:
-    if not isinstance(value, str):
-        return Item(b"", None, MalformedRequest(f"images[{index}].b64 must be a base64 string"))
     try:
-        data = base64.b64decode(value.strip(), validate=True)
-    except (binascii.Error, ValueError):
-        return Item(b"", None, MalformedRequest(f"images[{index}].b64 is not valid base64"))
-    return Item(data)
+        return Item(decode_base64(value, f"images[{index}].b64"))
+    except MalformedRequest as exc:
+        return Item(b"", None, exc)
 
 
 async def parse_images(request: Request, settings: Settings) -> Parsed:
@@ -102,12 +97,7 @@ async def parse_images(request: Request, settings: Settings) -> Parsed:
 
 
 def _json(body: bytes, limit: int) -> Parsed:
-    try:
-        doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        raise MalformedRequest("body is not valid JSON") from None
-    except RecursionError:  # "[[[[…" nested deeper than the parser's stack
-        raise MalformedRequest("body is not valid JSON: nested too deeply") from None
+    doc = load_json(body, "body")
     if not isinstance(doc, dict):
         raise MalformedRequest('JSON body must be an object like {"images": [{"b64": "..."}]}')
     images = doc.get("images")

@@ -40,6 +40,7 @@ class ImageResult(BaseModel):
 
 class ClassifyResponse(BaseModel):
     head: str
+    version: int = Field(description="The head version that answered")
     model: str = Field(description="Extractor sha256 prefix")
     request_id: str
     results: list[ImageResult]
@@ -64,7 +65,9 @@ class ModelSummary(BaseModel):
     name: str
     classes: list[str]
     loaded: bool
-    error: str | None = None
+    version: int | None = Field(None, description="The version served (or, when none is, the current one on disk)")
+    error: str | None = Field(None, description="Why the head is not served, or why its last reload was refused")
+    error_code: str | None = Field(None, description="The stable code of that error (e.g. `incompatible_head`)")
     accuracy: float | None = None
     extractor_sha256: str | None = None
     pickle_sha256: str | None = None

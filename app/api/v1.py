@@ -11,6 +11,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from app.api.deps import ServiceDep, require_key
 from app.api.errors import redact
 from app.api.inputs import parse_images
+from app.api.parsing import error_responses, item_error, parse_bool
 from app.api.schemas import (
     IMAGE_BODY,
     ClassifyResponse,
@@ -21,11 +22,12 @@ from app.api.schemas import (
     ModelSummary,
 )
 from app.errors import InputError, MalformedRequest, TlserveError
-from app.heads import read_card
+from app.heads import describe
+from app.inference import InferRequest, InferResult
 from app.service import Service
 
-ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (401, 404, 409, 413, 415, 422, 500, 503)}
-router = APIRouter(prefix="/v1", dependencies=[Depends(require_key)], responses=ERRORS)
+router = APIRouter(prefix="/v1", dependencies=[Depends(require_key)],
+                   responses=error_responses(ErrorResponse, (401, 404, 409, 413, 415, 422, 500, 503)))  # fmt: skip
 
 
 def _int_option(value: Any, name: str, low: int, high: int) -> int | None:
@@ -40,20 +42,12 @@ def _int_option(value: Any, name: str, low: int, high: int) -> int | None:
     return n
 
 
-def _bool_option(value: Any, name: str) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no", ""):
-        return value.lower() in ("true", "1", "yes")
-    raise MalformedRequest(f"{name} must be true or false")
-
-
-def _all_failed(results: list[dict[str, Any]]) -> None:
+def _all_failed(result: InferResult) -> None:
     """A request whose every image failed gets the first failure's status, not 200."""
-    if results and all("error" in r for r in results):
-        first = results[0]["error"]
-        exc = InputError(first["message"])
-        exc.status_code, exc.code = first["status"], first["code"]
+    if result.decoded and len(result.failed) == len(result.decoded):
+        first = result.failed[0][1]
+        exc = InputError(first.message)
+        exc.status_code, exc.code = first.status_code, first.code
         raise exc
 
 
@@ -71,11 +65,25 @@ async def classify(
         raise MalformedRequest("head must be a string")
     k = _int_option(parsed.options.get("top_k", top_k), "top_k", 1, service.settings.max_top_k)
     request.state.images = len(parsed.items)
-    h, results = await service.classify(parsed.items, head_name, k)
+    result = await service.infer(InferRequest(parsed.items, "classify", head=head_name))
+    assert result.head is not None and result.proba is not None
+    h = result.head
     request.state.head = h.name
-    _all_failed(results)
-    return {"head": h.name, "model": service.info.fingerprint if service.info else "", "request_id": request.state.request_id,
-            "results": results}  # fmt: skip
+    _all_failed(result)
+    k = min(k, len(h.classes)) if k is not None else None
+    results = []
+    for i, d, row in result.rows():
+        entry: dict[str, Any] = {"index": i}
+        if d.item.name is not None:
+            entry["file"] = d.item.name
+        if row is None:
+            assert d.error is not None
+            entry["error"] = item_error(d.error)
+        else:
+            entry.update(describe(h, result.proba[row], k))
+        results.append(entry)
+    return {"head": h.name, "version": h.version, "model": service.info.fingerprint if service.info else "",
+            "request_id": request.state.request_id, "results": results}  # fmt: skip
 
 
 @router.post("/embed", response_model=EmbedResponse, response_model_exclude_none=True, openapi_extra=IMAGE_BODY,
@@ -86,29 +94,29 @@ async def embed(
     normalize: bool = Query(False, description="L2-normalise each vector"),
 ) -> dict[str, Any]:
     parsed = await parse_images(request, service.settings)
-    norm = _bool_option(parsed.options.get("normalize", normalize), "normalize")
+    norm = parse_bool(parsed.options.get("normalize", normalize), "normalize")
     request.state.images = len(parsed.items)
-    decoded, feats = await service.features(parsed.items)
+    result = await service.infer(InferRequest(parsed.items, "embed", classify=False))
+    _all_failed(result)
+    feats = result.features
     if norm and len(feats):
         feats = feats / np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
-    results, row = [], 0
-    for i, d in enumerate(decoded):
+    results = []
+    for i, d, row in result.rows():
         entry: dict[str, Any] = {"index": i, "file": d.item.name}
-        if d.error is not None:
-            entry["error"] = {"code": d.error.code, "message": d.error.message, "status": d.error.status_code}
+        if row is None:
+            assert d.error is not None
+            entry["error"] = item_error(d.error)
         else:
             entry["embedding"] = feats[row].tolist()
-            row += 1
         results.append(entry)
-    _all_failed(results)
     dim = service.info.feature_dim if service.info else 0
     return {"model": service.info.fingerprint if service.info else "", "dim": dim, "normalized": norm,
             "request_id": request.state.request_id, "results": results}  # fmt: skip
 
 
-def _head_error(service: Service, name: str) -> str | None:
-    error = service.head_errors.get(name)
-    return None if error is None else redact(error, service.settings.model_store)
+def _redacted(service: Service, error: TlserveError | None) -> str | None:
+    return None if error is None else redact(error.message, service.settings.model_store)
 
 
 def _file_name(line: str) -> str:
@@ -133,14 +141,17 @@ def _public_card(card: dict[str, Any]) -> dict[str, Any]:
 
 def _summary(service: Service, name: str) -> ModelSummary:
     try:
-        card = read_card(service.store, name)
+        version, head, error = service.head_record(name)
     except TlserveError as exc:
-        return ModelSummary(name=name, classes=[], loaded=False, error=redact(exc.message, service.settings.model_store))
+        return ModelSummary(name=name, classes=[], loaded=False, error=_redacted(service, exc), error_code=exc.code)
+    card = version.card
     return ModelSummary(
         name=name,
+        version=head.version if head else version.version,
         classes=[str(c) for c in card.get("classes", [])],
-        loaded=name in service.heads,
-        error=_head_error(service, name),
+        loaded=head is not None,
+        error=_redacted(service, error),
+        error_code=error.code if error else None,
         accuracy=(card.get("metrics") or {}).get("accuracy"),
         extractor_sha256=(card.get("extractor") or {}).get("sha256"),
         pickle_sha256=card.get("pickle_sha256"),
@@ -150,14 +161,13 @@ def _summary(service: Service, name: str) -> ModelSummary:
 
 @router.get("/models", response_model=ModelList, summary="Heads in the model store")
 async def list_models(service: ServiceDep) -> ModelList:
-    names = sorted(set(service.store.head_names()) | set(service.heads))
-    return ModelList(default=service.settings.default_head, models=[_summary(service, n) for n in names])
+    return ModelList(default=service.settings.default_head, models=[_summary(service, n) for n in service.head_names()])
 
 
 @router.get("/models/{name}", response_model=ModelCard, summary="One head's card")
 async def get_model(name: str, service: ServiceDep) -> ModelCard:
-    card = read_card(service.store, name)
-    return ModelCard(name=name, loaded=name in service.heads, error=_head_error(service, name), card=_public_card(card))
+    version, head, error = service.head_record(name)
+    return ModelCard(name=name, loaded=head is not None, error=_redacted(service, error), card=_public_card(version.card))
 
 
 @router.post("/models/{name}/reload", response_model=ModelSummary, summary="Verify and load a head again (atomic swap)")

@@ -1,0 +1,201 @@
+"""The Open Inference Protocol's wire format: request bodies → image bytes and wanted outputs,
+results → output tensors (JSON, or the binary tensor data extension)."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from typing import Any
+
+import numpy as np
+from pydantic import ValidationError
+
+from app.api.oip.schemas import InferenceRequest
+from app.api.parsing import decode_base64, load_json, parse_bool
+from app.errors import BadRequest, BodyTooLarge, TooManyImages, UnsupportedMediaType
+from app.heads import Head
+
+INPUT = "image"
+OUTPUTS = ("label", "probabilities", "features")
+DEFAULT_OUTPUTS = ("label", "probabilities")
+HEADER_LENGTH = "Inference-Header-Content-Length"
+
+
+def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
+    enc = (encoding or "identity").strip().lower()
+    if enc == "identity":
+        return body
+    if enc not in ("gzip", "deflate"):
+        raise UnsupportedMediaType(f"Content-Encoding {enc!r} is not supported: send identity, gzip or deflate")
+    inflater = zlib.decompressobj(wbits=31 if enc == "gzip" else 15)
+    try:
+        out = inflater.decompress(body, limit + 1)
+    except zlib.error:
+        raise BadRequest(f"body is not valid {enc} data") from None
+    if len(out) > limit or inflater.unconsumed_tail:
+        raise BodyTooLarge(f"decompressed body is over the limit of {limit} bytes (max_body_bytes)")
+    if not inflater.eof:
+        raise BadRequest(f"{enc} body is truncated")
+    return out
+
+
+def split(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
+    if header_length is None:
+        return body, b""
+    try:
+        n = int(header_length)
+    except ValueError:
+        raise BadRequest(f"{HEADER_LENGTH} is not a number") from None
+    if not 0 <= n <= len(body):
+        raise BadRequest(f"{HEADER_LENGTH} is {n}, but the body holds {len(body)} bytes")
+    return body[:n], body[n:]
+
+
+def parse(header: bytes) -> InferenceRequest:
+    doc = load_json(header, "the inference request", BadRequest)
+    try:
+        return InferenceRequest.model_validate(doc)
+    except ValidationError as exc:
+        parts = [f"{'.'.join(str(x) for x in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors()[:5]]
+        raise BadRequest("invalid inference request: " + "; ".join(parts)) from None
+
+
+def _count(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise BadRequest(f"{what} must be a non-negative integer")
+    return value
+
+
+def _flatten(data: list[Any]) -> list[Any]:
+    """Row-major flattening of (possibly nested) JSON tensor data, without recursion."""
+    out: list[Any] = []
+    stack = [iter(data)]
+    while stack:
+        for value in stack[-1]:
+            if isinstance(value, list):
+                stack.append(iter(value))
+                break
+            out.append(value)
+        else:
+            stack.pop()
+    return out
+
+
+def _unframe(blob: bytes, n: int) -> list[bytes]:
+    """BYTES tensor elements from the binary form: each a 4-byte little-endian length, then the bytes."""
+    out, offset = [], 0
+    while offset < len(blob) and len(out) <= n:
+        if offset + 4 > len(blob):
+            raise BadRequest(f"binary data of input {INPUT!r} is truncated in the length of element {len(out)}")
+        (size,) = struct.unpack_from("<I", blob, offset)
+        offset += 4
+        if offset + size > len(blob):
+            raise BadRequest(f"binary data of input {INPUT!r} is truncated in element {len(out)}")
+        out.append(blob[offset : offset + size])
+        offset += size
+    if len(out) != n or offset != len(blob):
+        raise BadRequest(f"input {INPUT!r} has shape [{n}] but its binary data holds a different number of elements")
+    return out
+
+
+def _b64(value: Any, index: int) -> bytes:
+    return decode_base64(value, f"input {INPUT!r} element {index}", BadRequest)
+
+
+def images(req: InferenceRequest, blob: bytes, limit: int) -> list[bytes]:
+    if len(req.inputs) != 1:
+        raise BadRequest(f"expected one input tensor named {INPUT!r}, got {len(req.inputs)}")
+    t = req.inputs[0]
+    if t.name != INPUT:
+        raise BadRequest(f"unknown input {t.name[:64]!r}: the model takes one BYTES input named {INPUT!r}")
+    if t.datatype != "BYTES":
+        raise BadRequest(f"input {INPUT!r} must have datatype BYTES (encoded image files), not {t.datatype[:16]!r}")
+    if len(t.shape) not in (1, 2) or any(d < 0 for d in t.shape) or (len(t.shape) == 2 and t.shape[1] != 1):
+        raise BadRequest(f"input {INPUT!r} must have shape [N] or [N, 1], not {t.shape[:4]}")
+    n = t.shape[0]
+    if n == 0:
+        raise BadRequest(f"input {INPUT!r} holds no images")
+    if n > limit:
+        raise TooManyImages(f"{n} images in one request, over the limit of {limit} (max_images_per_request)")
+    size = (t.parameters or {}).get("binary_data_size")
+    if size is not None:
+        if t.data is not None:
+            raise BadRequest(f"input {INPUT!r} has both data and binary_data_size")
+        if _count(size, "binary_data_size") != len(blob):
+            raise BadRequest(f"binary_data_size is {size}, but {len(blob)} bytes follow the JSON header")
+        return _unframe(blob, n)
+    if blob:
+        raise BadRequest(f"{len(blob)} bytes follow the JSON header, but no input has binary_data_size")
+    if t.data is None:
+        raise BadRequest(f"input {INPUT!r} has neither data nor binary_data_size")
+    flat = _flatten(t.data)
+    if len(flat) != n:
+        raise BadRequest(f"input {INPUT!r} has shape {t.shape} but {len(flat)} data elements")
+    return [_b64(v, i) for i, v in enumerate(flat)]
+
+
+def _bool_param(params: dict[str, Any] | None, key: str, default: bool) -> bool:
+    return parse_bool((params or {}).get(key, default), f"parameter {key!r}", strings=False, error=BadRequest)
+
+
+def requested(req: InferenceRequest) -> list[tuple[str, bool, int | None]]:
+    """(output name, binary?, classification k or None) for each output to send, in order."""
+    default = _bool_param(req.parameters, "binary_data_output", False)
+    if not req.outputs:
+        return [(name, default, None) for name in DEFAULT_OUTPUTS]
+    out, seen = [], set()
+    for o in req.outputs:
+        if o.name not in OUTPUTS:
+            raise BadRequest(f"unknown output {o.name[:64]!r}: the outputs are {', '.join(OUTPUTS)}")
+        if o.name in seen:
+            raise BadRequest(f"output {o.name!r} is requested twice")
+        seen.add(o.name)
+        k = (o.parameters or {}).get("classification")
+        if k is not None:
+            if o.name != "probabilities":
+                raise BadRequest("the classification parameter applies to the probabilities output only")
+            if _count(k, "classification") == 0:
+                raise BadRequest("classification must be at least 1")
+        out.append((o.name, _bool_param(o.parameters, "binary_data", default), k))
+    return out
+
+
+def _tensor(
+    name: str, datatype: str, values: np.ndarray | list[str], shape: list[int], binary: bool
+) -> tuple[dict[str, Any], bytes]:
+    out: dict[str, Any] = {"name": name, "datatype": datatype, "shape": shape}
+    if datatype == "BYTES":
+        strings = [s.encode() for s in values]  # type: ignore[union-attr]
+        if binary:
+            blob = b"".join(struct.pack("<I", len(s)) + s for s in strings)
+            out["parameters"] = {"binary_data_size": len(blob)}
+            return out, blob
+        out["data"] = list(values)
+        return out, b""
+    array = np.ascontiguousarray(values, dtype="<f4")
+    if binary:
+        blob = array.tobytes()
+        out["parameters"] = {"binary_data_size": len(blob)}
+        return out, blob
+    out["data"] = array.ravel().tolist()
+    return out, b""
+
+
+def outputs(
+    head: Head, proba: np.ndarray, feats: np.ndarray, wanted: list[tuple[str, bool, int | None]]
+) -> list[tuple[dict[str, Any], bytes]]:
+    n = len(proba)
+    result = []
+    for name, binary, k in wanted:
+        if name == "label":
+            result.append(_tensor(name, "BYTES", [head.classes[int(i)] for i in np.argmax(proba, axis=1)], [n], binary))
+        elif name == "probabilities" and k is not None:
+            k = min(k, len(head.classes))
+            order = np.argsort(-proba, axis=1, kind="stable")[:, :k]
+            top = [f"{proba[r, c]:.6f}:{c}:{head.classes[c]}" for r in range(n) for c in order[r]]
+            result.append(_tensor(name, "BYTES", top, [n, k], binary))
+        elif name == "probabilities":
+            result.append(_tensor(name, "FP32", proba, [n, proba.shape[1]], binary))
+        else:
+            result.append(_tensor(name, "FP32", feats, [n, feats.shape[1]], binary))
+    return result

@@ -1,0 +1,111 @@
+"""The Open Inference Protocol's JSON objects (KServe v2 REST), as pydantic models."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+
+class OipError(BaseModel):
+    error: str
+
+
+class ServerMetadata(BaseModel):
+    name: str
+    version: str
+    extensions: list[str]
+
+
+class Live(BaseModel):
+    live: bool
+
+
+class Ready(BaseModel):
+    ready: bool
+    reason: str | None = None
+
+
+class ModelReady(BaseModel):
+    name: str
+    ready: bool
+    reason: str | None = None
+
+
+class TensorMetadata(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int] = Field(description="-1 marks a variable dimension")
+
+
+class ModelMetadata(BaseModel):
+    name: str
+    platform: str
+    inputs: list[TensorMetadata]
+    outputs: list[TensorMetadata]
+
+
+class RequestInput(BaseModel):
+    name: str = Field(description="Always `image`")
+    shape: list[int] = Field(description="[N] or [N, 1]")
+    datatype: str = Field(description="Always `BYTES`")
+    parameters: dict[str, Any] | None = Field(None, description="`binary_data_size` when the data follows the JSON header")
+    data: list[Any] | None = Field(None, description="Base64 strings of encoded image files (flat or nested)")
+
+
+class RequestOutput(BaseModel):
+    name: str = Field(description="`label`, `probabilities` or `features`")
+    parameters: dict[str, Any] | None = Field(None, description="`binary_data` (bool); `classification` (int) on probabilities")
+
+
+class InferenceRequest(BaseModel):
+    id: str | None = None
+    parameters: dict[str, Any] | None = Field(None, description="`binary_data_output` (bool); others are ignored")
+    inputs: list[RequestInput]
+    outputs: list[RequestOutput] | None = Field(None, description="Default: label and probabilities")
+
+
+class ResponseOutput(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: str
+    parameters: dict[str, Any] | None = None
+    data: list[Any] | None = None
+
+
+class InferenceResponse(BaseModel):
+    model_name: str
+    id: str | None = None
+    outputs: list[ResponseOutput]
+
+
+def _inline(schema: dict[str, Any]) -> dict[str, Any]:
+    """A pydantic JSON schema with its ``$defs`` resolved in place, for ``openapi_extra``."""
+    defs = schema.pop("$defs", {})
+
+    def walk(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref", "")
+            if ref.startswith("#/$defs/"):
+                return walk(defs[ref.split("/")[-1]])
+            return {k: walk(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [walk(v) for v in node]
+        return node
+
+    return walk(schema)
+
+
+INFER_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": _inline(InferenceRequest.model_json_schema())},
+            "application/octet-stream": {
+                "schema": {"type": "string", "format": "binary"},
+                "description": "Binary tensor data extension: the JSON header (length in Inference-Header-Content-Length), "
+                "then the input's elements, each a 4-byte little-endian length and the image bytes",
+            },
+        },
+    }
+}

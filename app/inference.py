@@ -1,0 +1,70 @@
+"""The types of one inference request, shared by every front (``/v1``, ``/v2``) and the service.
+
+A front turns its wire format into an :class:`InferRequest` (a list of :class:`Item`: bytes and a
+name), calls :meth:`app.service.Service.infer` — the one data path: decode → batch → extractor →
+head, metrics counted there once per image — and renders the :class:`InferResult` in its format.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+from app.errors import InputError
+from app.heads import Head
+
+Endpoint = Literal["classify", "embed", "infer"]
+
+
+@dataclass
+class Item:
+    """One image of a request: its bytes and, when it had one, a file name."""
+
+    data: bytes
+    name: str | None = None
+    error: InputError | None = None  # set when the item was bad before decoding (bad base64, …)
+
+
+@dataclass
+class Decoded:
+    item: Item
+    image: np.ndarray | None
+    error: InputError | None
+
+
+@dataclass(frozen=True)
+class InferRequest:
+    items: list[Item]
+    endpoint: Endpoint
+    head: str | None = None
+    """The head to classify with (``None``: the default head); ignored without ``classify``."""
+    version: int | None = None
+    """Pin a version of the head (``None``: the current one)."""
+    classify: bool = True
+    """Run the head; ``False`` gives features only (``/v1/embed``)."""
+    all_or_nothing: bool = False
+    """When any image fails to decode, run nothing (the Open Inference Protocol has no per-item errors)."""
+
+
+@dataclass
+class InferResult:
+    decoded: list[Decoded]
+    features: np.ndarray
+    """``[n_ok, D]``: one row per image that decoded, in request order."""
+    head: Head | None = None
+    proba: np.ndarray | None = None
+    """``[n_ok, classes]`` when a head ran."""
+    failed: list[tuple[int, InputError]] = field(default_factory=list)
+
+    def rows(self) -> Iterator[tuple[int, Decoded, int | None]]:
+        """``(index, decoded, row)`` for every image; ``row`` indexes features/proba, ``None`` on error."""
+        row = 0
+        for i, d in enumerate(self.decoded):
+            if d.error is None:
+                yield i, d, row
+                row += 1
+            else:
+                yield i, d, None

@@ -1,0 +1,409 @@
+"""The head store on disk and the registry of served heads: the only code that reads or writes ``heads/``.
+
+Layout (card schema 2)::
+
+    model_store/heads/<name>/
+        current                    the served version's id ("3"), replaced atomically; absent: the highest version
+        .lock                      flock'ed while a version id is allocated or ``current`` is swapped
+        <version>/                 one immutable version; ids 1, 2, 3, … allocated by an atomic mkdir
+            head-<sha12>.pkl       the pickled estimator
+            confusion_matrix.png   …and any other file of the version
+            card.json              written last and atomically: the commit point. ``schema``: 2,
+                                   ``version``, ``artifacts`` {file: sha256} listing every other file
+        card.json, head-*.pkl      a flat head from before versions: read as version 1, never rewritten
+
+A version folder without ``card.json`` is a training that did not finish (or is still running):
+it is invisible. Every file is checked against the card's ``artifacts`` before it is used.
+
+:class:`HeadStore` is the layout; :class:`HeadRegistry` holds the heads a service serves (the
+current version of each, verified and loaded), the exception each refused head got, and the
+poller that picks up new, promoted and deleted versions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from app.errors import (
+    ArtifactError,
+    HeadNotFound,
+    IncompatibleHead,
+    TlserveError,
+    VersionConflict,
+    VersionNotFound,
+)
+from app.hashing import sha256_bytes
+from app.heads import MAX_PICKLE_BYTES, Head, build_head, dump_estimator
+from app.store import atomic_write, read_json, write_json
+
+log = logging.getLogger(__name__)
+
+CARD = "card.json"
+CURRENT = "current"
+LOCK = ".lock"
+SCHEMA = 2
+LEGACY_VERSION = 1
+HEAD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_VERSION_DIR = re.compile(r"^[1-9][0-9]{0,8}$")
+_ARTIFACT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+def valid_head_name(name: str) -> str:
+    if not HEAD_NAME.match(name) or ".." in name:
+        raise HeadNotFound(f"invalid head name {name[:80]!r}: use letters, digits, '_', '-', '.' (at most 64)")
+    return name
+
+
+def valid_artifact_name(file: str) -> str:
+    if not _ARTIFACT.match(file) or ".." in file or file == CARD:
+        raise ArtifactError(f"invalid artifact file name {file[:80]!r}")
+    return file
+
+
+@dataclass(frozen=True)
+class Version:
+    """One committed version of a head: where it lives and what its card says."""
+
+    name: str
+    version: int
+    folder: Path
+    card: dict[str, Any]
+
+    @property
+    def legacy(self) -> bool:
+        return "schema" not in self.card
+
+    @property
+    def artifacts(self) -> dict[str, str]:
+        """file → sha256 of every file of this version (a flat head's card lists only its pickle)."""
+        if self.legacy:
+            return {str(self.card.get("pickle", "")): str(self.card.get("pickle_sha256", ""))}
+        listed = self.card.get("artifacts")
+        if not isinstance(listed, dict):
+            raise ArtifactError(f"head {self.name!r} version {self.version}: card has no artifacts map")
+        return {str(k): str(v) for k, v in listed.items()}
+
+    def read(self, file: str, max_bytes: int = MAX_PICKLE_BYTES) -> bytes:
+        """An artifact's bytes, checked against the card before they are used."""
+        where = f"head {self.name!r} version {self.version}"
+        expected = self.artifacts.get(file)
+        if expected is None or "/" in file or not file:
+            raise ArtifactError(f"{where}: card names an invalid or unlisted file {file[:80]!r}")
+        path = self.folder / file
+        try:
+            size = path.stat().st_size
+            if size > max_bytes:
+                raise ArtifactError(f"{where}: {file} is {size} bytes, over the limit of {max_bytes}")
+            data = path.read_bytes()
+        except OSError:
+            raise ArtifactError(f"{where}: {file} is missing or unreadable") from None
+        actual = sha256_bytes(data)
+        if actual != expected:
+            raise ArtifactError(f"{where}: {file} sha256 {actual[:12]} does not match its card ({expected[:12]}); "
+                                f"refusing to {'unpickle' if file.endswith('.pkl') else 'use'} it")
+        return data
+
+
+class HeadStore:
+    """The versioned head layout under one ``heads/`` folder (see the module docstring)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    # --- reading -----------------------------------------------------------------------------
+    def folder(self, name: str) -> Path:
+        return self.root / valid_head_name(name)
+
+    def names(self) -> list[str]:
+        """Heads with at least one committed version."""
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if HEAD_NAME.match(p.name) and self._has_versions(p))
+
+    def _has_versions(self, folder: Path) -> bool:
+        return (folder / CARD).is_file() or any(True for _ in self._version_dirs(folder))
+
+    def _version_dirs(self, folder: Path) -> Iterator[tuple[int, Path]]:
+        with contextlib.suppress(OSError):
+            for p in folder.iterdir():
+                if _VERSION_DIR.match(p.name) and (p / CARD).is_file():
+                    yield int(p.name), p
+
+    def versions(self, name: str) -> list[int]:
+        """Committed version ids of ``name``, ascending (a flat head is version 1)."""
+        folder = self.folder(name)
+        found = {v for v, _ in self._version_dirs(folder)}
+        if (folder / CARD).is_file():
+            found.add(LEGACY_VERSION)
+        return sorted(found)
+
+    def _unknown(self, name: str) -> HeadNotFound:
+        return HeadNotFound(f"no head named {name!r} (known: {', '.join(self.names()) or 'none'})")
+
+    def current_version(self, name: str) -> int:
+        """The ``current`` pointer, or the highest version when there is none."""
+        folder = self.folder(name)
+        versions = self.versions(name)
+        if not versions:
+            raise self._unknown(name)
+        try:
+            text = (folder / CURRENT).read_text().strip()
+        except FileNotFoundError:
+            return versions[-1]
+        except OSError as exc:
+            raise ArtifactError(f"head {name!r}: {CURRENT} is unreadable ({type(exc).__name__})") from None
+        if not _VERSION_DIR.match(text):
+            raise ArtifactError(f"head {name!r}: {CURRENT} holds {text[:20]!r}, not a version id")
+        if int(text) not in versions:
+            raise ArtifactError(f"head {name!r}: {CURRENT} points to version {text}, which is not committed")
+        return int(text)
+
+    def version_folder(self, name: str, version: int) -> Path:
+        folder = self.folder(name)
+        if version == LEGACY_VERSION and (folder / CARD).is_file() and not (folder / str(version) / CARD).is_file():
+            return folder
+        return folder / str(version)
+
+    def current_folder(self, name: str) -> Path:
+        return self.version_folder(name, self.current_version(name))
+
+    def get(self, name: str, version: int | None = None) -> Version:
+        """A committed version (default: the current one) with its card; 404 names what exists."""
+        versions = self.versions(name)
+        if not versions:
+            raise self._unknown(name)
+        if version is None:
+            version = self.current_version(name)
+        elif version not in versions:
+            raise VersionNotFound(f"head {name!r} has no version {version} (versions: {', '.join(map(str, versions))})")
+        folder = self.version_folder(name, version)
+        card = read_json(folder / CARD)
+        return Version(name, version, folder, card)
+
+    def stamp(self, name: str) -> tuple[object, ...]:
+        """Changes whenever what ``get(name)`` returns may have changed (for polling)."""
+        folder = self.folder(name)
+        parts: list[object] = []
+        for path in (folder / CURRENT, folder / CARD):
+            try:
+                st = path.stat()
+                parts.append((st.st_mtime_ns, st.st_size, st.st_ino))
+            except OSError:
+                parts.append(None)
+        parts.append(tuple(self.versions(name)))
+        return tuple(parts)
+
+    # --- writing -----------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _locked(self, name: str) -> Iterator[Path]:
+        folder = self.folder(name)
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield folder
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    def save(self, name: str, files: dict[str, bytes], card: dict[str, Any], *, promote: bool = True) -> Version:
+        """Write a new immutable version: its files, then its card (the commit point), then, with
+        ``promote``, make it current. Version ids never collide, even across replicas sharing the store."""
+        for file in files:
+            valid_artifact_name(file)
+        with self._locked(name) as folder:
+            version = max([0, *self.versions(name), *self._uncommitted(folder)]) + 1
+            target = folder / str(version)
+            target.mkdir()  # atomic: a second writer of the same id fails here and would retry
+        artifacts = {}
+        for file, data in files.items():
+            atomic_write(target / file, data)
+            artifacts[file] = sha256_bytes(data)
+        full = {**card, "schema": SCHEMA, "name": name, "version": version, "artifacts": artifacts,
+                "created_at": card.get("created_at") or datetime.now(UTC).isoformat(timespec="seconds")}  # fmt: skip
+        write_json(target / CARD, full)
+        if promote:
+            self.promote(name, version)
+        return Version(name, version, target, full)
+
+    def _uncommitted(self, folder: Path) -> list[int]:
+        return [int(p.name) for p in folder.iterdir() if _VERSION_DIR.match(p.name) and p.is_dir()]
+
+    def promote(self, name: str, version: int, *, expected: int | None = None) -> None:
+        """Make ``version`` current; with ``expected``, only if the current version is still that
+        (compare-and-swap, so two admins promoting at once cannot silently overwrite each other)."""
+        with self._locked(name) as folder:
+            versions = self.versions(name)
+            if version not in versions:
+                raise VersionNotFound(f"head {name!r} has no version {version} (versions: {', '.join(map(str, versions))})")
+            if expected is not None and (now := self.current_version(name)) != expected:
+                raise VersionConflict(f"head {name!r}: current version is {now}, not {expected}; nothing changed")
+            atomic_write(folder / CURRENT, f"{version}\n".encode())
+
+    def rollback(self, name: str) -> int:
+        """Make the version below the current one current; returns it."""
+        current = self.current_version(name)
+        older = [v for v in self.versions(name) if v < current]
+        if not older:
+            raise VersionNotFound(f"head {name!r}: version {current} is the oldest; there is nothing to roll back to")
+        self.promote(name, older[-1], expected=current)
+        return older[-1]
+
+    def delete_version(self, name: str, version: int) -> None:
+        """Remove a version that is not current (the served version cannot be deleted)."""
+        with self._locked(name):
+            if version not in self.versions(name):
+                raise VersionNotFound(f"head {name!r} has no version {version}")
+            if version == self.current_version(name):
+                raise VersionConflict(f"head {name!r}: version {version} is current; promote another one first")
+            folder = self.version_folder(name, version)
+            if folder == self.folder(name):
+                raise VersionConflict(f"head {name!r}: version 1 is a flat head from before versions; delete the head instead")
+            (folder / CARD).unlink()  # uncommit first: readers stop seeing it at once
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def delete(self, name: str) -> None:
+        folder = self.folder(name)
+        if not self.versions(name):
+            raise self._unknown(name)
+        shutil.rmtree(folder)
+
+
+def save_head(heads: HeadStore, name: str, estimator: Any, card: dict[str, Any], files: dict[str, bytes] | None = None,
+              *, promote: bool = True) -> Version:  # fmt: skip
+    """A new version holding ``estimator`` (pickled, named by its sha256 prefix) and ``files``."""
+    blob = dump_estimator(estimator)
+    sha = sha256_bytes(blob)
+    pickle_file = f"head-{sha[:12]}.pkl"
+    card = {**card, "pickle": pickle_file, "pickle_sha256": sha}
+    return heads.save(name, {pickle_file: blob, **(files or {})}, card, promote=promote)
+
+
+def load_version(version: Version, feature_space: str | None) -> Head:
+    """Verified load of one version: card → extractor fingerprint → artifact sha256 → safe unpickle."""
+    card = version.card
+    where = f"head {version.name!r} version {version.version}"
+    try:
+        pickle_file = str(card["pickle"])
+        pickle_sha = str(card["pickle_sha256"])
+        classes = tuple(str(c) for c in card["classes"])
+        head_extractor = str(card["extractor"]["sha256"])
+    except (KeyError, TypeError) as exc:
+        raise ArtifactError(f"{where}: card lacks {exc}") from None
+    if "/" in pickle_file or not pickle_file.endswith(".pkl"):
+        raise ArtifactError(f"{where}: card names an invalid pickle file")
+    if version.artifacts.get(pickle_file) != pickle_sha:
+        raise ArtifactError(f"{where}: the card's pickle_sha256 and its artifacts map disagree")
+    if feature_space is not None and head_extractor != feature_space:
+        raise IncompatibleHead(
+            f"{where} was trained on extractor {head_extractor[:12]}, the loaded extractor is "
+            f"{feature_space[:12]}: retrain it with `tlserve train` (features differ between extractors)"
+        )
+    blob = version.read(pickle_file)
+    feature_dim = (card.get("extractor") or {}).get("feature_dim")
+    return build_head(version.name, version.version, classes, blob, card, feature_dim if isinstance(feature_dim, int) else None)
+
+
+def load_head(heads: HeadStore, name: str, feature_space: str | None = None, version: int | None = None) -> Head:
+    return load_version(heads.get(name, version), feature_space)
+
+
+class HeadRegistry:
+    """The heads one service serves: the current version of each, loaded and verified, and for each
+    head that could not be served, the exception it got (re-raised when a request names it)."""
+
+    def __init__(self, store: HeadStore, feature_space: str) -> None:
+        self.store = store
+        self.feature_space = feature_space
+        self.heads: dict[str, Head] = {}
+        self.errors: dict[str, TlserveError] = {}
+        self._stamps: dict[str, tuple[object, ...]] = {}
+        self._lock = asyncio.Lock()
+
+    def load_all(self) -> None:
+        for name in self.store.names():
+            try:
+                self._load(name)
+            except TlserveError as exc:
+                self.errors[name] = exc
+                log.warning("head %s not loaded: %s", name, exc.message)
+
+    def _load(self, name: str) -> Head:
+        self._stamps[name] = self.store.stamp(name)
+        head = load_head(self.store, name, self.feature_space)
+        self.heads[name] = head  # one dict assignment: requests see the old or the new head, never a mix
+        self.errors.pop(name, None)
+        return head
+
+    def get(self, name: str) -> Head:
+        name = valid_head_name(name)
+        head = self.heads.get(name)
+        if head is not None:
+            return head
+        if name in self.errors:
+            raise self.errors[name]
+        self.store.get(name)  # raises HeadNotFound with the known names
+        raise HeadNotFound(f"head {name!r} exists but is not loaded yet; POST /v1/models/{name}/reload")
+
+    def get_version(self, name: str, version: int) -> Head:
+        """A pinned version: the served one when it is current, else loaded and verified for this request."""
+        head = self.get(name) if name in self.heads else None
+        if head is not None and head.version == version:
+            return head
+        return load_head(self.store, valid_head_name(name), self.feature_space, version)
+
+    def error(self, name: str) -> TlserveError | None:
+        return self.errors.get(name)
+
+    async def reload(self, name: str) -> Head:
+        """Verify and load ``name`` again; on any failure the previous version keeps serving."""
+        valid_head_name(name)
+        async with self._lock:
+            try:
+                head = await asyncio.get_running_loop().run_in_executor(None, self._load, name)
+            except HeadNotFound:
+                self._forget(name)
+                raise
+            except TlserveError as exc:
+                self.errors[name] = exc
+                raise
+        log.info("head %s version %d loaded (pickle %s)", name, head.version, head.sha256[:12])
+        return head
+
+    def _forget(self, name: str) -> None:
+        if self.heads.pop(name, None) is not None:
+            log.warning("head %s was deleted from the model store: no longer served", name)
+        self.errors.pop(name, None)
+        self._stamps.pop(name, None)
+
+    async def poll(self) -> None:
+        """One look at the store: new, changed, promoted and deleted heads."""
+        present = set(self.store.names())
+        for name in set(self.heads) | set(self.errors):
+            if name not in present:
+                self._forget(name)
+        for name in sorted(present):
+            try:
+                stamp = self.store.stamp(name)
+            except OSError:
+                continue
+            if stamp != self._stamps.get(name):
+                self._stamps[name] = stamp  # a bad card is tried once, not every poll
+                with contextlib.suppress(TlserveError):
+                    await self.reload(name)
+
+    async def watch(self, interval_s: float) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            await self.poll()
