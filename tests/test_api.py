@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -169,8 +170,13 @@ def test_openapi_has_stable_operation_ids(client: httpx.Client) -> None:
 def test_json_access_log_carries_request_fields(client: httpx.Client, server: ServerProcess) -> None:
     rid = "log-check-1"
     client.post("/v1/classify", content=image_bytes(RED), headers={"content-type": "image/png", "x-request-id": rid})
-    lines = [json.loads(x) for x in server.log_text().splitlines() if x.startswith("{")]
-    (entry,) = [x for x in lines if x.get("request_id") == rid]
+    entries: list[dict] = []
+    deadline = time.monotonic() + 10  # the access log line is written once the response has gone out
+    while not entries and time.monotonic() < deadline:
+        entries = [x for x in map(json.loads, filter(lambda x: x.startswith("{"), server.log_text().splitlines()))
+                   if x.get("request_id") == rid]  # fmt: skip
+        time.sleep(0.05)
+    (entry,) = entries
     assert entry["status"] == 200 and entry["images"] == 1 and entry["head"] == "colors" and entry["duration_ms"] > 0
 
 

@@ -17,9 +17,9 @@ from app.errors import ArtifactError, IncompatibleHead
 from app.export import build_graph
 from app.extractor import Extractor
 from app.hashing import sha256_file
-from app.registry import load_head
 from app.imaging import load_image
 from app.quantize import image_files, quantize_int8, use_variant
+from app.registry import load_head
 from app.store import ModelStore
 from tests.helpers import REPO, image_bytes, tiny_weights, write_color_dataset
 
