@@ -57,7 +57,7 @@ def _train(args: argparse.Namespace) -> int:
     for line in card["training"]["skipped_files"]:
         print(f"  skipped {line}")
     print(report.render())
-    print(f"version {card['version']} written to {trainer.store.heads.version_folder(args.name, card['version'])} (now current)")
+    print(f"version {card['version']} written to {trainer.heads.version_folder(args.name, card['version'])} (now current)")
     return 0
 
 
@@ -65,7 +65,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from app.registry import load_head
 
     trainer = _trainer(args)
-    head = load_head(trainer.store.heads, args.head or trainer.settings.default_head, trainer.info.feature_space)
+    head = load_head(trainer.heads, args.head or trainer.settings.default_head, trainer.info.feature_space)
     report, skipped = trainer.evaluate(head, args.data_dir, limit=args.limit)
     if args.json:
         print(json.dumps({**report.as_dict(), "head": head.name, "skipped": len(skipped)}, indent=2))
@@ -85,7 +85,7 @@ def _predict(args: argparse.Namespace) -> int:
 
     trainer = _trainer(args)
     s = trainer.settings
-    head = load_head(trainer.store.heads, args.head or s.default_head, trainer.info.feature_space)
+    head = load_head(trainer.heads, args.head or s.default_head, trainer.info.feature_space)
     results, failed = [], 0
     for path in args.images:
         try:
@@ -183,6 +183,35 @@ def _bench(args: argparse.Namespace) -> int:
     return bench_main(args)
 
 
+def _keys(args: argparse.Namespace) -> int:
+    from app.signing import generate
+
+    if args.out.exists():
+        print(f"error: {args.out} exists; refusing to overwrite a private key", file=sys.stderr)
+        return 2
+    pem, public = generate()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(args.out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(pem)
+    print(f"private key: {args.out} (set TLSERVE_HEAD_SIGNING_KEY={args.out} where heads are trained)")
+    print(f"public key:  {public} (add it to TLSERVE_HEAD_VERIFY_KEYS on serving replicas)")
+    return 0
+
+
+def _sign(args: argparse.Namespace) -> int:
+    from app.registry import HeadStore, copy_version
+    from app.settings import get_settings
+
+    heads = HeadStore.from_settings(get_settings())
+    if heads.signing_key is None:
+        print("error: set TLSERVE_HEAD_SIGNING_KEY to the private key that should sign the head", file=sys.stderr)
+        return 2
+    new = copy_version(heads, args.name, args.version)
+    print(f"head {args.name!r}: version {new.card['copied_from']} signed as version {new.version} (now current)")
+    return 0
+
+
 def _settings(args: argparse.Namespace) -> int:
     from app.settings import get_settings, settings_markdown
 
@@ -261,6 +290,15 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("settings", help="print the effective settings (or the README table)")
     g.add_argument("--markdown", action="store_true")
     g.set_defaults(func=_settings)
+
+    k = sub.add_parser("keys", help="make an Ed25519 key pair for signing heads (private key file, public key printed)")
+    k.add_argument("--out", type=Path, default=Path("head-signing-key.pem"), help="where to write the private key (mode 0600)")
+    k.set_defaults(func=_keys)
+
+    n = sub.add_parser("sign", help="sign a head: its version copied as a new, signed, current version")
+    n.add_argument("name", help="head name")
+    n.add_argument("--version", type=int, default=None, help="version to sign (default: the current one)")
+    n.set_defaults(func=_sign)
     return p
 
 
@@ -269,7 +307,12 @@ def main(argv: list[str] | None = None) -> int:
     from app.settings import get_settings
 
     args = build_parser().parse_args(argv)
-    setup_logging(args.log_level or get_settings().log_level, "text" if args.command != "serve" else get_settings().log_format)
+    try:
+        settings = get_settings()
+    except ValueError as exc:  # pydantic's ValidationError names each bad TLSERVE_* variable
+        print(f"error: invalid settings: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(args.log_level or settings.log_level, "text" if args.command != "serve" else settings.log_format)
     try:
         return int(args.func(args))
     except TlserveError as exc:

@@ -33,7 +33,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from app.errors import (
     ArtifactError,
@@ -45,7 +45,12 @@ from app.errors import (
 )
 from app.hashing import sha256_bytes
 from app.heads import MAX_PICKLE_BYTES, Head, build_head, dump_estimator
+from app.settings import Settings
+from app.signing import load_private_key, load_public_keys, sign, verify
 from app.store import atomic_write, read_json, write_json
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 log = logging.getLogger(__name__)
 
@@ -110,16 +115,27 @@ class Version:
             raise ArtifactError(f"{where}: {file} is missing or unreadable") from None
         actual = sha256_bytes(data)
         if actual != expected:
-            raise ArtifactError(f"{where}: {file} sha256 {actual[:12]} does not match its card ({expected[:12]}); "
-                                f"refusing to {'unpickle' if file.endswith('.pkl') else 'use'} it")
+            raise ArtifactError(
+                f"{where}: {file} sha256 {actual[:12]} does not match its card ({expected[:12]}); "
+                f"refusing to {'unpickle' if file.endswith('.pkl') else 'use'} it"
+            )
         return data
 
 
 class HeadStore:
-    """The versioned head layout under one ``heads/`` folder (see the module docstring)."""
+    """The versioned head layout under one ``heads/`` folder (see the module docstring). With a
+    ``signing_key`` every version written is signed; with ``verify_keys`` every load checks it."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, signing_key: Ed25519PrivateKey | None = None,
+                 verify_keys: dict[str, Ed25519PublicKey] | None = None) -> None:  # fmt: skip
         self.root = root
+        self.signing_key = signing_key
+        self.verify_keys = verify_keys or {}
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> HeadStore:
+        key = load_private_key(settings.head_signing_key) if settings.head_signing_key else None
+        return cls(settings.model_store / "heads", signing_key=key, verify_keys=load_public_keys(settings.head_verify_keys))
 
     # --- reading -----------------------------------------------------------------------------
     def folder(self, name: str) -> Path:
@@ -232,6 +248,9 @@ class HeadStore:
             artifacts[file] = sha256_bytes(data)
         full = {**card, "schema": SCHEMA, "name": name, "version": version, "artifacts": artifacts,
                 "created_at": card.get("created_at") or datetime.now(UTC).isoformat(timespec="seconds")}  # fmt: skip
+        full.pop("signature", None)
+        if self.signing_key is not None:
+            full = sign(full, self.signing_key)
         write_json(target / CARD, full)
         if promote:
             self.promote(name, version)
@@ -290,10 +309,20 @@ def save_head(heads: HeadStore, name: str, estimator: Any, card: dict[str, Any],
     return heads.save(name, {pickle_file: blob, **(files or {})}, card, promote=promote)
 
 
-def load_version(version: Version, feature_space: str | None) -> Head:
-    """Verified load of one version: card → extractor fingerprint → artifact sha256 → safe unpickle."""
+def copy_version(heads: HeadStore, name: str, version: int | None = None) -> Version:
+    """A new current version with the files and card of ``version`` (e.g. to sign a head trained
+    before signing keys existed, or a flat head); the source stays as it is."""
+    source = heads.get(name, version)
+    files = {f: source.read(f) for f in source.artifacts}
+    card = {k: v for k, v in source.card.items() if k not in ("schema", "version", "artifacts", "name")}
+    return heads.save(name, files, {**card, "copied_from": source.version})
+
+
+def load_version(version: Version, feature_space: str | None, verify_keys: dict[str, Ed25519PublicKey] | None = None) -> Head:
+    """Verified load of one version: signature → card → extractor fingerprint → artifact sha256 → safe unpickle."""
     card = version.card
     where = f"head {version.name!r} version {version.version}"
+    verify(card, verify_keys or {}, where)
     try:
         pickle_file = str(card["pickle"])
         pickle_sha = str(card["pickle_sha256"])
@@ -316,7 +345,7 @@ def load_version(version: Version, feature_space: str | None) -> Head:
 
 
 def load_head(heads: HeadStore, name: str, feature_space: str | None = None, version: int | None = None) -> Head:
-    return load_version(heads.get(name, version), feature_space)
+    return load_version(heads.get(name, version), feature_space, heads.verify_keys)
 
 
 class HeadRegistry:

@@ -25,7 +25,7 @@ from app.heads import Head
 from app.imaging import load_image
 from app.inference import Decoded, InferRequest, InferResult, Item
 from app.metrics import Metrics
-from app.registry import HeadRegistry, Version
+from app.registry import HeadRegistry, HeadStore, Version
 from app.settings import Settings
 from app.store import ExtractorInfo, ModelStore
 
@@ -40,7 +40,7 @@ class Service:
         self.info: ExtractorInfo | None = None
         self.extractor: Extractor | None = None
         self.batcher: Batcher | None = None
-        self.registry = HeadRegistry(self.store.heads, feature_space="")
+        self.registry = HeadRegistry(HeadStore.from_settings(settings), feature_space="")
         self.decoder = ThreadPoolExecutor(max_workers=settings.decoders, thread_name_prefix="decode")
         self.not_ready_reason: str | None = "starting"
         self.draining = False

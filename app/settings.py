@@ -28,6 +28,15 @@ class Settings(BaseSettings):
     default_head: str = Field("cats_vs_dogs", description="Head used when a request names none.")
     feature_cache_dir: Path | None = Field(None, description="Feature cache for training; default <model_store>/.cache/features.")
 
+    head_signing_key: str = Field(
+        "",
+        description="Ed25519 private key (PEM file path, or the PEM) that signs every head version trained here; only where heads are trained.",
+    )
+    head_verify_keys: str = Field(
+        "",
+        description="Comma-separated Ed25519 public keys (base64 as `tlserve keys` prints, or PEM file paths); when set, unsigned or wrongly signed heads are refused (`head_untrusted`).",
+    )
+
     # --- HTTP
     host: str = Field("127.0.0.1", description="Address `tlserve serve` binds to (use 0.0.0.0 in containers).")
     port: int = Field(8000, ge=0, le=65535, description="Port `tlserve serve` listens on.")
@@ -88,6 +97,31 @@ class Settings(BaseSettings):
         if not formats:
             raise ValueError("allowed_formats must name at least one format")
         return ",".join(formats)
+
+    @field_validator("head_signing_key")
+    @classmethod
+    def _signing_key(cls, v: str) -> str:
+        if v.strip():
+            from app.errors import ArtifactError
+            from app.signing import load_private_key
+
+            try:
+                load_private_key(v)  # refuse to start with a key that cannot sign
+            except ArtifactError as exc:
+                raise ValueError(exc.message) from None
+        return v
+
+    @field_validator("head_verify_keys")
+    @classmethod
+    def _verify_keys(cls, v: str) -> str:
+        from app.errors import ArtifactError
+        from app.signing import load_public_keys
+
+        try:
+            load_public_keys(v)
+        except ArtifactError as exc:
+            raise ValueError(exc.message) from None
+        return v
 
     @property
     def formats(self) -> frozenset[str]:

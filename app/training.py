@@ -13,7 +13,7 @@ import numpy as np
 from app.extractor import Extractor
 from app.features import Dataset, Extracted, FeatureCache, extract_paths
 from app.heads import Head
-from app.registry import save_head, valid_head_name
+from app.registry import HeadStore, save_head, valid_head_name
 from app.settings import Settings
 from app.store import ExtractorInfo, ModelStore
 
@@ -112,6 +112,7 @@ class Trainer:
     def __init__(self, settings: Settings, *, progress: bool = True) -> None:
         self.settings = settings
         self.store = ModelStore(settings.model_store)
+        self.heads = HeadStore.from_settings(settings)
         self.info: ExtractorInfo = self.store.extractor()
         self.extractor = Extractor(self.info, provider=settings.provider, threads=settings.intra_op_threads)
         self.cache = FeatureCache(settings.cache_dir, self.info.sha256)
@@ -160,7 +161,7 @@ class Trainer:
         report = make_report(yva, estimator.predict(xva), data.classes)
         card = self._card(data, ytr, yva, skipped, split, c, cv_scores, report)
         png = confusion_png(report, f"{name} ({split['kind']} split)")
-        version = save_head(self.store.heads, name, estimator, card, {"confusion_matrix.png": png})
+        version = save_head(self.heads, name, estimator, card, {"confusion_matrix.png": png})
         return report, version.card
 
     def _card(self, data: Dataset, ytr: np.ndarray, yva: np.ndarray, skipped: list, split: dict, c: float,

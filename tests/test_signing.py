@@ -1,0 +1,142 @@
+"""Optional Ed25519 signing of heads: signed / unsigned / other key / tampered, on every load path."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pytest
+
+from app.errors import ArtifactError, UntrustedHead
+from app.registry import CARD, HeadStore, copy_version, load_head
+from app.settings import Settings
+from app.signing import generate, load_private_key, load_public_keys
+from app.store import ModelStore
+from tests.helpers import REPO, ServerProcess, image_bytes
+
+RED = image_bytes((210, 40, 40), "PNG", size=(32, 32), noise=15)
+
+
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "app.cli", *args], cwd=REPO, env={**os.environ, **(env or {})},
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, str]]:
+    """Two key pairs made by `tlserve keys`: (private key file, public key)."""
+    out = {}
+    for name in ("trainer", "other"):
+        path = tmp_path_factory.mktemp("keys") / f"{name}.pem"
+        r = cli("keys", "--out", str(path))
+        assert r.returncode == 0, r.stderr
+        assert oct(path.stat().st_mode & 0o777) == "0o600"
+        public = r.stdout.split("public key:")[1].split()[0]
+        out[name] = (path, public)
+    assert cli("keys", "--out", str(out["trainer"][0])).returncode == 2  # never overwrites a private key
+    return out
+
+
+def signed_store(store: ModelStore, key: Path) -> HeadStore:
+    heads = HeadStore(store.heads_dir, signing_key=load_private_key(str(key)))
+    copy_version(heads, "colors")  # version 2: version 1 signed
+    return heads
+
+
+def test_signed_unsigned_other_key_and_tampered(fresh_tiny_store: ModelStore, keys) -> None:
+    store = fresh_tiny_store
+    space = store.extractor().feature_space
+    signed_store(store, keys["trainer"][0])
+    trusted = HeadStore(store.heads_dir, verify_keys=load_public_keys(keys["trainer"][1]))
+    assert load_head(trusted, "colors", space).version == 2  # signed: served
+    with pytest.raises(UntrustedHead, match="not signed"):
+        load_head(trusted, "colors", space, version=1)  # the unsigned original
+    other = HeadStore(store.heads_dir, verify_keys=load_public_keys(keys["other"][1]))
+    with pytest.raises(UntrustedHead, match="not a verify key"):
+        load_head(other, "colors", space)
+    rotating = HeadStore(store.heads_dir, verify_keys=load_public_keys(f"{keys['other'][1]},{keys['trainer'][1]}"))
+    assert load_head(rotating, "colors", space).version == 2  # rotation: either key is accepted
+    assert load_head(store.heads, "colors", space, version=1).version == 1  # no verify keys: no check
+
+    card_path = trusted.current_folder("colors") / CARD
+    card = json.loads(card_path.read_text())
+    card_path.write_text(json.dumps({**card, "classes": ["red", "blue"]}))  # a changed card: its signature breaks
+    with pytest.raises(UntrustedHead, match="does not match"):
+        load_head(trusted, "colors", space)
+    card_path.write_text(json.dumps(card))
+    pickle_path = trusted.current_folder("colors") / card["pickle"]
+    pickle_path.write_bytes(pickle_path.read_bytes() + b"\0")  # a changed file: the signed artifacts map catches it
+    with pytest.raises(ArtifactError, match="does not match its card"):
+        load_head(trusted, "colors", space)
+
+
+def test_signature_covers_every_artifact(fresh_tiny_store: ModelStore, keys) -> None:
+    heads = signed_store(fresh_tiny_store, keys["trainer"][0])
+    card = heads.get("colors").card
+    assert card["signature"]["alg"] == "ed25519" and set(card["artifacts"]) == {card["pickle"], "confusion_matrix.png"}
+
+
+def test_training_with_a_signing_key_signs(fresh_tiny_store: ModelStore, keys, tmp_path: Path) -> None:
+    from app.training import Trainer
+    from tests.helpers import write_color_dataset
+
+    settings = Settings(model_store=fresh_tiny_store.root, intra_op_threads=1, head_signing_key=str(keys["trainer"][0]))
+    _, card = Trainer(settings, progress=False).train(write_color_dataset(tmp_path / "d", 6), "colors", c=1.0)
+    assert card["signature"]["key_id"] and card["version"] == 2
+    trusted = HeadStore(fresh_tiny_store.heads_dir, verify_keys=load_public_keys(keys["trainer"][1]))
+    assert load_head(trusted, "colors").version == 2
+
+
+def test_bad_keys_are_refused_at_start_with_a_message(tmp_path: Path) -> None:
+    r = cli("settings", env={"TLSERVE_HEAD_VERIFY_KEYS": "not-a-key"})
+    assert r.returncode == 2 and "verify key 'not-a-key'" in r.stderr and "Traceback" not in r.stderr
+    bad = tmp_path / "bad.pem"
+    bad.write_text("hello")
+    r = cli("settings", env={"TLSERVE_HEAD_SIGNING_KEY": str(bad)})
+    assert r.returncode == 2 and "not a PEM private key" in r.stderr
+    _pem, public = generate()
+    assert load_public_keys(public)
+
+
+def test_replica_with_verify_keys_serves_signed_heads_only(
+    fresh_tiny_store: ModelStore, server_factory: Callable[..., ServerProcess], keys
+) -> None:
+    store = fresh_tiny_store
+    env = {"TLSERVE_MODEL_STORE": str(store.root)}
+    r = cli("sign", "colors", env=env)  # a replica holds no private key: it cannot sign
+    assert r.returncode == 2 and "TLSERVE_HEAD_SIGNING_KEY" in r.stderr
+    r = cli("sign", "colors", env={**env, "TLSERVE_HEAD_SIGNING_KEY": str(keys["trainer"][0])})
+    assert r.returncode == 0 and "signed as version 2" in r.stdout, r.stderr
+    copy_version(store.heads, "colors")  # version 3: unsigned
+    store.heads.promote("colors", 2)
+    # an unsigned second head, in the flat layout from before versions
+    (store.heads_dir / "plain").mkdir()
+    plain = store.heads.get("colors", 1)
+    for f in plain.artifacts:
+        (store.heads_dir / "plain" / f).write_bytes(plain.read(f))
+    (store.heads_dir / "plain" / CARD).write_text(
+        json.dumps({k: v for k, v in plain.card.items() if k not in ("schema", "version", "artifacts")})
+    )
+
+    server = server_factory(store, default_head="colors", head_verify_keys=keys["trainer"][1], head_poll_interval_s="0.2")
+    ok = httpx.post(f"{server.url}/v1/classify", content=RED, headers={"content-type": "image/png"})
+    assert ok.status_code == 200 and ok.json()["version"] == 2
+    listed = {m["name"]: m for m in httpx.get(f"{server.url}/v1/models").json()["models"]}
+    assert listed["plain"]["loaded"] is False and listed["plain"]["error_code"] == "head_untrusted"
+    r = httpx.post(f"{server.url}/v1/models/plain/reload")
+    assert r.status_code == 409 and r.json()["error"]["code"] == "head_untrusted"
+
+    store.heads.promote("colors", 3)  # an unsigned version made current: refused, version 2 keeps serving
+    deadline = time.monotonic() + 15
+    while httpx.get(f"{server.url}/v1/models/colors").json().get("error") is None:
+        assert time.monotonic() < deadline, "the poller never tried the unsigned version"
+        time.sleep(0.1)
+    r = httpx.post(f"{server.url}/v1/classify", content=RED, headers={"content-type": "image/png"})
+    assert r.status_code == 200 and r.json()["version"] == 2
+    assert httpx.get(f"{server.url}/v1/models/colors").json()["error"].find("not signed") >= 0
