@@ -12,7 +12,7 @@ from app.export import export
 from app.settings import Settings
 from app.store import ModelStore
 from app.training import Trainer
-from tests.helpers import REPO, SHARED_DATA, ServerProcess, settings_env, tiny_weights, write_color_dataset
+from tests.helpers import REPO, SHARED_DATA, ServerProcess, server_pool, tiny_weights, write_color_dataset
 
 TINY_SIZE = 32
 
@@ -69,14 +69,13 @@ def real_store() -> ModelStore:
 
 @pytest.fixture
 def server_factory(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
-    """Start real ``tlserve serve`` processes: ``server_factory(store, **env_overrides)``."""
-    started: list[ServerProcess] = []
+    """Real ``tlserve serve`` processes for one test: ``server_factory(store, **settings)``."""
+    with server_pool(tmp_path) as start:
+        yield lambda store, wait_ready=True, **settings: start(store.root, wait_ready, **settings)
 
-    def start(store: ModelStore, wait_ready: bool = True, **env: str) -> ServerProcess:
-        server = ServerProcess(settings_env(store.root, **env), log_path=tmp_path / f"server{len(started)}.log")
-        started.append(server)
-        return server.start(wait_ready=wait_ready)
 
-    yield start
-    for server in started:
-        server.stop()
+@pytest.fixture(scope="module")
+def module_server_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., ServerProcess]]:
+    """The same, shared by a module's tests (each module's ``server`` fixture is one line over it)."""
+    with server_pool(tmp_path_factory.mktemp("servers")) as start:
+        yield lambda store, wait_ready=True, **settings: start(store.root, wait_ready, **settings)

@@ -9,6 +9,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -126,3 +128,21 @@ class ServerProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             return self.proc.wait(5)
+
+
+@contextmanager
+def server_pool(log_dir: Path) -> Iterator[Callable[..., ServerProcess]]:
+    """The one way tests and benchmarks start servers: ``start(store_root, wait_ready=True, **settings)``
+    starts ``tlserve serve`` on ``store_root`` with ``TLSERVE_<SETTING>`` values; all are stopped on exit."""
+    started: list[ServerProcess] = []
+
+    def start(store_root: Path, wait_ready: bool = True, **settings: object) -> ServerProcess:
+        server = ServerProcess(settings_env(store_root, **settings), log_path=log_dir / f"server{len(started)}.log")
+        started.append(server)
+        return server.start(wait_ready=wait_ready)
+
+    try:
+        yield start
+    finally:
+        for server in started:
+            server.stop()

@@ -5,25 +5,21 @@ from __future__ import annotations
 import base64
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
 from app.store import ModelStore
-from tests.helpers import ServerProcess, image_bytes, settings_env
+from tests.helpers import ServerProcess, image_bytes
 
 RED, BLUE = (210, 40, 40), (40, 40, 210)
 
 
 @pytest.fixture(scope="module")
-def server(tiny_store: ModelStore, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    log = tmp_path_factory.mktemp("api") / "server.log"
-    env = settings_env(tiny_store.root, default_head="colors", max_images_per_request=8, max_body_bytes=200000)
-    proc = ServerProcess(env, log_path=log).start()
-    yield proc
-    proc.stop()
+def server(tiny_store: ModelStore, module_server_factory: Callable[..., ServerProcess]) -> ServerProcess:
+    return module_server_factory(tiny_store, default_head="colors", max_images_per_request=8, max_body_bytes=200000)
 
 
 @pytest.fixture

@@ -5,24 +5,21 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import pytest
 
 from app.store import ModelStore
-from tests.helpers import REPO, ServerProcess, free_port, image_bytes, settings_env
+from tests.helpers import REPO, ServerProcess, free_port, image_bytes
 
 RED, BLUE = (210, 40, 40), (40, 40, 210)
 
 
 @pytest.fixture(scope="module")
-def server(tiny_store: ModelStore, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    env = settings_env(tiny_store.root, default_head="colors")
-    proc = ServerProcess(env, log_path=tmp_path_factory.mktemp("cli") / "server.log").start()
-    yield proc
-    proc.stop()
+def server(tiny_store: ModelStore, module_server_factory: Callable[..., ServerProcess]) -> ServerProcess:
+    return module_server_factory(tiny_store, default_head="colors")
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -14,7 +14,7 @@ import pytest
 
 from app.client import AsyncClient, Client, ClientError
 from app.store import ModelStore
-from tests.helpers import ServerProcess, image_bytes, settings_env
+from tests.helpers import ServerProcess, image_bytes
 
 RED, BLUE = (210, 40, 40), (40, 40, 210)
 PNG_RED = image_bytes(RED, "PNG", size=(40, 36), seed=1)
@@ -22,11 +22,8 @@ JPEG_BLUE = image_bytes(BLUE, "JPEG", size=(48, 40), seed=2)
 
 
 @pytest.fixture(scope="module")
-def server(tiny_store: ModelStore, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    env = settings_env(tiny_store.root, default_head="colors")
-    proc = ServerProcess(env, log_path=tmp_path_factory.mktemp("client") / "server.log").start()
-    yield proc
-    proc.stop()
+def server(tiny_store: ModelStore, module_server_factory: Callable[..., ServerProcess]) -> ServerProcess:
+    return module_server_factory(tiny_store, default_head="colors")
 
 
 @pytest.fixture
@@ -129,11 +126,8 @@ def test_api_key(server_factory, tiny_store: ModelStore) -> None:
 
 # --- 503: a real server with a one-image queue -----------------------------------------------------
 @pytest.fixture(scope="module")
-def tight_server(tiny_store: ModelStore, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    env = settings_env(tiny_store.root, default_head="colors", max_queue_size=1, max_batch_size=1, decode_threads=2)
-    proc = ServerProcess(env, log_path=tmp_path_factory.mktemp("tight") / "server.log").start()
-    yield proc
-    proc.stop()
+def tight_server(tiny_store: ModelStore, module_server_factory: Callable[..., ServerProcess]) -> ServerProcess:
+    return module_server_factory(tiny_store, default_head="colors", max_queue_size=1, max_batch_size=1, decode_threads=2)
 
 
 def test_503_is_retried_as_retry_after_says_then_raised(tight_server: ServerProcess, caplog: pytest.LogCaptureFixture) -> None:

@@ -22,7 +22,7 @@ import io
 import os
 import struct
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +43,7 @@ from app.imaging import load_image
 from app.main import create_app
 from app.settings import Settings
 from app.store import ModelStore
-from tests.helpers import ServerProcess, image_bytes, settings_env
+from tests.helpers import ServerProcess, image_bytes
 
 API_EXAMPLES = int(os.environ.get("TLSERVE_FUZZ_EXAMPLES", "60"))
 LOADER_INPUTS = int(os.environ.get("TLSERVE_FUZZ_LOADER_INPUTS", "2000"))
@@ -60,11 +60,9 @@ def _report() -> Iterator[None]:
 
 # --- schemathesis against a real server -------------------------------------------------------
 @pytest.fixture(scope="module")
-def server(tiny_store: ModelStore, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    env = settings_env(tiny_store.root, default_head="colors", max_body_bytes=2000000)
-    srv = ServerProcess(env, log_path=tmp_path_factory.mktemp("fuzz") / "server.log").start()
+def server(tiny_store: ModelStore, module_server_factory: Callable[..., ServerProcess]) -> Iterator[ServerProcess]:
+    srv = module_server_factory(tiny_store, default_head="colors", max_body_bytes=2000000)
     yield srv
-    srv.stop()
     assert "Traceback" not in srv.log_text(), srv.log_text()[-3000:]
 
 

@@ -26,7 +26,7 @@ from PIL import Image
 
 from app.imaging import load_image
 from app.store import ModelStore
-from tests.helpers import REPO, ServerProcess, image_bytes, settings_env
+from tests.helpers import REPO, ServerProcess, image_bytes
 
 BODY_LIMIT = 1_000_000
 PIXEL_LIMIT = 4_000_000
@@ -230,11 +230,8 @@ IMAGE_KINDS = [
 
 # --- the server ---------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def server(tiny_store: ModelStore, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    env = settings_env(tiny_store.root, default_head="colors", max_body_bytes=BODY_LIMIT, max_image_pixels=PIXEL_LIMIT)
-    srv = ServerProcess(env, log_path=tmp_path_factory.mktemp("hostile") / "server.log").start()
-    yield srv
-    srv.stop()
+def server(tiny_store: ModelStore, module_server_factory: Callable[..., ServerProcess]) -> ServerProcess:
+    return module_server_factory(tiny_store, default_head="colors", max_body_bytes=BODY_LIMIT, max_image_pixels=PIXEL_LIMIT)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import gzip
 import json
 import struct
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from app.store import ModelStore
-from tests.helpers import ServerProcess, image_bytes, settings_env
+from tests.helpers import ServerProcess, image_bytes
 
 th = pytest.importorskip("tritonclient.http")
 from tritonclient.utils import InferenceServerException  # noqa: E402
@@ -30,11 +30,8 @@ IMAGES = [
 
 
 @pytest.fixture(scope="module")
-def server(tiny_store: ModelStore, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    env = settings_env(tiny_store.root, default_head="colors", max_images_per_request=8)
-    proc = ServerProcess(env, log_path=tmp_path_factory.mktemp("oip") / "server.log").start()
-    yield proc
-    proc.stop()
+def server(tiny_store: ModelStore, module_server_factory: Callable[..., ServerProcess]) -> ServerProcess:
+    return module_server_factory(tiny_store, default_head="colors", max_images_per_request=8)
 
 
 @pytest.fixture

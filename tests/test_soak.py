@@ -11,25 +11,24 @@ import asyncio
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import asdict
 
 import httpx
 import pytest
 
 from app.store import ModelStore
-from benchmarks.soak import Payloads, disconnect_mid_batch, disconnect_mid_upload, gauges, server_env, soak
+from benchmarks.soak import BODY_LIMIT, Payloads, disconnect_mid_batch, disconnect_mid_upload, gauges, soak
 from tests.helpers import ServerProcess
 
 SOAK_SECONDS = float(os.environ.get("TLSERVE_SOAK_SECONDS", "20"))
 
 
 @pytest.fixture(scope="module")
-def server(tiny_store: ModelStore, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    env = {**server_env(tiny_store.root, "colors", queue_size=64), "TLSERVE_INTRA_OP_THREADS": "1", "TLSERVE_LOG_LEVEL": "info"}
-    srv = ServerProcess(env, log_path=tmp_path_factory.mktemp("soak") / "server.log").start()
-    yield srv
-    srv.stop()
+def server(tiny_store: ModelStore, module_server_factory: Callable[..., ServerProcess]) -> ServerProcess:
+    return module_server_factory(
+        tiny_store, default_head="colors", max_body_bytes=BODY_LIMIT, max_queue_size=64, log_level="info"
+    )
 
 
 def metrics(server: ServerProcess) -> dict[str, float]:

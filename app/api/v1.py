@@ -143,7 +143,7 @@ def _summary(service: Service, name: str) -> ModelSummary:
     try:
         version, head, error = service.head_record(name)
     except TlserveError as exc:
-        return ModelSummary(name=name, classes=[], loaded=False, error=_redacted(service, exc), error_code=exc.code)
+        return ModelSummary(name=name, version=None, classes=[], loaded=False, error=_redacted(service, exc), error_code=exc.code)
     card = version.card
     return ModelSummary(
         name=name,

@@ -83,7 +83,8 @@ def _flatten(data: list[Any]) -> list[Any]:
 
 def _unframe(blob: bytes, n: int) -> list[bytes]:
     """BYTES tensor elements from the binary form: each a 4-byte little-endian length, then the bytes."""
-    out, offset = [], 0
+    out: list[bytes] = []
+    offset = 0
     while offset < len(blob) and len(out) <= n:
         if offset + 4 > len(blob):
             raise BadRequest(f"binary data of input {INPUT!r} is truncated in the length of element {len(out)}")
@@ -165,7 +166,7 @@ def _tensor(
 ) -> tuple[dict[str, Any], bytes]:
     out: dict[str, Any] = {"name": name, "datatype": datatype, "shape": shape}
     if datatype == "BYTES":
-        strings = [s.encode() for s in values]  # type: ignore[union-attr]
+        strings = [str(s).encode() for s in values]
         if binary:
             blob = b"".join(struct.pack("<I", len(s)) + s for s in strings)
             out["parameters"] = {"binary_data_size": len(blob)}

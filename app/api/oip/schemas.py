@@ -93,7 +93,8 @@ def _inline(schema: dict[str, Any]) -> dict[str, Any]:
             return [walk(v) for v in node]
         return node
 
-    return walk(schema)
+    resolved: dict[str, Any] = walk(schema)
+    return resolved
 
 
 INFER_BODY: dict[str, Any] = {
