@@ -121,7 +121,7 @@ def _positive(value: str) -> int:
 
 def _remote(client, chunk: list[tuple[int, Path, bytes]], args: argparse.Namespace, out: list) -> str | None:
     """Classify one chunk on the server into ``out``; a chunk refused for its images is retried image by image."""
-    from app.client import ClientError
+    from tlserve_client import ClientError
 
     try:
         response = client.classify([(path.name, data) for _, path, data in chunk], head=args.head, top_k=args.top_k)
@@ -144,8 +144,7 @@ def _classify(args: argparse.Namespace) -> int:
     import logging
 
     import httpx
-
-    from app.client import Client, ClientError
+    from tlserve_client import Client, ClientError
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is noise here; retries still log
     out: list[dict | None] = [None] * len(args.images)

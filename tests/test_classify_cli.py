@@ -1,4 +1,4 @@
-"""``tlserve classify IMAGE... --url URL`` as a subprocess against a real server."""
+"""``tlserve classify IMAGE... --url URL`` (on tlserve_client) as a subprocess against a real server."""
 
 from __future__ import annotations
 
@@ -32,8 +32,12 @@ def images(tmp_path: Path) -> list[Path]:
     return paths
 
 
+# The command must use tlserve_client: importing the deprecated app.client alias turns into an error here.
+NO_ALIAS = "error:app.client is deprecated:DeprecationWarning"
+
+
 def tlserve(*args: object) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "app.cli", "classify", *map(str, args)],
+    return subprocess.run([sys.executable, "-W", NO_ALIAS, "-m", "app.cli", "classify", *map(str, args)],
                           cwd=REPO, capture_output=True, text=True, timeout=120)  # fmt: skip
 
 

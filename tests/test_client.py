@@ -1,4 +1,4 @@
-"""app.client against a real server: typed results, errors, and 503 retries honouring Retry-After."""
+"""tlserve_client against a real server: typed results, errors, and 503 retries honouring Retry-After."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from tlserve_client import AsyncClient, Client, ClientError
 
-from app.client import AsyncClient, Client, ClientError
 from app.store import ModelStore
 from tests.helpers import ServerProcess, image_bytes
 

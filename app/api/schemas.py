@@ -6,6 +6,12 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+# The responses a client parses are defined once, in the client package the server ships with.
+from tlserve_client import ClassifyResponse as ClassifyResponse
+from tlserve_client import EmbedResponse as EmbedResponse
+from tlserve_client import ModelList as ModelList
+from tlserve_client import ModelSummary as ModelSummary
+
 
 class ErrorDetail(BaseModel):
     code: str = Field(description="Stable machine-readable code, e.g. `queue_full`, `unsupported_format`")
@@ -15,68 +21,6 @@ class ErrorDetail(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorDetail
-
-
-class ItemError(BaseModel):
-    code: str
-    message: str
-    status: int = Field(description="The HTTP status this error would have on its own")
-
-
-class TopK(BaseModel):
-    label: str
-    probability: float
-
-
-class ImageResult(BaseModel):
-    index: int = Field(description="Position of the image in the request")
-    file: str | None = Field(None, description="File name (multipart) or the JSON item's `name`")
-    label: str | None = None
-    confidence: float | None = None
-    probabilities: dict[str, float] | None = Field(None, description="Every class's probability (when top_k is not set)")
-    top_k: list[TopK] | None = None
-    error: ItemError | None = Field(None, description="Set when this image failed; the others are still classified")
-
-
-class ClassifyResponse(BaseModel):
-    head: str
-    version: int = Field(description="The head version that answered")
-    model: str = Field(description="Extractor sha256 prefix")
-    request_id: str
-    results: list[ImageResult]
-
-
-class Embedding(BaseModel):
-    index: int
-    file: str | None = None
-    embedding: list[float] | None = None
-    error: ItemError | None = None
-
-
-class EmbedResponse(BaseModel):
-    model: str
-    dim: int
-    normalized: bool
-    request_id: str
-    results: list[Embedding]
-
-
-class ModelSummary(BaseModel):
-    name: str
-    classes: list[str]
-    loaded: bool
-    version: int | None = Field(None, description="The version served (or, when none is, the current one on disk)")
-    error: str | None = Field(None, description="Why the head is not served, or why its last reload was refused")
-    error_code: str | None = Field(None, description="The stable code of that error (e.g. `incompatible_head`)")
-    accuracy: float | None = None
-    extractor_sha256: str | None = None
-    pickle_sha256: str | None = None
-    created_at: str | None = None
-
-
-class ModelList(BaseModel):
-    default: str
-    models: list[ModelSummary]
 
 
 class ModelCard(BaseModel):
