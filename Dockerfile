@@ -35,6 +35,7 @@ RUN python -m venv /opt/venv \
     && /opt/venv/bin/pip install -r requirements.txt "onnxruntime>=1.20"
 
 COPY app ./app
+COPY client ./client
 RUN pip wheel --no-deps --wheel-dir /dist . \
     && /opt/venv/bin/pip install --no-deps /dist/tlserve-*.whl
 

@@ -27,16 +27,16 @@ run: $(STAMP) $(MANIFEST)
 	$(BIN)/tlserve serve --host $(HOST) --port $(PORT)
 
 test: $(STAMP) $(MANIFEST)
-	$(BIN)/ruff check app tests benchmarks deploy
+	$(BIN)/ruff check app client tests benchmarks deploy
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check app tests benchmarks deploy
-	$(BIN)/ruff format --check app tests benchmarks deploy
+	$(BIN)/ruff check app client tests benchmarks deploy
+	$(BIN)/ruff format --check app client tests benchmarks deploy
 
 fmt: $(STAMP)
-	$(BIN)/ruff format app tests benchmarks deploy
-	$(BIN)/ruff check --fix app tests benchmarks deploy
+	$(BIN)/ruff format app client tests benchmarks deploy
+	$(BIN)/ruff check --fix app client tests benchmarks deploy
 
 bench: $(STAMP) $(MANIFEST)
 	$(BIN)/tlserve bench

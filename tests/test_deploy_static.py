@@ -281,7 +281,7 @@ def in_context(path: str, rules: list[str]) -> bool:
 def test_dockerignore_sends_what_the_build_copies_and_nothing_heavy() -> None:
     rules = [r.strip() for r in (REPO / ".dockerignore").read_text().splitlines() if r.strip() and not r.startswith("#")]
     copied = [c.split()[0] for s in STAGE_LIST for c in s.all("COPY") if not c.startswith("--from=")]
-    assert sorted(set(copied)) == ["app", "model_store/heads/", "pyproject.toml"]
+    assert sorted(set(copied)) == ["app", "client", "model_store/heads/", "pyproject.toml"]
     for source in copied:
         assert (REPO / source).exists(), f"COPY {source}: missing from the repository"
         files = (
