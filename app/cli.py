@@ -7,8 +7,12 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from app.errors import TlserveError
+
+if TYPE_CHECKING:
+    from tlserve_client import Client
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -119,7 +123,9 @@ def _positive(value: str) -> int:
     return n
 
 
-def _remote(client, chunk: list[tuple[int, Path, bytes]], args: argparse.Namespace, out: list) -> str | None:
+def _remote(
+    client: Client, chunk: list[tuple[int, Path, bytes]], args: argparse.Namespace, out: list[dict[str, Any] | None]
+) -> str | None:
     """Classify one chunk on the server into ``out``; a chunk refused for its images is retried image by image."""
     from tlserve_client import ClientError
 
@@ -147,7 +153,7 @@ def _classify(args: argparse.Namespace) -> int:
     from tlserve_client import Client, ClientError
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is noise here; retries still log
-    out: list[dict | None] = [None] * len(args.images)
+    out: list[dict[str, Any] | None] = [None] * len(args.images)
     todo = []
     for i, path in enumerate(args.images):
         try:
