@@ -217,6 +217,32 @@ def _sign(args: argparse.Namespace) -> int:
     return 0
 
 
+def _heads(args: argparse.Namespace) -> int:
+    from app.registry import HeadStore
+    from app.settings import get_settings
+
+    heads = HeadStore.from_settings(get_settings())
+    if args.action == "promote":
+        heads.promote(args.name, args.version, expected=args.expect)
+    elif args.action == "rollback":
+        heads.rollback(args.name)
+    elif args.action == "delete" and args.version is not None:
+        heads.delete_version(args.name, args.version)
+    elif args.action == "delete":
+        heads.delete(args.name)
+        print(f"head {args.name!r} deleted")
+        return 0
+    for name in [args.name] if args.name else heads.names():
+        current = heads.current_version(name)
+        for number in heads.versions(name):
+            card = heads.get(name, number).card
+            accuracy = (card.get("metrics") or {}).get("accuracy")
+            mark = "*" if number == current else " "
+            signed = "signed" if isinstance(card.get("signature"), dict) else "unsigned"
+            print(f"{mark} {name} v{number}  {card.get('created_at', '?')}  accuracy {accuracy}  {signed}")
+    return 0
+
+
 def _settings(args: argparse.Namespace) -> int:
     from app.settings import get_settings, settings_markdown
 
@@ -296,6 +322,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--markdown", action="store_true")
     g.set_defaults(func=_settings)
 
+    h = sub.add_parser("heads", help="list a head's versions; promote, roll back or delete (the model store is changed in place)")
+    h.add_argument(
+        "action", choices=["list", "promote", "rollback", "delete"], help="what to do (list: * marks the current version)"
+    )
+    h.add_argument("name", nargs="?", help="head name (list: all heads when omitted)")
+    h.add_argument("version", nargs="?", type=int, help="version to promote, or to delete (delete without it: the whole head)")
+    h.add_argument("--expect", type=int, default=None, help="promote only if this is still the current version")
+    h.set_defaults(func=_heads)
+
     k = sub.add_parser("keys", help="make an Ed25519 key pair for signing heads (private key file, public key printed)")
     k.add_argument("--out", type=Path, default=Path("head-signing-key.pem"), help="where to write the private key (mode 0600)")
     k.set_defaults(func=_keys)
@@ -311,7 +346,12 @@ def main(argv: list[str] | None = None) -> int:
     from app.logs import setup_logging
     from app.settings import get_settings
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "heads" and args.action != "list" and not args.name:
+        parser.error(f"heads {args.action} needs a head name")
+    if args.command == "heads" and args.action == "promote" and args.version is None:
+        parser.error("heads promote needs a version: tlserve heads promote NAME VERSION")
     try:
         settings = get_settings()
     except ValueError as exc:  # pydantic's ValidationError names each bad TLSERVE_* variable

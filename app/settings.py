@@ -51,6 +51,10 @@ class Settings(BaseSettings):
     api_keys: str = Field(
         "", description="Comma-separated API keys; empty disables auth. Sent as `Authorization: Bearer KEY` or `X-API-Key`."
     )
+    admin_keys: str = Field(
+        "",
+        description="Comma-separated admin keys for reload, promote, roll back and delete (403 for an inference key); with API keys set and no admin keys, those operations are refused.",
+    )
     open_probes: bool = Field(True, description="Leave /livez, /readyz, /metrics and /v2/health/* open when API keys are set.")
     cors_origins: str = Field("", description="Comma-separated allowed CORS origins; empty disables CORS.")
 
@@ -130,6 +134,10 @@ class Settings(BaseSettings):
     @property
     def keys(self) -> tuple[str, ...]:
         return tuple(k.strip() for k in self.api_keys.split(",") if k.strip())
+
+    @property
+    def admin_key_list(self) -> tuple[str, ...]:
+        return tuple(k.strip() for k in self.admin_keys.split(",") if k.strip())
 
     @property
     def origins(self) -> list[str]:

@@ -25,7 +25,7 @@ from app.errors import BodyTooLarge, EmptyInput, MalformedRequest, TooManyImages
 from app.inference import Item
 from app.settings import Settings
 
-OPTION_FIELDS = ("head", "top_k", "normalize")
+OPTION_FIELDS = ("head", "version", "top_k", "normalize")
 
 
 @dataclass

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 from fastapi import APIRouter, Depends, Query, Request
 
-from app.api.deps import ServiceDep, require_key
+from app.api.deps import ServiceDep, require_admin, require_key
 from app.api.errors import redact
 from app.api.inputs import parse_images
 from app.api.parsing import error_responses, item_error, parse_bool
@@ -38,7 +38,7 @@ def _int_option(value: Any, name: str, low: int, high: int) -> int | None:
     except (TypeError, ValueError):
         raise MalformedRequest(f"{name} must be an integer") from None
     if isinstance(value, float | bool) or not low <= n <= high:
-        raise MalformedRequest(f"{name} must be an integer from {low} to {high} (max_top_k)")
+        raise MalformedRequest(f"{name} must be an integer from {low} to {high}" + (" (max_top_k)" if name == "top_k" else ""))
     return n
 
 
@@ -57,6 +57,7 @@ async def classify(
     request: Request,
     service: ServiceDep,
     head: str | None = Query(None, max_length=64, description="Head name (default: the configured default head)"),
+    version: int | None = Query(None, ge=1, description="Pin a version of the head (default: its current version)"),
     top_k: int | None = Query(None, ge=1, description="Return the k most likely classes instead of every probability"),
 ) -> dict[str, Any]:
     parsed = await parse_images(request, service.settings)
@@ -64,8 +65,9 @@ async def classify(
     if head_name is not None and not isinstance(head_name, str):
         raise MalformedRequest("head must be a string")
     k = _int_option(parsed.options.get("top_k", top_k), "top_k", 1, service.settings.max_top_k)
+    pinned = _int_option(parsed.options.get("version", version), "version", 1, 10**9)
     request.state.images = len(parsed.items)
-    result = await service.infer(InferRequest(parsed.items, "classify", head=head_name))
+    result = await service.infer(InferRequest(parsed.items, "classify", head=head_name, version=pinned))
     assert result.head is not None and result.proba is not None
     h = result.head
     request.state.head = h.name
@@ -170,7 +172,8 @@ async def get_model(name: str, service: ServiceDep) -> ModelCard:
     return ModelCard(name=name, loaded=head is not None, error=_redacted(service, error), card=_public_card(version.card))
 
 
-@router.post("/models/{name}/reload", response_model=ModelSummary, summary="Verify and load a head again (atomic swap)")
+@router.post("/models/{name}/reload", response_model=ModelSummary, dependencies=[Depends(require_admin)],
+             summary="Verify and load a head again (atomic swap; admin)")  # fmt: skip
 async def reload_model(name: str, service: ServiceDep) -> ModelSummary:
     await service.reload_head(name)
     return _summary(service, name)

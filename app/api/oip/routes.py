@@ -48,6 +48,7 @@ from app.api.oip.schemas import (
     TensorMetadata,
 )
 from app.api.parsing import error_responses
+from app.errors import TlserveError
 from app.inference import InferRequest, Item
 from app.service import Service
 
@@ -82,18 +83,23 @@ async def oip_server_ready(service: ServiceDep) -> JSONResponse:
     )
 
 
-def _classes(service: Service, name: str) -> tuple[str, ...]:
-    version, head, _ = service.head_record(name)  # HeadNotFound → 404
-    return head.classes if head is not None else tuple(str(c) for c in version.card.get("classes", []))
+def _classes(service: Service, name: str, version: int | None) -> tuple[str, ...]:
+    if version is not None:  # VersionNotFound → 404 listing the versions that exist
+        return tuple(str(c) for c in service.registry.store.get(name, version).card.get("classes", []))
+    current, head, _ = service.head_record(name)  # HeadNotFound → 404
+    return head.classes if head is not None else tuple(str(c) for c in current.card.get("classes", []))
 
 
+@router.get("/models/{name}/versions/{version}", name="oip_model_version_metadata", response_model=ModelMetadata,
+            dependencies=KeyDep, summary="Metadata of one version of a model")  # fmt: skip
 @router.get("/models/{name}", name="oip_model_metadata", response_model=ModelMetadata, dependencies=KeyDep,
             summary="Model metadata: the input and outputs with datatypes and shapes")  # fmt: skip
-async def oip_model_metadata(name: str, service: ServiceDep) -> ModelMetadata:
-    n_classes = len(_classes(service, name))
+async def oip_model_metadata(name: str, service: ServiceDep, version: int | None = None) -> ModelMetadata:
+    n_classes = len(_classes(service, name, version))
     dim = service.info.feature_dim if service.info else -1
     return ModelMetadata(
         name=name,
+        versions=[str(v) for v in service.registry.store.versions(name)],
         platform=PLATFORM,
         inputs=[TensorMetadata(name=INPUT, datatype="BYTES", shape=[-1])],
         outputs=[
@@ -104,12 +110,21 @@ async def oip_model_metadata(name: str, service: ServiceDep) -> ModelMetadata:
     )
 
 
+@router.get("/models/{name}/versions/{version}/ready", name="oip_model_version_ready", response_model=ModelReady,
+            dependencies=KeyDep, responses={400: {"model": ModelReady}}, summary="Readiness of one version of a model")  # fmt: skip
 @router.get("/models/{name}/ready", name="oip_model_ready", response_model=ModelReady, dependencies=KeyDep,
             responses={400: {"model": ModelReady}}, summary="Model readiness: 200 when it can serve, 400 otherwise")  # fmt: skip
-async def oip_model_ready(name: str, service: ServiceDep) -> JSONResponse:
+async def oip_model_ready(name: str, service: ServiceDep, version: int | None = None) -> JSONResponse:
     _, head, error = service.head_record(name)  # 404 for an unknown model
     ok, reason = service.ready
-    if ok and head is None:
+    if ok and version is not None:
+        try:
+            service.head(name, version)
+        except TlserveError as exc:
+            if exc.status_code == 404:
+                raise
+            ok, reason = False, exc.message
+    elif ok and head is None:
         ok, reason = False, error.message if error else "not loaded"
     body = ModelReady(name=name, ready=ok, reason=None if ok else reason).model_dump(exclude_none=True)
     return JSONResponse(body, status_code=200 if ok else 400)
@@ -124,6 +139,9 @@ BINARY_RESPONSE: dict[int | str, dict[str, Any]] = {
 }
 
 
+@router.post("/models/{name}/versions/{version}/infer", name="oip_model_version_infer", response_model=InferenceResponse,
+             response_model_exclude_none=True, responses=BINARY_RESPONSE, dependencies=KeyDep, openapi_extra=INFER_BODY,
+             summary="Classify encoded images with one version of a model")  # fmt: skip
 @router.post("/models/{name}/infer", name="oip_model_infer", response_model=InferenceResponse, response_model_exclude_none=True,
              responses=BINARY_RESPONSE, dependencies=KeyDep, openapi_extra=INFER_BODY,
              summary="Classify encoded images (BYTES input `image`)")  # fmt: skip
@@ -135,8 +153,9 @@ async def oip_model_infer(
         str | None, Header(alias=HEADER_LENGTH, description="Binary tensor data: length of the JSON header")
     ] = None,
     content_encoding: Annotated[str | None, Header(alias="Content-Encoding", description="identity, gzip or deflate")] = None,
+    version: int | None = None,
 ) -> Response:
-    service.head(name)  # 404 before reading the body
+    service.head(name, version)  # 404 before reading the body
     limit = service.settings.max_body_bytes
     body = decompress(await read_body(request, limit), content_encoding, limit)
     header, blob = split(body, header_length)
@@ -145,7 +164,7 @@ async def oip_model_infer(
     data = images(req, blob, service.settings.max_images_per_request)
     request.state.images = len(data)
     items = [Item(d, f"{INPUT}[{i}]") for i, d in enumerate(data)]
-    result = await service.infer(InferRequest(items, "infer", head=name, all_or_nothing=True))
+    result = await service.infer(InferRequest(items, "infer", head=name, version=version, all_or_nothing=True))
     assert result.head is not None and result.proba is not None
     request.state.head = result.head.name
     if result.failed:
@@ -153,7 +172,8 @@ async def oip_model_infer(
         raise type(err)(f"input {INPUT!r} element {i}: {err.message}")
 
     tensors = outputs(result.head, result.proba, result.features, wanted)
-    doc: dict[str, Any] = {"model_name": result.head.name, "outputs": [t for t, _ in tensors]}
+    doc: dict[str, Any] = {"model_name": result.head.name, "model_version": str(result.head.version),
+                           "outputs": [t for t, _ in tensors]}  # fmt: skip
     if req.id is not None:
         doc["id"] = req.id
     text = json.dumps(doc, separators=(",", ":")).encode()

@@ -40,6 +40,7 @@ class TensorMetadata(BaseModel):
 
 class ModelMetadata(BaseModel):
     name: str
+    versions: list[str] = Field(default_factory=list, description="The head's versions (model_version)")
     platform: str
     inputs: list[TensorMetadata]
     outputs: list[TensorMetadata]
@@ -75,6 +76,7 @@ class ResponseOutput(BaseModel):
 
 class InferenceResponse(BaseModel):
     model_name: str
+    model_version: str | None = None
     id: str | None = None
     outputs: list[ResponseOutput]
 
