@@ -26,6 +26,7 @@ class Metrics:
         self.queue_depth = Gauge("tlserve_queue_depth_images", "Images waiting in the batch queue", registry=r)
         self.in_flight = Gauge("tlserve_in_flight_requests", "HTTP requests being handled", registry=r)
         self.images = Counter("tlserve_images_total", "Images processed", ["endpoint", "head", "outcome"], registry=r)
+        self.cache = Counter("tlserve_response_cache_total", "Response cache lookups, by result", ["result"], registry=r)
         self.rejections = Counter("tlserve_rejections_total", "Requests or images refused, by reason", ["reason"], registry=r)
         self.model_info = Info("tlserve_model", "Extractor and engine in use", registry=r)
         self.ready = Gauge("tlserve_ready", "1 when /readyz answers 200", registry=r)

@@ -26,6 +26,7 @@ from app.imaging import load_image
 from app.inference import Decoded, InferRequest, InferResult, Item
 from app.metrics import Metrics
 from app.registry import HeadRegistry, HeadStore, Version
+from app.response_cache import ResponseCache
 from app.settings import Settings
 from app.store import ExtractorInfo, ModelStore
 
@@ -40,6 +41,7 @@ class Service:
         self.info: ExtractorInfo | None = None
         self.extractor: Extractor | None = None
         self.batcher: Batcher | None = None
+        self.cache = ResponseCache(settings.response_cache_size)
         self.registry = HeadRegistry(HeadStore.from_settings(settings), feature_space="")
         self.decoder = ThreadPoolExecutor(max_workers=settings.decoders, thread_name_prefix="decode")
         self.not_ready_reason: str | None = "starting"
@@ -177,23 +179,40 @@ class Service:
         return list(await asyncio.gather(*jobs))
 
     async def infer(self, request: InferRequest) -> InferResult:
-        """The one inference path: head lookup (before any work) → decode → batch → extractor → head."""
+        """The one inference path: head lookup (before any work) → response cache → decode → batch →
+        extractor → head. Images are counted here, once: ``ok`` (inferred), ``cached``, ``error``."""
         info, batcher = self._require_ready()
         head = self.head(request.head, request.version) if request.classify else None
-        decoded = await self._decode(request.items, info)
+        items, cache = request.items, self.cache if self.cache.enabled else None
+        keys = [cache.key(info.sha256, it.data) if cache is not None and it.error is None else None for it in items]
+        hits = {i: v for i, k in enumerate(keys) if k is not None and cache is not None and (v := cache.get(k)) is not None}
+        fresh = iter(await self._decode([it for i, it in enumerate(items) if i not in hits], info))
+        decoded = [Decoded(it, None, None) if i in hits else next(fresh) for i, it in enumerate(items)]
         failed = [(i, d.error) for i, d in enumerate(decoded) if d.error is not None]
-        good = [d.image for d in decoded if d.image is not None]
-        label = head.name if head else ""
-        counter = self.metrics.images
+        todo = [i for i, d in enumerate(decoded) if d.image is not None]
+        label, counter = head.name if head else "", self.metrics.images
         if failed:
             counter.labels(request.endpoint, label, "error").inc(len(failed))
-        if not good or (failed and request.all_or_nothing):
+        if (not todo and not hits) or (failed and request.all_or_nothing):
             empty = np.zeros((0, info.feature_dim), np.float32)
             proba = np.zeros((0, len(head.classes)), np.float32) if head else None
             return InferResult(decoded, empty, head, proba, failed)
-        features = await batcher.submit(np.stack(good))
+        inferred = await batcher.submit(np.stack([decoded[i].image for i in todo])) if todo else None
+        by_index = dict(hits)
+        for row, i in enumerate(todo):
+            assert inferred is not None
+            by_index[i] = inferred[row]
+            if cache is not None and (key := keys[i]) is not None:
+                cache.put(key, inferred[row])
+        features = np.stack([by_index[i] for i in sorted(by_index)]).astype(np.float32, copy=False)
         proba = head.predict_proba(features) if head else None
-        counter.labels(request.endpoint, label, "ok").inc(len(good))
+        if todo:
+            counter.labels(request.endpoint, label, "ok").inc(len(todo))
+        if cache is not None:
+            self.metrics.cache.labels("hit").inc(len(hits))
+            self.metrics.cache.labels("miss").inc(len(todo))
+            if hits:
+                counter.labels(request.endpoint, label, "cached").inc(len(hits))
         return InferResult(decoded, features, head, proba, failed)
 
     def describe_info(self) -> dict[str, Any]:

@@ -79,6 +79,12 @@ class Settings(BaseSettings):
     max_queue_delay_ms: float = Field(0.0, ge=0, description="How long the batcher waits for more images once one is queued.")
     max_queue_size: int = Field(256, ge=1, description="Most images waiting; beyond it requests get 503 + Retry-After.")
 
+    response_cache_size: int = Field(
+        4096,
+        ge=0,
+        description="Images whose features are kept in memory (LRU, ~2 KiB each at 512-d), keyed by extractor and exact bytes; a repeated image skips decode and inference. 0 turns it off (benchmarks do).",
+    )
+
     # --- limits
     max_body_bytes: int = Field(20 * 1024 * 1024, ge=1, description="Largest request body (413 beyond).")
     max_images_per_request: int = Field(64, ge=1, description="Most images in one request (413 beyond).")

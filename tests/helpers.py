@@ -64,8 +64,9 @@ def write_color_dataset(root: Path, per_class: int = 12) -> Path:
 
 
 def settings_env(store_root: Path, **settings: object) -> dict[str, str]:
-    """``TLSERVE_*`` variables for a server on ``store_root``: one intra-op thread, plus ``settings``."""
-    env = {"TLSERVE_MODEL_STORE": str(store_root), "TLSERVE_INTRA_OP_THREADS": "1"}
+    """``TLSERVE_*`` variables for a server on ``store_root``: one intra-op thread and the response cache
+    off (so every request a test sends reaches the engine; the cache's own tests turn it on), plus ``settings``."""
+    env = {"TLSERVE_MODEL_STORE": str(store_root), "TLSERVE_INTRA_OP_THREADS": "1", "TLSERVE_RESPONSE_CACHE_SIZE": "0"}
     env.update({f"TLSERVE_{k.upper()}": str(v) for k, v in settings.items()})
     return env
 
