@@ -39,10 +39,10 @@ fmt: $(STAMP)
 	$(BIN)/ruff check --fix app client tests benchmarks deploy
 
 bench: $(STAMP) $(MANIFEST)
-	$(BIN)/tlserve bench
+	$(BIN)/python -m benchmarks.bench
 
 bench-quick: $(STAMP) $(MANIFEST)
-	$(BIN)/tlserve bench --quick
+	$(BIN)/python -m benchmarks.bench --quick
 
 clean:
 	rm -rf $(VENV) model_store/*.onnx $(MANIFEST) model_store/.cache benchmarks/out
