@@ -1,4 +1,4 @@
-"""``tlserve``: export, train, evaluate, predict, serve, classify, bench, settings."""
+"""``tlserve``: export, train, evaluate, predict, serve, classify, keys, sign, settings (benchmarks: ``python -m benchmarks.bench``)."""
 
 from __future__ import annotations
 
@@ -205,12 +205,6 @@ def _serve(args: argparse.Namespace) -> int:
     return serve(host=args.host, port=args.port)
 
 
-def _bench(args: argparse.Namespace) -> int:
-    from app.bench import main as bench_main
-
-    return bench_main(args)
-
-
 def _keys(args: argparse.Namespace) -> int:
     from app.signing import generate
 
@@ -348,12 +342,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default=None)
     s.add_argument("--port", type=int, default=None)
     s.set_defaults(func=_serve)
-
-    from app.bench import add_arguments as bench_arguments
-
-    b = sub.add_parser("bench", help="benchmark: FLOP ceiling, bare ONNX Runtime, in-process, HTTP service under load")
-    bench_arguments(b)
-    b.set_defaults(func=_bench)
 
     g = sub.add_parser("settings", help="print the effective settings (or the README table)")
     g.add_argument("--markdown", action="store_true")
