@@ -1,4 +1,4 @@
-"""``tlserve``: export, train, evaluate, predict, serve, classify, keys, sign, settings (benchmarks: ``python -m benchmarks.bench``)."""
+"""``tlserve``: export, train, evaluate, predict, serve, classify, heads, keys, sign, settings (benchmarks: ``python -m benchmarks.bench``)."""
 
 from __future__ import annotations
 

@@ -12,8 +12,8 @@ One run measures, side by side on the same machine and the same exported model:
    of real decoded images;
 3. ``Extractor`` + head in process (no HTTP, images already decoded) and the decode cost;
 4. the real HTTP service (``tlserve serve`` in a subprocess on loopback, started by
-   :class:`tests.helpers.ServerProcess`, the one way a server is launched) under an async load
-   generator (:class:`app.client.AsyncClient`, one image per request, closed loop) at concurrency 1/4/16/64: images/s, latency
+   :func:`tests.helpers.server_pool`, the one way a server is launched) under an async load
+   generator (:class:`tlserve_client.AsyncClient`, one image per request, closed loop) at concurrency 1/4/16/64: images/s, latency
    p50/p95/p99, errors, and the server's mean batch size (``/metrics`` deltas).
 
 Every HTTP figure is also given as a ratio to the bare engine measured in the same run, which is
@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from app.errors import TlserveError
-from tests.helpers import ServerProcess, settings_env
+from tests.helpers import server_pool
 
 DEFAULT_DATA = Path("../shared/data/cats_vs_dogs/val")
 DEFAULT_OUT = Path("benchmarks/out")
@@ -333,16 +333,14 @@ def pick_head(store: Any, preferred: str) -> str | None:
 
 # --- the HTTP service ---------------------------------------------------------------------------
 @contextlib.contextmanager
-def running_server(env: dict[str, str], log_path: Path, timeout: float = 180.0) -> Iterator[tuple[str, int]]:
-    """``tlserve serve`` (:class:`tests.helpers.ServerProcess`) on a free loopback port; SIGTERM (drain) on exit."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    server = ServerProcess(env, log_path=log_path)
-    try:
-        server.start(timeout=timeout)
+def running_server(store: Path, settings: dict[str, object], log_dir: Path) -> Iterator[tuple[str, int]]:
+    """``tlserve serve`` on ``store`` with ``settings`` (:func:`tests.helpers.server_pool`: a free loopback
+    port, the response cache off); SIGTERM (drain) on exit. Yields its URL and process id."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    with server_pool(log_dir) as start:
+        server = start(store, **settings)
         assert server.proc is not None
         yield server.url, server.proc.pid
-    finally:
-        server.stop()
 
 
 SERVER_SERIES = ("tlserve_batch_size_images", "tlserve_decode_seconds", "tlserve_inference_seconds", "tlserve_queue_wait_seconds")
@@ -376,7 +374,7 @@ def _server_means(before: dict[str, float], after: dict[str, float]) -> dict[str
 
 
 async def _load(url: str, pid: int, payloads: list[bytes], concurrency: int, seconds: float, warmup: float) -> dict[str, Any]:
-    """Closed loop: ``concurrency`` clients (:class:`app.client.AsyncClient`, no retries), each posting one
+    """Closed loop: ``concurrency`` clients (:class:`tlserve_client.AsyncClient`, no retries), each posting one
     JPEG at a time (multipart, as the client sends it) back to back.
 
     Every simulated client has its own client and keep-alive connection: one shared httpx pool costs
@@ -384,8 +382,7 @@ async def _load(url: str, pid: int, payloads: list[bytes], concurrency: int, sec
     and on a 2-core machine the load generator would then be what is measured.
     """
     import httpx
-
-    from app.client import AsyncClient, ClientError
+    from tlserve_client import AsyncClient, ClientError
 
     latencies: list[float] = []
     errors: dict[str, int] = {}
@@ -455,14 +452,14 @@ def http_levels(
     return rows
 
 
-def server_env(cfg: BenchConfig, head: str | None, settings: Any) -> dict[str, str]:
+def server_settings(cfg: BenchConfig, head: str | None, settings: Any) -> dict[str, object]:
     """The measured server's settings: the CPU (like the bare reference), the benchmark's threads and
     precision, unless ``--set`` says otherwise."""
-    env = settings_env(cfg.store.resolve(), provider="cpu", intra_op_threads=settings.intra_op_threads,
-                       precision=settings.precision, log_level="warning")  # fmt: skip
+    chosen: dict[str, object] = {"provider": "cpu", "intra_op_threads": settings.intra_op_threads,
+                                 "precision": settings.precision, "log_level": "warning"}  # fmt: skip
     if head:
-        env["TLSERVE_DEFAULT_HEAD"] = head
-    return {**env, **cfg.server_env}
+        chosen["default_head"] = head
+    return {**chosen, **{k[len("TLSERVE_") :].lower(): v for k, v in cfg.server_env.items()}}
 
 
 # --- the run ------------------------------------------------------------------------------------
@@ -508,7 +505,7 @@ def run(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     result["in_process"] = in_process(cfg.store, images, payloads, cfg, settings)
     gc.collect()  # the in-process engine must not hold threads while the server is measured
     log(f"HTTP service under load, concurrency {cfg.concurrency} ...")
-    with running_server(server_env(cfg, head, settings), cfg.out / "bench_server.log") as (url, pid):
+    with running_server(cfg.store.resolve(), server_settings(cfg, head, settings), cfg.out) as (url, pid):
         import httpx
 
         result["service"] = httpx.get(url + "/v1/info", timeout=10).json()
@@ -589,9 +586,9 @@ def sweep(
 ) -> list[dict[str, Any]]:
     rows = []
     for i, overrides in enumerate(cfg.grid or sweep_grid(cfg.quick)):
-        env = {**server_env(cfg, head, settings), **{f"TLSERVE_{k.upper()}": v for k, v in overrides.items()}}
+        chosen = {**server_settings(cfg, head, settings), **overrides}
         log(f"sweep {i + 1}: {overrides or 'defaults'} ...")
-        with running_server(env, cfg.out / "bench_server.log") as (url, pid):
+        with running_server(cfg.store.resolve(), chosen, cfg.out) as (url, pid):
             levels = http_levels(url, pid, payloads, cfg.sweep_concurrency, cfg.seconds, bare, ref_batch)
         rows.append({"settings": overrides or {"defaults": "yes"}, "levels": levels})
     return rows

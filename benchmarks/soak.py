@@ -37,7 +37,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from tests.helpers import REPO, ServerProcess, settings_env
+from tests.helpers import REPO, server_pool, settings_env
 
 BODY_LIMIT = 2_000_000
 
@@ -392,12 +392,15 @@ async def soak(url: str, pid: int, seconds: float = 20.0, concurrency: int = 32,
 
 
 # --- the command -----------------------------------------------------------------------------
-def server_env(store: Path, default_head: str, queue_size: int, threads: int = 1) -> dict[str, str]:
+def server_settings(default_head: str, queue_size: int, threads: int = 1) -> dict[str, object]:
     """The settings a soak server runs with (small body limit and queue, so both limits are met)."""
-    return settings_env(
-        store, default_head=default_head, max_body_bytes=BODY_LIMIT, max_queue_size=queue_size,
-        intra_op_threads=threads, head_poll_interval_s=0, log_level="warning",
-    )  # fmt: skip
+    return {"default_head": default_head, "max_body_bytes": BODY_LIMIT, "max_queue_size": queue_size,
+            "intra_op_threads": threads, "head_poll_interval_s": 0, "log_level": "warning"}  # fmt: skip
+
+
+def server_env(store: Path, default_head: str, queue_size: int, threads: int = 1) -> dict[str, str]:
+    """:func:`server_settings` as the ``TLSERVE_*`` environment of a server on ``store``."""
+    return settings_env(store, **server_settings(default_head, queue_size, threads))
 
 
 def _tiny_store(root: Path) -> tuple[Path, str]:
@@ -423,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.livez_probe:
         print(json.dumps(poll_livez(args.livez_probe, args.seconds)))
         return 0
-    with tempfile.TemporaryDirectory(prefix="soak-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="soak-") as tmp, server_pool(Path(tmp)) as start:
         server = None
         if args.url:
             if not args.pid:
@@ -431,8 +434,7 @@ def main(argv: list[str] | None = None) -> int:
             url, pid = args.url.rstrip("/"), args.pid
         else:
             store, head = (args.store, args.head) if args.store else _tiny_store(Path(tmp))
-            server = ServerProcess(server_env(store, head, args.queue_size, args.threads), log_path=Path(tmp) / "server.log")
-            server.start(timeout=120)
+            server = start(store, **server_settings(head, args.queue_size, args.threads))
             assert server.proc is not None
             url, pid = server.url, server.proc.pid
         try:

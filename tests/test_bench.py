@@ -34,7 +34,18 @@ def _bench(args: list[str], **env: str) -> subprocess.CompletedProcess[str]:
 
 def test_the_product_cli_lists_product_commands_only() -> None:
     (sub,) = [a for a in build_parser()._actions if a.dest == "command"]
-    assert set(sub.choices or ()) == {"export", "train", "evaluate", "predict", "classify", "serve", "keys", "sign", "settings"}
+    assert set(sub.choices or ()) == {
+        "export",
+        "train",
+        "evaluate",
+        "predict",
+        "classify",
+        "serve",
+        "heads",
+        "keys",
+        "sign",
+        "settings",
+    }
     assert importlib.util.find_spec("app.bench") is None  # the benchmark lives in benchmarks/, outside the package
 
 
