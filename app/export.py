@@ -105,7 +105,7 @@ def build_graph(weights: Weights, size: int, pooling: Pooling = "flatten") -> by
         doc_string="VGG16 ImageNet conv base; uint8 NHWC RGB in, Keras-caffe preprocessing inside, features out",
     )
     onnx.checker.check_model(model)
-    return model.SerializeToString()
+    return bytes(model.SerializeToString())
 
 
 def _channels(weights: Weights) -> int:
