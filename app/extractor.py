@@ -82,11 +82,15 @@ class Extractor:
         *,
         provider: str = "auto",
         threads: int = 0,
-        spinning: bool = True,
+        spinning: bool | None = None,
     ) -> None:
         self.info = model if isinstance(model, ExtractorInfo) else None
         path = model.path if isinstance(model, ExtractorInfo) else Path(model)
         self.threads = threads or available_cpus()
+        if spinning is None:  # the one default: the setting's (ONNX Runtime's own default would spin)
+            from app.settings import Settings
+
+            spinning = bool(Settings.model_fields["ort_spinning"].default)
         wanted, reason = choose_providers(provider)
         try:
             self.session = create_session(path, threads=self.threads, spinning=spinning, providers=wanted)
