@@ -190,7 +190,8 @@ class Service:
         fresh = iter(await self._decode([it for i, it in enumerate(items) if i not in hits], info))
         decoded = [Decoded(it, None, None) if i in hits else next(fresh) for i, it in enumerate(items)]
         failed = [(i, d.error) for i, d in enumerate(decoded) if d.error is not None]
-        todo = [i for i, d in enumerate(decoded) if d.image is not None]
+        images = {i: d.image for i, d in enumerate(decoded) if d.image is not None}
+        todo = list(images)
         label, counter = head.name if head else "", self.metrics.images
         if failed:
             counter.labels(request.endpoint, label, "error").inc(len(failed))
@@ -198,7 +199,7 @@ class Service:
             empty = np.zeros((0, info.feature_dim), np.float32)
             proba = np.zeros((0, len(head.classes)), np.float32) if head else None
             return InferResult(decoded, empty, head, proba, failed)
-        inferred = await batcher.submit(np.stack([decoded[i].image for i in todo])) if todo else None
+        inferred = await batcher.submit(np.stack(list(images.values()))) if todo else None
         by_index = dict(hits)
         for row, i in enumerate(todo):
             assert inferred is not None
