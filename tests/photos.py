@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+import app.imaging  # noqa: F401  # registers the HEIF plugin, as the loader does
 from app.settings import DEFAULT_FORMATS
 
 Image.MAX_IMAGE_PIXELS = None  # the generators below make images larger than Pillow's own guard
