@@ -240,7 +240,7 @@ def _reason(exc: Exception) -> str:
 
 def _decode(img: Image.Image, size: int, resample: Image.Resampling) -> np.ndarray:
     img.load()  # first frame only; a JPEG at the draft scale _bound_decode chose
-    img = ImageOps.exif_transpose(img) or img
+    ImageOps.exif_transpose(img, in_place=True)  # without in_place, an upright image is copied whole
     img = _to_rgb(img)
     if img.size != (size, size):
         img = img.resize((size, size), resample)
