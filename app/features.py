@@ -19,6 +19,7 @@ import numpy as np
 from app.errors import InputError
 from app.extractor import Extractor
 from app.imaging import is_image_file, load_image
+from app.settings import DEFAULT_MAX_IMAGE_PIXELS
 from app.store import atomic_write
 
 log = logging.getLogger(__name__)
@@ -100,7 +101,7 @@ def extract_paths(
     cache: FeatureCache | None = None,
     batch_size: int = 32,
     decode_threads: int = 2,
-    max_pixels: int = 40_000_000,
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     progress: bool = True,
 ) -> Extracted:
     """Features for ``paths``; unreadable images are skipped and reported, never fatal."""

@@ -23,7 +23,7 @@ Endpoint = Literal["classify", "embed", "infer"]
 class Item:
     """One image of a request: its bytes and, when it had one, a file name."""
 
-    data: bytes
+    data: bytes | bytearray | memoryview  # a request body or a view into it: never copied
     name: str | None = None
     error: InputError | None = None  # set when the item was bad before decoding (bad base64, …)
 

@@ -15,7 +15,13 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.cpus import available_cpus
 
-DEFAULT_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
+DEFAULT_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "HEIF", "AVIF")
+# The limits, defined once (app/imaging.py, app/features.py and the deploy files follow them).
+# 8160 x 6120 (a 50 MP sensor) = 49.9 M and 8064 x 6048 (a 48 MP iPhone HEIC) = 48.8 M fit; decoded
+# RGB costs 4 bytes a pixel in Pillow, so one image at the limit is 200 MB while it is resized.
+DEFAULT_MAX_IMAGE_PIXELS = 50_000_000
+# A 200 MP phone JPEG is 30-60 MB; 64 MiB leaves room for multipart framing.
+DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
 
 
 class Settings(BaseSettings):
@@ -91,10 +97,14 @@ class Settings(BaseSettings):
     )
 
     # --- limits
-    max_body_bytes: int = Field(20 * 1024 * 1024, ge=1, description="Largest request body (413 beyond).")
+    max_body_bytes: int = Field(
+        DEFAULT_MAX_BODY_BYTES, ge=1, description="Largest request body (413 beyond); held once in memory while it is served."
+    )
     max_images_per_request: int = Field(64, ge=1, description="Most images in one request (413 beyond).")
     max_image_pixels: int = Field(
-        40_000_000, ge=1, description="Most pixels in one decoded image (422 beyond; decompression-bomb guard)."
+        DEFAULT_MAX_IMAGE_PIXELS,
+        ge=1,
+        description="Most pixels one image may decode to (422 beyond; decompression-bomb guard): a baseline JPEG's reduced (draft) size, every other image's declared size.",
     )
     allowed_formats: str = Field(
         ",".join(DEFAULT_FORMATS), description="Image formats accepted, sniffed from the bytes (415 otherwise)."

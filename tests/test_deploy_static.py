@@ -365,6 +365,75 @@ def test_compose_services_files_ports_and_settings() -> None:
                 assert (REPO / source).is_file(), source
 
 
+# Memory of a warm replica at TLSERVE_MAX_BATCH_SIZE=16 (deploy/README.md: measured peak ~1.1 GB), and how many
+# maximum-size uploads it must hold at once: 8 concurrent 200 MP JPEGs (tests/test_large_photos.py measures
+# their cost: one body each, held once; nothing spooled to /tmp).
+WARM_REPLICA_BYTES = 1_100_000_000
+CONCURRENT_UPLOADS = 8
+
+
+def _bytes(quantity: str) -> int:
+    """Kubernetes / compose memory quantities: 2Gi, 2g, 64Mi, 64m."""
+    match = re.fullmatch(r"(\d+)([KMGkmg]i?)?", str(quantity))
+    assert match, quantity
+    unit = (match[2] or "").lower()
+    return int(match[1]) * {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "ki": 1024, "mi": 1024**2, "gi": 1024**3}[unit]
+
+
+def compose_tmpfs_bytes(service: dict[str, Any]) -> int:
+    (tmpfs,) = service["tmpfs"]
+    path, _, options = tmpfs.partition(":")
+    assert path == "/tmp"
+    size = dict(o.split("=", 1) for o in options.split(",") if "=" in o).get("size")
+    assert size, f"the /tmp tmpfs needs a size: it is RAM charged to the container ({tmpfs!r})"
+    return _bytes(size)
+
+
+def k8s_tmp_bytes(pod: dict[str, Any]) -> int:
+    (tmp,) = [v for v in pod["volumes"] if v["name"] == "tmp"]
+    return _bytes(tmp["emptyDir"]["sizeLimit"])
+
+
+def test_body_limits_tmp_and_memory_agree_across_service_nginx_compose_and_k8s() -> None:
+    """8 concurrent uploads of the largest body must fit every replica, and every layer must let them through."""
+    assert DEFAULTS.max_body_bytes >= 60_000_000, "a 200 MP phone JPEG is 30-60 MB"
+    limit = nginx_body_limit()
+    assert limit == DEFAULTS.max_body_bytes
+    # nginx's own 413 names the same limit
+    message = re.search(r"load balancer limit of (\d+) MiB", CONF.read_text())
+    assert message and int(message[1]) * 1024 * 1024 == limit
+    compose = yaml.safe_load(COMPOSE.read_text())["services"]
+    replicas: list[tuple[str, int, int, Settings]] = []
+    for name in ("tlserve", "tlserve-gpu"):
+        svc = compose[name]
+        replicas.append(
+            (
+                f"compose {name}",
+                _bytes(svc["deploy"]["resources"]["limits"]["memory"]),
+                compose_tmpfs_bytes(svc),
+                _settings_from(svc["environment"]),
+            )
+        )
+    for path, doc in of_kind("Deployment"):
+        pod = doc["spec"]["template"]["spec"]
+        (c,) = pod["containers"]
+        env = {e["name"]: e["value"] for e in c["env"] if "value" in e}
+        replicas.append(
+            (f"k8s {path.relative_to(K8S)}", _bytes(c["resources"]["limits"]["memory"]), k8s_tmp_bytes(pod), _settings_from(env))
+        )
+    tmp_sizes = set()
+    for where, memory, tmp, settings in replicas:
+        assert settings.max_body_bytes == limit, where
+        need = WARM_REPLICA_BYTES + CONCURRENT_UPLOADS * settings.max_body_bytes + tmp
+        assert memory >= need, f"{where}: {memory} bytes of memory < {need} (warm + {CONCURRENT_UPLOADS} bodies + /tmp)"
+        tmp_sizes.add(tmp)
+    assert len(tmp_sizes) == 1, f"compose's tmpfs and k8s's emptyDir sizeLimit differ: {tmp_sizes}"
+    # nginx buffers a body over client_body_buffer_size on disk, not in its own memory
+    buffer = re.search(r"client_body_buffer_size\s+(\d+)([km]?);", CONF.read_text())
+    assert buffer and int(buffer[1]) * {"": 1, "k": 1024, "m": 1024**2}[buffer[2]] < limit
+    assert "proxy_request_buffering on;" in CONF.read_text()
+
+
 def metric_names() -> set[str]:
     return {family.name for family in Metrics().registry.collect()}
 

@@ -14,6 +14,7 @@ import httpx
 import numpy as np
 import pytest
 
+from app.settings import DEFAULT_MAX_BODY_BYTES
 from app.store import ModelStore
 from tests.helpers import ServerProcess, image_bytes
 
@@ -263,7 +264,7 @@ def test_bad_binary_framing(server: ServerProcess) -> None:
         response = httpx.post(infer_url(server), content=content, headers={"Inference-Header-Content-Length": length})
         assert response.status_code == 400, (words, response.text)
         assert words in response.json()["error"]
-    bomb = gzip.compress(b" " * 30_000_000)  # inflates past max_body_bytes (20 MB)
+    bomb = gzip.compress(b" " * (DEFAULT_MAX_BODY_BYTES + 1))  # inflates past max_body_bytes
     response = httpx.post(infer_url(server), content=bomb, headers={"Content-Encoding": "gzip"})
     assert response.status_code == 413 and "max_body_bytes" in response.json()["error"]
     response = httpx.post(infer_url(server), content=b"{}", headers={"Content-Encoding": "br"})

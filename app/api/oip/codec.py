@@ -21,7 +21,7 @@ DEFAULT_OUTPUTS = ("label", "probabilities")
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
 
-def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
+def decompress(body: bytes | bytearray, encoding: str | None, limit: int) -> bytes | bytearray:
     enc = (encoding or "identity").strip().lower()
     if enc == "identity":
         return body
@@ -39,7 +39,7 @@ def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
     return out
 
 
-def split(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
+def split(body: bytes | bytearray, header_length: str | None) -> tuple[bytes | bytearray, bytes | bytearray]:
     if header_length is None:
         return body, b""
     try:
@@ -51,7 +51,7 @@ def split(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
     return body[:n], body[n:]
 
 
-def parse(header: bytes) -> InferenceRequest:
+def parse(header: bytes | bytearray) -> InferenceRequest:
     doc = load_json(header, "the inference request", BadRequest)
     try:
         return InferenceRequest.model_validate(doc)
@@ -81,9 +81,11 @@ def _flatten(data: list[Any]) -> list[Any]:
     return out
 
 
-def _unframe(blob: bytes, n: int) -> list[bytes]:
-    """BYTES tensor elements from the binary form: each a 4-byte little-endian length, then the bytes."""
-    out: list[bytes] = []
+def _unframe(blob: bytes | bytearray, n: int) -> list[bytes | memoryview]:
+    """BYTES tensor elements from the binary form: each a 4-byte little-endian length, then the bytes
+    (views into the body, not copies)."""
+    view = memoryview(blob)
+    out: list[bytes | memoryview] = []
     offset = 0
     while offset < len(blob) and len(out) <= n:
         if offset + 4 > len(blob):
@@ -92,7 +94,7 @@ def _unframe(blob: bytes, n: int) -> list[bytes]:
         offset += 4
         if offset + size > len(blob):
             raise BadRequest(f"binary data of input {INPUT!r} is truncated in element {len(out)}")
-        out.append(blob[offset : offset + size])
+        out.append(view[offset : offset + size])
         offset += size
     if len(out) != n or offset != len(blob):
         raise BadRequest(f"input {INPUT!r} has shape [{n}] but its binary data holds a different number of elements")
@@ -103,7 +105,7 @@ def _b64(value: Any, index: int) -> bytes:
     return decode_base64(value, f"input {INPUT!r} element {index}", BadRequest)
 
 
-def images(req: InferenceRequest, blob: bytes, limit: int) -> list[bytes]:
+def images(req: InferenceRequest, blob: bytes | bytearray, limit: int) -> list[bytes | memoryview]:
     if len(req.inputs) != 1:
         raise BadRequest(f"expected one input tensor named {INPUT!r}, got {len(req.inputs)}")
     t = req.inputs[0]

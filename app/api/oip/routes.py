@@ -90,11 +90,19 @@ def _classes(service: Service, name: str, version: int | None) -> tuple[str, ...
     return head.classes if head is not None else tuple(str(c) for c in current.card.get("classes", []))
 
 
-@router.get("/models/{name}/versions/{version}", name="oip_model_version_metadata", response_model=ModelMetadata,
-            dependencies=KeyDep, summary="Metadata of one version of a model")  # fmt: skip
 @router.get("/models/{name}", name="oip_model_metadata", response_model=ModelMetadata, dependencies=KeyDep,
             summary="Model metadata: the input and outputs with datatypes and shapes")  # fmt: skip
-async def oip_model_metadata(name: str, service: ServiceDep, version: int | None = None) -> ModelMetadata:
+async def oip_model_metadata(name: str, service: ServiceDep) -> ModelMetadata:
+    return _metadata(service, name, None)
+
+
+@router.get("/models/{name}/versions/{version}", name="oip_model_version_metadata", response_model=ModelMetadata,
+            dependencies=KeyDep, summary="Metadata of one version of a model")  # fmt: skip
+async def oip_model_version_metadata(name: str, version: int, service: ServiceDep) -> ModelMetadata:
+    return _metadata(service, name, version)
+
+
+def _metadata(service: Service, name: str, version: int | None) -> ModelMetadata:
     n_classes = len(_classes(service, name, version))
     dim = service.info.feature_dim if service.info else -1
     return ModelMetadata(
@@ -110,11 +118,19 @@ async def oip_model_metadata(name: str, service: ServiceDep, version: int | None
     )
 
 
-@router.get("/models/{name}/versions/{version}/ready", name="oip_model_version_ready", response_model=ModelReady,
-            dependencies=KeyDep, responses={400: {"model": ModelReady}}, summary="Readiness of one version of a model")  # fmt: skip
 @router.get("/models/{name}/ready", name="oip_model_ready", response_model=ModelReady, dependencies=KeyDep,
             responses={400: {"model": ModelReady}}, summary="Model readiness: 200 when it can serve, 400 otherwise")  # fmt: skip
-async def oip_model_ready(name: str, service: ServiceDep, version: int | None = None) -> JSONResponse:
+async def oip_model_ready(name: str, service: ServiceDep) -> JSONResponse:
+    return _ready(service, name, None)
+
+
+@router.get("/models/{name}/versions/{version}/ready", name="oip_model_version_ready", response_model=ModelReady,
+            dependencies=KeyDep, responses={400: {"model": ModelReady}}, summary="Readiness of one version of a model")  # fmt: skip
+async def oip_model_version_ready(name: str, version: int, service: ServiceDep) -> JSONResponse:
+    return _ready(service, name, version)
+
+
+def _ready(service: Service, name: str, version: int | None) -> JSONResponse:
     _, head, error = service.head_record(name)  # 404 for an unknown model
     ok, reason = service.ready
     if ok and version is not None:
@@ -139,22 +155,28 @@ BINARY_RESPONSE: dict[int | str, dict[str, Any]] = {
 }
 
 
-@router.post("/models/{name}/versions/{version}/infer", name="oip_model_version_infer", response_model=InferenceResponse,
-             response_model_exclude_none=True, responses=BINARY_RESPONSE, dependencies=KeyDep, openapi_extra=INFER_BODY,
-             summary="Classify encoded images with one version of a model")  # fmt: skip
+HeaderLength = Annotated[str | None, Header(alias=HEADER_LENGTH, description="Binary tensor data: length of the JSON header")]
+ContentEncoding = Annotated[str | None, Header(alias="Content-Encoding", description="identity, gzip or deflate")]
+
+
 @router.post("/models/{name}/infer", name="oip_model_infer", response_model=InferenceResponse, response_model_exclude_none=True,
              responses=BINARY_RESPONSE, dependencies=KeyDep, openapi_extra=INFER_BODY,
              summary="Classify encoded images (BYTES input `image`)")  # fmt: skip
-async def oip_model_infer(
-    name: str,
-    request: Request,
-    service: ServiceDep,
-    header_length: Annotated[
-        str | None, Header(alias=HEADER_LENGTH, description="Binary tensor data: length of the JSON header")
-    ] = None,
-    content_encoding: Annotated[str | None, Header(alias="Content-Encoding", description="identity, gzip or deflate")] = None,
-    version: int | None = None,
-) -> Response:
+async def oip_model_infer(name: str, request: Request, service: ServiceDep, header_length: HeaderLength = None,
+                          content_encoding: ContentEncoding = None) -> Response:  # fmt: skip
+    return await _infer(service, request, name, None, header_length, content_encoding)
+
+
+@router.post("/models/{name}/versions/{version}/infer", name="oip_model_version_infer", response_model=InferenceResponse,
+             response_model_exclude_none=True, responses=BINARY_RESPONSE, dependencies=KeyDep, openapi_extra=INFER_BODY,
+             summary="Classify encoded images with one version of a model")  # fmt: skip
+async def oip_model_version_infer(name: str, version: int, request: Request, service: ServiceDep,
+                                  header_length: HeaderLength = None, content_encoding: ContentEncoding = None) -> Response:  # fmt: skip
+    return await _infer(service, request, name, version, header_length, content_encoding)
+
+
+async def _infer(service: Service, request: Request, name: str, version: int | None, header_length: str | None,
+                 content_encoding: str | None) -> Response:  # fmt: skip
     service.head(name, version)  # 404 before reading the body
     limit = service.settings.max_body_bytes
     body = decompress(await read_body(request, limit), content_encoding, limit)
