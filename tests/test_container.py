@@ -322,24 +322,27 @@ def test_sigterm_answers_every_request_in_flight_and_exits_within_the_drain_time
     replica.wait_ready()
     drain = drain_timeout_s()
 
-    def send(n: int) -> tuple[int, str]:
-        png = image_bytes(seed=n, size=(160, 120))
-        r = httpx.post(replica.url + "/v1/classify", content=png, headers={"Content-Type": "image/png"}, timeout=120)
-        return r.status_code, r.json()["results"][0]["label"] if r.status_code == 200 else r.text[:200]
+    def send(n: int) -> tuple[int, list[str]]:
+        parts = [("file", (f"{n}-{i}.png", image_bytes(seed=2 * n + i, size=(160, 120)), "image/png")) for i in range(2)]
+        r = httpx.post(replica.url + "/v1/classify", files=parts, timeout=120)
+        return r.status_code, [x["label"] for x in r.json()["results"]] if r.status_code == 200 else [r.text[:200]]
 
     with ThreadPoolExecutor(8) as pool:
         futures = [pool.submit(send, n) for n in range(8)]
         deadline = time.monotonic() + 30
         while in_flight(replica) < 8 and time.monotonic() < deadline:  # all 8 accepted (the probe is the 9th)
-            time.sleep(0.05)
+            time.sleep(0.02)
         podman("kill", "--signal", "SIGTERM", replica.name)
         t0 = time.monotonic()
+        pending = sum(not f.done() for f in futures)
         answers = [f.result() for f in futures]
     code = replica.exit_code(timeout=drain + 30)
     took = time.monotonic() - t0
+    assert pending >= 4, f"only {pending} request(s) were still in flight at SIGTERM"
     assert [status for status, _ in answers] == [200] * 8, answers
-    assert {label for _, label in answers} <= {"cat", "dog"}
+    assert all(len(labels) == 2 and set(labels) <= {"cat", "dog"} for _, labels in answers), answers
     assert code == 0 and took < drain, (code, took, replica.logs()[-2000:])
+    assert any("SIGTERM" in line or "shutdown" in line.lower() for line in replica.logs().splitlines()[-20:])
 
 
 def in_flight(replica: Container) -> float:
