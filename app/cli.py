@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 
 
 def _check_export(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    _require_extra("export", "export")  # a missing dependency first: no option can fix that
     """Usage errors of ``tlserve export`` (exit 2), found before any export work is done."""
     kind, *rest = args.weights
     if not ((kind == "pypi" and not rest) or (kind in ("keras-h5", "onnx") and len(rest) == 1)):
