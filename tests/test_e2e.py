@@ -45,7 +45,7 @@ def test_export_train_evaluate_predict_from_pinned_weights(real_store: ModelStor
                   store=store)  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert "confusion matrix" in out.stdout and "precision" in out.stdout
-    card = json.loads((store / "heads" / "pets" / "card.json").read_text())
+    card = json.loads((ModelStore(store).heads.current_folder("pets") / "card.json").read_text())
     assert card["training"]["train_per_class"] == {"cat": 15, "dog": 15}
     assert card["metrics"]["accuracy"] >= 0.9  # 15 photos a class already separate cats from dogs
 
