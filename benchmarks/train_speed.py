@@ -1,0 +1,206 @@
+"""How fast is training, and is its accuracy the reference's? Real photos, the real extractor.
+
+    nice -n 10 python -m benchmarks.train_speed [--data ../shared/data/cats_vs_dogs/train --limit 500]
+        [--weather ../shared/data/weather/train] [--model-store model_store] [--out benchmarks/out/train_speed]
+        [--baseline DIR]   # DIR holds another version's app/ package (e.g. `git archive main app | tar -x -C DIR`)
+
+In one run, in a scratch model store (the extractor linked, never the repository's heads/):
+
+1. **bare**: the extractor alone on one decoded batch of 32, images/s (and CPU s/image), measured right
+   before and right after the first train (the machine is shared: both are printed);
+2. **first train** on ``--limit`` photos a class of ``--data`` with an empty feature cache: images/s of the whole
+   ``Trainer.train`` call and of its feature phase, as ratios to the bare figure (target >= 0.87);
+3. **re-train** from the cached features (target < 10 s for 1,000 images x 512-d on 2 cores);
+4. **one fit** at C=0.01 on those features with BLAS threads limited to 1 and unlimited;
+5. **accuracy**: the trainer's 5-fold CV accuracy on ``--weather`` against an independent
+   ``LogisticRegressionCV`` (same C grid, same folds) on the same cached features (target: within 1 point).
+
+With ``--baseline DIR`` steps 1-3 are repeated in a subprocess on ``DIR/app`` (the "before" numbers), with its
+own empty cache. Prints one JSON document and writes it to ``--out``/train_speed.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+MEASURE = r"""
+import json, sys, time
+from pathlib import Path
+import numpy as np
+from app.settings import Settings
+from app.training import Trainer
+from app.features import Dataset
+from app.imaging import load_image
+
+store, data, limit, cache, seconds = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4]), float(sys.argv[5])
+settings = Settings(model_store=store, feature_cache_dir=cache)
+t = Trainer(settings, progress=False)
+info = t.info
+paths = Dataset.from_folder(data).paths
+batch = np.stack([load_image(p.read_bytes(), info.size, resample=info.resample) for p in paths[:32]])
+
+def bare():
+    t.extractor.run(batch)  # warm
+    n, w0, c0 = 0, time.perf_counter(), time.process_time()
+    while time.perf_counter() - w0 < seconds or n < 3 * 32:
+        t.extractor.run(batch)
+        n += 32
+    wall, cpu = time.perf_counter() - w0, time.process_time() - c0
+    return {"images_per_s": n / wall, "cpu_s_per_image": cpu / n}
+
+def train(name):
+    w0, c0 = time.perf_counter(), time.process_time()
+    out = t.train(data, name, limit=limit)
+    wall, cpu = time.perf_counter() - w0, time.process_time() - c0
+    card = out.card if hasattr(out, "card") else out[1]
+    n = sum(card["training"]["train_per_class"].values()) + (0 if "fitted_on" in card.get("estimator", {}) else sum(card["training"]["val_per_class"].values()))
+    return {"images": n, "wall_s": wall, "cpu_s": cpu, "images_per_s": n / wall, "cpu_s_per_image": cpu / n, "C": card["estimator"]["C"]}
+
+before = bare()
+first = train("speed")
+after = bare()
+retrain = train("speed")
+print("RESULT " + json.dumps({"bare_before": before, "first_train": first, "bare_after": after, "retrain": retrain}))
+"""
+
+
+def scratch_store(model_store: Path, root: Path) -> Path:
+    """A model store with the same manifest and extractor (linked) and no heads."""
+    root.mkdir(parents=True, exist_ok=True)
+    manifest = json.loads((model_store / "manifest.json").read_text())
+    shutil.copy(model_store / "manifest.json", root / "manifest.json")
+    for entry in [manifest["extractor"], *manifest.get("variants", [])]:
+        (root / entry["file"]).symlink_to((model_store / entry["file"]).resolve())
+    return root
+
+
+def measure(src: Path | None, store: Path, data: Path, limit: int, cache: Path, seconds: float) -> dict:
+    """Steps 1-3 in a fresh process (``src``: another version's package, else this one)."""
+    env = {**os.environ, "PYTHONPATH": str(src or Path.cwd()), "TLSERVE_LOG_LEVEL": "warning"}
+    cmd = [sys.executable, "-c", MEASURE, str(store), str(data), str(limit), str(cache), str(seconds)]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False, cwd=src or Path.cwd())
+    line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if line is None:
+        raise RuntimeError(f"measurement failed ({out.returncode}): {out.stderr[-3000:]}")
+    result = json.loads(line[len("RESULT ") :])
+    bare = (result["bare_before"]["images_per_s"] + result["bare_after"]["images_per_s"]) / 2
+    bare_cpu = (result["bare_before"]["cpu_s_per_image"] + result["bare_after"]["cpu_s_per_image"]) / 2
+    result["first_train_ratio"] = result["first_train"]["images_per_s"] / bare
+    result["first_train_cpu_ratio"] = bare_cpu / result["first_train"]["cpu_s_per_image"]
+    return result
+
+
+def accuracy_vs_reference(store: Path, weather: Path, cache: Path) -> dict:
+    """The trainer's 5-fold CV accuracy against scikit-learn's LogisticRegressionCV on the same cached features."""
+    from sklearn.linear_model import LogisticRegressionCV
+    from sklearn.model_selection import StratifiedKFold
+
+    from app.features import Dataset
+    from app.settings import Settings
+    from app.training import C_GRID, SEED, Trainer, cross_validate, sklearn_threads
+
+    t = Trainer(Settings(model_store=store, feature_cache_dir=cache), progress=False)
+    done = t.train(weather, "weather")
+    data = Dataset.from_folder(weather)
+    ext = t.features(data.paths)  # all from the cache
+    x, y = ext.features, data.labels[ext.kept]
+    w0 = time.perf_counter()
+    ours = cross_validate(x, y, C_GRID, len(data.classes))
+    ours_s = time.perf_counter() - w0
+    w0 = time.perf_counter()
+    with sklearn_threads(1):
+        folds = StratifiedKFold(n_splits=5, shuffle=True, random_state=SEED)
+        ref = LogisticRegressionCV(Cs=list(C_GRID), cv=folds, max_iter=5000, random_state=SEED).fit(x, y)
+    ref_s = time.perf_counter() - w0
+    scores = np.mean(next(iter(ref.scores_.values())), axis=0)  # [C], the same for every class (multinomial)
+    return {
+        "photos": len(y),
+        "classes": data.classes,
+        "cache_hits": ext.cache_hits,
+        "train_card_cv": done.card["evaluation"]["cv"],
+        "train_C": done.card["estimator"]["C"],
+        "train_heldout_accuracy": done.card["metrics"]["accuracy"],
+        "cv_all_photos": {
+            "by_C": {str(c): round(a, 4) for c, a in ours.accuracy.items()},
+            "best_C": ours.best,
+            "accuracy": round(ours.accuracy[ours.best], 4),
+            "seconds": round(ours_s, 2),
+        },
+        "LogisticRegressionCV": {
+            "by_C": {str(c): round(float(a), 4) for c, a in zip(C_GRID, scores, strict=True)},
+            "best_C": float(ref.C_[0]),
+            "accuracy": round(float(scores.max()), 4),
+            "seconds": round(ref_s, 2),
+        },
+        "difference_points": round(100 * (ours.accuracy[ours.best] - float(scores.max())), 2),
+    }
+
+
+def fit_threads(store: Path, data: Path, limit: int, cache: Path) -> dict:
+    """One fit at C=0.01 on the cached features: BLAS threads limited to 1 vs scikit-learn's default."""
+    from app.features import Dataset
+    from app.settings import Settings
+    from app.training import Trainer, _per_class_subset, make_estimator, sklearn_threads
+
+    t = Trainer(Settings(model_store=store, feature_cache_dir=cache), progress=False)
+    ds = Dataset.from_folder(data)
+    ds = ds.subset(_per_class_subset(ds.labels, limit)) if limit else ds
+    ext = t.features(ds.paths)
+    x, y = ext.features, ds.labels[ext.kept]
+    out = {"shape": list(x.shape)}
+    for label, limited in (("blas_1_thread", True), ("blas_default", False)):
+        w0 = time.perf_counter()
+        if limited:
+            with sklearn_threads(1):
+                make_estimator(0.01).fit(x, y)
+        else:
+            make_estimator(0.01).fit(x, y)
+        out[label + "_s"] = round(time.perf_counter() - w0, 3)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, default=Path("../shared/data/cats_vs_dogs/train"), help="photos for the speed runs")
+    ap.add_argument("--limit", type=int, default=500, help="photos a class for the speed runs (default 500: 1,000 photos)")
+    ap.add_argument("--weather", type=Path, default=Path("../shared/data/weather/train"), help="photos for the accuracy check")
+    ap.add_argument("--model-store", type=Path, default=Path("model_store"), help="where the exported extractor is")
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/out/train_speed"), help="where train_speed.json goes")
+    ap.add_argument("--baseline", type=Path, default=None, help="a folder holding another version's app/ package")
+    ap.add_argument("--bare-seconds", type=float, default=10.0, help="seconds per bare-extractor measurement")
+    args = ap.parse_args()
+    scratch = Path(tempfile.mkdtemp(prefix="train_speed_"))
+    try:
+        store = scratch_store(args.model_store, scratch / "store")
+        result: dict = {"data": str(args.data), "limit": args.limit, "cpus": os.cpu_count()}
+        result["after"] = measure(None, store, args.data, args.limit, scratch / "cache", args.bare_seconds)
+        print(json.dumps({"after": result["after"]}, indent=1), flush=True)
+        result["fit_threads"] = fit_threads(store, args.data, args.limit, scratch / "cache")
+        print(json.dumps({"fit_threads": result["fit_threads"]}), flush=True)
+        if args.weather.is_dir():
+            result["accuracy"] = accuracy_vs_reference(store, args.weather, scratch / "cache")
+            print(json.dumps({"accuracy": result["accuracy"]}, indent=1), flush=True)
+        if args.baseline is not None:
+            old = scratch_store(args.model_store, scratch / "store_before")
+            result["before"] = measure(args.baseline.resolve(), old, args.data.resolve(), args.limit, scratch / "cache_before",
+                                       args.bare_seconds)  # fmt: skip
+            print(json.dumps({"before": result["before"]}, indent=1), flush=True)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "train_speed.json").write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(result, indent=2))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
