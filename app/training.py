@@ -20,8 +20,8 @@ What :meth:`Trainer.train` does, and which number comes from which data:
 
 Every scikit-learn call runs under :func:`sklearn_threads` (one BLAS/OpenMP thread per worker:
 BLAS threads fighting ONNX Runtime and each other made one fit 9x slower on a busy 2-core
-machine); the folds of a C search run in parallel processes when the search is big enough to pay
-for starting them (:func:`fold_jobs`).
+machine); each fold fits its C values along the path, warm-started from the previous C; the folds
+of a C search run in worker processes only where that was measured to pay (:func:`fold_jobs`).
 """
 
 from __future__ import annotations
@@ -59,9 +59,13 @@ VAL_FRACTION = 0.2
 MIN_IMAGES_PER_CLASS = 2
 OOF_FILE = "oof_proba.npy"
 FOLDS_FILE = "folds.json"
-PARALLEL_MIN_WORK = 2_000_000
-"""Samples x features x classes x C values of a search below which its folds run in this process:
-starting worker processes (~1 s each, importing scikit-learn) costs more than they save."""
+PARALLEL_MIN_WORK = 25_000_000
+PARALLEL_MIN_CPUS = 4
+"""A C search runs its folds in worker processes only with at least this much work (samples x features
+x classes x C values; 25M is ~10 s serial here) and this many CPUs. Measured on 2 busy cores, two
+workers never paid: 766x512 (weather) 1.5-2.1 s serial vs 3.0-7.0 s; 3,064x512 10.0-10.4 s vs
+11.5-18.8 s; 6,128x512 28-35 s vs 30-31 s (process start-up and the other processes on the machine
+eat the second core)."""
 
 
 # --- reports ---------------------------------------------------------------------------------
@@ -182,9 +186,10 @@ def _fold_path(x: np.ndarray, y: np.ndarray, train: np.ndarray, test: np.ndarray
 
 
 def fold_jobs(x: np.ndarray, n_classes: int, n_c: int, n_splits: int) -> int:
-    """Worker processes for one search: parallel only where the work pays for the processes."""
-    work = x.shape[0] * x.shape[1] * max(1, n_classes - 1) * n_c
-    return min(available_cpus(), n_splits) if work >= PARALLEL_MIN_WORK else 1
+    """Worker processes for one search: parallel only where it pays (see :data:`PARALLEL_MIN_WORK`)."""
+    work = x.shape[0] * x.shape[1] * n_classes * n_c
+    cpus = available_cpus()
+    return min(cpus, n_splits) if work >= PARALLEL_MIN_WORK and cpus >= PARALLEL_MIN_CPUS else 1
 
 
 @dataclass

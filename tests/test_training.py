@@ -77,14 +77,16 @@ def test_without_val_dir_the_shipped_head_is_fitted_on_all_photos(fresh_tiny_sto
     done = t.train(data, "all", c=0.5)
     x, y = features_of(t, data)
     head = load_head(t.heads, "all", t.info.feature_space)
-    reference = LogisticRegression(C=0.5, max_iter=5000).fit(x, y)
+    with sklearn_threads(1):
+        reference = LogisticRegression(C=0.5, max_iter=5000).fit(x, y)
     np.testing.assert_allclose(head.estimator.coef_, reference.coef_, rtol=1e-4, atol=1e-5)
     card = done.card
     assert card["training"]["train_per_class"] == {"blue": 10, "red": 10}
     assert "all 20 labelled photos" in card["estimator"]["fitted_on"] and "refitted on all" in card["evaluation"]["metrics"]
     # the held-out report comes from a head fitted on the other 80% only, scored on the 20% it never saw
     xtr, xte, ytr, yte = train_test_split(x, y, test_size=4, stratify=y, random_state=42)
-    held_pred = LogisticRegression(C=0.5, max_iter=5000).fit(xtr, ytr).predict(xte)
+    with sklearn_threads(1):
+        held_pred = LogisticRegression(C=0.5, max_iter=5000).fit(xtr, ytr).predict(xte)
     assert card["metrics"] == make_report(yte, held_pred, ["blue", "red"]).as_dict()
     assert card["training"]["val_per_class"] == {"blue": 2, "red": 2}
 
@@ -103,9 +105,9 @@ def test_regularisation_chosen_by_cross_validation(fresh_tiny_store: ModelStore,
     x, y = features_of(t, data)
     xtr, _, ytr, _ = train_test_split(x, y, test_size=7, stratify=y, random_state=42)
     folds = StratifiedKFold(n_splits=5, shuffle=True, random_state=42)
-    for c in C_GRID:
-        want = cross_val_score(LogisticRegression(C=c, max_iter=5000), xtr, ytr, cv=folds).mean()
-        assert scores[str(c)] == pytest.approx(want, abs=1e-4)
+    with sklearn_threads(1):  # the reference too: unlimited BLAS threads are slow on a busy machine, not wrong
+        want = {c: cross_val_score(LogisticRegression(C=c, max_iter=5000), xtr, ytr, cv=folds).mean() for c in C_GRID}
+    assert scores == pytest.approx({str(c): v for c, v in want.items()}, abs=1e-4)
 
 
 def test_out_of_fold_predictions_and_folds_are_artifacts_of_the_version(fresh_tiny_store: ModelStore, tmp_path: Path) -> None:
@@ -130,7 +132,8 @@ def test_out_of_fold_predictions_and_folds_are_artifacts_of_the_version(fresh_ti
     x, y = features_of(t, data)
     assert [f["label"] for f in files] == y.tolist()
     fold = np.array([f["fold"] for f in files])
-    ref = LogisticRegression(C=1.0, max_iter=5000).fit(x[fold != 0], y[fold != 0]).predict_proba(x[fold == 0])
+    with sklearn_threads(1):
+        ref = LogisticRegression(C=1.0, max_iter=5000).fit(x[fold != 0], y[fold != 0]).predict_proba(x[fold == 0])
     np.testing.assert_allclose(proba[fold == 0], ref, atol=1e-4)
     assert done.card["evaluation"]["cv"]["accuracy"] == pytest.approx(
         np.mean([(proba[fold == k].argmax(1) == y[fold == k]).mean() for k in range(5)]), abs=1e-4
