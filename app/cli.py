@@ -59,6 +59,8 @@ def _train(args: argparse.Namespace) -> int:
     print(f"head {args.name!r}: {len(card['classes'])} classes, fitted on all {n} labelled photos "
           f"{training['train_per_class']}, C={estimator['C']} ({estimator['C_source']})")  # fmt: skip
     _print_notes(done.skipped, done.nested, [d.describe() for d in done.duplicates])
+    if done.loose:
+        print(f"note: {done.loose} file(s) directly in {args.data_dir} (outside the class folders) were ignored")
     if estimator["cv_accuracy_by_C"]:
         print(f"model selection ({ev['model_selection']}): accuracy by C {estimator['cv_accuracy_by_C']}")
     cv = ev["cv"]

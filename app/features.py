@@ -106,11 +106,6 @@ class Dataset:
     def relative(self, i: int) -> str:
         return self.paths[i].relative_to(self.root).as_posix()
 
-    def per_class(self, idx: np.ndarray | None = None) -> dict[str, int]:
-        labels = self.labels if idx is None else self.labels[idx]
-        counts = np.bincount(labels, minlength=len(self.classes)).tolist()
-        return dict(zip(self.classes, counts, strict=True))
-
 
 def _hidden(path: Path, base: Path) -> bool:
     return any(part.startswith(".") for part in path.relative_to(base).parts)
@@ -123,7 +118,7 @@ def _refuse_split(root: Path, found: list[str], what: str) -> None:
     if len(split) >= 2 or holds_classes:
         train = next((f for f in split if f.lower() == "train"), split[0])
         val = next((f for f in split if f.lower() != train.lower()), None)
-        fix = f"`tlserve train {root / train}`" + (f" --val-dir {root / val}" if val else "")
+        fix = f"`tlserve train {root / train}" + (f" --val-dir {root / val}`" if val else "`")
         raise DatasetError(
             f"{what} {root} looks like a dataset split, not one folder per class: its sub-folders {split} are split "
             f"names. Point at the folder that holds the class folders, e.g. {fix}"

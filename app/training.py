@@ -256,6 +256,7 @@ class Trained:
     skipped: list[tuple[Path, str]] = field(default_factory=list)
     duplicates: list[Duplicate] = field(default_factory=list)
     nested: dict[str, int] = field(default_factory=dict)
+    loose: int = 0  # files directly in DATA_DIR, outside any class folder: ignored
 
 
 @dataclass
@@ -349,7 +350,7 @@ class Trainer:
 
         ext = self.features(data.paths, hashes=hashes)
         x, y = ext.features, data.labels[ext.kept]
-        _enough_after_extraction(data, y, ext)
+        _enough_after_extraction(data, y)
         skipped = list(ext.skipped)
         if val is not None and vhashes is not None:
             vext = self.features(val.paths, phase="validation features", hashes=vhashes)
@@ -368,7 +369,7 @@ class Trainer:
             FOLDS_FILE: json.dumps(_folds_json(data, ext, y, fitted), indent=1).encode(),
         }
         version = save_head(self.heads, name, fitted.head, card, files)
-        return Trained(report, version.card, version, skipped, duplicates, dict(data.nested))
+        return Trained(report, version.card, version, skipped, duplicates, dict(data.nested), data.loose)
 
     def _fit(self, x: np.ndarray, y: np.ndarray, held: _Held, n_classes: int, c: float | None) -> _Fitted:
         train_x, train_y = (x, y) if held.train_idx is None else (x[held.train_idx], y[held.train_idx])
@@ -395,7 +396,7 @@ class Trainer:
         head = fit(x, y, c)
         meter.finish()
         with sklearn_threads(1):
-            pred = (report_head or head).predict(held.x)
+            pred = (head if report_head is None else report_head).predict(held.x)
         return _Fitted(head, c, source, search, oof, pred)
 
     def _card(self, data: Dataset, val: Dataset | None, y: np.ndarray, held: _Held, skipped: list,
@@ -427,6 +428,7 @@ class Trainer:
                 "train_per_class": _counts(y, data.classes),
                 "val_per_class": _counts(held.y, data.classes),
                 "nested_per_class": dict(data.nested),
+                "ignored_outside_class_folders": data.loose,
                 "skipped": len(skipped),
                 "skipped_files": [f"{p}: {why}" for p, why in skipped[:50]],
                 "duplicates": [d.as_dict() for d in duplicates[:50]],
@@ -494,7 +496,8 @@ class _Fitted:
     held_pred: np.ndarray
 
 
-def _enough_after_extraction(data: Dataset, y: np.ndarray, ext: Extracted) -> None:
+def _enough_after_extraction(data: Dataset, y: np.ndarray) -> None:
+    """The readable-image check again, on what extraction really kept (a file can change in between)."""
     counts = np.bincount(y, minlength=len(data.classes))
     for label, count in enumerate(counts):
         if count < MIN_IMAGES_PER_CLASS:

@@ -2,7 +2,8 @@
 
     nice -n 10 python -m benchmarks.train_speed [--data ../shared/data/cats_vs_dogs/train --limit 500]
         [--weather ../shared/data/weather/train] [--model-store model_store] [--out benchmarks/out/train_speed]
-        [--baseline DIR]   # DIR holds another version's app/ package (e.g. `git archive main app | tar -x -C DIR`)
+        [--baseline DIR [--baseline-limit N]]   # DIR: another version's app/ (`git archive main app | tar -x -C DIR`)
+        [--accuracy-cache DIR]                  # a feature cache that may already hold --weather's features
 
 In one run, in a scratch model store (the extractor linked, never the repository's heads/):
 
@@ -15,8 +16,10 @@ In one run, in a scratch model store (the extractor linked, never the repository
 5. **accuracy**: the trainer's 5-fold CV accuracy on ``--weather`` against an independent
    ``LogisticRegressionCV`` (same C grid, same folds) on the same cached features (target: within 1 point).
 
-With ``--baseline DIR`` steps 1-3 are repeated in a subprocess on ``DIR/app`` (the "before" numbers), with its
-own empty cache. Prints one JSON document and writes it to ``--out``/train_speed.json.
+With ``--baseline DIR`` steps 1-3 are repeated in a subprocess on ``DIR/app`` (the "before" numbers): its first
+train on ``--baseline-limit`` photos a class with an empty cache, its re-train on the same photos as ours with
+its cache filled from ours (same extractor and loader: the same vectors; see :func:`seed_main_cache`). Prints
+JSON as each step ends and keeps ``--out``/train_speed.json current.
 """
 
 from __future__ import annotations
@@ -43,9 +46,13 @@ from app.training import Trainer
 from app.features import Dataset
 from app.imaging import load_image
 
-store, data, limit, cache, seconds = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4]), float(sys.argv[5])
-settings = Settings(model_store=store, feature_cache_dir=cache)
-t = Trainer(settings, progress=False)
+store, data, seconds = Path(sys.argv[1]), Path(sys.argv[2]), float(sys.argv[3])
+first_limit, first_cache, retrain_limit, retrain_cache = int(sys.argv[4]), Path(sys.argv[5]), int(sys.argv[6]), Path(sys.argv[7])
+
+def trainer(cache):
+    return Trainer(Settings(model_store=store, feature_cache_dir=cache), progress=False)
+
+t = trainer(first_cache)
 info = t.info
 paths = Dataset.from_folder(data).paths
 batch = np.stack([load_image(p.read_bytes(), info.size, resample=info.resample) for p in paths[:32]])
@@ -59,18 +66,19 @@ def bare():
     wall, cpu = time.perf_counter() - w0, time.process_time() - c0
     return {"images_per_s": n / wall, "cpu_s_per_image": cpu / n}
 
-def train(name):
+def train(tr, name, limit):
     w0, c0 = time.perf_counter(), time.process_time()
-    out = t.train(data, name, limit=limit)
+    out = tr.train(data, name, limit=limit)
     wall, cpu = time.perf_counter() - w0, time.process_time() - c0
     card = out.card if hasattr(out, "card") else out[1]
-    n = sum(card["training"]["train_per_class"].values()) + (0 if "fitted_on" in card.get("estimator", {}) else sum(card["training"]["val_per_class"].values()))
+    fitted_on_all = "fitted_on" in card.get("estimator", {})  # main's card: train + val parts; ours: all in train_per_class
+    n = sum(card["training"]["train_per_class"].values()) + (0 if fitted_on_all else sum(card["training"]["val_per_class"].values()))
     return {"images": n, "wall_s": wall, "cpu_s": cpu, "images_per_s": n / wall, "cpu_s_per_image": cpu / n, "C": card["estimator"]["C"]}
 
 before = bare()
-first = train("speed")
+first = train(t, "speed", first_limit)
 after = bare()
-retrain = train("speed")
+retrain = train(t if retrain_cache == first_cache else trainer(retrain_cache), "speed", retrain_limit)
 print("RESULT " + json.dumps({"bare_before": before, "first_train": first, "bare_after": after, "retrain": retrain}))
 """
 
@@ -85,11 +93,14 @@ def scratch_store(model_store: Path, root: Path) -> Path:
     return root
 
 
-def measure(src: Path | None, store: Path, data: Path, limit: int, cache: Path, seconds: float) -> dict:
-    """Steps 1-3 in a fresh process (``src``: another version's package, else this one)."""
+def measure(src: Path | None, store: Path, data: Path, seconds: float, first: tuple[int, Path],
+            retrain: tuple[int, Path]) -> dict:  # fmt: skip
+    """Steps 1-3 in a fresh process (``src``: another version's package, else this one): bare, first train
+    (``first``: photos a class, empty cache), bare, re-train (``retrain``: photos a class, filled cache)."""
     env = {**os.environ, "PYTHONPATH": str(src or Path.cwd()), "TLSERVE_LOG_LEVEL": "warning"}
-    cmd = [sys.executable, "-c", MEASURE, str(store), str(data), str(limit), str(cache), str(seconds)]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False, cwd=src or Path.cwd())
+    args = [str(store), str(data), str(seconds), str(first[0]), str(first[1]), str(retrain[0]), str(retrain[1])]
+    out = subprocess.run([sys.executable, "-c", MEASURE, *args], env=env, capture_output=True, text=True, check=False,
+                         cwd=src or Path.cwd())  # fmt: skip
     line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
     if line is None:
         raise RuntimeError(f"measurement failed ({out.returncode}): {out.stderr[-3000:]}")
@@ -99,6 +110,29 @@ def measure(src: Path | None, store: Path, data: Path, limit: int, cache: Path, 
     result["first_train_ratio"] = result["first_train"]["images_per_s"] / bare
     result["first_train_cpu_ratio"] = bare_cpu / result["first_train"]["cpu_s_per_image"]
     return result
+
+
+def seed_main_cache(store: Path, data: Path, limit: int, ours: Path, theirs: Path) -> int:
+    """Copy our cached vectors of ``data`` into main's cache layout (``<sha16>/<file sha[:2]>/<file sha>.npy``):
+    the same extractor and loader give the same vectors, so main's re-train runs on the same features without
+    a second extraction of every photo. Returns how many were copied."""
+    from app.features import Dataset, FeatureCache, hash_files
+    from app.training import _per_class_subset
+
+    info = json.loads((store / "manifest.json").read_text())["extractor"]
+    ds = Dataset.from_folder(data)
+    ds = ds.subset(_per_class_subset(ds.labels, limit)) if limit else ds
+    cache = FeatureCache(ours, info["sha256"])
+    hashes, _ = hash_files(ds.paths)
+    copied = 0
+    for h in hashes:
+        src = cache.dir / (key := cache.key(h or "", int(info["input_size"]), info["resample"]))[:2] / f"{key}.npy"
+        if h and src.is_file():
+            dst = theirs / info["sha256"][:16] / h[:2] / f"{h}.npy"
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(src, dst)
+            copied += 1
+    return copied
 
 
 def accuracy_vs_reference(store: Path, weather: Path, cache: Path) -> dict:
@@ -161,7 +195,8 @@ def fit_threads(store: Path, data: Path, limit: int, cache: Path) -> dict:
     x, y = ext.features, ds.labels[ext.kept]
     out: dict = {"shape": list(x.shape)}
     with sklearn_threads(1):
-        make_estimator(0.01).fit(x[:50], y[:50])  # imports and first-call costs, not timed
+        warm = _per_class_subset(y, 25)
+        make_estimator(0.01).fit(x[warm], y[warm])  # imports and first-call costs, not timed
     for label, limited in (("blas_1_thread", True), ("blas_default", False), ("blas_1_thread", True), ("blas_default", False)):
         w0 = time.perf_counter()
         if limited:
@@ -186,24 +221,28 @@ def main() -> None:
     ap.add_argument("--bare-seconds", type=float, default=10.0, help="seconds per bare-extractor measurement")
     args = ap.parse_args()
     scratch = Path(tempfile.mkdtemp(prefix="train_speed_"))
+    args.out.mkdir(parents=True, exist_ok=True)
+    result: dict = {"data": str(args.data), "limit": args.limit, "cpus": os.cpu_count()}
+
+    def step(key: str, value: dict) -> None:
+        result[key] = value
+        print(json.dumps({key: value}, indent=1), flush=True)
+        (args.out / "train_speed.json").write_text(json.dumps(result, indent=2) + "\n")  # kept if a later step fails
+
     try:
         store = scratch_store(args.model_store, scratch / "store")
-        result: dict = {"data": str(args.data), "limit": args.limit, "cpus": os.cpu_count()}
-        result["after"] = measure(None, store, args.data, args.limit, scratch / "cache", args.bare_seconds)
-        print(json.dumps({"after": result["after"]}, indent=1), flush=True)
-        result["fit_threads"] = fit_threads(store, args.data, args.limit, scratch / "cache")
-        print(json.dumps({"fit_threads": result["fit_threads"]}), flush=True)
+        cache = scratch / "cache"
+        step("after", measure(None, store, args.data, args.bare_seconds, (args.limit, cache), (args.limit, cache)))
+        step("fit_threads", fit_threads(store, args.data, args.limit, cache))
         if args.weather.is_dir():
-            result["accuracy"] = accuracy_vs_reference(store, args.weather, args.accuracy_cache or scratch / "cache")
-            print(json.dumps({"accuracy": result["accuracy"]}, indent=1), flush=True)
+            step("accuracy", accuracy_vs_reference(store, args.weather, args.accuracy_cache or cache))
         if args.baseline is not None:
             old = scratch_store(args.model_store, scratch / "store_before")
-            limit = args.baseline_limit or args.limit
-            result["before"] = measure(args.baseline.resolve(), old, args.data.resolve(), limit, scratch / "cache_before",
-                                       args.bare_seconds)  # fmt: skip
-            print(json.dumps({"before": result["before"]}, indent=1), flush=True)
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "train_speed.json").write_text(json.dumps(result, indent=2) + "\n")
+            seeded = seed_main_cache(store, args.data, args.limit, cache, scratch / "cache_before_retrain")
+            first = (args.baseline_limit or args.limit, scratch / "cache_before_first")
+            before = measure(args.baseline.resolve(), old, args.data.resolve(), args.bare_seconds, first,
+                             (args.limit, scratch / "cache_before_retrain"))  # fmt: skip
+            step("before", {**before, "retrain_cache_seeded_from_ours": seeded})
         print(json.dumps(result, indent=2))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

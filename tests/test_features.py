@@ -74,7 +74,7 @@ def test_split_folders_are_not_classes(fresh_tiny_store: ModelStore, tmp_path: P
         write_color_dataset(root / split, per_class=3)
     split_names = [n for n in names if n.lower() in {"train", "test", "val", "valid", "validation"}]
     err = refused(trainer(fresh_tiny_store, tmp_path), tmp_path, root, "looks like a dataset split")
-    assert all(n in err.message for n in split_names) and "tlserve train" in err.message
+    assert all(n in err.message for n in split_names) and "`tlserve train " in err.message
 
 
 def test_a_class_named_like_a_split_is_still_a_class() -> None:
@@ -126,8 +126,10 @@ def test_nested_sub_folders_are_counted_per_class(fresh_tiny_store: ModelStore, 
         (deep / f"r{i}.png").write_bytes(image_bytes((210, 40, 40), seed=70 + i))
     (data / "red" / ".thumbs").mkdir()
     (data / "red" / ".thumbs" / "x.png").write_bytes(image_bytes(seed=80))  # hidden: not a photo of the set
+    (data / "stray.png").write_bytes(image_bytes(seed=81))  # outside any class folder: ignored, counted
     done = trainer(fresh_tiny_store, tmp_path).train(data, "nested", c=1.0)
     assert done.nested == {"red": 3} and done.card["training"]["nested_per_class"] == {"red": 3}
+    assert done.loose == 1 and done.card["training"]["ignored_outside_class_folders"] == 1
     assert done.card["training"]["train_per_class"] == {"blue": 6, "red": 9}
 
 
