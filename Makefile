@@ -29,6 +29,7 @@ run: $(STAMP) $(MANIFEST)
 
 test: $(STAMP) $(MANIFEST)
 	$(BIN)/ruff check app client tests benchmarks deploy
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q
 
 # The container image with podman and no Docker Hub (.ci/container: debootstrap base, `podman build
@@ -45,6 +46,7 @@ lock: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check app client tests benchmarks deploy
+	$(BIN)/mypy
 	$(BIN)/ruff format --check app client tests benchmarks deploy
 
 fmt: $(STAMP)
