@@ -5,11 +5,13 @@ real server process; raw calls use Triton's own generated stubs (never ours: bot
 from __future__ import annotations
 
 import asyncio
+import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -17,7 +19,8 @@ import numpy as np
 import pytest
 
 from app.store import ModelStore
-from tests.helpers import REPO, ServerProcess, free_port, image_bytes, settings_env
+from deploy.nginx.render import command, write_standalone
+from tests.helpers import REPO, ServerProcess, free_port, image_bytes
 
 grpc = pytest.importorskip("grpc")
 tg = pytest.importorskip("tritonclient.grpc")
@@ -39,11 +42,8 @@ IMAGES_OK = 'tlserve_images_total{endpoint="infer",head="colors",outcome="ok"}'
 
 
 @pytest.fixture(scope="module")
-def server(tiny_store: ModelStore, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    env = settings_env(tiny_store.root, default_head="colors", max_images_per_request=8, grpc_port=free_port())
-    proc = ServerProcess(env, log_path=tmp_path_factory.mktemp("grpc") / "server.log").start()
-    yield proc
-    proc.stop()
+def server(tiny_store: ModelStore, module_server_factory: Callable[..., ServerProcess]) -> ServerProcess:
+    return module_server_factory(tiny_store, default_head="colors", max_images_per_request=8, grpc_port=free_port())
 
 
 def grpc_address(server: ServerProcess) -> str:
@@ -301,12 +301,9 @@ def test_unknown_method_is_unimplemented(server: ServerProcess) -> None:
 
 # --- limits: message size and a full queue -------------------------------------------------------
 @pytest.fixture(scope="module")
-def tight_server(tiny_store: ModelStore, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    env = settings_env(tiny_store.root, default_head="colors", max_queue_size=1, max_batch_size=1, decode_threads=2,
-                       max_body_bytes=100_000, grpc_port=free_port())  # fmt: skip
-    proc = ServerProcess(env, log_path=tmp_path_factory.mktemp("grpc_tight") / "server.log").start()
-    yield proc
-    proc.stop()
+def tight_server(tiny_store: ModelStore, module_server_factory: Callable[..., ServerProcess]) -> ServerProcess:
+    return module_server_factory(tiny_store, default_head="colors", max_queue_size=1, max_batch_size=1, decode_threads=2,
+                                 max_body_bytes=100_000, grpc_port=free_port())  # fmt: skip
 
 
 def test_message_over_max_body_bytes_is_resource_exhausted(tight_server: ServerProcess) -> None:
@@ -416,16 +413,14 @@ def test_sigterm_turns_not_serving_then_closes_the_listener(server_factory, tiny
     assert "Traceback" not in server.log_text()
 
 
-def test_grpc_port_in_use_fails_before_the_model_loads(tiny_store: ModelStore, tmp_path: Path) -> None:
+def test_grpc_port_in_use_fails_before_the_model_loads(server_factory, tiny_store: ModelStore) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        server = ServerProcess(settings_env(tiny_store.root, default_head="colors", grpc_port=port), log_path=tmp_path / "s.log")
-        with pytest.raises(RuntimeError, match="exited"):
-            server.start(timeout=60)
-    assert server.proc is not None and server.proc.returncode != 0
-    log = server.log_text()
+        with pytest.raises(RuntimeError, match=r"server exited with [1-9]") as err:
+            server_factory(tiny_store, default_head="colors", grpc_port=port)
+    log = str(err.value)
     assert f"127.0.0.1:{port} (grpc_port)" in log and "warm-up" not in log
 
 
@@ -512,3 +507,59 @@ def test_real_photos_equal_http_then_drain_under_load(server_factory, real_store
     ]
     assert server.proc.wait(60) in (0, -15)
     assert "Traceback" not in server.log_text()
+
+
+# --- through the documented load balancer: real nginx, deploy/nginx/tlserve.conf's gRPC block -------
+NGINX = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if Path(p).exists()), None)
+
+
+@pytest.mark.skipif(NGINX is None, reason="nginx is not installed: `apt-get install -y nginx` (.ci/run installs it)")
+def test_nginx_grpc_route_balances_rpcs_and_skips_a_stopped_replica(
+    server_factory, tiny_store: ModelStore, tmp_path: Path
+) -> None:
+    replicas = [server_factory(tiny_store, default_head="colors", grpc_port=free_port()) for _ in range(2)]
+    http_port, grpc_port = free_port(), free_port()
+    main = write_standalone(tmp_path / "nginx", [f"127.0.0.1:{r.port}" for r in replicas], f"127.0.0.1:{http_port}",
+                            grpc_upstreams=[grpc_address(r) for r in replicas], grpc_listen=f"127.0.0.1:{grpc_port}")  # fmt: skip
+    assert NGINX is not None
+    with (tmp_path / "nginx.out").open("wb") as out:
+        nginx = subprocess.Popen(command(NGINX, main), stdout=out, stderr=subprocess.STDOUT)
+    try:
+        lb = f"127.0.0.1:{grpc_port}"
+        client = tg.InferenceServerClient(url=lb)
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                if client.is_server_ready():
+                    break
+            except InferenceServerException:
+                assert time.monotonic() < deadline, (tmp_path / "nginx.out").read_text()
+                time.sleep(0.1)
+        route = (
+            'tlserve_request_duration_seconds_count{method="GRPC",route="/inference.GRPCInferenceService/ModelInfer",status="OK"}'
+        )
+        for i in range(12):  # one client channel: nginx still spreads its RPCs over both replicas
+            assert client.infer("colors", [grpc_input(IMAGES[i % 4 : i % 4 + 1])]).as_numpy("label").shape == (1,)
+        served = [metric(r, route) for r in replicas]
+        assert sum(served) == 12 and min(served) >= 3, served
+        with grpc.insecure_channel(lb) as channel:  # the request id: nginx's or the client's, exactly once
+            _, call = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer.with_call(raw_request(), timeout=30,
+                                                                                  metadata=[("x-request-id", "via-nginx-1")])  # fmt: skip
+        assert [v for k, v in call.initial_metadata() if k == "x-request-id"] == ["via-nginx-1"]
+
+        replicas[0].terminate()  # drains and exits; nginx skips the refused replica
+        assert replicas[0].proc is not None and replicas[0].proc.wait(30) in (0, -15)
+        before = metric(replicas[1], route)
+        for i in range(8):
+            assert client.infer("colors", [grpc_input(IMAGES[i % 4 : i % 4 + 1])]).as_numpy("label").shape == (1,)
+        assert metric(replicas[1], route) - before == 8
+
+        replicas[1].terminate()
+        assert replicas[1].proc is not None and replicas[1].proc.wait(30) in (0, -15)
+        with pytest.raises(InferenceServerException) as err:  # nobody left: a gRPC status from nginx itself
+            client.infer("colors", [grpc_input(IMAGES[:1])])
+        assert err.value.status() == "StatusCode.UNAVAILABLE" and "no tlserve replica" in err.value.message()
+        client.close()
+    finally:
+        nginx.send_signal(signal.SIGQUIT)
+        nginx.wait(10)

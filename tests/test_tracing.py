@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -20,7 +20,7 @@ import pytest
 
 from app import tracing
 from app.store import ModelStore
-from tests.helpers import REPO, ServerProcess, free_port, image_bytes, settings_env
+from tests.helpers import REPO, ServerProcess, free_port, image_bytes
 
 trace_service = pytest.importorskip("opentelemetry.proto.collector.trace.v1.trace_service_pb2")
 tg = pytest.importorskip("tritonclient.grpc")
@@ -125,12 +125,9 @@ def receiver() -> Iterator[Receiver]:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_store: ModelStore, receiver: Receiver, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    env = settings_env(tiny_store.root, default_head="colors", grpc_port=free_port(), max_queue_delay_ms=150)
-    env.update({"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "50"})
-    proc = ServerProcess(env, log_path=tmp_path_factory.mktemp("tracing") / "server.log").start()
-    yield proc
-    proc.stop()
+def server(tiny_store: ModelStore, receiver: Receiver, module_server_factory: Callable[..., ServerProcess]) -> ServerProcess:
+    otel = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "50"}  # export every 50 ms
+    return module_server_factory(tiny_store, env=otel, default_head="colors", grpc_port=free_port(), max_queue_delay_ms=150)
 
 
 def v2_body(images: list[bytes]) -> dict:
@@ -314,10 +311,10 @@ def test_unsupported_protocol_is_refused_before_anything_starts() -> None:
     assert tracing.protocol({}) == "http/protobuf" and tracing.protocol({"OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "grpc"}) == "grpc"
 
 
-def test_bad_protocol_stops_the_server_with_a_message(tiny_store: ModelStore, tmp_path) -> None:
-    env = settings_env(tiny_store.root, default_head="colors")
-    env.update({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9", "OTEL_EXPORTER_OTLP_PROTOCOL": "thrift"})
-    server = ServerProcess(env, log_path=tmp_path / "s.log")
-    with pytest.raises(RuntimeError, match="exited with 2"):
-        server.start(timeout=60)
-    assert "'thrift' is not supported" in server.log_text()
+def test_bad_protocol_stops_the_server_with_a_message(
+    tiny_store: ModelStore, server_factory: Callable[..., ServerProcess]
+) -> None:
+    otel = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9", "OTEL_EXPORTER_OTLP_PROTOCOL": "thrift"}
+    with pytest.raises(RuntimeError, match="exited with 2") as err:
+        server_factory(tiny_store, env=otel, default_head="colors")
+    assert "'thrift' is not supported" in str(err.value)
