@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 from types import FrameType
 from typing import TYPE_CHECKING
 
@@ -52,7 +53,7 @@ class DrainingServer(uvicorn.Server):
         log.info("%s: not ready; closing the listeners in %.1fs", signal.Signals(sig).name, self.delay_s)
         asyncio.get_running_loop().call_later(self.delay_s, super().handle_exit, sig, frame)
 
-    async def shutdown(self, sockets: list | None = None) -> None:
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         if self.front is not None:
             self.front.close()  # the gRPC listener closes with the HTTP one
         await super().shutdown(sockets)

@@ -118,7 +118,8 @@ def span(name: str, attributes: Mapping[str, Any] | None = None) -> contextlib.A
     """A child span of the current one, made current for the block; a no-op when tracing is off."""
     if not enabled:
         return _NOOP
-    return _tracer.start_as_current_span(name, attributes=attributes)
+    span: contextlib.AbstractContextManager[Any] = _tracer.start_as_current_span(name, attributes=attributes)
+    return span
 
 
 @contextlib.contextmanager

@@ -51,7 +51,7 @@ def _blob(request: pb.ModelInferRequest) -> bytes:
             raise BadRequest(f"raw_input_contents has {len(request.raw_input_contents)} entries for {len(request.inputs)} inputs")
         if tensor.HasField("contents"):
             raise BadRequest(f"input {INPUT!r} has both contents and raw_input_contents")
-        return request.raw_input_contents[0]
+        return bytes(request.raw_input_contents[0])
     contents = tensor.contents.bytes_contents
     if not contents:
         raise BadRequest(f"input {INPUT!r} has neither raw_input_contents nor contents.bytes_contents")

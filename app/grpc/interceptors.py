@@ -3,7 +3,8 @@ errors as statuses, in-flight gauge, duration metric, one JSON log line.
 
 - request id: the client's ``x-request-id`` metadata when sane, else a new one; sent back in the
   initial metadata with ``traceparent`` (tracing on);
-- API keys: ``authorization: Bearer KEY`` or ``x-api-key`` metadata, the same keys as HTTP; with
+- API keys: ``authorization: Bearer KEY`` or ``x-api-key`` metadata, the same keys as HTTP (an
+  admin key serves inference too; every RPC here is inference or metadata, none is an admin one); with
   ``open_probes`` the health RPCs (``ServerLive``, ``ServerReady``, ``grpc.health.v1.Health``) stay open;
 - an :mod:`app.errors` exception becomes the status of :func:`app.grpc.status.code_for`, its message
   (without model store paths) the details, and its code and retry hint the trailing metadata;
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import inspect
 import logging
 import time
@@ -28,6 +28,7 @@ from typing import Any
 import grpc
 
 from app import tracing
+from app.api.deps import _matches as matches
 from app.api.errors import redact
 from app.api.middleware import request_id
 from app.errors import TlserveError, Unauthorized
@@ -55,18 +56,15 @@ def _given_key(metadata: dict[str, str]) -> str:
     return auth[7:].strip() if auth.lower().startswith("bearer ") else metadata.get("x-api-key", "")
 
 
-class RequestInterceptor(grpc.aio.ServerInterceptor):
+class RequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
-        self.keys = settings.keys
+        self.keys = settings.keys + settings.admin_key_list  # as over HTTP, an admin key also serves inference
         self.open = PROBES if settings.open_probes else frozenset()
         self.store_root = settings.model_store
         self.metrics = metrics
 
     def _check_key(self, metadata: dict[str, str]) -> None:
-        given, ok = _given_key(metadata).encode(), False
-        for key in self.keys:  # compare against every key so timing does not reveal which one matched
-            ok |= hmac.compare_digest(given, key.encode())
-        if not ok:
+        if not matches(_given_key(metadata), self.keys):  # HTTP's constant-time check
             raise Unauthorized(UNAUTHORIZED)
 
     async def intercept_service(
@@ -77,8 +75,8 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None:
             return handler  # unknown method: gRPC answers UNIMPLEMENTED
-        method: str = details.method  # type: ignore[attr-defined]
-        metadata = {m.key: m.value for m in details.invocation_metadata or () if isinstance(m.value, str)}  # type: ignore[attr-defined]
+        method: str = details.method
+        metadata = {m.key: m.value for m in details.invocation_metadata or () if isinstance(m.value, str)}
         keyed = bool(self.keys) and method not in self.open
         if handler.unary_unary is not None:
             behavior = handler.unary_unary

@@ -49,7 +49,7 @@ class GrpcFront:
             ("grpc.so_reuseport", 0),  # a port in use is an error, not a second listener
         ]
         server = grpc.aio.server(interceptors=[RequestInterceptor(self.settings, self.service.metrics)], options=options)
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.service), server)
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.service), server)  # type: ignore[no-untyped-call]
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         try:
             port = server.add_insecure_port(self.address)

@@ -66,7 +66,7 @@ def code_for(exc: TlserveError) -> grpc.StatusCode:
     """The status of the closest class of ``exc`` in :data:`CODES`."""
     for cls in type(exc).__mro__:
         if cls in CODES:
-            return CODES[cls]  # type: ignore[index]
+            return CODES[cls]
     return grpc.StatusCode.INTERNAL
 
 
