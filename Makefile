@@ -9,7 +9,7 @@ PORT ?= 8000
 
 .PHONY: run test setup export lint fmt bench bench-quick clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py app/grpc/predict_v2.proto
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev]'
