@@ -57,6 +57,7 @@ class DrainingServer(uvicorn.Server):
         if self.front is not None:
             self.front.close()  # the gRPC listener closes with the HTTP one
         await super().shutdown(sockets)
+        tracing.shutdown()  # the last spans, before uvicorn re-raises the signal that stopped it
 
 
 def with_grpc(app: ASGIApp, front: GrpcFront) -> ASGIApp:

@@ -106,11 +106,12 @@ def configure(environ: Mapping[str, str] = os.environ) -> bool:
 
 
 def shutdown() -> None:
-    """Flush and stop the exporter (at process exit)."""
-    global enabled
-    if _provider is not None:
-        _provider.shutdown()
+    """Flush and stop the exporter, once (when the server has drained)."""
+    global enabled, _provider
     enabled = False
+    if _provider is not None:
+        provider, _provider = _provider, None
+        provider.shutdown()
 
 
 # --- hooks (each one flag test when off) ---------------------------------------------------------
@@ -158,13 +159,14 @@ def traceparent() -> str | None:
 
 
 def trace_id() -> str | None:
-    """The current trace id in hex (for log lines), or None."""
+    """The current trace id in hex (for log lines), or None: also when the trace is not sampled, since
+    no trace would be found under that id."""
     if not enabled:
         return None
     from opentelemetry import trace
 
     ctx = trace.get_current_span().get_span_context()
-    return f"{ctx.trace_id:032x}" if ctx.is_valid else None
+    return f"{ctx.trace_id:032x}" if ctx.is_valid and ctx.trace_flags.sampled else None
 
 
 def capture() -> Any:

@@ -346,7 +346,9 @@ def test_full_queue_is_resource_exhausted_with_a_retry_hint(tight_server: Server
 
 # --- API keys ------------------------------------------------------------------------------------
 def test_api_keys_from_metadata(server_factory, tiny_store: ModelStore) -> None:
-    server = server_factory(tiny_store, default_head="colors", api_keys="sesame,other", admin_keys="boss", grpc_port=str(free_port()))
+    server = server_factory(
+        tiny_store, default_head="colors", api_keys="sesame,other", admin_keys="boss", grpc_port=str(free_port())
+    )
     client = tg.InferenceServerClient(url=grpc_address(server))
     try:
         assert client.is_server_live() and client.is_server_ready()  # open_probes

@@ -263,6 +263,33 @@ def test_grpc_error_marks_the_span(server: ServerProcess, receiver: Receiver) ->
     )  # NOT_FOUND
 
 
+def test_sampler_decides_and_spans_are_flushed_at_shutdown(
+    tiny_store: ModelStore, receiver: Receiver, server_factory: Callable[..., ServerProcess]
+) -> None:
+    """``parentbased_always_off``: only requests whose caller sampled are traced; and with a minute between
+    exports, the spans still arrive, because SIGTERM flushes them once the server has drained."""
+    otel = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_TRACES_SAMPLER": "parentbased_always_off",
+            "OTEL_BSP_SCHEDULE_DELAY": "60000"}  # fmt: skip
+    server = server_factory(tiny_store, env=otel, default_head="colors")
+    url = f"{server.url}/v2/models/colors/infer"
+    unsampled = httpx.post(url, json=v2_body(IMAGES[:1]), headers={"X-Request-ID": "not-sampled"})
+    _, trace_id, _, flags = unsampled.headers["traceparent"].split("-")
+    assert unsampled.status_code == 200 and int(flags, 16) & 1 == 0  # propagated, not sampled
+    wanted = "ef" * 16
+    sampled = httpx.post(url, json=v2_body(IMAGES[:1]), headers={"traceparent": f"00-{wanted}-{'12' * 8}-01"})
+    assert sampled.status_code == 200 and parse_traceparent(sampled.headers["traceparent"])[0] == wanted
+    time.sleep(0.5)
+    with receiver.lock:
+        assert not [x for x in receiver.spans if x.trace_id in (wanted, trace_id)]  # nothing exported yet
+    server.terminate()
+    assert server.proc is not None and server.proc.wait(30) in (0, -15)
+    assert len(receiver.wait_for(wanted, 7, timeout=5)) == 7
+    with receiver.lock:
+        assert not [x for x in receiver.spans if x.trace_id == trace_id]
+    line = next(json.loads(x) for x in server.log_text().splitlines() if '"not-sampled"' in x)
+    assert "trace_id" not in line  # a log line names only traces that exist
+
+
 # --- off by default, and free -------------------------------------------------------------------
 def test_off_imports_no_opentelemetry_of_its_own(tiny_store: ModelStore) -> None:
     """Tracing off: tlserve loads no OpenTelemetry module beyond what FastAPI itself imports (FastAPI >= 0.16x
