@@ -49,6 +49,8 @@ COPY deploy/requirements/export.txt ./requirements/
 RUN /opt/venv/bin/pip install -q --no-deps -r requirements/export.txt \
     && /opt/venv/bin/pip check
 COPY pyproject.toml ./
+# setup.py generates the gRPC stubs from app/grpc/predict_v2.proto while the wheel is built.
+COPY setup.py ./
 COPY app ./app
 COPY client ./client
 RUN pip wheel --no-deps --wheel-dir /dist . \

@@ -10,7 +10,7 @@ IMAGE ?= localhost/tlserve:cpu
 
 .PHONY: run test setup export lint fmt bench bench-quick clean image test-container lock
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py app/grpc/predict_v2.proto
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev]'

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from app import __version__
+from app import __version__, tracing
 from app.batching import Batcher
 from app.errors import HeadNotFound, InputError, NotReady, TlserveError
 from app.extractor import Extractor
@@ -70,6 +70,10 @@ class Service:
             max_queue_delay_ms=s.max_queue_delay_ms,
             max_queue_size=s.max_queue_size,
             metrics=self.metrics,
+            span_attributes={
+                "tlserve.provider": self.extractor.providers[0],
+                "tlserve.precision": self.info.precision if self.info else "",
+            },
         )
         self.batcher.start()
         if s.head_poll_interval_s > 0:
@@ -159,24 +163,31 @@ class Service:
             raise
 
     # --- inference ------------------------------------------------------------------------
-    def _decode_one(self, item: Item, size: int, resample: str) -> Decoded:
+    def _decode_one(self, item: Item, size: int, resample: str, index: int = 0) -> Decoded:
         if item.error is not None:
             return Decoded(item, None, item.error)
         s = self.settings
-        t0 = time.perf_counter()
-        try:
-            image = load_image(item.data, size, resample=resample, max_pixels=s.max_image_pixels, formats=s.formats)
-        except InputError as exc:
-            self.metrics.rejections.labels(exc.code).inc()
-            return Decoded(item, None, exc)
-        self.metrics.decode.observe(time.perf_counter() - t0)
+        with tracing.span("decode", {"tlserve.image.index": index, "tlserve.image.bytes": len(item.data)}) as span:
+            t0 = time.perf_counter()
+            try:
+                image = load_image(item.data, size, resample=resample, max_pixels=s.max_image_pixels, formats=s.formats)
+            except InputError as exc:
+                self.metrics.rejections.labels(exc.code).inc()
+                if span is not None:
+                    span.set_attribute("tlserve.error", exc.code)
+                return Decoded(item, None, exc)
+            self.metrics.decode.observe(time.perf_counter() - t0)
         return Decoded(item, image, None)
 
     async def _decode(self, items: list[Item], info: ExtractorInfo) -> list[Decoded]:
         loop = asyncio.get_running_loop()
+        decode = tracing.bind  # each job in the request's trace context (decode spans are its children)
         if len(items) == 1:
-            return [await loop.run_in_executor(self.decoder, self._decode_one, items[0], info.size, info.resample)]
-        jobs = (loop.run_in_executor(self.decoder, self._decode_one, it, info.size, info.resample) for it in items)
+            return [await loop.run_in_executor(self.decoder, decode(self._decode_one), items[0], info.size, info.resample, 0)]
+        jobs = (
+            loop.run_in_executor(self.decoder, decode(self._decode_one), it, info.size, info.resample, i)
+            for i, it in enumerate(items)
+        )
         return list(await asyncio.gather(*jobs))
 
     async def infer(self, request: InferRequest) -> InferResult:
@@ -207,7 +218,11 @@ class Service:
             if cache is not None and (key := keys[i]) is not None:
                 cache.put(key, inferred[row])
         features = np.stack([by_index[i] for i in sorted(by_index)]).astype(np.float32, copy=False)
-        proba = head.predict_proba(features) if head else None
+        if head:
+            with tracing.span("head", {"tlserve.head": head.name, "tlserve.head.version": head.version}):
+                proba = head.predict_proba(features)
+        else:
+            proba = None
         if todo:
             counter.labels(request.endpoint, label, "ok").inc(len(todo))
         if cache is not None:

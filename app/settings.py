@@ -10,7 +10,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.cpus import available_cpus
@@ -63,6 +63,14 @@ class Settings(BaseSettings):
     )
     open_probes: bool = Field(True, description="Leave /livez, /readyz, /metrics and /v2/health/* open when API keys are set.")
     cors_origins: str = Field("", description="Comma-separated allowed CORS origins; empty disables CORS.")
+
+    # --- gRPC
+    grpc_port: int = Field(
+        0,
+        ge=0,
+        le=65535,
+        description="Port of the Open Inference Protocol gRPC front (`inference.GRPCInferenceService`, `grpc.health.v1`) on the same host; 0 = off.",
+    )
 
     # --- inference engine
     provider: Literal["auto", "cuda", "cpu"] = Field(
@@ -147,6 +155,12 @@ class Settings(BaseSettings):
         except ArtifactError as exc:
             raise ValueError(exc.message) from None
         return v
+
+    @model_validator(mode="after")
+    def _distinct_ports(self) -> Settings:
+        if self.grpc_port and self.grpc_port == self.port:
+            raise ValueError(f"grpc_port and port are both {self.port}: the gRPC and HTTP fronts need a port each")
+        return self
 
     @property
     def formats(self) -> frozenset[str]:

@@ -254,7 +254,8 @@ def test_locks_are_current_with_pyproject() -> None:
     assert {"onnxruntime", "scikit-learn", "fastapi", "uvicorn", "matplotlib"} <= set(serve)
     assert "sympy" not in set(serve) | set(extra)
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    assert "tlserve[export]" in project["optional-dependencies"]["dev"]  # `make run` / `make test` get it
+    assert "tlserve[export,grpc,tracing]" in project["optional-dependencies"]["dev"]  # `make run` / `make test` get them
+    assert {"grpcio", "opentelemetry-sdk"} <= set(serve)  # the image serves gRPC and can export traces
     ok = subprocess.run([sys.executable, str(LOCK_SERVE.with_name("lock.py")), "--check"], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr  # the command line says the same, offline
 
@@ -361,7 +362,8 @@ def test_dockerignore_sends_what_the_build_copies_and_nothing_heavy() -> None:
     rules = [r.strip() for r in (REPO / ".dockerignore").read_text().splitlines() if r.strip() and not r.startswith("#")]
     copied = [c.split()[0] for s in STAGE_LIST for c in s.all("COPY") if not c.startswith("--from=")]
     assert sorted(set(copied)) == [
-        "app", "client", "deploy/requirements/export.txt", "deploy/requirements/serve.txt", "model_store/heads/", "pyproject.toml"
+        "app", "client", "deploy/requirements/export.txt", "deploy/requirements/serve.txt", "model_store/heads/", "pyproject.toml",
+        "setup.py",
     ]  # fmt: skip
     for source in copied:
         assert (REPO / source).exists(), f"COPY {source}: missing from the repository"
@@ -430,7 +432,12 @@ def test_compose_services_files_ports_and_settings() -> None:
         assert cpus == int(cpus) >= 1, "give replicas whole CPUs: the quota becomes the thread count"
         grace = float(replica["stop_grace_period"].removesuffix("s"))
         assert grace > cpu_settings.drain_timeout_s + cpu_settings.shutdown_delay_s
-        assert replica["expose"] == [str(DEFAULTS.port)] and "ports" not in replica
+        assert replica["expose"] == [str(DEFAULTS.port), str(cpu_settings.grpc_port)] and "ports" not in replica
+    assert cpu_settings.grpc_port == gpu_settings.grpc_port == 8001 and cpu_settings.grpc_port != DEFAULTS.port
+    # the gRPC route: nginx's h2c server block, published, to the replicas' gRPC port
+    grpc_listen = re.search(r"^\s*listen\s+(\d+)\s+http2;", CONF.read_text(), re.M)
+    assert grpc_listen and _interpolate(nginx["ports"][1]).split(":")[-1] == grpc_listen[1]
+    assert re.search(r"server\s+tlserve:(\d+)\s", CONF.read_text().split("upstream tlserve_grpc")[1])[1] == "8001"  # type: ignore[index]
     # nginx: the real config file, published on the port it listens on, started after ready replicas
     mounts = {m.split(":")[0]: m.split(":")[1] for m in nginx["volumes"]}
     assert mounts == {"./deploy/nginx/tlserve.conf": "/etc/nginx/conf.d/default.conf"}
@@ -534,7 +541,9 @@ def test_prometheus_scrapes_every_replica() -> None:
 def test_render_changes_only_the_upstream_and_listen_lines() -> None:
     original = CONF.read_text()
     rendered = render(["127.0.0.1:9001", "127.0.0.1:9002"], "127.0.0.1:9100")
-    changed = [line for line in difflib.ndiff(original.splitlines(), rendered.splitlines()) if line[:1] in "+-"]
+    http_part = original.split("\n# --- gRPC: ")[0]  # without --grpc-upstream the gRPC part is left out
+    assert "upstream tlserve_grpc" in original and "tlserve_grpc" not in rendered and "http2" not in rendered
+    changed = [line for line in difflib.ndiff(http_part.splitlines(), rendered.splitlines()) if line[:1] in "+-"]
     assert changed == [
         "-     server tlserve:8000 max_fails=3 fail_timeout=5s;",
         "+     server 127.0.0.1:9001 max_fails=3 fail_timeout=5s;",
@@ -548,6 +557,25 @@ def test_render_changes_only_the_upstream_and_listen_lines() -> None:
             render(bad)
     with pytest.raises(ValueError, match="exactly one"):
         render(["127.0.0.1:1"], text=original.replace("server tlserve:8000", "server other:8000"))
+    # with gRPC upstreams: the gRPC part's server and listen lines, nothing else
+    with_grpc = render(
+        ["127.0.0.1:9001"], "127.0.0.1:9100", grpc_upstreams=["127.0.0.1:9003", "127.0.0.1:9004"], grpc_listen="127.0.0.1:9101"
+    )
+    changed = [line for line in difflib.ndiff(original.splitlines(), with_grpc.splitlines()) if line[:1] in "+-"]
+    assert changed == [
+        "-     server tlserve:8000 max_fails=3 fail_timeout=5s;",
+        "+     server 127.0.0.1:9001 max_fails=3 fail_timeout=5s;",
+        "-     listen 8080;",
+        "+     listen 127.0.0.1:9100;",
+        "-     server tlserve:8001 max_fails=3 fail_timeout=5s;",
+        "+     server 127.0.0.1:9003 max_fails=3 fail_timeout=5s;",
+        "+     server 127.0.0.1:9004 max_fails=3 fail_timeout=5s;",
+        "-     listen 8081 http2;",
+        "+     listen 127.0.0.1:9101 http2;",
+    ]
+    for bad in ({"grpc_upstreams": ["a b"]}, {"grpc_listen": "127.0.0.1:1"}):
+        with pytest.raises(ValueError):
+            render(["127.0.0.1:1"], **bad)  # type: ignore[arg-type]
 
 
 def test_nginx_config_limits_and_retries_match_the_service() -> None:
@@ -570,7 +598,8 @@ def test_nginx_accepts_the_rendered_config(tmp_path: Path) -> None:
     nginx = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if Path(p).exists()), None)
     if nginx is None:
         pytest.skip("nginx is not installed: `apt-get install -y nginx` (.ci/run installs it)")
-    main = write_standalone(tmp_path / "nginx", ["127.0.0.1:9001", "127.0.0.1:9002"], f"127.0.0.1:{free_port()}")
+    main = write_standalone(tmp_path / "nginx", ["127.0.0.1:9001", "127.0.0.1:9002"], f"127.0.0.1:{free_port()}",
+                            grpc_upstreams=["127.0.0.1:9003"], grpc_listen=f"127.0.0.1:{free_port()}")  # fmt: skip
     result = subprocess.run(command(nginx, main, test=True), capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr
     assert "syntax is ok" in result.stderr
@@ -615,6 +644,7 @@ def test_k8s_manifests_parse_and_apply_as_documented() -> None:
         ("autoscaling/prometheus-adapter-rules.yaml", "ConfigMap"),
         ("deployment.yaml", "Deployment"),
         ("gpu/deployment.yaml", "Deployment"),
+        ("grpc-headless-service.yaml", "Service"),
         ("hpa.yaml", "HorizontalPodAutoscaler"),
         ("pdb.yaml", "PodDisruptionBudget"),
         ("service.yaml", "Service"),
@@ -635,10 +665,13 @@ def test_k8s_deployment_probes_resources_shutdown(path: str, tiny_settings) -> N
     assert doc["spec"]["selector"]["matchLabels"].items() <= labels.items()
     (c,) = pod["containers"]
     routes = set(create_app(tiny_settings).openapi()["paths"])
-    assert c["ports"] == [{"name": "http", "containerPort": DEFAULTS.port}]
-    for probe, route in (("readinessProbe", "/readyz"), ("livenessProbe", "/livez"), ("startupProbe", "/livez")):
+    grpc_port = int(next(e["value"] for e in c["env"] if e["name"] == "TLSERVE_GRPC_PORT"))
+    assert c["ports"] == [{"name": "http", "containerPort": DEFAULTS.port}, {"name": "grpc", "containerPort": grpc_port}]
+    for probe, route in (("livenessProbe", "/livez"), ("startupProbe", "/livez")):
         assert c[probe]["httpGet"] == {"path": route, "port": "http"} and route in routes
         assert c[probe]["timeoutSeconds"] >= 1
+    # readiness through grpc.health.v1 (SERVING exactly when /readyz is 200; tests/test_grpc.py)
+    assert c["readinessProbe"]["grpc"] == {"port": grpc_port} and c["readinessProbe"]["timeoutSeconds"] >= 1
     assert c["startupProbe"]["periodSeconds"] * c["startupProbe"]["failureThreshold"] >= 120
     # resources: requests and limits for CPU and memory, equal, whole CPUs (the quota is the thread count)
     res = c["resources"]
@@ -667,9 +700,17 @@ def test_k8s_deployment_probes_resources_shutdown(path: str, tiny_settings) -> N
 def test_k8s_service_hpa_pdb_select_the_pods() -> None:
     pods = [d["spec"]["template"]["metadata"]["labels"] for _, d in of_kind("Deployment")]
     deployments = {d["metadata"]["name"] for _, d in of_kind("Deployment")}
-    ((_, service),) = of_kind("Service")
-    assert all(service["spec"]["selector"].items() <= labels.items() for labels in pods)
-    assert service["spec"]["ports"][0]["targetPort"] == "http"
+    services = {d["metadata"]["name"]: d for _, d in of_kind("Service")}
+    assert set(services) == {"tlserve", "tlserve-grpc"}
+    for service in services.values():
+        assert all(service["spec"]["selector"].items() <= labels.items() for labels in pods)
+    assert [p["targetPort"] for p in services["tlserve"]["spec"]["ports"]] == ["http", "grpc"]
+    # client-side gRPC balancing: a headless Service resolves to every ready pod
+    headless = services["tlserve-grpc"]["spec"]
+    assert headless["clusterIP"] == "None" and [p["targetPort"] for p in headless["ports"]] == ["grpc"]
+    assert all(
+        p["appProtocol"] == "kubernetes.io/h2c" for s in services.values() for p in s["spec"]["ports"] if p["name"] == "grpc"
+    )
     ((_, pdb),) = of_kind("PodDisruptionBudget")
     assert all(pdb["spec"]["selector"]["matchLabels"].items() <= labels.items() for labels in pods)
     assert pdb["spec"]["maxUnavailable"] == 1

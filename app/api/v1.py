@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 from fastapi import APIRouter, Depends, Query, Request
 
+from app import tracing
 from app.api.deps import ServiceDep, require_admin, require_key
 from app.api.errors import redact
 from app.api.inputs import parse_images
@@ -60,7 +61,8 @@ async def classify(
     version: int | None = Query(None, ge=1, description="Pin a version of the head (default: its current version)"),
     top_k: int | None = Query(None, ge=1, description="Return the k most likely classes instead of every probability"),
 ) -> dict[str, Any]:
-    parsed = await parse_images(request, service.settings)
+    with tracing.span("receive"):
+        parsed = await parse_images(request, service.settings)
     head_name = parsed.options.get("head", head)
     if head_name is not None and not isinstance(head_name, str):
         raise MalformedRequest("head must be a string")
@@ -95,7 +97,8 @@ async def embed(
     service: ServiceDep,
     normalize: bool = Query(False, description="L2-normalise each vector"),
 ) -> dict[str, Any]:
-    parsed = await parse_images(request, service.settings)
+    with tracing.span("receive"):
+        parsed = await parse_images(request, service.settings)
     norm = parse_bool(parsed.options.get("normalize", normalize), "normalize")
     request.state.images = len(parsed.items)
     result = await service.infer(InferRequest(parsed.items, "embed", classify=False))

@@ -45,11 +45,14 @@ IMAGE_ENV = {"python_version": PYTHON, "python_full_version": f"{PYTHON}.2", "sy
              "implementation_name": "cpython", "platform_python_implementation": "CPython"}  # fmt: skip
 ORT = "onnxruntime"  # the flavour the lock pins; onnxruntime-gpu is the same release
 EXTRA = "export"
+SERVED_EXTRAS = ("grpc", "tracing")  # the image serves gRPC (TLSERVE_GRPC_PORT) and can export traces (OTEL_*)
 
 
 def sources(pyproject: Path = PYPROJECT) -> dict[str, list[str]]:
     project = tomllib.loads(pyproject.read_text())["project"]
-    return {"dependencies": project["dependencies"], EXTRA: project["optional-dependencies"][EXTRA]}
+    extras = project["optional-dependencies"]
+    served = project["dependencies"] + [d for extra in SERVED_EXTRAS for d in extras[extra]]
+    return {"dependencies": served, EXTRA: extras[EXTRA]}
 
 
 def digest(pyproject: Path = PYPROJECT) -> str:

@@ -32,7 +32,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import JSONResponse, Response
 
-from app import __version__
+from app import __version__, tracing
 from app.api.deps import ServiceDep, probe_auth, require_key
 from app.api.inputs import read_body
 from app.api.oip.codec import HEADER_LENGTH, INPUT, decompress, images, outputs, parse, requested, split
@@ -179,11 +179,12 @@ async def _infer(service: Service, request: Request, name: str, version: int | N
                  content_encoding: str | None) -> Response:  # fmt: skip
     service.head(name, version)  # 404 before reading the body
     limit = service.settings.max_body_bytes
-    body = decompress(await read_body(request, limit), content_encoding, limit)
-    header, blob = split(body, header_length)
-    req = parse(header)
-    wanted = requested(req)
-    data = images(req, blob, service.settings.max_images_per_request)
+    with tracing.span("receive"):
+        body = decompress(await read_body(request, limit), content_encoding, limit)
+        header, blob = split(body, header_length)
+        req = parse(header)
+        wanted = requested(req)
+        data = images(req, blob, service.settings.max_images_per_request)
     request.state.images = len(data)
     items = [Item(d, f"{INPUT}[{i}]") for i, d in enumerate(data)]
     result = await service.infer(InferRequest(items, "infer", head=name, version=version, all_or_nothing=True))
@@ -193,13 +194,14 @@ async def _infer(service: Service, request: Request, name: str, version: int | N
         i, err = result.failed[0]
         raise type(err)(f"input {INPUT!r} element {i}: {err.message}")
 
-    tensors = outputs(result.head, result.proba, result.features, wanted)
-    doc: dict[str, Any] = {"model_name": result.head.name, "model_version": str(result.head.version),
-                           "outputs": [t for t, _ in tensors]}  # fmt: skip
-    if req.id is not None:
-        doc["id"] = req.id
-    text = json.dumps(doc, separators=(",", ":")).encode()
-    if not any(binary for _, binary, _ in wanted):
-        return Response(text, media_type="application/json")
-    body = b"".join([text, *(blob for _, blob in tensors)])  # JSON outputs add b""
-    return Response(body, media_type="application/octet-stream", headers={HEADER_LENGTH: str(len(text))})
+    with tracing.span("encode"):
+        tensors = outputs(result.head, result.proba, result.features, wanted)
+        doc: dict[str, Any] = {"model_name": result.head.name, "model_version": str(result.head.version),
+                               "outputs": [t for t, _ in tensors]}  # fmt: skip
+        if req.id is not None:
+            doc["id"] = req.id
+        text = json.dumps(doc, separators=(",", ":")).encode()
+        if not any(binary for _, binary, _ in wanted):
+            return Response(text, media_type="application/json")
+        body = b"".join([text, *(blob for _, blob in tensors)])  # JSON outputs add b""
+        return Response(body, media_type="application/octet-stream", headers={HEADER_LENGTH: str(len(text))})
