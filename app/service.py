@@ -10,6 +10,7 @@ State is held here, never in module globals.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +22,8 @@ from app import __version__
 from app.batching import Batcher
 from app.errors import HeadNotFound, InputError, NotReady, TlserveError
 from app.extractor import Extractor
+from app.familiarity import Familiarity
+from app.familiarity import load as load_familiarity
 from app.heads import Head
 from app.imaging import load_image
 from app.inference import Decoded, InferRequest, InferResult, Item
@@ -36,7 +39,7 @@ class Service:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.store = ModelStore(settings.model_store)
-        self.metrics = Metrics()
+        self.metrics = Metrics(settings.metrics_max_heads, settings.metrics_max_classes)
         self.info: ExtractorInfo | None = None
         self.extractor: Extractor | None = None
         self.batcher: Batcher | None = None
@@ -46,6 +49,7 @@ class Service:
         self.draining = False
         self.started_at = time.time()
         self._watch_task: asyncio.Task[None] | None = None
+        self._familiar: dict[tuple[str, int, str], Familiarity | None] = {}
 
     # --- lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:
@@ -86,6 +90,9 @@ class Service:
         log.info("warm-up done in %.2fs", warm)
         self.registry.feature_space = self.info.feature_space
         self.registry.load_all()
+        for head in list(self.registry.heads.values()):
+            with contextlib.suppress(TlserveError):  # a bad familiarity file is reported when the head is used
+                self.familiarity(head)
         if s.default_head not in self.registry.heads:
             error = self.registry.error(s.default_head)
             why = error.message if error else "not found in the model store"
@@ -155,6 +162,19 @@ class Service:
             log.error("reload of head %s refused: %s", name, exc.message)
             raise
 
+    def familiarity(self, head: Head) -> Familiarity | None:
+        """``head``'s familiarity model (``None`` when its card has none), loaded once per version. Its
+        arrays are checked against the same card the head was verified with (sha256, signature)."""
+        key = (head.name, head.version, head.sha256)
+        if key not in self._familiar:
+            folder = self.registry.store.version_folder(head.name, head.version)
+            dim = self.info.feature_dim if self.info else None
+            model = load_familiarity(Version(head.name, head.version, folder, head.card), len(head.classes), dim)
+            for old in [k for k in self._familiar if k[0] == head.name]:
+                del self._familiar[old]  # one version a head in memory (pinned versions load again)
+            self._familiar[key] = model
+        return self._familiar[key]
+
     # --- inference ------------------------------------------------------------------------
     def _decode_one(self, item: Item, size: int, resample: str) -> Decoded:
         if item.error is not None:
@@ -194,7 +214,17 @@ class Service:
         features = await batcher.submit(np.stack(good))
         proba = head.predict_proba(features) if head else None
         counter.labels(request.endpoint, label, "ok").inc(len(good))
-        return InferResult(decoded, features, head, proba, failed)
+        result = InferResult(decoded, features, head, proba, failed)
+        if head is not None and proba is not None:
+            known = self._familiar.get((head.name, head.version, head.sha256), False)
+            if known is False:  # first use of this version: read its arrays off the event loop
+                known = await asyncio.get_running_loop().run_in_executor(None, self.familiarity, head)
+            if known is not None:
+                result.familiarity = known.score(features, proba)
+                result.in_distribution = known.verdict(result.familiarity)
+                result.refuse = (request.ood_policy or self.settings.ood_policy) == "refuse"
+            self.metrics.observe_predictions(head, proba, result.familiarity, result.in_distribution, known)
+        return result
 
     def describe_info(self) -> dict[str, Any]:
         s = self.settings

@@ -14,7 +14,10 @@ What :meth:`Trainer.train` does, and which number comes from which data:
 6. **Out-of-fold predictions** at that C over *all* labelled photos of DATA_DIR (5 folds): the
    card's ``cv`` accuracy, and the artifacts ``oof_proba.npy`` + ``folds.json`` (which photo,
    by content hash and relative path, was held out in which fold).
-7. **The shipped head**: fitted at that C on all labelled photos of DATA_DIR (with ``--val-dir``
+7. **Familiarity** (:mod:`app.familiarity`): the photos' features as the head's familiarity bank, its
+   threshold calibrated on the out-of-fold scores of step 6 at ``ood_acceptance`` (the card's
+   ``familiarity``), and the held-out part's acceptance rate as a check.
+8. **The shipped head**: fitted at that C on all labelled photos of DATA_DIR (with ``--val-dir``
    it is the head of step 5). It is written as a new version of the head (:func:`app.registry.save_head`);
    earlier versions stay.
 
@@ -39,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from app import familiarity
 from app.cpus import available_cpus
 from app.errors import DatasetError
 from app.extractor import Extractor
@@ -357,7 +361,9 @@ class Trainer:
         fitted = self._fit(x, y, held, len(data.classes), c)
         report = make_report(held.y, fitted.held_pred, data.classes)
         card = self._card(data, val, y, held, skipped, duplicates, fitted, report)
+        known, card["familiarity"] = self._familiarity(x, y, held, fitted, data.classes)
         files = {
+            **known.files(),
             "confusion_matrix.png": confusion_png(report, f"{name} ({'val_dir' if val else 'stratified'} split)"),
             OOF_FILE: _npy(fitted.oof.oof[fitted.c]),
             FOLDS_FILE: json.dumps(_folds_json(data, ext, y, fitted), indent=1).encode(),
@@ -391,7 +397,29 @@ class Trainer:
         meter.finish()
         with sklearn_threads(1):
             pred = (report_head or head).predict(held.x)
-        return _Fitted(head, c, source, search, oof, pred)
+        return _Fitted(head, c, source, search, oof, pred, report_head)
+
+    def _familiarity(self, x: np.ndarray, y: np.ndarray, held: _Held, fitted: _Fitted,
+                     classes: list[str]) -> tuple[familiarity.Familiarity, dict[str, Any]]:  # fmt: skip
+        """The familiarity model of all photos, threshold out of fold; the held-out part scored as a check
+        (against the training part's photos when the held-out part is a split of DATA_DIR)."""
+        s = self.settings
+        acceptance = s.ood_acceptance
+        model, oof = familiarity.calibrate(x, y, fitted.oof.folds, fitted.oof.oof[fitted.c], method=s.ood_method,
+                                           acceptance=acceptance)  # fmt: skip
+        with sklearn_threads(1):
+            proba = (fitted.report_head or fitted.head).predict_proba(held.x)
+        if held.train_idx is None:
+            checker, note = model, "scored against all training photos (they took no part in it)"
+        else:
+            part = familiarity.Familiarity.build(x[held.train_idx], y[held.train_idx], model.method, model.k,
+                                                 standardize=model.standardize, threshold=model.threshold)  # fmt: skip
+            checker = part
+            note = "scored against the other photos of DATA_DIR (the threshold was calibrated on all of DATA_DIR)"
+        accepted = checker.verdict(checker.score(held.x, proba))
+        held_out = {"n": len(held.y), "accepted": round(float(accepted.mean()), 4) if len(accepted) else None, "how": note}
+        section = familiarity.card_section(model, oof, y, classes, fitted.oof.n_splits, acceptance, held_out)
+        return model, section
 
     def _card(self, data: Dataset, val: Dataset | None, y: np.ndarray, held: _Held, skipped: list,
               duplicates: list[Duplicate], fitted: _Fitted, report: Report) -> dict[str, Any]:  # fmt: skip
@@ -487,6 +515,7 @@ class _Fitted:
     search: CrossValidation | None
     oof: CrossValidation
     held_pred: np.ndarray
+    report_head: Any = None  # the head fitted on the training part (stratified split), else None
 
 
 def _enough_after_extraction(data: Dataset, y: np.ndarray, ext: Extracted) -> None:
