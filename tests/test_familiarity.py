@@ -207,3 +207,26 @@ def test_alert_rules_pass_promtool() -> None:
     done = subprocess.run(["promtool", "check", "rules", str(RULES)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "SUCCESS" in done.stdout and "rules found" in done.stdout
+    tests = subprocess.run(["promtool", "test", "rules", str(RULES.with_name("promtool_tests.yml"))],
+                           capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert tests.returncode == 0, tests.stdout + tests.stderr
+
+
+def test_dashboard_and_rules_use_only_series_that_exist() -> None:
+    import json
+    import re
+
+    import yaml
+
+    rules = yaml.safe_load(RULES.read_text())["groups"][0]["rules"]
+    recorded = {r["record"] for r in rules if "record" in r}
+    exported = set()
+    for family in Metrics().registry.collect():
+        suffixes = (
+            ("_bucket", "_sum", "_count") if family.type == "histogram" else ("_total",) if family.type == "counter" else ("",)
+        )
+        exported |= {family.name + s for s in suffixes}
+    dashboard = json.loads((REPO / "deploy" / "grafana" / "tlserve-predictions.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]] + [r["expr"] for r in rules]
+    used = {name for e in exprs for name in re.findall(r"\b(tlserve[:_][a-z_:0-9]+)", e)}
+    assert used and used <= exported | recorded, used - exported - recorded
