@@ -41,7 +41,8 @@ import numpy as np
 from app.errors import ArtifactError
 
 if TYPE_CHECKING:
-    from app.registry import Version
+    from app.heads import Head
+    from app.registry import HeadStore, Version
 
 Method = Literal["knn", "knn_centered", "knn_class", "knn_class_margin"]
 METHODS: tuple[str, ...] = ("knn", "knn_centered", "knn_class", "knn_class_margin")
@@ -237,3 +238,26 @@ def load(version: Version, classes: int, feature_dim: int | None) -> Familiarity
         )
     return Familiarity(method, k, bank.astype(np.float32), labels.astype(np.int64), center.astype(np.float32), threshold,
                        standardize)  # type: ignore[arg-type]  # fmt: skip
+
+
+def for_head(heads: HeadStore, head: Head, feature_dim: int | None) -> Familiarity | None:
+    """``head``'s familiarity model, its arrays checked against the card ``head`` was verified with."""
+    from app.registry import Version
+
+    folder = heads.version_folder(head.name, head.version)
+    return load(Version(head.name, head.version, folder, head.card), len(head.classes), feature_dim)
+
+
+def auroc(familiar: np.ndarray, unfamiliar: np.ndarray) -> float:
+    """Area under the ROC curve of telling ``familiar`` scores (positives) from ``unfamiliar`` ones
+    (the probability that a random familiar photo scores above a random unfamiliar one; ties count half)."""
+    a, b = np.asarray(familiar, np.float64), np.asarray(unfamiliar, np.float64)
+    both = np.concatenate([a, b])
+    order = both.argsort(kind="mergesort")
+    ranks = np.empty(len(both))
+    sorted_vals = both[order]
+    # average ranks of ties
+    _, first, counts = np.unique(sorted_vals, return_index=True, return_counts=True)
+    avg = first + (counts - 1) / 2 + 1
+    ranks[order] = np.repeat(avg, counts)
+    return float((ranks[: len(a)].sum() - len(a) * (len(a) + 1) / 2) / (len(a) * len(b)))

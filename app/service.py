@@ -22,8 +22,7 @@ from app import __version__
 from app.batching import Batcher
 from app.errors import HeadNotFound, InputError, NotReady, TlserveError
 from app.extractor import Extractor
-from app.familiarity import Familiarity
-from app.familiarity import load as load_familiarity
+from app.familiarity import Familiarity, for_head
 from app.heads import Head
 from app.imaging import load_image
 from app.inference import Decoded, InferRequest, InferResult, Item
@@ -167,9 +166,7 @@ class Service:
         arrays are checked against the same card the head was verified with (sha256, signature)."""
         key = (head.name, head.version, head.sha256)
         if key not in self._familiar:
-            folder = self.registry.store.version_folder(head.name, head.version)
-            dim = self.info.feature_dim if self.info else None
-            model = load_familiarity(Version(head.name, head.version, folder, head.card), len(head.classes), dim)
+            model = for_head(self.registry.store, head, self.info.feature_dim if self.info else None)
             for old in [k for k in self._familiar if k[0] == head.name]:
                 del self._familiar[old]  # one version a head in memory (pinned versions load again)
             self._familiar[key] = model

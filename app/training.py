@@ -275,6 +275,29 @@ class Evaluation:
     report: Report
     skipped: list[tuple[Path, str]]
     mistakes: list[Mistake]  # worst (most confident) first
+    familiarity: np.ndarray | None = None  # scores of the evaluated photos, when the head has familiarity data
+    in_distribution: np.ndarray | None = None
+    ood: OodReport | None = None
+
+
+@dataclass
+class OodReport:
+    """``evaluate --ood DIR``: how the verdict does on photos that are none of the head's classes."""
+
+    folder: str
+    n: int
+    flagged: float  # share of DIR's photos judged not in distribution
+    accepted: float  # share of the evaluated (labelled) photos judged in distribution
+    auroc: float  # labelled photos (positives) against DIR's photos
+    skipped: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"folder": self.folder, "n": self.n, "flagged": round(self.flagged, 4), "accepted": round(self.accepted, 4),
+                "auroc": round(self.auroc, 4), "skipped": self.skipped}  # fmt: skip
+
+    def render(self) -> str:
+        return (f"out of distribution ({self.folder}, {self.n} photos): {self.flagged:.1%} flagged; "
+                f"labelled photos accepted {self.accepted:.1%}; AUROC {self.auroc:.4f}")  # fmt: skip
 
 
 def out_of_fold(version: Version) -> tuple[np.ndarray, dict[str, Any]]:
@@ -479,7 +502,18 @@ class Trainer:
             "sklearn_version": sklearn.__version__,
         }
 
-    def evaluate(self, head: Head, data_dir: Path, *, limit: int = 0, allow_subset: bool = False) -> Evaluation:
+    def evaluate(self, head: Head, data_dir: Path, *, limit: int = 0, allow_subset: bool = False,
+                 ood_dir: Path | None = None) -> Evaluation:  # fmt: skip
+        """Accuracy on a labelled folder; with ``ood_dir`` (photos that are none of the classes, any
+        layout), the flagged rate there and the AUROC of the familiarity score, labelled photos against them."""
+        known = familiarity.for_head(self.heads, head, None)
+        if ood_dir is not None:
+            if known is None:
+                raise DatasetError(
+                    f"--ood: head {head.name!r} version {head.version} has no familiarity data; retrain it to add it"
+                )
+            if not ood_dir.is_dir():
+                raise DatasetError(f"--ood {ood_dir}: not a folder")
         data = Dataset.from_folder(data_dir, list(head.classes), allow_subset=allow_subset, what="evaluation folder")
         if limit:
             data = data.subset(_per_class_subset(data.labels, limit))
@@ -497,7 +531,24 @@ class Trainer:
             if t != p
         ]
         mistakes.sort(key=lambda m: (-m.probability, m.file))
-        return Evaluation(make_report(y, pred, classes), ext.skipped, mistakes)
+        ev = Evaluation(make_report(y, pred, classes), ext.skipped, mistakes)
+        if known is not None:
+            ev.familiarity = known.score(ext.features, proba)
+            ev.in_distribution = known.verdict(ev.familiarity)
+        if ood_dir is not None and known is not None and ev.familiarity is not None:
+            ev.ood = self._ood(head, known, ood_dir, ev.familiarity)
+        return ev
+
+    def _ood(self, head: Head, known: familiarity.Familiarity, ood_dir: Path, scores: np.ndarray) -> OodReport:
+        paths = sorted(p for p in ood_dir.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.parts))
+        ext = self.features(paths, phase="--ood features")
+        if not len(ext.kept):
+            raise DatasetError(f"--ood {ood_dir}: none of its {len(paths)} files is a readable image")
+        with sklearn_threads(1):
+            proba = head.predict_proba(ext.features)
+        other = known.score(ext.features, proba)
+        return OodReport(str(ood_dir), len(ext.kept), float((~known.verdict(other)).mean()),
+                         float(known.verdict(scores).mean()), familiarity.auroc(scores, other), len(ext.skipped))  # fmt: skip
 
 
 @dataclass

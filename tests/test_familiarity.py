@@ -6,8 +6,12 @@ from __future__ import annotations
 
 import base64
 import io
+import json
+import os
 import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -230,3 +234,33 @@ def test_dashboard_and_rules_use_only_series_that_exist() -> None:
     exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]] + [r["expr"] for r in rules]
     used = {name for e in exprs for name in re.findall(r"\b(tlserve[:_][a-z_:0-9]+)", e)}
     assert used and used <= exported | recorded, used - exported - recorded
+
+
+def test_auroc_matches_the_pairwise_definition() -> None:
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(1, 1, 40).round(1), rng.normal(0, 1, 30).round(1)  # rounded: ties count half
+    pairs = [(x > y) + 0.5 * (x == y) for x in a for y in b]
+    assert familiarity.auroc(a, b) == pytest.approx(sum(pairs) / len(pairs))
+
+
+def test_predict_and_evaluate_ood_on_the_cli(tiny_store: ModelStore, tmp_path: Path) -> None:
+    from tests.helpers import write_color_dataset
+
+    val = write_color_dataset(tmp_path / "val", per_class=3)
+    ood = tmp_path / "ood" / "any" / "layout"
+    ood.mkdir(parents=True)
+    (ood / "between.png").write_bytes(_between())
+    env = {**os.environ, "TLSERVE_MODEL_STORE": str(tiny_store.root), "TLSERVE_DEFAULT_HEAD": "colors",
+           "TLSERVE_FEATURE_CACHE_DIR": str(tmp_path / "cache"), "TLSERVE_INTRA_OP_THREADS": "1"}  # fmt: skip
+    cli = [sys.executable, "-m", "app.cli"]
+    done = subprocess.run([*cli, "evaluate", str(val), "--ood", str(tmp_path / "ood"), "--json", "--no-progress"],
+                          capture_output=True, text=True, env=env, cwd=REPO, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["ood"]["n"] == 1 and report["ood"]["flagged"] == 1.0 and report["ood"]["auroc"] == 1.0
+    assert report["in_distribution"] == report["ood"]["accepted"] == 1.0
+    shown = subprocess.run([*cli, "predict", str(ood / "between.png"), str(val / "red" / "red_0.png"), "--no-progress"],
+                           capture_output=True, text=True, env=env, cwd=REPO, timeout=120)  # fmt: skip
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    assert "NOT IN DISTRIBUTION" in lines[0] and "[in distribution" in lines[1]
