@@ -44,8 +44,8 @@ if TYPE_CHECKING:
     from app.heads import Head
     from app.registry import HeadStore, Version
 
-Method = Literal["knn", "knn_centered", "knn_class", "knn_class_margin"]
-METHODS: tuple[str, ...] = ("knn", "knn_centered", "knn_class", "knn_class_margin")
+Method = Literal["knn", "knn_centered", "knn_class", "knn_margin", "knn_class_margin"]
+METHODS: tuple[str, ...] = ("knn", "knn_centered", "knn_class", "knn_margin", "knn_class_margin")
 DEFAULT_METHOD: Method = "knn_class_margin"
 """Chosen by measurement (benchmarks/ood.py): best near-case AUROC and flagged rate, far case unchanged."""
 DEFAULT_K = 10
@@ -82,14 +82,14 @@ class Familiarity:
     method: str
     k: int
     bank: np.ndarray
-    """``[n, D]`` float32, centred (except ``knn``) and L2-normalised training features."""
+    """``[n, D]`` float32 L2-normalised training features (centred first for ``knn_centered``)."""
     labels: np.ndarray
     """``[n]`` class index of each bank row."""
     center: np.ndarray
-    """``[D]`` float32 mean subtracted before normalising (zeros for ``knn``)."""
+    """``[D]`` float32 mean subtracted before normalising (zeros except for ``knn_centered``)."""
     threshold: float = float("-inf")
     standardize: tuple[float, float, float, float] = (0.0, 1.0, 0.0, 1.0)
-    """``knn_class_margin``: (mean, std) of the kNN score, then of the margin, out of fold."""
+    """``*_margin``: (mean, std) of the kNN score, then of the margin, out of fold."""
 
     @classmethod
     def build(cls, features: np.ndarray, labels: np.ndarray, method: str = DEFAULT_METHOD, k: int = DEFAULT_K,
@@ -97,23 +97,25 @@ class Familiarity:
         if method not in METHODS:
             raise ValueError(f"unknown familiarity method {method!r} (known: {', '.join(METHODS)})")
         x = np.asarray(features, np.float32)
-        center = np.zeros(x.shape[1], np.float32) if method == "knn" else x.mean(axis=0).astype(np.float32)
+        center = x.mean(axis=0).astype(np.float32) if method == "knn_centered" else np.zeros(x.shape[1], np.float32)
         bank = _normalize(x - center).astype(np.float16).astype(np.float32)  # what is stored is what is scored
         return cls(method, k, bank, np.asarray(labels, np.int64), center, **kw)
 
     def components(self, features: np.ndarray, proba: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
-        """The raw kNN similarity of each row and, for ``knn_class_margin``, the head's margin."""
+        """The raw kNN similarity of each row and, for the ``*_margin`` methods, the head's margin."""
         q = _normalize(np.asarray(features, np.float32) - self.center)
         sims = q @ self.bank.T
-        if self.method in ("knn", "knn_centered"):
-            return _top_k_mean(sims, self.k), None
-        if proba is None:
+        margin = self.method.endswith("_margin")
+        if proba is None and (margin or "class" in self.method):
             raise ValueError(f"familiarity method {self.method!r} needs the head's probabilities")
+        if "class" not in self.method:
+            return _top_k_mean(sims, self.k), (_margin(proba) if margin and proba is not None else None)
+        assert proba is not None
         pred = np.asarray(proba).argmax(axis=1)
         sims = np.where(self.labels[None, :] == pred[:, None], sims, -np.inf)
         counts = np.bincount(self.labels, minlength=int(pred.max()) + 1)[pred]
         knn = _top_k_mean(sims, min(self.k, int(counts.min())))
-        return knn, (_margin(proba) if self.method == "knn_class_margin" else None)
+        return knn, (_margin(proba) if margin else None)
 
     def combine(self, knn: np.ndarray, margin: np.ndarray | None) -> np.ndarray:
         if margin is None:
@@ -162,7 +164,7 @@ def calibrate(features: np.ndarray, labels: np.ndarray, folds: np.ndarray, oof_p
         raise ValueError(f"acceptance must be between 0 and 1 (exclusive), not {acceptance}")
     x, y = np.asarray(features, np.float32), np.asarray(labels, np.int64)
     knn = np.zeros(len(y))
-    margin = np.zeros(len(y)) if method == "knn_class_margin" else None
+    margin = np.zeros(len(y)) if method.endswith("_margin") else None
     for f in np.unique(folds):
         held, rest = folds == f, folds != f
         part = Familiarity.build(x[rest], y[rest], method, k)
