@@ -149,17 +149,23 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.plot is not None and not args.plot.parent.is_dir():
         print(f"error: --plot {args.plot}: folder {args.plot.parent} does not exist", file=sys.stderr)
         return 2
-    ev = trainer.evaluate(head, args.data_dir, limit=args.limit, allow_subset=args.allow_subset)
+    ev = trainer.evaluate(head, args.data_dir, limit=args.limit, allow_subset=args.allow_subset, ood_dir=args.ood)
     if args.plot is not None:
         args.plot.write_bytes(confusion_png(ev.report, f"{head.name} v{head.version} on {args.data_dir.name}"))
     if args.json:
         print(json.dumps({**ev.report.as_dict(), "head": head.name, "version": head.version, "skipped": len(ev.skipped),
                           "skipped_files": [f"{p}: {why}" for p, why in ev.skipped],
-                          "mistakes": [m.as_dict() for m in ev.mistakes]}, indent=2))  # fmt: skip
+                          "mistakes": [m.as_dict() for m in ev.mistakes],
+                          "in_distribution": _accepted(ev), "ood": ev.ood.as_dict() if ev.ood else None}, indent=2))  # fmt: skip
         return 0
     print(f"head {head.name!r} version {head.version} on {args.data_dir}")
     _print_notes(ev.skipped, {}, [])
     print(ev.report.render())
+    accepted = _accepted(ev)
+    print(f"in distribution: {accepted:.1%} of the photos (familiarity threshold {head.card['familiarity']['threshold']:.4f})"
+          if accepted is not None else "in distribution: not checked (the head has no familiarity data; retrain it to add it)")  # fmt: skip
+    if ev.ood is not None:
+        print(ev.ood.render())
     if args.errors:
         print(f"misclassified: {len(ev.mistakes)} of {ev.report.n} (worst first)")
         for m in ev.mistakes:
@@ -169,10 +175,15 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _accepted(ev: Any) -> float | None:
+    return round(float(ev.in_distribution.mean()), 4) if ev.in_distribution is not None and len(ev.in_distribution) else None
+
+
 def _predict(args: argparse.Namespace) -> int:
     import numpy as np
 
     from app.errors import InputError
+    from app.familiarity import for_head
     from app.heads import describe
     from app.imaging import load_image
     from app.registry import load_head
@@ -183,6 +194,7 @@ def _predict(args: argparse.Namespace) -> int:
     if args.top_k is not None and args.top_k > len(head.classes):
         print(f"error: --top-k {args.top_k} is more than head {head.name!r}'s {len(head.classes)} classes", file=sys.stderr)
         return 2
+    known = for_head(trainer.heads, head, trainer.info.feature_dim)
     results, failed = [], 0
     for path in args.images:
         try:
@@ -192,8 +204,13 @@ def _predict(args: argparse.Namespace) -> int:
             failed += 1
             results.append({"file": str(path), "error": getattr(exc, "message", None) or str(exc)})
             continue
-        proba = head.predict_proba(trainer.extractor.run(img[np.newaxis]))[0]
-        results.append({"file": str(path), **describe(head, proba, args.top_k)})
+        features = trainer.extractor.run(img[np.newaxis])
+        proba = head.predict_proba(features)
+        entry = {"file": str(path), **describe(head, proba[0], args.top_k)}
+        if known is not None:
+            score = known.score(features, proba)
+            entry.update(familiarity=round(float(score[0]), 6), in_distribution=bool(known.verdict(score)[0]))
+        results.append(entry)
     _print_results(results, head.name, args.json)
     return 1 if failed else 0
 
@@ -207,8 +224,13 @@ def _print_results(results: list[dict[str, Any]], head: str, as_json: bool) -> N
             print(f"{r.get('file', '?')}: ERROR {r['error']}")
         else:
             top = ", ".join(f"{t['label']} {t['probability']:.4f}" for t in r.get("top_k", []))
+            verdict = ""
+            if "in_distribution" in r:
+                verdict = f"  [{'in distribution' if r['in_distribution'] else 'NOT IN DISTRIBUTION'}, familiarity {r['familiarity']:.3f}]"
             print(
-                f"{r.get('file', '?')}: {r['label']} ({r['confidence']:.4f})" + (f"  top-{len(r['top_k'])}: {top}" if top else "")
+                f"{r.get('file', '?')}: {r['label']} ({r['confidence']:.4f})"
+                + (f"  top-{len(r['top_k'])}: {top}" if top else "")
+                + verdict
             )
 
 
@@ -437,6 +459,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--allow-subset", action="store_true", help="accept a folder that lacks some of the head's classes")
     v.add_argument("--errors", action="store_true", help="list the misclassified files, worst (most confident) first")
     v.add_argument("--plot", type=Path, metavar="PATH", help="write the confusion matrix as a PNG to PATH")
+    v.add_argument("--ood", type=Path, metavar="DIR", help="a folder of photos that are none of the classes (any layout): "
+                   "report the share flagged not in distribution and the AUROC against DATA_DIR's photos")  # fmt: skip
     progress_options(v)
     v.set_defaults(func=_evaluate)
 

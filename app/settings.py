@@ -14,6 +14,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.cpus import available_cpus
+from app.familiarity import DEFAULT_ACCEPTANCE, DEFAULT_METHOD, Method
 
 DEFAULT_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "HEIF", "AVIF")
 # The limits, defined once (app/imaging.py, app/features.py and the deploy files follow them).
@@ -102,6 +103,27 @@ class Settings(BaseSettings):
         4096,
         ge=0,
         description="Images whose features are kept in memory (LRU, ~2 KiB each at 512-d), keyed by extractor and exact bytes; a repeated image skips decode and inference. 0 turns it off (benchmarks do).",
+    )
+
+    # --- familiarity (out-of-distribution verdict, app/familiarity.py)
+    ood_policy: Literal["report", "refuse"] = Field(
+        "report",
+        description="Below a head's familiarity threshold: `report` (answer the class, `in_distribution: false`) or `refuse` (no class named); a request's `ood_policy` overrides it.",
+    )
+    ood_acceptance: float = Field(
+        DEFAULT_ACCEPTANCE,
+        gt=0,
+        lt=1,
+        description="Training: share of training-like photos to accept; the threshold is calibrated out of fold at it.",
+    )
+    ood_method: Method = Field(
+        DEFAULT_METHOD, description="Training: the familiarity score stored with new heads (measured in benchmarks/ood.py)."
+    )
+    metrics_max_heads: int = Field(
+        20, ge=1, description="Heads with their own prediction-monitoring series in /metrics; further heads count as `_other`."
+    )
+    metrics_max_classes: int = Field(
+        30, ge=1, description="Classes a head reports answers for in /metrics; further classes count as `_other`."
     )
 
     # --- limits

@@ -14,7 +14,10 @@ What :meth:`Trainer.train` does, and which number comes from which data:
 6. **Out-of-fold predictions** at that C over *all* labelled photos of DATA_DIR (5 folds): the
    card's ``cv`` accuracy, and the artifacts ``oof_proba.npy`` + ``folds.json`` (which photo,
    by content hash and relative path, was held out in which fold).
-7. **The shipped head**: fitted at that C on all labelled photos of DATA_DIR (with ``--val-dir``
+7. **Familiarity** (:mod:`app.familiarity`): the photos' features as the head's familiarity bank, its
+   threshold calibrated on the out-of-fold scores of step 6 at ``ood_acceptance`` (the card's
+   ``familiarity``), and the held-out part's acceptance rate as a check.
+8. **The shipped head**: fitted at that C on all labelled photos of DATA_DIR (with ``--val-dir``
    it is the head of step 5). It is written as a new version of the head (:func:`app.registry.save_head`);
    earlier versions stay.
 
@@ -39,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from app import familiarity
 from app.cpus import available_cpus
 from app.errors import DatasetError
 from app.extractor import Extractor
@@ -277,6 +281,29 @@ class Evaluation:
     report: Report
     skipped: list[tuple[Path, str]]
     mistakes: list[Mistake]  # worst (most confident) first
+    familiarity: np.ndarray | None = None  # scores of the evaluated photos, when the head has familiarity data
+    in_distribution: np.ndarray | None = None
+    ood: OodReport | None = None
+
+
+@dataclass
+class OodReport:
+    """``evaluate --ood DIR``: how the verdict does on photos that are none of the head's classes."""
+
+    folder: str
+    n: int
+    flagged: float  # share of DIR's photos judged not in distribution
+    accepted: float  # share of the evaluated (labelled) photos judged in distribution
+    auroc: float  # labelled photos (positives) against DIR's photos
+    skipped: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"folder": self.folder, "n": self.n, "flagged": round(self.flagged, 4), "accepted": round(self.accepted, 4),
+                "auroc": round(self.auroc, 4), "skipped": self.skipped}  # fmt: skip
+
+    def render(self) -> str:
+        return (f"out of distribution ({self.folder}, {self.n} photos): {self.flagged:.1%} flagged; "
+                f"labelled photos accepted {self.accepted:.1%}; AUROC {self.auroc:.4f}")  # fmt: skip
 
 
 def out_of_fold(version: Version) -> tuple[np.ndarray, dict[str, Any]]:
@@ -363,7 +390,9 @@ class Trainer:
         fitted = self._fit(x, y, held, len(data.classes), c)
         report = make_report(held.y, fitted.held_pred, data.classes)
         card = self._card(data, val, y, held, skipped, duplicates, fitted, report)
+        known, card["familiarity"] = self._familiarity(x, y, held, fitted, data.classes)
         files = {
+            **known.files(),
             "confusion_matrix.png": confusion_png(report, f"{name} ({'val_dir' if val else 'stratified'} split)"),
             OOF_FILE: _npy(fitted.oof.oof[fitted.c]),
             FOLDS_FILE: json.dumps(_folds_json(data, ext, y, fitted), indent=1).encode(),
@@ -396,8 +425,30 @@ class Trainer:
         head = fit(x, y, c)
         meter.finish()
         with sklearn_threads(1):
-            pred = (head if report_head is None else report_head).predict(held.x)
-        return _Fitted(head, c, source, search, oof, pred)
+            pred = (report_head or head).predict(held.x)
+        return _Fitted(head, c, source, search, oof, pred, report_head)
+
+    def _familiarity(self, x: np.ndarray, y: np.ndarray, held: _Held, fitted: _Fitted,
+                     classes: list[str]) -> tuple[familiarity.Familiarity, dict[str, Any]]:  # fmt: skip
+        """The familiarity model of all photos, threshold out of fold; the held-out part scored as a check
+        (against the training part's photos when the held-out part is a split of DATA_DIR)."""
+        s = self.settings
+        acceptance = s.ood_acceptance
+        model, oof = familiarity.calibrate(x, y, fitted.oof.folds, fitted.oof.oof[fitted.c], method=s.ood_method,
+                                           acceptance=acceptance)  # fmt: skip
+        with sklearn_threads(1):
+            proba = (fitted.report_head or fitted.head).predict_proba(held.x)
+        if held.train_idx is None:
+            checker, note = model, "scored against all training photos (they took no part in it)"
+        else:
+            part = familiarity.Familiarity.build(x[held.train_idx], y[held.train_idx], model.method, model.k,
+                                                 standardize=model.standardize, threshold=model.threshold)  # fmt: skip
+            checker = part
+            note = "scored against the other photos of DATA_DIR (the threshold was calibrated on all of DATA_DIR)"
+        accepted = checker.verdict(checker.score(held.x, proba))
+        held_out = {"n": len(held.y), "accepted": round(float(accepted.mean()), 4) if len(accepted) else None, "how": note}
+        section = familiarity.card_section(model, oof, y, classes, fitted.oof.n_splits, acceptance, held_out)
+        return model, section
 
     def _card(self, data: Dataset, val: Dataset | None, y: np.ndarray, held: _Held, skipped: list[tuple[Path, str]],
               duplicates: list[Duplicate], fitted: _Fitted, report: Report) -> dict[str, Any]:  # fmt: skip
@@ -458,7 +509,18 @@ class Trainer:
             "sklearn_version": sklearn.__version__,
         }
 
-    def evaluate(self, head: Head, data_dir: Path, *, limit: int = 0, allow_subset: bool = False) -> Evaluation:
+    def evaluate(self, head: Head, data_dir: Path, *, limit: int = 0, allow_subset: bool = False,
+                 ood_dir: Path | None = None) -> Evaluation:  # fmt: skip
+        """Accuracy on a labelled folder; with ``ood_dir`` (photos that are none of the classes, any
+        layout), the flagged rate there and the AUROC of the familiarity score, labelled photos against them."""
+        known = familiarity.for_head(self.heads, head, None)
+        if ood_dir is not None:
+            if known is None:
+                raise DatasetError(
+                    f"--ood: head {head.name!r} version {head.version} has no familiarity data; retrain it to add it"
+                )
+            if not ood_dir.is_dir():
+                raise DatasetError(f"--ood {ood_dir}: not a folder")
         data = Dataset.from_folder(data_dir, list(head.classes), allow_subset=allow_subset, what="evaluation folder")
         if limit:
             data = data.subset(_per_class_subset(data.labels, limit))
@@ -476,7 +538,24 @@ class Trainer:
             if t != p
         ]
         mistakes.sort(key=lambda m: (-m.probability, m.file))
-        return Evaluation(make_report(y, pred, classes), ext.skipped, mistakes)
+        ev = Evaluation(make_report(y, pred, classes), ext.skipped, mistakes)
+        if known is not None:
+            ev.familiarity = known.score(ext.features, proba)
+            ev.in_distribution = known.verdict(ev.familiarity)
+        if ood_dir is not None and known is not None and ev.familiarity is not None:
+            ev.ood = self._ood(head, known, ood_dir, ev.familiarity)
+        return ev
+
+    def _ood(self, head: Head, known: familiarity.Familiarity, ood_dir: Path, scores: np.ndarray) -> OodReport:
+        paths = sorted(p for p in ood_dir.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.parts))
+        ext = self.features(paths, phase="--ood features")
+        if not len(ext.kept):
+            raise DatasetError(f"--ood {ood_dir}: none of its {len(paths)} files is a readable image")
+        with sklearn_threads(1):
+            proba = head.predict_proba(ext.features)
+        other = known.score(ext.features, proba)
+        return OodReport(str(ood_dir), len(ext.kept), float((~known.verdict(other)).mean()),
+                         float(known.verdict(scores).mean()), familiarity.auroc(scores, other), len(ext.skipped))  # fmt: skip
 
 
 @dataclass
@@ -494,6 +573,7 @@ class _Fitted:
     search: CrossValidation | None
     oof: CrossValidation
     held_pred: np.ndarray
+    report_head: Any = None  # the head fitted on the training part (stratified split), else None
 
 
 def _enough_after_extraction(data: Dataset, y: np.ndarray) -> None:

@@ -80,7 +80,8 @@ def test_signature_covers_every_artifact(fresh_tiny_store: ModelStore, keys) -> 
     heads = signed_store(fresh_tiny_store, keys["trainer"][0])
     card = heads.get("colors").card
     assert card["signature"]["alg"] == "ed25519"
-    assert set(card["artifacts"]) == {card["pickle"], "confusion_matrix.png", "oof_proba.npy", "folds.json"}
+    assert set(card["artifacts"]) == {card["pickle"], "confusion_matrix.png", "oof_proba.npy", "folds.json", "familiarity_bank.npy",
+                                      "familiarity_labels.npy", "familiarity_center.npy"}  # fmt: skip
 
 
 def test_training_with_a_signing_key_signs(fresh_tiny_store: ModelStore, keys, tmp_path: Path) -> None:
@@ -122,7 +123,7 @@ def test_replica_with_verify_keys_serves_signed_heads_only(
     for f in plain.artifacts:
         (store.heads_dir / "plain" / f).write_bytes(plain.read(f))
     (store.heads_dir / "plain" / CARD).write_text(
-        json.dumps({k: v for k, v in plain.card.items() if k not in ("schema", "version", "artifacts")})
+        json.dumps({k: v for k, v in plain.card.items() if k not in ("schema", "version", "artifacts", "familiarity")})
     )
 
     server = server_factory(store, default_head="colors", head_verify_keys=keys["trainer"][1], head_poll_interval_s="0.2")

@@ -3,7 +3,7 @@
 Three forms (``POST /v1/classify``, ``/v1/embed``):
 
 - ``multipart/form-data``: every part with a file name is an image; text parts ``head``,
-  ``top_k``, ``normalize`` are options; any other text part becomes a per-item error;
+  ``top_k``, ``normalize``, ``ood_policy`` are options; any other text part becomes a per-item error;
 - a raw body whose content type is ``image/*`` (or ``application/octet-stream``): one image;
 - ``application/json``: ``{"images": [{"b64": "...", "name": "..."}], "head": ..., "top_k": ...}``.
 
@@ -26,7 +26,7 @@ from app.errors import BodyTooLarge, EmptyInput, MalformedRequest, TooManyImages
 from app.inference import Item
 from app.settings import Settings
 
-OPTION_FIELDS = ("head", "version", "top_k", "normalize")
+OPTION_FIELDS = ("head", "version", "top_k", "normalize", "ood_policy")
 
 
 @dataclass

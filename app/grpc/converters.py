@@ -81,7 +81,7 @@ def infer_response(
 ) -> pb.ModelInferResponse:
     assert result.head is not None and result.proba is not None
     response = pb.ModelInferResponse(model_name=result.head.name, model_version=str(result.head.version), id=request.id)
-    for tensor, blob in outputs(result.head, result.proba, result.features, [(name, True, k) for name, _, k in wanted]):
+    for tensor, blob in outputs(result, [(name, True, k) for name, _, k in wanted]):
         response.outputs.add(name=tensor["name"], datatype=tensor["datatype"], shape=tensor["shape"])
         response.raw_output_contents.append(blob)
     return response

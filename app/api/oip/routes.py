@@ -12,9 +12,14 @@ Every loaded head is a model. A model takes one input and gives up to three outp
 - output ``probabilities``: ``FP32 [N, classes]``, columns in the order of the model metadata's
   classes (the head card); with the classification extension (``"classification": k`` on this
   output, tritonclient's ``class_count``) it becomes ``BYTES [N, k]`` of ``"probability:index:label"``;
-- output ``features``: ``FP32 [N, D]``, the extractor's feature vectors, only when asked for.
+- output ``features``: ``FP32 [N, D]``, the extractor's feature vectors, only when asked for;
+- outputs ``familiarity`` (``FP32 [N]``, higher: more like the training photos) and ``in_distribution``
+  (``BOOL [N]``, at or above the head's calibrated threshold), for heads with familiarity data
+  (:mod:`app.familiarity`). Request parameter ``ood_policy``: ``report`` (default: the setting) or
+  ``refuse``, which sends the label ``""`` for an image that is not in distribution.
 
-Without ``outputs`` in the request, ``label`` and ``probabilities`` come back. Outputs are JSON
+Without ``outputs`` in the request, ``label`` and ``probabilities`` come back, and the two familiarity
+outputs with heads that have them. Outputs are JSON
 unless ``parameters.binary_data_output`` (request) or ``parameters.binary_data`` (per output) asks
 for binary; then the response body is the JSON header (its length in ``Inference-Header-Content-Length``)
 followed by each binary output's bytes in output order.
@@ -35,7 +40,7 @@ from fastapi.responses import JSONResponse, Response
 from app import __version__, tracing
 from app.api.deps import ServiceDep, probe_auth, require_key
 from app.api.inputs import read_body
-from app.api.oip.codec import HEADER_LENGTH, INPUT, decompress, images, outputs, parse, requested, split
+from app.api.oip.codec import HEADER_LENGTH, INPUT, decompress, images, ood_policy, outputs, parse, requested, split
 from app.api.oip.schemas import (
     INFER_BODY,
     InferenceResponse,
@@ -104,6 +109,7 @@ async def oip_model_version_metadata(name: str, version: int, service: ServiceDe
 
 def _metadata(service: Service, name: str, version: int | None) -> ModelMetadata:
     n_classes = len(_classes(service, name, version))
+    familiar = "familiarity" in (service.registry.store.get(name, version).card)
     dim = service.info.feature_dim if service.info else -1
     return ModelMetadata(
         name=name,
@@ -114,6 +120,14 @@ def _metadata(service: Service, name: str, version: int | None) -> ModelMetadata
             TensorMetadata(name="label", datatype="BYTES", shape=[-1]),
             TensorMetadata(name="probabilities", datatype="FP32", shape=[-1, n_classes]),
             TensorMetadata(name="features", datatype="FP32", shape=[-1, dim]),
+            *(
+                [
+                    TensorMetadata(name="familiarity", datatype="FP32", shape=[-1]),
+                    TensorMetadata(name="in_distribution", datatype="BOOL", shape=[-1]),
+                ]
+                if familiar
+                else []
+            ),
         ],
     )
 
@@ -177,17 +191,18 @@ async def oip_model_version_infer(name: str, version: int, request: Request, ser
 
 async def _infer(service: Service, request: Request, name: str, version: int | None, header_length: str | None,
                  content_encoding: str | None) -> Response:  # fmt: skip
-    service.head(name, version)  # 404 before reading the body
+    head = service.head(name, version)  # 404 before reading the body
     limit = service.settings.max_body_bytes
     with tracing.span("receive"):
         body = decompress(await read_body(request, limit), content_encoding, limit)
         header, blob = split(body, header_length)
         req = parse(header)
-        wanted = requested(req)
+        wanted = requested(req, familiar="familiarity" in head.card)
+        policy = ood_policy(req)
         data = images(req, blob, service.settings.max_images_per_request)
     request.state.images = len(data)
     items = [Item(d, f"{INPUT}[{i}]") for i, d in enumerate(data)]
-    result = await service.infer(InferRequest(items, "infer", head=name, version=version, all_or_nothing=True))
+    result = await service.infer(InferRequest(items, "infer", head=name, version=version, all_or_nothing=True, ood_policy=policy))
     assert result.head is not None and result.proba is not None
     request.state.head = result.head.name
     if result.failed:
@@ -195,7 +210,7 @@ async def _infer(service: Service, request: Request, name: str, version: int | N
         raise type(err)(f"input {INPUT!r} element {i}: {err.message}")
 
     with tracing.span("encode"):
-        tensors = outputs(result.head, result.proba, result.features, wanted)
+        tensors = outputs(result, wanted)
         doc: dict[str, Any] = {"model_name": result.head.name, "model_version": str(result.head.version),
                                "outputs": [t for t, _ in tensors]}  # fmt: skip
         if req.id is not None:
