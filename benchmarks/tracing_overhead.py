@@ -2,8 +2,8 @@
 
 Three real servers on the real export (one JPEG per request, real photos from ../shared when present):
 
-- ``baseline``: the code before tracing existed (``--baseline REF``, default the merge base with
-  ``main``), extracted with ``git archive`` and run on the same model store;
+- ``baseline``: the code before tracing existed (``--baseline REF``, default the parent of the commit
+  that added ``app/tracing.py``), extracted with ``git archive`` and run on the same model store;
 - ``off``: this tree, no OTLP endpoint (the default): the hooks are there, OpenTelemetry's SDK is not;
 - ``on``: this tree with ``OTEL_EXPORTER_OTLP_ENDPOINT`` pointing at an OTLP/HTTP receiver on loopback
   in this process and ``OTEL_TRACES_SAMPLER=always_on``: every request traced and exported.
@@ -144,7 +144,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=20.0, help="measured seconds per mode and round")
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--concurrency", type=int, default=8)
-    p.add_argument("--baseline", default="auto", help="git ref of the code before tracing ('auto': merge base with main; 'none')")
+    p.add_argument(
+        "--baseline",
+        default="auto",
+        help="git ref of the code before tracing ('auto': the parent of the commit adding app/tracing.py; 'none')",
+    )
     p.add_argument("--out", type=Path, default=OUT)
     args = p.parse_args(argv)
     if not (REPO / "model_store" / "manifest.json").exists():
@@ -155,9 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     otel = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_TRACES_SAMPLER": "always_on"}
     ref = args.baseline
     if ref == "auto":
-        ref = subprocess.run(
-            ["git", "merge-base", "HEAD", "main"], cwd=REPO, capture_output=True, text=True, check=True
-        ).stdout.strip()
+        git = ["git", "log", "--diff-filter=A", "--format=%H", "--", "app/tracing.py"]
+        added = subprocess.run(git, cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+        ref = f"{added[-1]}^"
     args.out.mkdir(parents=True, exist_ok=True)
     rows: dict[str, list[dict[str, Any]]] = {}
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
