@@ -13,7 +13,7 @@ from typing import Any
 
 from app import __version__, tracing
 from app.api.oip.codec import INPUT
-from app.api.oip.routes import EXTENSIONS, PLATFORM
+from app.api.oip.routes import EXTENSIONS
 from app.grpc import converters
 from app.grpc.interceptors import note
 from app.grpc.stubs import pb, pb_grpc
@@ -43,22 +43,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ModelReadyResponse(ready=self.service.ready[0] and head is not None)
 
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Any) -> pb.ModelMetadataResponse:
-        wanted = converters.version(request.version)
-        store = self.service.registry.store
-        stored, head, _ = self.service.head_record(request.name)
-        card = store.get(request.name, wanted).card if wanted is not None else stored.card
-        if head is not None and head.version == (wanted or stored.version):
-            classes = head.classes
-        else:
-            classes = tuple(str(c) for c in card.get("classes", []))
-        dim = self.service.info.feature_dim if self.service.info else -1
+        from app.api.oip.routes import model_metadata  # the one description of a model, shared with /v2 over HTTP
+
+        meta = model_metadata(self.service, request.name, converters.version(request.version))
         t = converters.tensor
         return pb.ModelMetadataResponse(
-            name=request.name,
-            versions=[str(v) for v in store.versions(request.name)],
-            platform=PLATFORM,
-            inputs=[t(INPUT, "BYTES", [-1])],
-            outputs=[t("label", "BYTES", [-1]), t("probabilities", "FP32", [-1, len(classes)]), t("features", "FP32", [-1, dim])],
+            name=meta.name,
+            versions=meta.versions,
+            platform=meta.platform,
+            inputs=[t(x.name, x.datatype, x.shape) for x in meta.inputs],
+            outputs=[t(x.name, x.datatype, x.shape) for x in meta.outputs],
         )
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:

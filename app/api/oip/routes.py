@@ -98,16 +98,16 @@ def _classes(service: Service, name: str, version: int | None) -> tuple[str, ...
 @router.get("/models/{name}", name="oip_model_metadata", response_model=ModelMetadata, dependencies=KeyDep,
             summary="Model metadata: the input and outputs with datatypes and shapes")  # fmt: skip
 async def oip_model_metadata(name: str, service: ServiceDep) -> ModelMetadata:
-    return _metadata(service, name, None)
+    return model_metadata(service, name, None)
 
 
 @router.get("/models/{name}/versions/{version}", name="oip_model_version_metadata", response_model=ModelMetadata,
             dependencies=KeyDep, summary="Metadata of one version of a model")  # fmt: skip
 async def oip_model_version_metadata(name: str, version: int, service: ServiceDep) -> ModelMetadata:
-    return _metadata(service, name, version)
+    return model_metadata(service, name, version)
 
 
-def _metadata(service: Service, name: str, version: int | None) -> ModelMetadata:
+def model_metadata(service: Service, name: str, version: int | None) -> ModelMetadata:
     n_classes = len(_classes(service, name, version))
     familiar = "familiarity" in (service.registry.store.get(name, version).card)
     dim = service.info.feature_dim if service.info else -1
