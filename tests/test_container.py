@@ -366,40 +366,53 @@ def test_stopping_one_of_two_replicas_behind_nginx_under_load_fails_no_request(
     containers += [a.start(), b.start()]
     a.wait_ready(), b.wait_ready()
     lb = Nginx(tmp_path / "nginx", [f"127.0.0.1:{a.port}", f"127.0.0.1:{b.port}"]).start()
-    total, done, failures, lock = 240, [0], [], threading.Lock()
+    done, failures, lock, finish = [0], [], threading.Lock(), threading.Event()
     pngs = [image_bytes(seed=i, size=(64, 64)) for i in range(8)]
 
-    def send(n: int) -> None:
-        try:
-            r = httpx.post(lb.url + "/v1/classify", content=pngs[n % 8], headers={"Content-Type": "image/png"}, timeout=120)
-            problem = None if r.status_code == 200 and r.json()["results"][0]["label"] in ("cat", "dog") else r.text[:300]
-        except (httpx.HTTPError, ValueError, KeyError) as exc:
-            problem = f"{type(exc).__name__}: {exc}"
-        with lock:
-            done[0] += 1
-            if problem:
-                failures.append(f"{n}: {problem}")
+    def sender(worker: int) -> None:
+        """Send requests back to back until told to finish: the load never runs out before the stop."""
+        n = worker
+        while not finish.is_set():
+            try:
+                r = httpx.post(lb.url + "/v1/classify", content=pngs[n % 8], headers={"Content-Type": "image/png"}, timeout=120)
+                problem = None if r.status_code == 200 and r.json()["results"][0]["label"] in ("cat", "dog") else r.text[:300]
+            except (httpx.HTTPError, ValueError, KeyError) as exc:
+                problem = f"{type(exc).__name__}: {exc}"
+            with lock:
+                done[0] += 1
+                if problem:
+                    failures.append(f"{n}: {problem}")
+            n += 8
+
+    def wait_for(count: int) -> None:
+        deadline = time.monotonic() + 300
+        while done[0] < count and time.monotonic() < deadline and not failures:
+            time.sleep(0.05)
 
     stopped: dict[str, float] = {}
     try:
         with ThreadPoolExecutor(8) as pool:
-            for n in range(total):
-                pool.submit(send, n)
-            deadline = time.monotonic() + 300
-            while done[0] < 60 and time.monotonic() < deadline:
-                time.sleep(0.05)
-            before = served_by(lb)
-            t0 = time.monotonic()
-            podman("stop", "-t", "45", a.name, timeout=90)  # compose's stop_grace_period: SIGTERM, drain, exit
-            stopped["after_s"], stopped["at_request"] = time.monotonic() - t0, done[0]
+            for worker in range(8):
+                pool.submit(sender, worker)
+            try:
+                wait_for(60)
+                before = served_by(lb)
+                t0, stopped["started_at"] = time.monotonic(), done[0]
+                podman("stop", "-t", "45", a.name, timeout=90)  # compose's stop_grace_period: SIGTERM, drain, exit
+                stopped["after_s"], stopped["ended_at"] = time.monotonic() - t0, done[0]
+                wait_for(done[0] + 60)  # and b alone serves the load that keeps coming
+            finally:
+                finish.set()
     finally:
         lb.stop()
+    after = served_by(lb)
     assert failures == [], failures[:10]
-    assert done[0] == total
     assert before[f"127.0.0.1:{a.port}"] > 0 and before[f"127.0.0.1:{b.port}"] > 0, before
-    assert stopped["at_request"] < total - 50, stopped  # a stopped while plenty of load was still running
+    assert done[0] >= stopped["ended_at"] + 60, (done, stopped)
+    # every request answered after the stop returned was b's
+    assert after[f"127.0.0.1:{b.port}"] - before[f"127.0.0.1:{b.port}"] >= done[0] - stopped["ended_at"] - 8, (before, after)
     assert stopped["after_s"] < drain_timeout_s() and a.exit_code(timeout=10) == 0, (stopped, a.logs()[-2000:])
-    print(f"served {dict(served_by(lb))}; a stopped in {stopped['after_s']:.1f}s at request {stopped['at_request']}")
+    print(f"served {dict(after)}; a stopped in {stopped['after_s']:.1f}s, requests {stopped['started_at']}..{stopped['ended_at']}")
 
 
 # --- INT8 ----------------------------------------------------------------------------------------
