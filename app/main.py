@@ -38,6 +38,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description="Transfer-learning image classification: VGG16 conv base (ONNX Runtime) + scikit-learn heads.",
         lifespan=lifespan,
         generate_unique_id_function=_operation_id,
+        # FastAPI >= 0.16x would add its own server spans once a tracer provider exists; tlserve's
+        # middleware makes the one HTTP server span (app/tracing.py). Older FastAPI ignores this.
+        telemetry={"tracing": False},
     )
     app.state.service = service
     errors.install(app)

@@ -29,7 +29,7 @@ class ResponseCache:
         return len(self._entries)
 
     @staticmethod
-    def key(extractor_sha256: str, data: bytes) -> tuple[str, str]:
+    def key(extractor_sha256: str, data: bytes | bytearray | memoryview) -> tuple[str, str]:
         return extractor_sha256, sha256_bytes(data)
 
     def get(self, key: tuple[str, str]) -> np.ndarray | None:

@@ -137,8 +137,11 @@ def server_pool(log_dir: Path) -> Iterator[Callable[..., ServerProcess]]:
     starts ``tlserve serve`` on ``store_root`` with ``TLSERVE_<SETTING>`` values; all are stopped on exit."""
     started: list[ServerProcess] = []
 
-    def start(store_root: Path, wait_ready: bool = True, **settings: object) -> ServerProcess:
-        server = ServerProcess(settings_env(store_root, **settings), log_path=log_dir / f"server{len(started)}.log")
+    def start(store_root: Path, wait_ready: bool = True, env: dict[str, str] | None = None, **settings: object) -> ServerProcess:
+        """``env``: other variables for the process (``OTEL_*``), beside the ``TLSERVE_*`` of ``settings``."""
+        server = ServerProcess(
+            {**(env or {}), **settings_env(store_root, **settings)}, log_path=log_dir / f"server{len(started)}.log"
+        )
         started.append(server)
         return server.start(wait_ready=wait_ready)
 

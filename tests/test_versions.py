@@ -28,7 +28,7 @@ def add_version(store: ModelStore, flip: bool = False) -> int:
     if flip:
         head.estimator.coef_ = -head.estimator.coef_
         head.estimator.intercept_ = -head.estimator.intercept_
-    card = {k: v for k, v in head.card.items() if k not in ("name", "signature")}
+    card = {k: v for k, v in head.card.items() if k not in ("name", "signature", "familiarity")}
     return save_head(store.heads, "colors", head.estimator, card, promote=False).version
 
 

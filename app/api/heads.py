@@ -20,7 +20,7 @@ from app.registry import Version
 from app.service import Service
 
 router = APIRouter(prefix="/v1/heads", tags=["heads"], dependencies=[Depends(require_key)],
-                   responses=error_responses(ErrorResponse, (401, 403, 404, 409, 500, 503)))  # fmt: skip
+                   responses=error_responses(ErrorResponse, (400, 401, 403, 404, 409, 422, 500, 503)))  # fmt: skip
 Admin = [Depends(require_admin)]
 
 

@@ -55,13 +55,15 @@ class RequestInput(BaseModel):
 
 
 class RequestOutput(BaseModel):
-    name: str = Field(description="`label`, `probabilities` or `features`")
+    name: str = Field(description="`label`, `probabilities`, `features`, `familiarity` or `in_distribution`")
     parameters: dict[str, Any] | None = Field(None, description="`binary_data` (bool); `classification` (int) on probabilities")
 
 
 class InferenceRequest(BaseModel):
     id: str | None = None
-    parameters: dict[str, Any] | None = Field(None, description="`binary_data_output` (bool); others are ignored")
+    parameters: dict[str, Any] | None = Field(
+        None, description="`binary_data_output` (bool); `ood_policy` (`report` or `refuse`); others are ignored"
+    )
     inputs: list[RequestInput]
     outputs: list[RequestOutput] | None = Field(None, description="Default: label and probabilities")
 
