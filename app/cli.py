@@ -83,7 +83,7 @@ def _export(args: argparse.Namespace) -> int:
     from app.export import export
     from app.hashing import sha256_file
     from app.settings import get_settings
-    from app.store import ModelStore
+    from app.store import ModelStore, int8_gate
     from app.weights import PYPI_REQUIREMENT, PYPI_WHEEL, from_keras_h5, from_onnx, from_pypi
 
     store = ModelStore(get_settings().model_store)
@@ -116,6 +116,12 @@ def _export(args: argparse.Namespace) -> int:
             store, calib, args.calibration_images, check_dir=check, check_limit=args.check_images,
             reduce_range=args.weight_bits == 7, min_agreement=args.min_agreement, min_cosine=args.min_cosine,
         )  # fmt: skip
+        passed, gate = int8_gate(entry, entry["parent_sha256"])
+        if args.int8 and not passed:  # required: a copy that failed its gate is not what was asked for
+            print(json.dumps(entry, indent=2))
+            print(f"error: --int8: the INT8 copy's accuracy gate {gate}; the manifest records it, but "
+                  "TLSERVE_PRECISION=auto serves fp32", file=sys.stderr)  # fmt: skip
+            return 1
     print(json.dumps(entry, indent=2))
     return 0
 
@@ -443,7 +449,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "whenever calibration photos are there (--calibration-dir, else the default head's "
                              "training photos); served with TLSERVE_PRECISION=int8, or by `auto` (the default) when "
                              "its accuracy gate passed and it is faster on the serving CPU")  # fmt: skip
-    q.add_argument("--int8", action="store_true", help="require the INT8 copy (usage error without calibration photos)")
+    q.add_argument("--int8", action="store_true",
+                   help="require a verified INT8 copy: usage error without calibration photos, exit 1 when its "
+                        "accuracy gate fails")  # fmt: skip
     q.add_argument("--no-int8", action="store_true", help="fp32 only, no INT8 copy")
     q.add_argument("--calibration-dir", type=Path,
                    help="image folder (class sub-folders or flat) to calibrate with (default: the default head's "

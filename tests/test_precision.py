@@ -1,5 +1,6 @@
 """``TLSERVE_PRECISION=auto``: what a real service serves and why, for each fallback; ``tlserve export`` making
-the INT8 copy by default from the default head's training photos (tiny real model)."""
+the INT8 copy by default from the default head's training photos (tiny real model); the familiarity verdict
+under the real INT8 extractor (issue 15, real photos)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,13 @@ import httpx
 import pytest
 
 from app.export import build_graph
+from app.extractor import Extractor
+from app.familiarity import for_head
+from app.features import extract_paths
+from app.registry import load_head
+from app.settings import Settings
 from app.store import ModelStore, int8_speed_verdict
+from app.training import Trainer
 from tests.conftest import make_tiny_store
 from tests.helpers import REPO, image_bytes, settings_env, tiny_weights
 
@@ -131,3 +138,61 @@ def test_export_no_int8_skips_the_copy(fresh_tiny_store: ModelStore, tiny_onnx: 
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "fp32 only (--no-int8)" in proc.stderr and json.loads(proc.stdout)["precision"] == "fp32"
     assert not fresh_tiny_store.read_manifest()["variants"]
+
+
+def test_export_int8_whose_gate_fails_exits_1_and_auto_serves_fp32(fresh_tiny_store: ModelStore, tiny_onnx: Path) -> None:
+    """``--int8`` asks for a verified copy (the INT8 container build relies on it): a refused one is recorded,
+    named on stderr with the gate's figures, and the exit status is 1; without ``--int8`` it is a warning."""
+    store = fresh_tiny_store
+    proc = _export(store.root, tiny_onnx, "--int8", "--min-agreement", "1.01")  # a bar no model can pass
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "error: --int8: the INT8 copy's accuracy gate failed: lowest head agreement" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    entry = store.read_manifest()["variants"]["int8"]
+    assert entry["sha256"] == json.loads(proc.stdout)["sha256"] and "feature_space" not in entry
+    assert store.extractor(precision="auto").precision == "fp32"
+
+    proc = _export(store.root, tiny_onnx, "--min-agreement", "1.01")  # the default export: fp32 served, exit 0
+    assert proc.returncode == 0 and "auto keeps fp32: the accuracy gate failed" in proc.stderr, proc.stderr[-2000:]
+
+
+# --- the familiarity verdict under INT8 (issue 15) --------------------------------------------------
+FAMILIARITY_TRAIN, FAMILIARITY_VAL = 100, 200  # photos a class: a sample of the default head's 1,000 and 500
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_familiarity_verdict_accepts_val_within_1_point_of_fp32_under_int8(
+    real_store: ModelStore, shared_data: Path, tmp_path: Path
+) -> None:
+    """A head trained the default head's way (``tlserve train`` on cats_vs_dogs/train; the committed head
+    predates familiarity) on a sample, the first 100 training photos a class: its threshold is calibrated out
+    of fold on fp32 features. With the INT8 extractor, the share of the first 200 val photos a class (400) it
+    accepts is within 1 point (4 photos) of fp32's."""
+    if "int8" not in real_store.read_manifest()["variants"]:
+        pytest.skip("the export made no int8 variant (no calibration photos when it ran): run `tlserve export`")
+    int8 = real_store.extractor(precision="int8")
+    fp32 = real_store.extractor(precision="fp32")
+    assert int8.feature_space == fp32.sha256, int8.precision_reason  # fp32-trained heads are served with it
+    store = ModelStore(tmp_path / "store")
+    store.heads_dir.mkdir(parents=True)
+    shutil.copy(real_store.manifest_path, store.manifest_path)
+    for info in (fp32, int8):
+        (store.root / info.path.name).symlink_to(info.path.resolve())
+    settings = Settings(model_store=store.root, default_head="cats_vs_dogs", feature_cache_dir=tmp_path / "cache")
+    trainer = Trainer(settings, progress=False)
+    trained = trainer.train(shared_data / "train", "cats_vs_dogs", limit=FAMILIARITY_TRAIN)
+    assert trained.card["familiarity"]["calibration"]["accepted"] >= 0.9, trained.card["familiarity"]
+
+    head = load_head(store.heads, "cats_vs_dogs", int8.feature_space)
+    known = for_head(store.heads, head, int8.feature_dim)
+    assert known is not None
+    val = [p for label in head.classes for p in sorted((shared_data / "val" / label).glob("*.jpg"))[:FAMILIARITY_VAL]]
+    accepted = {}
+    for info in (fp32, int8):  # the trainer's own extraction path (decode pool, batches)
+        extractor = trainer.extractor if info is fp32 else Extractor(info, provider="cpu", threads=0)
+        x = extract_paths(val, extractor, resample=info.resample, progress=False).features
+        accepted[info.precision] = float(known.verdict(known.score(x, head.predict_proba(x))).mean())
+    assert accepted["fp32"] >= 0.9, accepted  # the calibration holds on photos it never saw
+    assert abs(accepted["int8"] - accepted["fp32"]) <= 0.01 + 1e-9, accepted
+    print(f"val accepted: fp32 {accepted['fp32']:.2%}, int8 {accepted['int8']:.2%} of {len(val)} photos")
