@@ -1,4 +1,4 @@
-"""``tlserve``: export, train, evaluate, predict, serve, classify, bench, settings."""
+"""``tlserve``: export, train, evaluate, predict, batch, serve, classify, bench, settings."""
 
 from __future__ import annotations
 
@@ -53,8 +53,17 @@ def _trainer(args: argparse.Namespace):
 
 
 def _train(args: argparse.Namespace) -> int:
+    if (args.data_dir is None) == (args.features is None):
+        print("error: train takes a photo folder DATA_DIR or --features DIR (one of them)", file=sys.stderr)
+        return 2
+    if args.features is not None and (args.val_dir is not None or args.limit):
+        print("error: --val-dir and --limit work on photo folders, not with --features", file=sys.stderr)
+        return 2
     trainer = _trainer(args)
-    report, card = trainer.train(args.data_dir, args.name, val_dir=args.val_dir, c=args.C, limit=args.limit)
+    if args.features is not None:
+        report, card = _train_features(trainer, args)
+    else:
+        report, card = trainer.train(args.data_dir, args.name, val_dir=args.val_dir, c=args.C, limit=args.limit)
     skipped = card["training"]["skipped"]
     print(f"head {args.name!r}: C={card['estimator']['C']}, train {card['training']['train_per_class']}, "
           f"val {card['training']['val_per_class']}, skipped {skipped} unreadable file(s)")  # fmt: skip
@@ -62,6 +71,32 @@ def _train(args: argparse.Namespace) -> int:
         print(f"  skipped {line}")
     print(report.render())
     print(f"version {card['version']} written to {trainer.heads.version_folder(args.name, card['version'])} (now current)")
+    return 0
+
+
+def _train_features(trainer: Any, args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
+    from app.batch.parquet import read_features
+    from app.registry import valid_head_name
+
+    valid_head_name(args.name)  # before the features are read
+    fs = read_features(args.features, trainer.info.feature_space)  # refuses another extractor's features
+    meta = fs.metadata
+    provenance = {"dir": args.features, "source": meta["source"], "extractor_sha256": meta["extractor"]["sha256"]}
+    return trainer.train_features(args.name, fs.features, fs.labels, fs.classes, source=meta["source"], skipped=fs.skipped,
+                                  c=args.C, provenance=provenance)  # fmt: skip
+
+
+def _batch(args: argparse.Namespace) -> int:
+    from app.batch import BatchJob, run
+    from app.settings import get_settings
+
+    job = BatchJob(
+        source=args.source, output=args.output, head=args.head, features=args.features, top_k=args.top_k,
+        batch_size=args.batch_size, part_rows=args.part_rows, resume=args.resume, ray=args.ray,
+        actors=args.actors, actor_cpus=args.actor_cpus,
+    )  # fmt: skip
+    summary = run(job, get_settings(), progress=not args.no_progress)
+    print(json.dumps(summary.as_dict(), indent=2) if args.json else summary.line())
     return 0
 
 
@@ -245,7 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=_export)
 
     t = sub.add_parser("train", help="train a logistic-regression head on a folder of class sub-folders")
-    t.add_argument("data_dir", type=Path)
+    t.add_argument("data_dir", type=Path, nargs="?", help="one sub-folder per class (or use --features)")
+    t.add_argument("--features", metavar="DIR", help="train from a `tlserve batch --features` Parquet output, no re-extraction")
     t.add_argument("--name", required=True)
     t.add_argument("--val-dir", type=Path, help="validate on this folder instead of a stratified 80/20 split")
     t.add_argument("--C", type=float, default=None, help="inverse regularisation; default: chosen by 5-fold CV")
@@ -280,6 +316,26 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--retries", type=int, default=3, help="retries on 503/429, honouring Retry-After (default 3)")
     c.add_argument("--timeout", type=float, default=60.0, help="seconds per request (default 60)")
     c.set_defaults(func=_classify)
+
+    a = sub.add_parser("batch", help="classify (or extract features of) every image under SRC into a Parquet dataset")
+    a.add_argument(
+        "source", metavar="SRC", help="a folder or a URI pyarrow reads (s3://bucket/prefix, credentials from the environment)"
+    )
+    a.add_argument("--output", required=True, metavar="DIR", help="the Parquet dataset folder (part files) to write")
+    a.add_argument("--head", help="head to classify with (default: the default head)")
+    a.add_argument("--features", action="store_true", help="write feature vectors (and the class folder) instead of labels")
+    a.add_argument("--top-k", type=_positive, default=5, help="classes in the top_k column (default 5)")
+    a.add_argument("--resume", action="store_true", help="continue a job in DIR: skip images already in committed parts")
+    a.add_argument(
+        "--ray", metavar="ADDRESS", help="run on Ray Data: local | auto | ray://host:port | host:port (default: in-process)"
+    )
+    a.add_argument("--actors", type=_positive, help="Ray actor pool size (default: one per GPU, else half the cluster's CPUs)")
+    a.add_argument("--actor-cpus", type=float, default=1.0, help="CPUs per Ray actor, its ONNX Runtime threads (default 1)")
+    a.add_argument("--batch-size", type=_positive, default=16, help="images per extractor run (default 16)")
+    a.add_argument("--part-rows", type=_positive, default=1024, help="rows per committed part file (default 1024)")
+    a.add_argument("--json", action="store_true", help="print the summary as JSON")
+    a.add_argument("--no-progress", action="store_true", help="no progress bar or lines")
+    a.set_defaults(func=_batch)
 
     s = sub.add_parser("serve", help="run the HTTP service (uvicorn)")
     s.add_argument("--host", default=None)

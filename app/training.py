@@ -164,6 +164,32 @@ class Trainer:
         version = save_head(self.heads, name, estimator, card, {"confusion_matrix.png": png})
         return report, version.card
 
+    def train_features(
+        self, name: str, features: np.ndarray, labels: np.ndarray, classes: list[str], *, source: str,
+        skipped: list[tuple[str, str]] | None = None, c: float | None = None, provenance: dict[str, Any] | None = None,
+    ) -> tuple[Report, dict[str, Any]]:  # fmt: skip
+        """Train from features already extracted (``tlserve train --features DIR``), in
+        :meth:`Dataset.from_folder` order: the same split, C and fit as :meth:`train` on that folder."""
+        from sklearn.model_selection import train_test_split
+
+        valid_head_name(name)
+        skipped = skipped or []
+        xtr, xva, ytr, yva = train_test_split(features, labels, test_size=0.2, stratify=labels, random_state=SEED)
+        if min(np.bincount(ytr, minlength=len(classes))) == 0:
+            raise ValueError("every class needs at least one readable training image")
+        cv_scores: dict[str, float] = {}
+        if c is None:
+            c, cv_scores = choose_c(xtr, ytr) if len(ytr) >= 50 else (DEFAULT_C, {})
+        estimator = make_estimator(c).fit(xtr, ytr)
+        report = make_report(yva, estimator.predict(xva), classes)
+        split = {"kind": "stratified", "val_fraction": 0.2, "seed": SEED}
+        data = Dataset(Path(source), classes, [], labels)
+        card = self._card(data, ytr, yva, [(Path(p), why) for p, why in skipped], split, c, cv_scores, report)
+        card["training"]["features"] = provenance or {}
+        png = confusion_png(report, f"{name} ({split['kind']} split)")
+        version = save_head(self.heads, name, estimator, card, {"confusion_matrix.png": png})
+        return report, version.card
+
     def _card(self, data: Dataset, ytr: np.ndarray, yva: np.ndarray, skipped: list, split: dict, c: float,
               cv_scores: dict, report: Report) -> dict[str, Any]:  # fmt: skip
         import sklearn

@@ -1,0 +1,135 @@
+"""The default engine: the whole job in this process, no cluster and no Ray.
+
+A thread pool reads and decodes files a bounded window ahead of the extractor (memory stays flat for
+any number of images); the extractor and the head run on batches in this thread; a part is committed
+every ``part_rows`` rows. Progress: a tqdm bar on a terminal, else a line every few seconds.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING
+
+from app.batch.compute import Decoded, Model, decode_file, stack
+from app.batch.job import Plan, Summary, claim
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+LINE_INTERVAL_S = 5.0
+"""Seconds between two progress lines when stderr is not a terminal."""
+
+
+class _Progress:
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.total, self.done, self.errors = total, 0, 0
+        self.started = self.last = time.monotonic()
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="img", desc="batch", smoothing=0.1)
+        self.lines = enabled and self.bar is None
+
+    def update(self, n: int, errors: int) -> None:
+        self.done += n
+        self.errors += errors
+        now = time.monotonic()
+        if self.bar is not None:
+            self.bar.update(n)
+        elif self.lines and now - self.last >= LINE_INTERVAL_S:
+            self.last = now
+            rate = self.done / (now - self.started)
+            print(
+                f"batch: {self.done}/{self.total} images, {rate:.1f} images/s, {self.errors} error(s)",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def run(plan: Plan, *, progress: bool = True) -> Summary:
+    model = Model(plan.model)
+    claim(plan)
+    t0 = time.perf_counter()
+    stages = {"read": 0.0, "decode": 0.0, "write": 0.0}
+    images = errors = 0
+    pending: list[pa.Table] = []
+    bar = _Progress(len(plan.todo), progress)
+
+    def commit() -> None:
+        import pyarrow as pa
+
+        t = time.perf_counter()
+        if not plan.output.commit(pa.concat_tables(pending), model.schema, plan.run):
+            raise RuntimeError(f"another run took over {plan.job.output}; this one stops")
+        stages["write"] += time.perf_counter() - t
+        pending.clear()
+
+    try:
+        for batch in _batches(_decoded(plan, stages), plan.job.batch_size):
+            table = model(stack(batch, plan.decode))
+            failed = len(table) - table.column("error").null_count
+            pending.append(table)
+            images += len(table)
+            errors += failed
+            bar.update(len(table), failed)
+            if sum(len(t) for t in pending) >= plan.job.part_rows:
+                commit()
+        if pending:
+            commit()
+    finally:
+        bar.close()
+    stages.update(model.seconds)
+    return Summary(images, errors, time.perf_counter() - t0, plan.already + images, plan.job.output, "in-process", stages=stages)
+
+
+def _decoded(plan: Plan, stages: dict[str, float]) -> Iterator[Decoded]:
+    """Every file to do, read and decoded by a thread pool, in order; seconds summed over the threads."""
+    fs, spec = plan.source.fs, plan.decode
+
+    def work(path: str) -> tuple[Decoded, float, float]:
+        t0 = time.perf_counter()
+        data: bytes | OSError
+        try:
+            with fs.open_input_stream(path) as f:
+                data = f.read()
+        except OSError as exc:
+            data = exc
+        t1 = time.perf_counter()
+        return decode_file(path, data, spec), t1 - t0, time.perf_counter() - t1
+
+    paths = (plan.source.full(rel) for rel in plan.todo)
+    ahead = 4 * plan.job.batch_size
+    with ThreadPoolExecutor(max_workers=plan.settings.decoders, thread_name_prefix="batch-decode") as pool:
+        window: deque[Future[tuple[Decoded, float, float]]] = deque()
+        for path in paths:
+            window.append(pool.submit(work, path))
+            if len(window) >= ahead:
+                break
+        while window:
+            decoded, read_s, decode_s = window.popleft().result()
+            stages["read"] += read_s
+            stages["decode"] += decode_s
+            nxt = next(paths, None)
+            if nxt is not None:
+                window.append(pool.submit(work, nxt))
+            yield decoded
+
+
+def _batches(items: Iterator[Decoded], n: int) -> Iterator[list[Decoded]]:
+    batch: list[Decoded] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == n:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
