@@ -168,6 +168,23 @@ def test_a_replaced_run_cannot_commit(tiny_store: ModelStore, colors: Path, tmp_
     assert out.commit(table, table.schema, "new") is True and len(out.parts()) == 1
 
 
+def test_actors_check_the_extractor_bytes_they_receive(tiny_store: ModelStore, tmp_path: Path, monkeypatch) -> None:
+    import tempfile
+
+    from app.batch.compute import materialise
+    from app.errors import ArtifactError
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    info = tiny_store.extractor()
+    model = info.path.read_bytes()
+    copy = materialise(info, model).path
+    assert copy.parent == tmp_path and copy.read_bytes() == model
+    copy.write_bytes(b"x" * len(model))  # a same-sized impostor is not reused
+    assert materialise(info, model).path.read_bytes() == model
+    with pytest.raises(ArtifactError, match="do not match sha256"):
+        materialise(info, model[:-1] + b"!")
+
+
 def test_train_from_features_refuses_another_extractor(
     tiny_store: ModelStore, colors: Path, tmp_path: Path, capsys, monkeypatch
 ) -> None:

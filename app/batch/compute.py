@@ -11,6 +11,7 @@ fails the batch.
 from __future__ import annotations
 
 import dataclasses
+import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ import numpy as np
 from app.batch.parquet import error_column, features_column, schema
 from app.errors import ArtifactError, InputError
 from app.extractor import Extractor
-from app.hashing import sha256_bytes
+from app.hashing import sha256_bytes, sha256_file
 from app.heads import Head, describe
 from app.imaging import load_image
 from app.store import ExtractorInfo
@@ -109,10 +110,11 @@ def materialise(info: ExtractorInfo, model: bytes) -> ExtractorInfo:
     if sha256_bytes(model) != info.sha256:
         raise ArtifactError(f"the extractor bytes received do not match sha256 {info.sha256[:12]} of the manifest")
     path = Path(tempfile.gettempdir()) / f"tlserve-{info.sha256[:16]}-{info.path.name}"
-    if not path.exists() or path.stat().st_size != len(model):
-        tmp = path.with_name(f".{path.name}.{time.time_ns()}.tmp")
-        tmp.write_bytes(model)
-        tmp.replace(path)
+    if not path.is_file() or sha256_file(path) != info.sha256:  # another actor's copy is reused only when it checks out
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        with os.fdopen(fd, "wb") as f:
+            f.write(model)
+        os.replace(tmp, path)
     return dataclasses.replace(info, path=path)
 
 

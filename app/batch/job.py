@@ -10,16 +10,13 @@ from typing import Any
 
 from app import __version__
 from app.batch.compute import DecodeSpec, ModelSpec
-from app.batch.parquet import FORMAT, Output, new_run
+from app.batch.parquet import FORMAT, JOB_KEYS, Output, new_run
 from app.batch.source import Source, open_source
 from app.registry import HeadStore, load_head
 from app.settings import Settings
 from app.store import ExtractorInfo, ModelStore
 
 log = logging.getLogger(__name__)
-
-KEYS_THAT_MUST_MATCH = ("format", "kind", "source", "extractor", "head", "top_k")
-"""What a resumed job must share with the job that wrote the output before."""
 
 
 @dataclass(frozen=True)
@@ -131,7 +128,7 @@ def plan(job: BatchJob, settings: Settings) -> Plan:
         raise ValueError(f"output {job.output} already holds a batch job ({len(parts)} committed part(s)): "
                          "pass --resume to continue it, or choose another --output")  # fmt: skip
     if previous is not None and parts:
-        different = [k for k in KEYS_THAT_MUST_MATCH if previous.get(k) != meta.get(k)]
+        different = [k for k in JOB_KEYS if previous.get(k) != meta.get(k)]
         if different:
             k = different[0]
             raise ValueError(f"cannot resume {job.output}: its {k} is {_short(previous.get(k))}, this job's is "

@@ -37,6 +37,8 @@ if TYPE_CHECKING:
 JOB_FILE = "_tlserve.json"
 FORMAT = "tlserve-batch/1"
 METADATA_KEY = b"tlserve"
+JOB_KEYS = ("format", "kind", "source", "classes", "extractor", "head", "top_k")
+"""The metadata that makes two runs one job: a resumed run must match them, and so must every part."""
 
 
 def _error_type() -> pa.DataType:
@@ -96,7 +98,9 @@ class Output:
 
     @property
     def local(self) -> bool:
-        return type(self.fs).__name__ == "LocalFileSystem"
+        import pyarrow.fs as pafs
+
+        return isinstance(self.fs, pafs.LocalFileSystem)
 
     def _entries(self) -> list[Any]:
         import pyarrow.fs as pafs
@@ -202,7 +206,7 @@ def read_features(uri: str, feature_space: str) -> FeatureSet:
     meta = metas[0]
     if meta is None or meta.get("format") != FORMAT:
         raise ValueError(f"{parts[0]} carries no tlserve batch metadata: not written by `tlserve batch`")
-    if any(m != meta for m in metas[1:]):
+    if any(m is None or any(m.get(k) != meta.get(k) for k in JOB_KEYS) for m in metas[1:]):
         raise ValueError(f"the parts in {uri} come from different jobs (their metadata differ)")
     if meta["kind"] != "features":
         raise ValueError(f"{uri} holds {meta['kind']} results, not features: write it with `tlserve batch --features`")
