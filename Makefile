@@ -6,10 +6,11 @@ STAMP := $(VENV)/.installed
 MANIFEST := model_store/manifest.json
 HOST ?= 127.0.0.1
 PORT ?= 8000
+IMAGE ?= localhost/tlserve:cpu
 
-.PHONY: run test setup export lint fmt bench bench-quick clean
+.PHONY: run test setup export lint fmt bench bench-quick clean image test-container lock
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py app/grpc/predict_v2.proto
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev,ray]'
@@ -28,10 +29,24 @@ run: $(STAMP) $(MANIFEST)
 
 test: $(STAMP) $(MANIFEST)
 	$(BIN)/ruff check app client tests benchmarks deploy
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q
+
+# The container image with podman and no Docker Hub (.ci/container: debootstrap base, `podman build
+# --format docker`); `make test` runs its tests too whenever podman is installed.
+image:
+	.ci/container build -t $(IMAGE)
+
+test-container: $(STAMP) $(MANIFEST)
+	$(BIN)/python -m pytest -q tests/test_container.py
+
+# Re-pin the image's dependencies after changing pyproject.toml's (tests fail while the locks are stale).
+lock: $(STAMP)
+	$(BIN)/python deploy/requirements/lock.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check app client tests benchmarks deploy
+	$(BIN)/mypy
 	$(BIN)/ruff format --check app client tests benchmarks deploy
 
 fmt: $(STAMP)
@@ -39,10 +54,10 @@ fmt: $(STAMP)
 	$(BIN)/ruff check --fix app client tests benchmarks deploy
 
 bench: $(STAMP) $(MANIFEST)
-	$(BIN)/tlserve bench
+	$(BIN)/python -m benchmarks.bench
 
 bench-quick: $(STAMP) $(MANIFEST)
-	$(BIN)/tlserve bench --quick
+	$(BIN)/python -m benchmarks.bench --quick
 
 clean:
 	rm -rf $(VENV) model_store/*.onnx $(MANIFEST) model_store/.cache benchmarks/out

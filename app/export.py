@@ -16,14 +16,14 @@ from __future__ import annotations
 import logging
 import time
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
 from app import __version__
 from app.errors import ArtifactError
 from app.hashing import sha256_bytes
-from app.store import ModelStore, atomic_write, write_json
+from app.store import ModelStore, atomic_write
 from app.weights import IMAGENET_WEIGHTS_SHA256, LAYERS, POOL_AFTER, Weights, weights_sha256
 
 log = logging.getLogger(__name__)
@@ -33,6 +33,15 @@ IR_VERSION = 8
 EXPORT_FORMAT = "tlserve-vgg16/1"
 CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 Pooling = Literal["flatten", "avg", "max"]
+
+# what `tlserve export` does unless told otherwise (the CLI's defaults are these)
+SIZE = 224
+POOLING: Pooling = "avg"
+RESAMPLE = "bilinear"
+CALIBRATION_IMAGES = 200  # --int8: images quantization is calibrated with
+CHECK_IMAGES = 400  # --int8: held-out images the accuracy gate is measured on
+MIN_AGREEMENT = 0.995  # --int8: the gate: every fp32-trained head agrees on at least this share
+WEIGHT_BITS = 7  # --int8: 7-bit weights (reduce_range), safe on every x86 CPU (see app/quantize.py)
 
 
 def feature_dim(size: int, pooling: str, channels: int = 512) -> int:
@@ -96,7 +105,7 @@ def build_graph(weights: Weights, size: int, pooling: Pooling = "flatten") -> by
         doc_string="VGG16 ImageNet conv base; uint8 NHWC RGB in, Keras-caffe preprocessing inside, features out",
     )
     onnx.checker.check_model(model)
-    return model.SerializeToString()
+    return bytes(model.SerializeToString())
 
 
 def _channels(weights: Weights) -> int:
@@ -107,9 +116,9 @@ def validate(model_bytes: bytes, size: int, dim: int) -> dict[str, object]:
     """Run the exported graph once with ONNX Runtime: shapes, finiteness, timing."""
     import onnxruntime as ort
 
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    sess = ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
+    from app.extractor import create_session
+
+    sess = create_session(model_bytes, threads=0, spinning=False)
     rng = np.random.default_rng(0)
     batch = rng.integers(0, 256, size=(2, size, size, 3), dtype=np.uint8)
     t0 = time.perf_counter()
@@ -126,11 +135,14 @@ def export(
     weights: Weights,
     source: dict[str, str],
     *,
-    size: int = 224,
-    pooling: Pooling = "avg",
-    resample: str = "bilinear",
-) -> dict[str, object]:
-    """Build, validate and write the extractor and the manifest; returns the manifest entry."""
+    size: int = SIZE,
+    pooling: Pooling = POOLING,
+    resample: str = RESAMPLE,
+) -> dict[str, Any]:
+    """Build, validate and write the extractor and record it in the manifest; returns its entry.
+
+    Variants quantized from the same bytes stay recorded (the export is reproducible, so a re-export
+    of the same weights keeps its int8 variant); variants of a different export are dropped."""
     import onnx
 
     w_sha = weights_sha256(weights)
@@ -144,7 +156,7 @@ def export(
     validated = validate(model_bytes, size, dim)
     file = f"vgg16_{size}_{pooling}.onnx"
     atomic_write(store.root / file, model_bytes)
-    entry: dict[str, object] = {
+    entry: dict[str, Any] = {
         "file": file,
         "sha256": sha256_bytes(model_bytes),
         "bytes": len(model_bytes),
@@ -163,6 +175,8 @@ def export(
         "exported_by": f"tlserve {__version__}",
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
-    write_json(store.manifest_path, {"extractor": entry})
+    dropped = store.record_export(entry)
     log.info("exported %s (%s, sha256 %s)", file, f"{len(model_bytes) / 1e6:.1f} MB", entry["sha256"][:12])
+    if dropped:
+        log.warning("dropped the %s variant(s) of the previous export: run `tlserve export --int8` again", ", ".join(dropped))
     return entry

@@ -4,6 +4,9 @@ Provider choice (``auto | cuda | cpu``): ``auto`` asks for CUDA only when the CU
 compiled in *and* the driver answers with at least one device; otherwise it goes straight to
 the CPU with one log line (no wall of CUDA load errors). Whatever was asked, ``providers``
 reports what ONNX Runtime really activated (``session.get_providers()``).
+
+:func:`create_session` is the one place an ONNX Runtime session is made (serving, export
+validation, quantization checks and the benchmarks' bare engine all use it).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import ctypes
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -53,6 +57,22 @@ def choose_providers(provider: str) -> tuple[list[str], str]:
     return [CPU], reason
 
 
+def create_session(model: Path | bytes, *, threads: int, spinning: bool, providers: list[str] | None = None) -> Any:
+    """An ``onnxruntime.InferenceSession`` on ``model`` (a file or serialized bytes): ``threads`` intra-op
+    threads (0 = the CPUs this process may use), one inter-op thread, sequential execution, every graph
+    optimization, idle threads spinning or not, ``providers`` (default: the CPU)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads or available_cpus()
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    return ort.InferenceSession(model if isinstance(model, bytes) else str(model), opts, providers=providers or [CPU])
+
+
 class Extractor:
     """Features from uint8 NHWC RGB batches, through one ONNX Runtime session."""
 
@@ -62,28 +82,23 @@ class Extractor:
         *,
         provider: str = "auto",
         threads: int = 0,
-        spinning: bool = True,
+        spinning: bool | None = None,
     ) -> None:
-        import onnxruntime as ort
-
         self.info = model if isinstance(model, ExtractorInfo) else None
         path = model.path if isinstance(model, ExtractorInfo) else Path(model)
         self.threads = threads or available_cpus()
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = self.threads
-        opts.inter_op_num_threads = 1
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.log_severity_level = 3
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+        if spinning is None:  # the one default: the setting's (ONNX Runtime's own default would spin)
+            from app.settings import Settings
+
+            spinning = bool(Settings.model_fields["ort_spinning"].default)
         wanted, reason = choose_providers(provider)
         try:
-            self.session = ort.InferenceSession(str(path), opts, providers=wanted)
+            self.session = create_session(path, threads=self.threads, spinning=spinning, providers=wanted)
         except Exception as exc:  # noqa: BLE001 - a broken file or provider must say so plainly
             if wanted == [CPU]:
                 raise ArtifactError(f"cannot load {path}: {type(exc).__name__}: {str(exc)[:200]}") from None
             log.warning("CUDA session failed (%s); falling back to CPU", str(exc).splitlines()[0][:200])
-            self.session = ort.InferenceSession(str(path), opts, providers=[CPU])
+            self.session = create_session(path, threads=self.threads, spinning=spinning, providers=[CPU])
             reason = "CUDA session creation failed"
         self.providers: list[str] = self.session.get_providers()
         if provider == "cuda" and self.providers[0] != CUDA:
@@ -113,7 +128,7 @@ class Extractor:
             (features,) = self.session.run(["features"], {self.input_name: images})
         except Exception as exc:
             raise InferenceError(f"ONNX Runtime failed on a batch of {len(images)}: {type(exc).__name__}") from exc
-        return features
+        return np.asarray(features)
 
     def warm_up(self, batch_sizes: tuple[int, ...] = (1,)) -> float:
         """Run zero images through once per batch size; returns seconds spent."""

@@ -1,95 +1,307 @@
-"""Features for folders of images: parallel decode, batched extraction, an on-disk cache.
+"""Labelled image folders and their features: checked before any work, cached by the file's bytes.
 
-The cache key is (extractor sha256, image content sha256): renaming or moving a file costs
-nothing, a second run over the same images does no model work, and a new extractor never
-reads another extractor's features.
+1. :meth:`Dataset.from_folder` walks ``DATA_DIR/<class>/…`` and refuses, before any image is read,
+   a folder that is not one sub-folder per class: a missing folder, an empty class folder, a class
+   with too few files, sub-folders that look like a split (``train``/``test``/``val``…), and (for
+   evaluation) class folders that differ from the head's classes. Images in sub-folders of a class
+   folder belong to that class; they are counted per class (``nested``) so nothing is silent.
+2. :func:`hash_files` reads every file once for its sha256 (content identity: duplicates across
+   classes or between training and validation are found by it, see :func:`find_duplicates`).
+3. :func:`extract_paths` looks each file up in the :class:`FeatureCache` *before* decoding: a hit
+   costs one small ``.npy`` read; misses are decoded in a bounded thread pool while ONNX Runtime
+   runs the previous batch.
+
+Cache entries are keyed by sha256(extractor sha256, file sha256, input size, resample): renaming a
+file costs nothing, and a change of extractor or of a loader setting that changes pixels is a miss.
+Each extractor has its own cache folder, which records whose features it holds; features of
+another extractor are refused (:class:`~app.errors.IncompatibleFeatures`), never mixed in. This
+module is the one place that guard lives.
 """
 
 from __future__ import annotations
 
-import hashlib
+import io
+import json
 import logging
-from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections import Counter, deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from app.errors import InputError
+from app.errors import DatasetError, IncompatibleFeatures, InputError
 from app.extractor import Extractor
+from app.hashing import sha256_bytes
 from app.imaging import is_image_file, load_image
+from app.progress import Meter, ProgressCallback, console, no_progress
+from app.settings import DEFAULT_MAX_IMAGE_PIXELS
 from app.store import atomic_write
 
 log = logging.getLogger(__name__)
 
+SPLIT_NAMES = frozenset({"train", "test", "val", "valid", "validation"})
+"""Folder names (any case) that mean "a split of a dataset", not "a class"."""
+
 
 @dataclass
 class Dataset:
-    """A labelled folder: one sub-folder per class."""
+    """A labelled folder: one sub-folder per class (``labels`` index ``classes``)."""
 
     root: Path
     classes: list[str]
     paths: list[Path]
     labels: np.ndarray
+    nested: dict[str, int] = field(default_factory=dict)  # class → files found below sub-folders of its folder
+    loose: int = 0  # files directly in ``root`` (not in a class folder): ignored, counted
 
     @classmethod
-    def from_folder(cls, root: Path, classes: Sequence[str] | None = None) -> Dataset:
+    def from_folder(cls, root: Path, classes: Sequence[str] | None = None, *, allow_subset: bool = False,
+                    min_per_class: int = 1, what: str = "DATA_DIR") -> Dataset:  # fmt: skip
+        """Scan ``root``. With ``classes`` (a head's), the class folders must be exactly those
+        (``allow_subset``: some may be missing); ``what`` names the folder in messages."""
         root = Path(root)
+        if not root.exists():
+            raise DatasetError(f"{what} {root} does not exist")
         if not root.is_dir():
-            raise FileNotFoundError(f"{root} is not a folder")
+            raise DatasetError(f"{what} {root} is not a folder")
         found = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-        classes = list(classes) if classes is not None else found
-        if len(classes) < 2:
-            raise ValueError(f"{root} needs at least two class sub-folders, found {found}")
-        paths, labels = [], []
-        for i, name in enumerate(classes):
+        loose = sum(1 for p in root.iterdir() if is_image_file(p))
+        _refuse_split(root, found, what)
+        if classes is None:
+            if len(found) < 2:
+                hint = f"; it holds {loose} file(s) directly: put each class's images in its own sub-folder" if loose else ""
+                raise DatasetError(f"{what} {root} needs at least two class sub-folders, found {found or 'none'}{hint}")
+            classes, present = list(found), list(found)
+        else:
+            classes = list(classes)
+            present = _match_classes(root, found, classes, allow_subset, what)
+        paths: list[Path] = []
+        labels: list[int] = []
+        nested: dict[str, int] = {}
+        for name in present:
             folder = root / name
-            files = sorted(p for p in folder.rglob("*") if is_image_file(p)) if folder.is_dir() else []
+            files = sorted(p for p in folder.rglob("*") if is_image_file(p) and not _hidden(p, folder))
+            if not files:
+                raise DatasetError(f"class {name!r} has no files (folder {folder})")
+            if len(files) < min_per_class:
+                raise DatasetError(
+                    f"class {name!r} has {len(files)} file(s) (folder {folder}); every class needs at least {min_per_class}"
+                )
+            if deep := sum(1 for p in files if p.parent != folder):
+                nested[name] = deep
             paths += files
-            labels += [i] * len(files)
-        return cls(root, classes, paths, np.asarray(labels, dtype=np.int64))
+            labels += [classes.index(name)] * len(files)
+        return cls(root, classes, paths, np.asarray(labels, dtype=np.int64), nested, loose)
+
+    def subset(self, idx: np.ndarray) -> Dataset:
+        paths = [self.paths[int(i)] for i in idx]
+        labels = self.labels[np.asarray(idx, dtype=np.int64)]
+        nested = Counter(self.classes[k] for p, k in zip(paths, labels, strict=True) if p.parent != self.folder(int(k)))
+        return Dataset(self.root, self.classes, paths, labels, dict(nested), self.loose)
+
+    def folder(self, label: int) -> Path:
+        return self.root / self.classes[label]
+
+    def relative(self, i: int) -> str:
+        return self.paths[i].relative_to(self.root).as_posix()
 
 
+def _hidden(path: Path, base: Path) -> bool:
+    return any(part.startswith(".") for part in path.relative_to(base).parts)
+
+
+def _refuse_split(root: Path, found: list[str], what: str) -> None:
+    """Sub-folders named like a split (two of them, or one holding class folders) are a mistake."""
+    split = [f for f in found if f.lower() in SPLIT_NAMES]
+    holds_classes = [f for f in split if any(p.is_dir() and not p.name.startswith(".") for p in (root / f).iterdir())]
+    if len(split) >= 2 or holds_classes:
+        train = next((f for f in split if f.lower() == "train"), split[0])
+        val = next((f for f in split if f.lower() != train.lower()), None)
+        fix = f"`tlserve train {root / train}" + (f" --val-dir {root / val}`" if val else "`")
+        raise DatasetError(
+            f"{what} {root} looks like a dataset split, not one folder per class: its sub-folders {split} are split "
+            f"names. Point at the folder that holds the class folders, e.g. {fix}"
+        )
+
+
+def _match_classes(root: Path, found: list[str], classes: list[str], allow_subset: bool, what: str) -> list[str]:
+    """The class folders of ``root`` against a head's classes (exact, case included)."""
+    unknown = [f for f in found if f not in classes]
+    missing = [c for c in classes if c not in found]
+    if unknown or (missing and not allow_subset):
+        lower = {c.lower(): c for c in classes}
+        case = [f"{f!r} vs {lower[f.lower()]!r}" for f in unknown if f.lower() in lower]
+        parts = [f"the class folders of {what} {root} do not match the head's classes",
+                 f"folders: {found}", f"head's classes: {classes}"]  # fmt: skip
+        if unknown:
+            parts.append(f"unknown folders: {unknown}" + (f" (differ only in case: {', '.join(case)})" if case else ""))
+        if missing:
+            parts.append(f"missing classes: {missing}" + ("" if allow_subset else " (--allow-subset accepts missing ones)"))
+        raise DatasetError("; ".join(parts))
+    if not found:
+        raise DatasetError(f"{what} {root} has no class sub-folders (the head's classes: {classes})")
+    return [c for c in classes if c in found]
+
+
+# --- content hashes and duplicates -----------------------------------------------------------
+def hash_files(paths: Sequence[Path], threads: int = 2) -> tuple[list[str | None], dict[int, str]]:
+    """sha256 of each file's bytes (``None`` where it cannot be read) and why each unreadable one failed."""
+
+    def one(path: Path) -> str:
+        return sha256_bytes(path.read_bytes())
+
+    hashes: list[str | None] = [None] * len(paths)
+    errors: dict[int, str] = {}
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        futures = [pool.submit(one, p) for p in paths]
+        for i, fut in enumerate(futures):
+            try:
+                hashes[i] = fut.result()
+            except OSError as exc:
+                errors[i] = f"unreadable: {exc.strerror or type(exc).__name__}"
+    return hashes, errors
+
+
+@dataclass(frozen=True)
+class Duplicate:
+    """The same bytes at several places: ``files`` as (where, relative path, class)."""
+
+    sha256: str
+    files: tuple[tuple[str, str, str], ...]
+
+    @property
+    def kind(self) -> str:
+        wheres = {w for w, _, _ in self.files}
+        if len(wheres) > 1:
+            return "training and validation"
+        return "classes" if len({c for _, _, c in self.files}) > 1 else "same class"
+
+    def describe(self) -> str:
+        classes = sorted({c for _, _, c in self.files})
+        what = {"classes": f"under classes {' and '.join(map(repr, classes))}",
+                "training and validation": "in both the training and the validation folder",
+                "same class": f"twice in class {classes[0]!r}"}[self.kind]  # fmt: skip
+        return f"same image {what}: " + ", ".join(f"{w}:{p}" for w, p, _ in self.files)
+
+    def as_dict(self) -> dict[str, object]:
+        return {"sha256": self.sha256, "kind": self.kind, "files": [{"in": w, "path": p, "class": c} for w, p, c in self.files]}
+
+
+def find_duplicates(sets: Sequence[tuple[str, Dataset, Sequence[str | None]]]) -> list[Duplicate]:
+    """Files with identical bytes, within and across ``(where, dataset, hashes)`` sets."""
+    seen: dict[str, list[tuple[str, str, str]]] = {}
+    for where, data, hashes in sets:
+        for i, h in enumerate(hashes):
+            if h is not None:
+                seen.setdefault(h, []).append((where, data.relative(i), data.classes[data.labels[i]]))
+    return [Duplicate(h, tuple(files)) for h, files in seen.items() if len(files) > 1]
+
+
+# --- the cache -------------------------------------------------------------------------------
+class FeatureCache:
+    """Feature vectors on disk, one ``.npy`` per (extractor, file bytes, loader settings)."""
+
+    OWNER = "extractor.json"
+
+    def __init__(self, root: Path, extractor_sha: str) -> None:
+        self.extractor_sha = extractor_sha
+        self.dir = Path(root) / extractor_sha[:16]
+        owner = self._owner()
+        if owner is not None and owner != extractor_sha:
+            raise IncompatibleFeatures(
+                f"feature cache {self.dir} holds features of extractor {owner[:12]}, not of the loaded extractor "
+                f"{extractor_sha[:12]}; features of two extractors are never mixed: remove it or set TLSERVE_FEATURE_CACHE_DIR"
+            )
+
+    def _owner(self) -> str | None:
+        try:
+            return str(json.loads((self.dir / self.OWNER).read_text())["sha256"])
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError):
+            return "an unreadable extractor.json"
+
+    def check(self, extractor: Extractor) -> None:
+        """Refuse to serve ``extractor`` features cached for another one (both named)."""
+        if extractor.sha256 and extractor.sha256 != self.extractor_sha:
+            raise IncompatibleFeatures(
+                f"feature cache {self.dir} is for extractor {self.extractor_sha[:12]}, the features asked for are of "
+                f"extractor {extractor.sha256[:12]}; features of two extractors are never mixed"
+            )
+
+    def key(self, file_sha: str, size: int, resample: str) -> str:
+        return sha256_bytes(f"{self.extractor_sha}\n{file_sha}\n{size}\n{resample}".encode())
+
+    def _path(self, key: str) -> Path:
+        return self.dir / key[:2] / f"{key}.npy"
+
+    def has(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def get(self, key: str, dim: int) -> np.ndarray | None:
+        try:
+            vec = np.load(self._path(key), allow_pickle=False)
+        except (OSError, ValueError):
+            return None
+        return vec if vec.shape == (dim,) and vec.dtype == np.float32 else None
+
+    def put(self, key: str, vec: np.ndarray) -> None:
+        if not (self.dir / self.OWNER).exists():
+            atomic_write(self.dir / self.OWNER, json.dumps({"sha256": self.extractor_sha}).encode())
+        buf = io.BytesIO()
+        np.save(buf, np.ascontiguousarray(vec, dtype=np.float32), allow_pickle=False)
+        atomic_write(self._path(key), buf.getvalue())
+
+
+# --- extraction ------------------------------------------------------------------------------
 @dataclass
 class Extracted:
     features: np.ndarray  # [n_ok, D]
     kept: np.ndarray  # indices into the input paths that gave features
     skipped: list[tuple[Path, str]] = field(default_factory=list)
     cache_hits: int = 0
+    hashes: list[str | None] = field(default_factory=list)  # sha256 of each input file's bytes
 
 
-class FeatureCache:
-    def __init__(self, root: Path, extractor_sha: str) -> None:
-        self.dir = Path(root) / extractor_sha[:16]
-
-    def _path(self, key: str) -> Path:
-        return self.dir / key[:2] / f"{key}.npy"
-
-    def get(self, key: str) -> np.ndarray | None:
-        try:
-            return np.load(self._path(key), allow_pickle=False)
-        except (OSError, ValueError):
-            return None
-
-    def put(self, key: str, vec: np.ndarray) -> None:
-        import io
-
-        buf = io.BytesIO()
-        np.save(buf, vec.astype(np.float32), allow_pickle=False)
-        atomic_write(self._path(key), buf.getvalue())
-
-
-def _load(path: Path, size: int, resample: str, max_pixels: int) -> tuple[str, np.ndarray | str]:
+def _decode(path: Path, size: int, resample: str, max_pixels: int) -> np.ndarray | str:
     try:
-        data = path.read_bytes()
+        return load_image(path.read_bytes(), size, resample=resample, max_pixels=max_pixels)
     except OSError as exc:
-        return "", f"unreadable: {exc.strerror or type(exc).__name__}"
-    key = hashlib.sha256(data).hexdigest()
-    try:
-        return key, load_image(data, size, resample=resample, max_pixels=max_pixels)
+        return f"unreadable: {exc.strerror or type(exc).__name__}"
     except InputError as exc:
-        return key, exc.message
+        return exc.message
+
+
+def check_readable(data: Dataset, hashes: Sequence[str | None], read_errors: dict[int, str], cache: FeatureCache | None,
+                   size: int, resample: str, *, minimum: int = 2, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+                   what: str = "DATA_DIR") -> None:  # fmt: skip
+    """Every class has ``minimum`` readable images, checked before extraction: a cached file counts
+    without decoding, others are decoded until ``minimum`` succeed (a few decodes per class)."""
+    for label, name in enumerate(data.classes):
+        idx = [int(i) for i in np.flatnonzero(data.labels == label)]
+        if not len(idx):
+            continue
+        ok, bad = 0, []
+        for i in idx:
+            h = hashes[i]
+            if h is None:
+                bad.append(f"{data.relative(i)}: {read_errors.get(i, 'unreadable')}")
+                continue
+            if cache is not None and cache.has(cache.key(h, size, resample)):
+                ok += 1
+            elif isinstance(reason := _decode(data.paths[i], size, resample, max_pixels), str):
+                bad.append(f"{data.relative(i)}: {reason}")
+            else:
+                ok += 1
+            if ok >= minimum:
+                break
+        if ok < minimum:
+            raise DatasetError(
+                f"class {name!r} in {what} has {ok} readable image(s) (folder {data.folder(label)}); at least {minimum} "
+                f"needed. Unreadable: {'; '.join(bad[:10])}" + (f" (and {len(bad) - 10} more)" if len(bad) > 10 else "")
+            )
 
 
 def extract_paths(
@@ -100,53 +312,77 @@ def extract_paths(
     cache: FeatureCache | None = None,
     batch_size: int = 32,
     decode_threads: int = 2,
-    max_pixels: int = 40_000_000,
-    progress: bool = True,
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    progress: ProgressCallback | bool = True,
+    phase: str = "features",
+    hashes: tuple[list[str | None], dict[int, str]] | None = None,
 ) -> Extracted:
-    """Features for ``paths``; unreadable images are skipped and reported, never fatal."""
-    from tqdm import tqdm
-
-    size = extractor.size
+    """Features for ``paths``; unreadable images are skipped and returned (never logged here: the
+    caller reports each once), never fatal. ``hashes`` (from :func:`hash_files`) saves a re-read."""
+    report: ProgressCallback = progress if callable(progress) else (console() if progress else no_progress)
+    if cache is not None:
+        cache.check(extractor)
+    size, dim = extractor.size, extractor.feature_dim
+    keys, read_errors = hashes if hashes is not None else hash_files(paths, decode_threads)
     feats: dict[int, np.ndarray] = {}
-    skipped: list[tuple[Path, str]] = []
-    hits = 0
-    bar = tqdm(total=len(paths), unit="img", disable=not progress, desc="features", smoothing=0.1)
-    with ThreadPoolExecutor(max_workers=max(1, decode_threads)) as pool:
-        loaded = pool.map(lambda p: _load(p, size, resample, max_pixels), paths)
-        for chunk in _chunks(enumerate(loaded), batch_size):
-            todo: list[tuple[int, str, np.ndarray]] = []
-            for i, (key, result) in chunk:
-                if isinstance(result, str):
-                    skipped.append((paths[i], result))
-                    continue
-                cached = cache.get(key) if cache else None
-                if cached is not None and cached.shape == (extractor.feature_dim,):
-                    feats[i] = cached
-                    hits += 1
-                else:
-                    todo.append((i, key, result))
-            if todo:
-                out = extractor.run(np.stack([img for _, _, img in todo]))
-                for (i, key, _), vec in zip(todo, out, strict=True):
-                    feats[i] = vec
-                    if cache:
-                        cache.put(key, vec)
-            bar.update(len(chunk))
-    bar.close()
-    for path, reason in skipped:
-        log.warning("skipped %s: %s", path, reason)
+    reasons: dict[int, str] = dict(read_errors)
+    meter = Meter(report, phase, len(paths))
+    misses: list[int] = []
+    for i, h in enumerate(keys):
+        if h is None:
+            continue
+        vec = cache.get(cache.key(h, size, resample), dim) if cache is not None else None
+        if vec is None:
+            misses.append(i)
+        else:
+            feats[i] = vec
+    hits = len(feats)
+    meter.advance(hits + len(reasons))
+
+    def run(batch: list[tuple[int, np.ndarray]]) -> None:
+        out = extractor.run(np.stack([img for _, img in batch]))
+        for (i, _), vec in zip(batch, out, strict=True):
+            feats[i] = vec
+            if cache is not None:
+                cache.put(cache.key(keys[i] or "", size, resample), vec)
+        meter.advance(len(batch))
+
+    _pipeline(misses, lambda i: _decode(paths[i], size, resample, max_pixels), run, reasons, meter,
+              batch_size=batch_size, threads=decode_threads)  # fmt: skip
+    meter.finish()
     kept = np.array(sorted(feats), dtype=np.int64)
-    dim = extractor.feature_dim
     features = np.stack([feats[i] for i in kept]) if len(kept) else np.zeros((0, dim), np.float32)
-    return Extracted(features, kept, skipped, hits)
+    skipped = [(paths[i], reasons[i]) for i in sorted(reasons)]
+    return Extracted(features, kept, skipped, hits, list(keys))
 
 
-def _chunks(it: Iterator, n: int) -> Iterator[list]:
-    chunk: list = []
-    for item in it:
-        chunk.append(item)
-        if len(chunk) == n:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
+def _pipeline(todo: list[int], decode: Callable[[int], np.ndarray | str], run: Callable[[list[tuple[int, np.ndarray]]], None],
+              reasons: dict[int, str], meter: Meter, *, batch_size: int, threads: int) -> None:  # fmt: skip
+    """Decode ``todo`` in a thread pool (at most two batches ahead) while ``run`` infers full batches."""
+    if not todo:
+        return
+    ahead = 2 * batch_size
+    with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="decode") as pool:
+        pending: deque[tuple[int, Future[np.ndarray | str]]] = deque()
+        upcoming = iter(todo)
+
+        def fill() -> None:
+            while len(pending) < ahead and (i := next(upcoming, None)) is not None:
+                pending.append((i, pool.submit(decode, i)))
+
+        fill()
+        batch: list[tuple[int, np.ndarray]] = []
+        while pending:
+            i, fut = pending.popleft()
+            fill()
+            result = fut.result()
+            if isinstance(result, str):
+                reasons[i] = result
+                meter.advance(1)
+                continue
+            batch.append((i, result))
+            if len(batch) == batch_size:
+                run(batch)
+                batch = []
+        if batch:
+            run(batch)

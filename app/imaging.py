@@ -2,16 +2,29 @@
 
 Bytes (or a path) in, ``uint8 [size, size, 3]`` RGB out:
 
-1. the format is sniffed from the bytes (never the file name or content type) and must be allowed;
-2. the declared pixel count is checked against ``max_pixels`` *before* decoding (bomb guard);
-3. JPEGs are decoded in draft mode (DCT scaling to the smallest size >= the target): the
-   single biggest saving for large photos;
-4. only the first frame of animated/multi-page files is decoded;
-5. EXIF orientation is applied, so a rotated phone photo equals its upright version;
-6. every mode becomes RGB: 16-bit and float greyscale are scaled to 8 bits, transparency is
+1. the format is sniffed from the bytes (never the file name or content type) and must be allowed
+   (JPEG, PNG, WebP, BMP, GIF, TIFF, HEIF/HEIC, AVIF by default);
+2. what will be **decoded** is bounded by ``max_pixels`` *before* any pixel is decoded (bomb guard):
+
+   - a sequential (baseline) JPEG is decoded in draft mode: libjpeg scales the DCT by 1/2, 1/4 or
+     1/8 to the smallest size >= the target, so a 200 MP phone photo (16320 x 12240) decodes to
+     2040 x 1530 and costs ~15 MB; the limit applies to that reduced size;
+   - a progressive, lossless or multi-scan JPEG keeps every DCT coefficient of the full image in
+     memory while it decodes (2 bytes per sample, ~600 MB for 200 MP), and the other formats have
+     no reduced decoding at all: for those the limit applies to the declared size;
+   - libjpeg's own working memory is also capped per decode (``JPEGMEM``, see below), a backstop
+     for anything the header check above misreads;
+3. only the first frame of animated/multi-page files is decoded;
+4. EXIF orientation is applied, so a rotated phone photo equals its upright version (HEIF's own
+   ``irot``/``imir`` transforms are applied by libheif, which then reports orientation 1);
+5. every mode becomes RGB: 16-bit and float greyscale are scaled to 8 bits, transparency is
    composited on white, CMYK/palette/LA are converted;
-7. the image is resized (squashed, like Keras ``load_img``) to ``size x size`` with ``resample``
+6. the image is resized (squashed, like Keras ``load_img``) to ``size x size`` with ``resample``
    (``bilinear`` by default; Pillow's bilinear is area-aware when shrinking).
+
+The input buffer is never copied whole: ``bytes`` are read in place, a ``bytearray`` or
+``memoryview`` (a request body, a multipart part) through a small reader. WebP, HEIF, AVIF and
+libtiff decoders read the whole file into one ``bytes`` of their own while they decode.
 
 Only :class:`~app.errors.InputError` subclasses escape: ``EmptyInput``, ``UnsupportedFormat``,
 ``ImageTooLarge``, ``ImageDecodeError``.
@@ -20,19 +33,32 @@ Only :class:`~app.errors.InputError` subclasses escape: ``EmptyInput``, ``Unsupp
 from __future__ import annotations
 
 import io
+import os
 import warnings
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
+import pillow_heif
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from app.errors import EmptyInput, ImageDecodeError, ImageTooLarge, UnsupportedFormat
-from app.settings import DEFAULT_FORMATS
+from app.settings import DEFAULT_FORMATS, DEFAULT_MAX_IMAGE_PIXELS
 
 # Our own ``max_pixels`` check replaces Pillow's global bomb guard (which warns, then raises
 # at 2x): it is explicit, configurable and raises our documented exception.
 Image.MAX_IMAGE_PIXELS = None
+# HEIF/HEIC (format "HEIF") through libheif; AVIF is Pillow's own plugin. Thumbnails are not read.
+pillow_heif.register_heif_opener(thumbnails=False)
+
+# libjpeg-turbo's cap on its own memory per decompression (it reads JPEGMEM at each decode; the
+# value is in bytes, "M" = 10^6). It only matters when the header check is bypassed: a full-buffer
+# JPEG within ``max_pixels`` needs at most 8 bytes a pixel (4 components, 2 bytes a coefficient).
+# Set once, here, before any decode thread exists; an operator's own JPEGMEM wins.
+JPEG_WORK_MEMORY_BYTES = 8 * DEFAULT_MAX_IMAGE_PIXELS + 64 * 1_000_000
+os.environ.setdefault("JPEGMEM", f"{JPEG_WORK_MEMORY_BYTES // 1_000_000}M")
 
 RESAMPLE = {
     "nearest": Image.Resampling.NEAREST,
@@ -41,26 +67,31 @@ RESAMPLE = {
     "lanczos": Image.Resampling.LANCZOS,
     "box": Image.Resampling.BOX,
 }
-DEFAULT_MAX_PIXELS = 40_000_000
+Buffer = bytes | bytearray | memoryview
+
+# JPEG start-of-frame markers by coding process (ITU T.81 table B.1); DHT (C4), JPG (C8), DAC (CC) are not SOFs.
+SOF_SEQUENTIAL = frozenset({0xC0, 0xC1, 0xC9})  # baseline, extended (Huffman or arithmetic): one pass, scalable
+SOF_PROGRESSIVE = frozenset({0xC2, 0xCA})  # scalable, but every coefficient is buffered
+SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 
 
 def load_image(
-    source: bytes | bytearray | memoryview | str | Path,
+    source: Buffer | str | Path,
     size: int,
     *,
     resample: str = "bilinear",
-    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     formats: Iterable[str] = DEFAULT_FORMATS,
 ) -> np.ndarray:
     """Decode ``source`` into a ``uint8 [size, size, 3]`` RGB array (see the module docstring)."""
-    data = Path(source).read_bytes() if isinstance(source, str | Path) else bytes(source)
-    if not data:
+    data: Buffer = Path(source).read_bytes() if isinstance(source, str | Path) else source
+    if not len(data):
         raise EmptyInput("empty image: 0 bytes")
     allowed = {f.upper() for f in formats}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Pillow's warnings (truncated EXIF, palette…) are not errors here
         try:
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(_reader(data))
         except UnidentifiedImageError:
             raise UnsupportedFormat(f"not a recognised image (allowed formats: {', '.join(sorted(allowed))})") from None
         except Exception as exc:  # noqa: BLE001 - a header Pillow cannot parse is bad input
@@ -73,10 +104,7 @@ def load_image(
             width, height = img.size
             if width < 1 or height < 1:
                 raise ImageDecodeError(f"image has no pixels ({width}x{height})")
-            if width * height > max_pixels:
-                raise ImageTooLarge(
-                    f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels} (max_image_pixels)"
-                )
+            _bound_decode(img, data, size, max_pixels)
             try:
                 return _decode(img, size, RESAMPLE[resample])
             except (EmptyInput, UnsupportedFormat, ImageTooLarge, ImageDecodeError):
@@ -85,16 +113,135 @@ def load_image(
                 raise ImageDecodeError(f"cannot decode {img.format} image: {_reason(exc)}") from None
 
 
+def _bound_decode(img: Image.Image, data: Buffer, size: int, max_pixels: int) -> None:
+    """Refuse what would decode to more than ``max_pixels``; set up JPEG draft decoding when it is safe."""
+    width, height = img.size
+    if img.format == "JPEG":
+        layout = jpeg_layout(data)
+        if layout.scalable:
+            img.draft("RGB" if img.mode == "RGB" else None, (size, size))
+        if layout.single_pass:
+            w, h = img.size  # the reduced size: draft() only configured the decoder
+            if w * h > max_pixels:
+                raise ImageTooLarge(
+                    f"JPEG of {width}x{height} decodes at 1/{width // w} scale to {w}x{h} = {w * h} pixels, "
+                    f"over the limit of {max_pixels} (max_image_pixels)"
+                )
+            return
+        if width * height > max_pixels:
+            raise ImageTooLarge(
+                f"{layout.kind} JPEG of {width}x{height} = {width * height} pixels is decoded at full size, "
+                f"over the limit of {max_pixels} (max_image_pixels)"
+            )
+        return
+    if width * height > max_pixels:
+        raise ImageTooLarge(
+            f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels} (max_image_pixels)"
+        )
+
+
+@dataclass(frozen=True)
+class JpegLayout:
+    """What a JPEG's marker segments before its first scan say about how libjpeg will decode it."""
+
+    sof: int | None  # the start-of-frame marker (0xC0 baseline, 0xC2 progressive, …), None if not found
+    components: int  # in the frame
+    first_scan_components: int  # in the first scan; fewer than ``components`` = non-interleaved, multi-scan
+
+    @property
+    def scalable(self) -> bool:
+        """DCT-based, so libjpeg can decode it at 1/2, 1/4 or 1/8 scale."""
+        return self.sof in SOF_SEQUENTIAL or self.sof in SOF_PROGRESSIVE
+
+    @property
+    def single_pass(self) -> bool:
+        """Decoded row by row: memory follows the reduced output, not the full image."""
+        return self.sof in SOF_SEQUENTIAL and 0 < self.first_scan_components == self.components
+
+    @property
+    def kind(self) -> str:
+        if self.sof in SOF_PROGRESSIVE:
+            return "progressive"
+        if self.sof in SOF_SEQUENTIAL and self.first_scan_components:
+            return "multi-scan"
+        return "non-sequential" if self.sof is not None else "unrecognised"
+
+
+def jpeg_layout(data: Buffer) -> JpegLayout:
+    """Walk the marker segments from SOI to the first SOS, as libjpeg reads them.
+
+    Anything unexpected (bytes between segments, a segment running past the end, no SOS) gives a
+    layout that is not ``single_pass``, so the caller falls back to the full-size limit.
+    """
+    view = memoryview(data).cast("B") if not isinstance(data, bytes | bytearray) else data
+    n, i = len(view), 2
+    sof, components = None, 0
+    while i + 4 <= n:
+        if view[i] != 0xFF:
+            break  # junk between segments: libjpeg would skip it with a warning; we do not guess
+        marker = view[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # TEM, RSTn, SOI: no length
+            i += 2
+            continue
+        if marker == 0xD9:  # EOI before any scan
+            break
+        length = view[i + 2] << 8 | view[i + 3]
+        if length < 2 or i + 2 + length > n:
+            break
+        if marker in SOF_MARKERS and length >= 8:
+            sof, components = marker, view[i + 9]
+        elif marker == 0xDA and length >= 3:
+            return JpegLayout(sof, components, view[i + 4])
+        i += 2 + length
+    return JpegLayout(sof, components, 0)
+
+
+class _ViewReader(io.RawIOBase):
+    """A read-only, seekable file over a buffer, without copying it (``io.BytesIO`` copies anything but ``bytes``)."""
+
+    def __init__(self, data: bytearray | memoryview) -> None:
+        self._view = memoryview(data).cast("B")
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:  # type: ignore[no-untyped-def]  # any writable buffer
+        out = memoryview(buffer).cast("B")
+        n = max(0, min(len(out), len(self._view) - self._pos))
+        out[:n] = self._view[self._pos : self._pos + n]
+        self._pos += n
+        return n
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._view)}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+
+def _reader(data: Buffer) -> BinaryIO:
+    if isinstance(data, bytes):
+        return io.BytesIO(data)  # shares the bytes object, no copy
+    return io.BufferedReader(_ViewReader(data), buffer_size=64 * 1024)
+
+
 def _reason(exc: Exception) -> str:
     text = str(exc).split("\n")[0][:120]
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _decode(img: Image.Image, size: int, resample: Image.Resampling) -> np.ndarray:
-    if img.format == "JPEG":
-        img.draft("RGB" if img.mode == "RGB" else None, (size, size))
-    img.load()  # first frame only
-    img = ImageOps.exif_transpose(img) or img
+    img.load()  # first frame only; a JPEG at the draft scale _bound_decode chose
+    ImageOps.exif_transpose(img, in_place=True)  # without in_place, an upright image is copied whole
     img = _to_rgb(img)
     if img.size != (size, size):
         img = img.resize((size, size), resample)
@@ -102,18 +249,22 @@ def _decode(img: Image.Image, size: int, resample: Image.Resampling) -> np.ndarr
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
+    """RGB at the image's own size, with at most one full-size copy besides the decoded image."""
     if img.mode == "RGB":
         return img
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        arr = np.asarray(img).astype(np.float64)
+        arr = np.asarray(img).astype(np.float32)
         top = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
-        img = Image.fromarray(np.clip(arr * (255.0 / top), 0, 255).astype(np.uint8), "L")
+        arr *= 255.0 / top
+        np.clip(arr, 0, 255, out=arr)
+        img = Image.fromarray(arr.astype(np.uint8), "L")
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
+        rgba = img if img.mode == "RGBA" else img.convert("RGBA")
+        out = Image.new("RGB", rgba.size, (255, 255, 255))
+        out.paste(rgba, mask=rgba)  # composite on white: out = rgb * alpha + white * (1 - alpha)
+        return out
     return img.convert("RGB")
 
 

@@ -17,13 +17,15 @@ from app.errors import InputError
 from app.heads import Head
 
 Endpoint = Literal["classify", "embed", "infer"]
+OodPolicy = Literal["report", "refuse"]
+OOD_POLICIES: tuple[str, ...] = ("report", "refuse")
 
 
 @dataclass
 class Item:
     """One image of a request: its bytes and, when it had one, a file name."""
 
-    data: bytes
+    data: bytes | bytearray | memoryview  # a request body or a view into it: never copied
     name: str | None = None
     error: InputError | None = None  # set when the item was bad before decoding (bad base64, …)
 
@@ -47,6 +49,8 @@ class InferRequest:
     """Run the head; ``False`` gives features only (``/v1/embed``)."""
     all_or_nothing: bool = False
     """When any image fails to decode, run nothing (the Open Inference Protocol has no per-item errors)."""
+    ood_policy: OodPolicy | None = None
+    """Below the head's familiarity threshold: ``report`` or ``refuse`` (``None``: the ``ood_policy`` setting)."""
 
 
 @dataclass
@@ -58,6 +62,16 @@ class InferResult:
     proba: np.ndarray | None = None
     """``[n_ok, classes]`` when a head ran."""
     failed: list[tuple[int, InputError]] = field(default_factory=list)
+    familiarity: np.ndarray | None = None
+    """``[n_ok]`` familiarity scores, when the head has familiarity data (see :mod:`app.familiarity`)."""
+    in_distribution: np.ndarray | None = None
+    """``[n_ok]`` bool verdicts at the head's calibrated threshold, with ``familiarity``."""
+    refuse: bool = False
+    """The policy was ``refuse``: a front names no class for a row whose verdict is ``False``."""
+
+    def named(self, row: int) -> bool:
+        """Whether the answer for ``row`` names a class (``False`` only when refused)."""
+        return not (self.refuse and self.in_distribution is not None and not bool(self.in_distribution[row]))
 
     def rows(self) -> Iterator[tuple[int, Decoded, int | None]]:
         """``(index, decoded, row)`` for every image; ``row`` indexes features/proba, ``None`` on error."""

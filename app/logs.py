@@ -1,4 +1,8 @@
-"""Logging: one JSON object per line (default) or plain text; request fields travel in ``extra``."""
+"""Logging: one JSON object per line (default) or plain text; request fields travel in ``extra``.
+
+With tracing on, a JSON line written while a request is being handled carries that request's
+``trace_id``, so a log line leads to its trace.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,8 @@ import json
 import logging
 import sys
 import time
+
+from app import tracing
 
 _STD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime", "taskName"}
 
@@ -19,6 +25,8 @@ class JsonFormatter(logging.Formatter):
             "msg": record.getMessage(),
         }
         out.update({k: v for k, v in record.__dict__.items() if k not in _STD})
+        if tracing.enabled and "trace_id" not in out and (trace_id := tracing.trace_id()):
+            out["trace_id"] = trace_id
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
         return json.dumps(out, default=str)

@@ -10,7 +10,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.routing import APIRoute
 
 from app import __version__
-from app.api import errors, oip, probes, v1
+from app.api import errors, heads, oip, probes, v1
 from app.api.middleware import RequestContext
 from app.service import Service
 from app.settings import Settings, get_settings
@@ -38,11 +38,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description="Transfer-learning image classification: VGG16 conv base (ONNX Runtime) + scikit-learn heads.",
         lifespan=lifespan,
         generate_unique_id_function=_operation_id,
+        # FastAPI >= 0.16x would add its own server spans once a tracer provider exists; tlserve's
+        # middleware makes the one HTTP server span (app/tracing.py). Older FastAPI ignores this.
+        telemetry={"tracing": False},
     )
     app.state.service = service
     errors.install(app)
     app.include_router(probes.router)
     app.include_router(v1.router)
+    app.include_router(heads.router)
     app.include_router(oip.router)
     if settings.origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.origins, allow_methods=["GET", "POST"], allow_headers=["*"])

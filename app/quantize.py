@@ -9,25 +9,23 @@
    without VNNI the u8s8 kernels saturate their int16 pair sums with 8-bit weights and damage the
    features; with VNNI/AMX they do not, but the file may be served on any CPU, and 7-bit weights
    cost nothing measurable here (see benchmarks/RESULTS.md);
-3. the quantized model is checked on held-out images (``check_dir``, or images of the
-   calibration folder not used for calibration): feature cosine with fp32, and for every head
-   trained on the fp32 extractor, prediction agreement (and accuracy when the folder is labelled
-   with the head's classes). Only when *every* such head agrees on at least ``min_agreement`` of
-   the images does the entry say ``feature_space: <fp32 sha256>``: then the service serves those
-   heads on the int8 extractor. Otherwise it is omitted and the service refuses fp32-trained
-   heads with it (train new heads on the int8 features).
+3. the accuracy gate: the quantized model is checked on held-out images (``check_dir``, or images
+   of the calibration folder not used for calibration): feature cosine with fp32, and for every
+   head trained on the fp32 extractor, prediction agreement (and accuracy when the folder is
+   labelled with the head's classes). Only when *every* such head agrees on at least
+   ``min_agreement`` of the images does the entry say ``feature_space: <fp32 sha256>``: then the
+   service serves those heads on the int8 extractor. Otherwise it is omitted and the service
+   refuses fp32-trained heads with it.
 
-The manifest's ``extractor`` becomes the int8 entry; ``variants`` keeps both entries, so
-``python -m app.quantize use fp32`` switches back (and ``use int8`` forward) without re-exporting.
+The entry is recorded as ``variants.int8`` of the manifest; ``extractor`` stays the fp32 export.
+Which one is served is the ``precision`` setting (``TLSERVE_PRECISION=auto|fp32|int8``, see
+:meth:`app.store.ModelStore.choose`). Speed is measured in ``benchmarks/`` (``int8_speed``), not here.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import logging
-import os
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -38,14 +36,15 @@ from typing import Any
 import numpy as np
 
 from app import __version__
-from app.errors import ArtifactError, InputError
+from app.errors import InputError
+from app.export import CALIBRATION_IMAGES, CHECK_IMAGES, MIN_AGREEMENT
+from app.extractor import create_session
 from app.hashing import sha256_file
 from app.imaging import is_image_file, load_image
-from app.store import ExtractorInfo, ModelStore, read_json, write_json
+from app.store import ExtractorInfo, ModelStore, atomic_write
 
 log = logging.getLogger(__name__)
 
-MIN_AGREEMENT = 0.995
 CALIBRATION_BATCH = 8
 
 
@@ -99,35 +98,6 @@ class _Reader:
         return 0
 
 
-# --- manifest ------------------------------------------------------------------------------------
-def fp32_entry(store: ModelStore) -> dict[str, Any]:
-    manifest = read_json(store.manifest_path)
-    current = manifest.get("extractor") or {}
-    entry = current if current.get("precision", "fp32") == "fp32" else (manifest.get("variants") or {}).get("fp32")
-    if not isinstance(entry, dict):
-        raise ArtifactError(f"{store.manifest_path} records no fp32 extractor: run `tlserve export` first")
-    path = store.root / entry["file"]
-    if not path.exists() or sha256_file(path) != entry["sha256"]:
-        raise ArtifactError(f"{path} is missing or differs from the manifest: run `tlserve export` again")
-    return entry
-
-
-def _info(store: ModelStore, entry: dict[str, Any]) -> ExtractorInfo:
-    return ExtractorInfo.from_entry(store.root, entry)
-
-
-def use_variant(store: ModelStore, precision: str) -> dict[str, Any]:
-    """Make the recorded ``precision`` variant the served extractor; returns its entry."""
-    manifest = read_json(store.manifest_path)
-    variants = manifest.get("variants") or {}
-    if precision not in variants:
-        raise ArtifactError(f"{store.manifest_path} records no {precision} variant (has: {', '.join(variants) or 'none'})")
-    manifest["extractor"] = variants[precision]
-    write_json(store.manifest_path, manifest)
-    store.extractor(verify=True)
-    return manifest["extractor"]
-
-
 # --- quantization --------------------------------------------------------------------------------
 def cpu_flags() -> set[str]:
     try:
@@ -160,8 +130,6 @@ def quantize_file(src: Path, dst: Path, calibration: np.ndarray, *, reduce_range
             calibrate_method=CalibrationMethod.MinMax,
             calibration_providers=["CPUExecutionProvider"],
         )
-        from app.store import atomic_write
-
         atomic_write(dst, out.read_bytes())
     return {
         "tool": f"onnxruntime.quantization {onnxruntime.__version__} quantize_static",
@@ -174,52 +142,9 @@ def quantize_file(src: Path, dst: Path, calibration: np.ndarray, *, reduce_range
     }
 
 
-def _session(path: Path, threads: int = 0) -> Any:
-    import onnxruntime as ort
-
-    from app.cpus import available_cpus
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads or available_cpus()
-    opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
 def features_of(path: Path, images: np.ndarray, batch: int = 16) -> np.ndarray:
-    sess = _session(path)
+    sess = create_session(path, threads=0, spinning=False)
     return np.concatenate([sess.run(["features"], {"images": images[i : i + batch]})[0] for i in range(0, len(images), batch)])
-
-
-def speed_compare(
-    fp32: Path, int8: Path, images: np.ndarray, *, batch: int = 8, seconds: float = 6.0, rounds: int = 3
-) -> dict[str, Any]:
-    """fp32 vs int8 images/s of bare sessions at ``batch``, interleaved in ``rounds`` (the machine's speed drifts)."""
-    sessions = {"fp32": _session(fp32), "int8": _session(int8)}
-    x = np.ascontiguousarray(np.resize(images, (batch, *images.shape[1:])))
-    runs: dict[str, list[float]] = {"fp32": [], "int8": []}
-    cpu: dict[str, float] = {"fp32": 0.0, "int8": 0.0}
-    for sess in sessions.values():
-        sess.run(["features"], {"images": x})
-    for _ in range(rounds):
-        for name, sess in sessions.items():
-            c0, end, n = time.process_time(), time.perf_counter() + seconds / (2 * rounds), 0
-            while n < 2 or time.perf_counter() < end:
-                t0 = time.perf_counter()
-                sess.run(["features"], {"images": x})
-                runs[name].append(time.perf_counter() - t0)
-                n += 1
-            cpu[name] += time.process_time() - c0
-    rate = {k: batch / float(np.median(v)) for k, v in runs.items()}
-    cpu_ms = {k: cpu[k] / (batch * len(runs[k])) * 1000 for k in runs}
-    return {
-        "batch": batch,
-        "fp32_images_s": round(rate["fp32"], 2),
-        "int8_images_s": round(rate["int8"], 2),
-        "speedup": round(rate["int8"] / rate["fp32"], 3),
-        "fp32_cpu_ms_per_image": round(cpu_ms["fp32"], 2),
-        "int8_cpu_ms_per_image": round(cpu_ms["int8"], 2),
-        "speedup_cpu": round(cpu_ms["fp32"] / cpu_ms["int8"], 3),
-    }
 
 
 def compare(
@@ -249,7 +174,7 @@ def compare(
         row: dict[str, Any] = {"checked": True, "images": len(images), "agreement": round(float((p32 == p8).mean()), 4)}
         known = [i for i, lab in enumerate(labels) if lab in head.classes]
         if len(known) == len(labels):
-            y = np.array([head.classes.index(lab) for lab in labels])  # type: ignore[arg-type]
+            y = np.array([head.classes.index(lab) for lab in labels if lab is not None])
             row["accuracy_fp32"] = round(float((p32 == y).mean()), 4)
             row["accuracy_int8"] = round(float((p8 == y).mean()), 4)
         heads[name] = row
@@ -267,17 +192,16 @@ def compare(
 def quantize_int8(
     store: ModelStore,
     calibration_dir: Path,
-    limit: int = 200,
+    limit: int = CALIBRATION_IMAGES,
     *,
     check_dir: Path | None = None,
-    check_limit: int = 400,
+    check_limit: int = CHECK_IMAGES,
     reduce_range: bool = True,
     min_agreement: float = MIN_AGREEMENT,
-    speed_seconds: float = 0.0,
 ) -> dict[str, Any]:
-    """Write ``<fp32 stem>.int8.onnx``, check it, and make it the served extractor; returns its manifest entry."""
-    fp32 = fp32_entry(store)
-    info = _info(store, fp32)
+    """Write ``<fp32 stem>.int8.onnx``, check it, and record it as the manifest's int8 variant; returns its entry."""
+    info = store.extractor(verify=True, precision="fp32")
+    fp32 = info.raw
     files = image_files(calibration_dir)
     calib_files = files[:limit]
     check_files = image_files(check_dir)[:check_limit] if check_dir else files[limit : limit + check_limit]
@@ -325,60 +249,15 @@ def quantize_int8(
         images, labels = load_many(check_files, info)
         check = compare(store, fp32, dst, images, labels, min_agreement=min_agreement)
         check["dir"] = str(check_dir or calibration_dir) + ("" if check_dir else " (held out from calibration)")
-        if speed_seconds > 0:
-            check["speed"] = speed_compare(info.path, dst, images, seconds=speed_seconds)
     else:
         check = {"images": 0, "heads_agree": False, "reason": "no held-out images to check with"}
     entry["check"] = check
     if check["heads_agree"]:
         entry["feature_space"] = fp32["sha256"]  # fp32-trained heads are served with this extractor
-    manifest = read_json(store.manifest_path)
-    manifest["extractor"] = entry
-    manifest["variants"] = {"fp32": fp32, "int8": entry}
-    write_json(store.manifest_path, manifest)
+    store.record_variant("int8", entry)
     log.info(
-        "int8 extractor %s: cosine %.4f, heads %s",
+        "int8 variant %s: cosine %.4f, fp32-trained heads %s; served with TLSERVE_PRECISION=int8%s",
         dst.name, check.get("cosine_mean", float("nan")), "accepted" if check["heads_agree"] else "refused",
+        " or auto (the default)" if check["heads_agree"] else " (auto keeps fp32: the accuracy gate failed)",
     )  # fmt: skip
     return entry
-
-
-# --- python -m app.quantize ----------------------------------------------------------------------
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m app.quantize", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model-store", type=Path, default=Path(os.environ.get("TLSERVE_MODEL_STORE", "model_store")))
-    sub = p.add_subparsers(dest="command", required=True)
-    q = sub.add_parser("quantize", help="write the int8 model from the recorded fp32 one and serve it")
-    q.add_argument("--calibration-dir", type=Path, required=True)
-    q.add_argument("--calibration-images", type=int, default=200)
-    q.add_argument(
-        "--check-dir", type=Path, help="labelled folder for the agreement check (default: held-out calibration images)"
-    )
-    q.add_argument("--check-images", type=int, default=400)
-    q.add_argument("--no-reduce-range", action="store_true", help="8-bit weights (only safe on VNNI/AMX CPUs)")
-    q.add_argument("--min-agreement", type=float, default=MIN_AGREEMENT)
-    q.add_argument("--speed-seconds", type=float, default=5.0, help="also measure fp32 vs int8 images/s (0 = skip)")
-    u = sub.add_parser("use", help="serve the recorded fp32 or int8 variant")
-    u.add_argument("precision", choices=["fp32", "int8"])
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    import json
-
-    store = ModelStore(args.model_store)
-    try:
-        if args.command == "use":
-            entry = use_variant(store, args.precision)
-        else:
-            entry = quantize_int8(
-                store, args.calibration_dir, args.calibration_images, check_dir=args.check_dir, check_limit=args.check_images,
-                reduce_range=not args.no_reduce_range, min_agreement=args.min_agreement, speed_seconds=args.speed_seconds,
-            )  # fmt: skip
-    except (ArtifactError, FileNotFoundError, ValueError) as exc:
-        print(f"error: {getattr(exc, 'message', exc)}", file=sys.stderr)
-        return 1
-    print(json.dumps(entry, indent=2))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

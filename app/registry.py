@@ -241,7 +241,7 @@ class HeadStore:
         with self._locked(name) as folder:
             version = max([0, *self.versions(name), *self._uncommitted(folder)]) + 1
             target = folder / str(version)
-            target.mkdir()  # atomic: a second writer of the same id fails here and would retry
+            target.mkdir()  # under the lock; an id already on disk (even uncommitted) is never reused
         artifacts = {}
         for file, data in files.items():
             atomic_write(target / file, data)
@@ -314,7 +314,7 @@ def copy_version(heads: HeadStore, name: str, version: int | None = None) -> Ver
     before signing keys existed, or a flat head); the source stays as it is."""
     source = heads.get(name, version)
     files = {f: source.read(f) for f in source.artifacts}
-    card = {k: v for k, v in source.card.items() if k not in ("schema", "version", "artifacts", "name")}
+    card = {k: v for k, v in source.card.items() if k not in ("schema", "version", "artifacts", "name", "created_at")}
     return heads.save(name, files, {**card, "copied_from": source.version})
 
 

@@ -10,12 +10,19 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.cpus import available_cpus
+from app.familiarity import DEFAULT_ACCEPTANCE, DEFAULT_METHOD, Method
 
-DEFAULT_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
+DEFAULT_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "HEIF", "AVIF")
+# The limits, defined once (app/imaging.py, app/features.py and the deploy files follow them).
+# 8160 x 6120 (a 50 MP sensor) = 49.9 M and 8064 x 6048 (a 48 MP iPhone HEIC) = 48.8 M fit; decoded
+# RGB costs 4 bytes a pixel in Pillow, so one image at the limit is 200 MB while it is resized.
+DEFAULT_MAX_IMAGE_PIXELS = 50_000_000
+# A 200 MP phone JPEG is 30-60 MB; 64 MiB leaves room for multipart framing.
+DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
 
 
 class Settings(BaseSettings):
@@ -51,14 +58,31 @@ class Settings(BaseSettings):
     api_keys: str = Field(
         "", description="Comma-separated API keys; empty disables auth. Sent as `Authorization: Bearer KEY` or `X-API-Key`."
     )
+    admin_keys: str = Field(
+        "",
+        description="Comma-separated admin keys for reload, promote, roll back and delete (403 for an inference key); with API keys set and no admin keys, those operations are refused.",
+    )
     open_probes: bool = Field(True, description="Leave /livez, /readyz, /metrics and /v2/health/* open when API keys are set.")
     cors_origins: str = Field("", description="Comma-separated allowed CORS origins; empty disables CORS.")
+
+    # --- gRPC
+    grpc_port: int = Field(
+        0,
+        ge=0,
+        le=65535,
+        description="Port of the Open Inference Protocol gRPC front (`inference.GRPCInferenceService`, `grpc.health.v1`) on the same host; 0 = off.",
+    )
 
     # --- inference engine
     provider: Literal["auto", "cuda", "cpu"] = Field(
         "auto", description="ONNX Runtime execution provider; `auto` uses CUDA only when it really works."
     )
     require_gpu: bool = Field(False, description="Refuse to become ready unless the CUDA provider is active.")
+    precision: Literal["auto", "fp32", "int8"] = Field(
+        "auto",
+        description="Extractor served: `fp32`; `int8` (the manifest's int8 variant, from `tlserve export --int8`); "
+        "`auto`: int8 when that variant passed its accuracy gate, else fp32. `/v1/info` says which and why.",
+    )
     intra_op_threads: int = Field(
         0, ge=0, description="ONNX Runtime intra-op threads; 0 = the CPUs this process may use (affinity/cgroup quota)."
     )
@@ -75,11 +99,42 @@ class Settings(BaseSettings):
     max_queue_delay_ms: float = Field(0.0, ge=0, description="How long the batcher waits for more images once one is queued.")
     max_queue_size: int = Field(256, ge=1, description="Most images waiting; beyond it requests get 503 + Retry-After.")
 
+    response_cache_size: int = Field(
+        4096,
+        ge=0,
+        description="Images whose features are kept in memory (LRU, ~2 KiB each at 512-d), keyed by extractor and exact bytes; a repeated image skips decode and inference. 0 turns it off (benchmarks do).",
+    )
+
+    # --- familiarity (out-of-distribution verdict, app/familiarity.py)
+    ood_policy: Literal["report", "refuse"] = Field(
+        "report",
+        description="Below a head's familiarity threshold: `report` (answer the class, `in_distribution: false`) or `refuse` (no class named); a request's `ood_policy` overrides it.",
+    )
+    ood_acceptance: float = Field(
+        DEFAULT_ACCEPTANCE,
+        gt=0,
+        lt=1,
+        description="Training: share of training-like photos to accept; the threshold is calibrated out of fold at it.",
+    )
+    ood_method: Method = Field(
+        DEFAULT_METHOD, description="Training: the familiarity score stored with new heads (measured in benchmarks/ood.py)."
+    )
+    metrics_max_heads: int = Field(
+        20, ge=1, description="Heads with their own prediction-monitoring series in /metrics; further heads count as `_other`."
+    )
+    metrics_max_classes: int = Field(
+        30, ge=1, description="Classes a head reports answers for in /metrics; further classes count as `_other`."
+    )
+
     # --- limits
-    max_body_bytes: int = Field(20 * 1024 * 1024, ge=1, description="Largest request body (413 beyond).")
+    max_body_bytes: int = Field(
+        DEFAULT_MAX_BODY_BYTES, ge=1, description="Largest request body (413 beyond); held once in memory while it is served."
+    )
     max_images_per_request: int = Field(64, ge=1, description="Most images in one request (413 beyond).")
     max_image_pixels: int = Field(
-        40_000_000, ge=1, description="Most pixels in one decoded image (422 beyond; decompression-bomb guard)."
+        DEFAULT_MAX_IMAGE_PIXELS,
+        ge=1,
+        description="Most pixels one image may decode to (422 beyond; decompression-bomb guard): a baseline JPEG's reduced (draft) size, every other image's declared size.",
     )
     allowed_formats: str = Field(
         ",".join(DEFAULT_FORMATS), description="Image formats accepted, sniffed from the bytes (415 otherwise)."
@@ -123,6 +178,12 @@ class Settings(BaseSettings):
             raise ValueError(exc.message) from None
         return v
 
+    @model_validator(mode="after")
+    def _distinct_ports(self) -> Settings:
+        if self.grpc_port and self.grpc_port == self.port:
+            raise ValueError(f"grpc_port and port are both {self.port}: the gRPC and HTTP fronts need a port each")
+        return self
+
     @property
     def formats(self) -> frozenset[str]:
         return frozenset(self.allowed_formats.split(","))
@@ -130,6 +191,10 @@ class Settings(BaseSettings):
     @property
     def keys(self) -> tuple[str, ...]:
         return tuple(k.strip() for k in self.api_keys.split(",") if k.strip())
+
+    @property
+    def admin_key_list(self) -> tuple[str, ...]:
+        return tuple(k.strip() for k in self.admin_keys.split(",") if k.strip())
 
     @property
     def origins(self) -> list[str]:

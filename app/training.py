@@ -1,19 +1,57 @@
-"""Train and evaluate heads: the seed's recipe (features → logistic regression → report), for any classes."""
+"""Train and evaluate heads on folders of class sub-folders (any classes, any names).
+
+What :meth:`Trainer.train` does, and which number comes from which data:
+
+1. **Checks, before any image is decoded** (:mod:`app.features`): the folder layout, the
+   validation folder's class names, at least two readable images a class; duplicates and nested
+   sub-folders are reported by name.
+2. **Features**, from the cache where the same bytes were seen before; or, with
+   :meth:`Trainer.train_features`, read back from a ``tlserve batch --features`` output (no decoding,
+   no extractor run; another extractor's features are refused). Steps 3-8 are the same either way.
+3. **Held-out part**: ``--val-dir``, or else a stratified 20% of DATA_DIR (seed 42).
+4. **C by cross-validation**: 5-fold stratified CV over :data:`C_GRID` on the training part
+   (the other 80%, or all of DATA_DIR with ``--val-dir``). ``--C`` skips it.
+5. **Held-out report** (``metrics`` in the card): a head fitted at that C on the training part,
+   scored on the held-out part, which took no part in choosing C or fitting.
+6. **Out-of-fold predictions** at that C over *all* labelled photos of DATA_DIR (5 folds): the
+   card's ``cv`` accuracy, and the artifacts ``oof_proba.npy`` + ``folds.json`` (which photo,
+   by content hash and relative path, was held out in which fold).
+7. **Familiarity** (:mod:`app.familiarity`): the photos' features as the head's familiarity bank, its
+   threshold calibrated on the out-of-fold scores of step 6 at ``ood_acceptance`` (the card's
+   ``familiarity``), and the held-out part's acceptance rate as a check.
+8. **The shipped head**: fitted at that C on all labelled photos of DATA_DIR (with ``--val-dir``
+   it is the head of step 5). It is written as a new version of the head (:func:`app.registry.save_head`);
+   earlier versions stay.
+
+Every scikit-learn call runs under :func:`sklearn_threads` (one BLAS/OpenMP thread per worker:
+BLAS threads fighting ONNX Runtime and each other made one fit 9x slower on a busy 2-core
+machine); each fold fits its C values along the path, warm-started from the previous C; the folds
+of a C search run in worker processes only where that was measured to pay (:func:`fold_jobs`).
+"""
 
 from __future__ import annotations
 
 import io
+import json
 import logging
-from dataclasses import dataclass
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from app import familiarity
+from app.cpus import available_cpus
+from app.errors import DatasetError
 from app.extractor import Extractor
-from app.features import Dataset, Extracted, FeatureCache, extract_paths
+from app.features import Dataset, Duplicate, Extracted, FeatureCache, check_readable, extract_paths, find_duplicates, hash_files
 from app.heads import Head
-from app.registry import HeadStore, save_head, valid_head_name
+from app.progress import Meter, ProgressCallback, console, no_progress
+from app.registry import HeadStore, Version, save_head, valid_head_name
 from app.settings import Settings
 from app.store import ExtractorInfo, ModelStore
 
@@ -22,8 +60,21 @@ log = logging.getLogger(__name__)
 SEED = 42
 DEFAULT_C = 0.1  # measured: see benchmarks/RESULTS.md ("choosing the features")
 C_GRID = (0.01, 0.1, 1.0, 10.0)
+FOLDS = 5
+VAL_FRACTION = 0.2
+MIN_IMAGES_PER_CLASS = 2
+OOF_FILE = "oof_proba.npy"
+FOLDS_FILE = "folds.json"
+PARALLEL_MIN_WORK = 25_000_000
+PARALLEL_MIN_CPUS = 4
+"""A C search runs its folds in worker processes only with at least this much work (samples x features
+x classes x C values; 25M is ~10 s serial here) and this many CPUs. Measured on 2 busy cores, two
+workers never paid: 766x512 (weather) 1.5-2.1 s serial vs 3.0-7.0 s; 3,064x512 10.0-10.4 s vs
+11.5-18.8 s; 6,128x512 28-35 s vs 30-31 s (process start-up and the other processes on the machine
+eat the second core)."""
 
 
+# --- reports ---------------------------------------------------------------------------------
 @dataclass
 class Report:
     accuracy: float
@@ -88,6 +139,16 @@ def confusion_png(report: Report, title: str) -> bytes:
     return buf.getvalue()
 
 
+# --- scikit-learn ----------------------------------------------------------------------------
+@contextmanager
+def sklearn_threads(n: int = 1) -> Iterator[None]:
+    """BLAS and OpenMP thread pools limited to ``n`` while scikit-learn runs (threadpoolctl)."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=n):
+        yield
+
+
 def make_estimator(c: float) -> Any:
     """Plain L2 logistic regression on the raw features: standardising them measured worse
     (224/avg: 97.2-97.7% vs 98.4-98.7% val; see benchmarks/RESULTS.md)."""
@@ -96,29 +157,193 @@ def make_estimator(c: float) -> Any:
     return LogisticRegression(C=c, max_iter=5000, random_state=SEED)
 
 
-def choose_c(x: np.ndarray, y: np.ndarray) -> tuple[float, dict[str, float]]:
-    """C by 5-fold stratified cross-validation over :data:`C_GRID`."""
-    from sklearn.model_selection import StratifiedKFold, cross_val_score
-
-    folds = StratifiedKFold(n_splits=5, shuffle=True, random_state=SEED)
-    scores = {str(c): float(cross_val_score(make_estimator(c), x, y, cv=folds).mean()) for c in C_GRID}
-    best = max(C_GRID, key=lambda c: scores[str(c)])
-    return best, scores
+def fit(x: np.ndarray, y: np.ndarray, c: float) -> Any:
+    with sklearn_threads(1):
+        return make_estimator(c).fit(x, y)
 
 
+def fold_ids(y: np.ndarray, n_splits: int = FOLDS, seed: int = SEED) -> np.ndarray:
+    """The stratified fold (0..n_splits-1) each sample is held out in."""
+    from sklearn.model_selection import StratifiedKFold
+
+    folds = np.empty(len(y), dtype=np.int64)
+    for k, (_, test) in enumerate(StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed).split(y, y)):
+        folds[test] = k
+    return folds
+
+
+def n_folds(y: np.ndarray) -> int:
+    """:data:`FOLDS`, or fewer when the smallest class has fewer photos (0: too few to cross-validate)."""
+    smallest = int(np.bincount(y).min()) if len(y) else 0
+    n = min(FOLDS, smallest)
+    return n if n >= 2 else 0
+
+
+def _fold_path(x: np.ndarray, y: np.ndarray, train: np.ndarray, test: np.ndarray, grid: tuple[float, ...]) -> list[np.ndarray]:
+    """Held-out probabilities of one fold at each C, fitted along the path from the smallest C up
+    (each fit starts where the previous one ended: the same optimum, fewer iterations)."""
+    out = []
+    with sklearn_threads(1):
+        est = make_estimator(grid[0]).set_params(warm_start=True)
+        for c in grid:
+            est.set_params(C=c).fit(x[train], y[train])
+            out.append(est.predict_proba(x[test]).astype(np.float32))
+    return out
+
+
+def fold_jobs(x: np.ndarray, n_classes: int, n_c: int, n_splits: int) -> int:
+    """Worker processes for one search: parallel only where it pays (see :data:`PARALLEL_MIN_WORK`)."""
+    work = x.shape[0] * x.shape[1] * n_classes * n_c
+    cpus = available_cpus()
+    return min(cpus, n_splits) if work >= PARALLEL_MIN_WORK and cpus >= PARALLEL_MIN_CPUS else 1
+
+
+@dataclass
+class CrossValidation:
+    """Out-of-fold probabilities of every sample at each C (``oof[c]``: ``[n, classes]``)."""
+
+    folds: np.ndarray
+    n_splits: int
+    oof: dict[float, np.ndarray]
+    accuracy: dict[float, float]  # mean of the per-fold accuracies (what cross_val_score reports)
+
+    @property
+    def best(self) -> float:
+        """The most accurate C; ties go to the smaller C (the stronger regularisation)."""
+        return max(self.oof, key=lambda c: (self.accuracy[c], -c))
+
+
+def cross_validate(x: np.ndarray, y: np.ndarray, grid: tuple[float, ...], n_classes: int, *, meter: Meter | None = None,
+                   jobs: int | None = None) -> CrossValidation:  # fmt: skip
+    from joblib import Parallel, delayed
+
+    grid = tuple(sorted(grid))
+    n_splits = n_folds(y)
+    if not n_splits:
+        raise DatasetError("too few photos a class to cross-validate (every class needs at least 2)")
+    folds = fold_ids(y, n_splits)
+    jobs = jobs or fold_jobs(x, n_classes, len(grid), n_splits)
+    tasks = [(np.flatnonzero(folds != k), np.flatnonzero(folds == k)) for k in range(n_splits)]
+    oof = {c: np.zeros((len(y), n_classes), np.float32) for c in grid}
+    per_fold: dict[float, list[float]] = {c: [] for c in grid}
+    run = Parallel(n_jobs=jobs, return_as="generator") if jobs > 1 else None
+    results = (
+        run(delayed(_fold_path)(x, y, tr, te, grid) for tr, te in tasks)
+        if run
+        else (_fold_path(x, y, tr, te, grid) for tr, te in tasks)
+    )
+    for (_, test), probas in zip(tasks, results, strict=True):
+        for c, proba in zip(grid, probas, strict=True):
+            oof[c][test] = proba
+            per_fold[c].append(float((proba.argmax(axis=1) == y[test]).mean()))
+        if meter is not None:
+            meter.advance(len(grid))
+    return CrossValidation(folds, n_splits, oof, {c: float(np.mean(v)) for c, v in per_fold.items()})
+
+
+def stratified_holdout(y: np.ndarray, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (train, held out): :data:`VAL_FRACTION` of every class (at least one each), seed 42."""
+    from sklearn.model_selection import train_test_split
+
+    n_test = max(n_classes, math.ceil(VAL_FRACTION * len(y)))
+    idx = np.arange(len(y))
+    train, test = train_test_split(idx, test_size=n_test, stratify=y, random_state=SEED)
+    return np.sort(train), np.sort(test)
+
+
+# --- results ---------------------------------------------------------------------------------
+@dataclass
+class Trained:
+    """What one training run produced (the card is the version's, as written)."""
+
+    report: Report
+    card: dict[str, Any]
+    version: Version
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+    duplicates: list[Duplicate] = field(default_factory=list)
+    nested: dict[str, int] = field(default_factory=dict)
+    loose: int = 0  # files directly in DATA_DIR, outside any class folder: ignored
+
+
+@dataclass
+class Mistake:
+    file: str
+    true: str
+    predicted: str
+    probability: float  # of the predicted class
+    true_probability: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"file": self.file, "true": self.true, "predicted": self.predicted,
+                "probability": round(self.probability, 6), "true_probability": round(self.true_probability, 6)}  # fmt: skip
+
+
+@dataclass
+class Evaluation:
+    report: Report
+    skipped: list[tuple[Path, str]]
+    mistakes: list[Mistake]  # worst (most confident) first
+    familiarity: np.ndarray | None = None  # scores of the evaluated photos, when the head has familiarity data
+    in_distribution: np.ndarray | None = None
+    ood: OodReport | None = None
+
+
+@dataclass
+class OodReport:
+    """``evaluate --ood DIR``: how the verdict does on photos that are none of the head's classes."""
+
+    folder: str
+    n: int
+    flagged: float  # share of DIR's photos judged not in distribution
+    accepted: float  # share of the evaluated (labelled) photos judged in distribution
+    auroc: float  # labelled photos (positives) against DIR's photos
+    skipped: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"folder": self.folder, "n": self.n, "flagged": round(self.flagged, 4), "accepted": round(self.accepted, 4),
+                "auroc": round(self.auroc, 4), "skipped": self.skipped}  # fmt: skip
+
+    def render(self) -> str:
+        return (f"out of distribution ({self.folder}, {self.n} photos): {self.flagged:.1%} flagged; "
+                f"labelled photos accepted {self.accepted:.1%}; AUROC {self.auroc:.4f}")  # fmt: skip
+
+
+def out_of_fold(version: Version) -> tuple[np.ndarray, dict[str, Any]]:
+    """A version's out-of-fold probabilities ``[n, classes]`` and its ``folds.json`` (files,
+    labels and folds in the same order), both checked against the card's artifacts map."""
+    proba = np.load(io.BytesIO(version.read(OOF_FILE)), allow_pickle=False)
+    folds = json.loads(version.read(FOLDS_FILE))
+    if proba.shape != (len(folds["files"]), len(version.card["classes"])):
+        raise DatasetError(f"head {version.name!r} version {version.version}: {OOF_FILE} and {FOLDS_FILE} disagree")
+    return proba, folds
+
+
+# --- the trainer -----------------------------------------------------------------------------
 class Trainer:
-    """Everything ``train``/``evaluate``/``predict`` share: store, extractor, cache."""
+    """Everything ``train``/``evaluate``/``predict`` share: store, extractor, cache, progress."""
 
-    def __init__(self, settings: Settings, *, progress: bool = True) -> None:
+    def __init__(self, settings: Settings, *, progress: ProgressCallback | bool = True) -> None:
         self.settings = settings
         self.store = ModelStore(settings.model_store)
         self.heads = HeadStore.from_settings(settings)
-        self.info: ExtractorInfo = self.store.extractor()
-        self.extractor = Extractor(self.info, provider=settings.provider, threads=settings.intra_op_threads)
-        self.cache = FeatureCache(settings.cache_dir, self.info.sha256)
-        self.progress = progress
+        self.progress: ProgressCallback = progress if callable(progress) else (console() if progress else no_progress)
 
-    def features(self, paths: list[Path]) -> Extracted:
+    # loaded on first use, so that a mistake in the folders is reported before the model is read
+    @cached_property
+    def info(self) -> ExtractorInfo:
+        return self.store.extractor()
+
+    @cached_property
+    def extractor(self) -> Extractor:
+        s = self.settings
+        return Extractor(self.info, provider=s.provider, threads=s.intra_op_threads, spinning=s.ort_spinning)
+
+    @cached_property
+    def cache(self) -> FeatureCache:
+        return FeatureCache(self.settings.cache_dir, self.info.sha256)
+
+    def features(self, paths: list[Path], *, phase: str = "features",
+                 hashes: tuple[list[str | None], dict[int, str]] | None = None) -> Extracted:  # fmt: skip
         return extract_paths(
             paths,
             self.extractor,
@@ -127,74 +352,152 @@ class Trainer:
             decode_threads=self.settings.decoders,
             max_pixels=self.settings.max_image_pixels,
             progress=self.progress,
+            phase=phase,
+            hashes=hashes,
         )
 
-    def train(
-        self, data_dir: Path, name: str, *, val_dir: Path | None = None, c: float | None = None, limit: int = 0
-    ) -> tuple[Report, dict[str, Any]]:
-        from sklearn.model_selection import train_test_split
+    def _prepare(self, data: Dataset, minimum: int, what: str) -> tuple[list[str | None], dict[int, str]]:
+        hashes = hash_files(data.paths, self.settings.decoders)
+        check_readable(data, *hashes, self.cache, self.info.size, self.info.resample, minimum=minimum,
+                       max_pixels=self.settings.max_image_pixels, what=what)  # fmt: skip
+        return hashes
 
-        valid_head_name(name)  # before any work
-        data = Dataset.from_folder(data_dir)
-        idx = np.arange(len(data.paths))
+    def train(self, data_dir: Path, name: str, *, val_dir: Path | None = None, c: float | None = None, limit: int = 0,
+              allow_subset: bool = False) -> Trained:  # fmt: skip
+        valid_head_name(name)  # every check before any work
+        _check_c(c)
+        data = Dataset.from_folder(data_dir, min_per_class=MIN_IMAGES_PER_CLASS)
+        val = Dataset.from_folder(val_dir, data.classes, allow_subset=allow_subset, what="--val-dir") if val_dir else None
         if limit:
-            idx = _per_class_subset(data.labels, limit)
-        ext = self.features([data.paths[i] for i in idx])
-        x, y = ext.features, data.labels[idx][ext.kept]
-        if val_dir is not None:
-            val = Dataset.from_folder(val_dir, classes=data.classes)
-            vidx = _per_class_subset(val.labels, limit) if limit else np.arange(len(val.paths))
-            vext = self.features([val.paths[i] for i in vidx])
-            xtr, ytr, xva, yva = x, y, vext.features, val.labels[vidx][vext.kept]
-            skipped = ext.skipped + vext.skipped
-            split = {"kind": "val_dir", "val_dir": str(val_dir)}
-        else:
-            xtr, xva, ytr, yva = train_test_split(x, y, test_size=0.2, stratify=y, random_state=SEED)
-            skipped = ext.skipped
-            split = {"kind": "stratified", "val_fraction": 0.2, "seed": SEED}
-        if min(np.bincount(ytr, minlength=len(data.classes))) == 0:
-            raise ValueError("every class needs at least one readable training image")
-        cv_scores: dict[str, float] = {}
-        if c is None:
-            c, cv_scores = choose_c(xtr, ytr) if len(ytr) >= 50 else (DEFAULT_C, {})
-        estimator = make_estimator(c).fit(xtr, ytr)
-        report = make_report(yva, estimator.predict(xva), data.classes)
-        card = self._card(data, ytr, yva, skipped, split, c, cv_scores, report)
-        png = confusion_png(report, f"{name} ({split['kind']} split)")
-        version = save_head(self.heads, name, estimator, card, {"confusion_matrix.png": png})
-        return report, version.card
+            data = data.subset(_per_class_subset(data.labels, limit))
+            val = val.subset(_per_class_subset(val.labels, limit)) if val else None
+        hashes = self._prepare(data, MIN_IMAGES_PER_CLASS, "DATA_DIR")
+        vhashes = self._prepare(val, 1, "--val-dir") if val else None
+        sets = [("train", data, hashes[0])] + ([("val", val, vhashes[0])] if val and vhashes else [])
+        duplicates = find_duplicates(sets)
 
-    def train_features(
-        self, name: str, features: np.ndarray, labels: np.ndarray, classes: list[str], *, source: str,
-        skipped: list[tuple[str, str]] | None = None, c: float | None = None, provenance: dict[str, Any] | None = None,
-    ) -> tuple[Report, dict[str, Any]]:  # fmt: skip
-        """Train from features already extracted (``tlserve train --features DIR``), in
-        :meth:`Dataset.from_folder` order: the same split, C and fit as :meth:`train` on that folder."""
-        from sklearn.model_selection import train_test_split
+        ext = self.features(data.paths, hashes=hashes)
+        skipped = list(ext.skipped)
+        held_out = None
+        if val is not None and vhashes is not None:
+            vext = self.features(val.paths, phase="validation features", hashes=vhashes)
+            skipped += vext.skipped
+            held_out = (val, vext)
+        return self._fit_and_save(name, data, ext, c, skipped, duplicates, held_out)
+
+    def train_features(self, features_dir: str, name: str, *, c: float | None = None) -> Trained:
+        """Train from a ``tlserve batch --features`` output (``tlserve train --features DIR``), no
+        re-extraction: its rows become the same :class:`Dataset` and :class:`Extracted` as extracting
+        the folder they came from, and take the same path as :meth:`train` from there on (held-out
+        20%, C by CV, out-of-fold artifacts, familiarity data, card, signing). Features of another
+        extractor than the model store's are refused before any row is read."""
+        from app.batch.parquet import read_features  # pyarrow: only this path needs it
 
         valid_head_name(name)
-        skipped = skipped or []
-        xtr, xva, ytr, yva = train_test_split(features, labels, test_size=0.2, stratify=labels, random_state=SEED)
-        if min(np.bincount(ytr, minlength=len(classes))) == 0:
-            raise ValueError("every class needs at least one readable training image")
-        cv_scores: dict[str, float] = {}
-        if c is None:
-            c, cv_scores = choose_c(xtr, ytr) if len(ytr) >= 50 else (DEFAULT_C, {})
-        estimator = make_estimator(c).fit(xtr, ytr)
-        report = make_report(yva, estimator.predict(xva), classes)
-        split = {"kind": "stratified", "val_fraction": 0.2, "seed": SEED}
-        data = Dataset(Path(source), classes, [], labels)
-        card = self._card(data, ytr, yva, [(Path(p), why) for p, why in skipped], split, c, cv_scores, report)
-        card["training"]["features"] = provenance or {}
-        png = confusion_png(report, f"{name} ({split['kind']} split)")
-        version = save_head(self.heads, name, estimator, card, {"confusion_matrix.png": png})
-        return report, version.card
+        _check_c(c)
+        fs = read_features(features_dir, self.info.feature_space)
+        data, ext = fs.data, fs.extracted
+        duplicates = find_duplicates([("train", data, ext.hashes)])
+        provenance = {"dir": features_dir, "source": fs.metadata["source"], "extractor_sha256": fs.metadata["extractor"]["sha256"],
+                      "rows": fs.rows}  # fmt: skip
+        return self._fit_and_save(name, data, ext, c, list(ext.skipped), duplicates, None, provenance)
 
-    def _card(self, data: Dataset, ytr: np.ndarray, yva: np.ndarray, skipped: list, split: dict, c: float,
-              cv_scores: dict, report: Report) -> dict[str, Any]:  # fmt: skip
+    def _fit_and_save(self, name: str, data: Dataset, ext: Extracted, c: float | None, skipped: list[tuple[Path, str]],
+                      duplicates: list[Duplicate], held_out: tuple[Dataset, Extracted] | None,
+                      features: dict[str, Any] | None = None) -> Trained:  # fmt: skip
+        """Everything after the features, whichever way they came: split, fits, report, card, artifacts, save."""
+        x, y = ext.features, data.labels[ext.kept]
+        _enough_after_extraction(data, y)
+        val = held_out[0] if held_out else None
+        if held_out is not None:
+            vdata, vext = held_out
+            held = _Held(vext.features, vdata.labels[vext.kept], None)
+        else:
+            train_idx, test_idx = stratified_holdout(y, len(data.classes))
+            held = _Held(x[test_idx], y[test_idx], train_idx)
+
+        fitted = self._fit(x, y, held, len(data.classes), c)
+        report = make_report(held.y, fitted.held_pred, data.classes)
+        card = self._card(data, val, y, held, skipped, duplicates, fitted, report)
+        if features is not None:
+            card["training"]["features"] = features
+        known, card["familiarity"] = self._familiarity(x, y, held, fitted, data.classes)
+        files = {
+            **known.files(),
+            "confusion_matrix.png": confusion_png(report, f"{name} ({'val_dir' if val else 'stratified'} split)"),
+            OOF_FILE: _npy(fitted.oof.oof[fitted.c]),
+            FOLDS_FILE: json.dumps(_folds_json(data, ext, y, fitted), indent=1).encode(),
+        }
+        version = save_head(self.heads, name, fitted.head, card, files)
+        return Trained(report, version.card, version, skipped, duplicates, dict(data.nested), data.loose)
+
+    def _fit(self, x: np.ndarray, y: np.ndarray, held: _Held, n_classes: int, c: float | None) -> _Fitted:
+        train_x, train_y = (x, y) if held.train_idx is None else (x[held.train_idx], y[held.train_idx])
+        search: CrossValidation | None = None
+        source = "--C"
+        if c is None:
+            if n_folds(train_y):
+                n_splits = n_folds(train_y)
+                meter = Meter(self.progress, "model selection", n_splits * len(C_GRID), unit="fit")
+                search = cross_validate(train_x, train_y, C_GRID, n_classes, meter=meter)
+                meter.finish()
+                c, source = search.best, f"{search.n_splits}-fold cross-validation"
+            else:
+                c, source = DEFAULT_C, "default (too few photos a class to cross-validate)"
+        stratified = held.train_idx is not None
+        reuse = search is not None and not stratified  # the search ran on all of DATA_DIR already
+        total = (1 if stratified else 0) + (0 if reuse else n_folds(y)) + 1
+        meter = Meter(self.progress, "final fits", total, unit="fit")
+        report_head = None
+        if stratified:
+            report_head = fit(train_x, train_y, c)
+            meter.advance()
+        oof = search if reuse and search is not None else cross_validate(x, y, (c,), n_classes, meter=meter)
+        head = fit(x, y, c)
+        meter.finish()
+        with sklearn_threads(1):
+            pred = (report_head or head).predict(held.x)
+        return _Fitted(head, c, source, search, oof, pred, report_head)
+
+    def _familiarity(self, x: np.ndarray, y: np.ndarray, held: _Held, fitted: _Fitted,
+                     classes: list[str]) -> tuple[familiarity.Familiarity, dict[str, Any]]:  # fmt: skip
+        """The familiarity model of all photos, threshold out of fold; the held-out part scored as a check
+        (against the training part's photos when the held-out part is a split of DATA_DIR)."""
+        s = self.settings
+        acceptance = s.ood_acceptance
+        model, oof = familiarity.calibrate(x, y, fitted.oof.folds, fitted.oof.oof[fitted.c], method=s.ood_method,
+                                           acceptance=acceptance)  # fmt: skip
+        with sklearn_threads(1):
+            proba = (fitted.report_head or fitted.head).predict_proba(held.x)
+        if held.train_idx is None:
+            checker, note = model, "scored against all training photos (they took no part in it)"
+        else:
+            part = familiarity.Familiarity.build(x[held.train_idx], y[held.train_idx], model.method, model.k,
+                                                 standardize=model.standardize, threshold=model.threshold)  # fmt: skip
+            checker = part
+            note = "scored against the other photos of DATA_DIR (the threshold was calibrated on all of DATA_DIR)"
+        accepted = checker.verdict(checker.score(held.x, proba))
+        held_out = {"n": len(held.y), "accepted": round(float(accepted.mean()), 4) if len(accepted) else None, "how": note}
+        section = familiarity.card_section(model, oof, y, classes, fitted.oof.n_splits, acceptance, held_out)
+        return model, section
+
+    def _card(self, data: Dataset, val: Dataset | None, y: np.ndarray, held: _Held, skipped: list[tuple[Path, str]],
+              duplicates: list[Duplicate], fitted: _Fitted, report: Report) -> dict[str, Any]:  # fmt: skip
         import sklearn
 
-        n = len(data.classes)
+        n = len(y)
+        stratified = held.train_idx is not None
+        n_train = len(held.train_idx) if held.train_idx is not None else n
+        held_desc = (f"{len(held.y)} photos of --val-dir {val.root}" if val is not None
+                     else f"a stratified {VAL_FRACTION:.0%} of DATA_DIR ({len(held.y)} photos, seed {SEED})")  # fmt: skip
+        train_desc = f"the other {n_train} photos of DATA_DIR" if stratified else f"all {n} labelled photos of DATA_DIR"
+        search = fitted.search
+        split = (
+            {"kind": "val_dir", "val_dir": str(val.root)}
+            if val is not None
+            else {"kind": "stratified", "val_fraction": VAL_FRACTION, "seed": SEED}
+        )
+        selection = f"{search.n_splits}-fold stratified CV over C in {list(C_GRID)} on {train_desc}" if search else None
         return {
             "classes": data.classes,
             "extractor": {
@@ -204,22 +507,144 @@ class Trainer:
             "training": {
                 "data_dir": str(data.root),
                 "split": split,
-                "train_per_class": dict(zip(data.classes, np.bincount(ytr, minlength=n).tolist(), strict=True)),
-                "val_per_class": dict(zip(data.classes, np.bincount(yva, minlength=n).tolist(), strict=True)),
+                "train_per_class": _counts(y, data.classes),
+                "val_per_class": _counts(held.y, data.classes),
+                "nested_per_class": dict(data.nested),
+                "ignored_outside_class_folders": data.loose,
                 "skipped": len(skipped),
                 "skipped_files": [f"{p}: {why}" for p, why in skipped[:50]],
+                "duplicates": [d.as_dict() for d in duplicates[:50]],
             },
-            "estimator": {"kind": "LogisticRegression (L2, lbfgs)", "C": c, "cv_accuracy_by_C": cv_scores},
+            "estimator": {
+                "kind": "LogisticRegression (L2, lbfgs)",
+                "C": fitted.c,
+                "C_source": fitted.source,
+                "cv_accuracy_by_C": {str(c): round(a, 4) for c, a in search.accuracy.items()} if search else {},
+                "fitted_on": f"all {n} labelled photos of DATA_DIR",
+            },
             "metrics": report.as_dict(),
+            "evaluation": {
+                "metrics": f"held out: {held_desc}; scored with a head fitted on {train_desc} at C={fitted.c}"
+                + ("; the shipped head was then refitted on all photos of DATA_DIR" if stratified else " (the shipped head)"),
+                "model_selection": selection,
+                "cv": {
+                    "data": f"all {n} labelled photos of DATA_DIR",
+                    "folds": fitted.oof.n_splits,
+                    "seed": SEED,
+                    "C": fitted.c,
+                    "accuracy": round(fitted.oof.accuracy[fitted.c], 4),
+                    "artifacts": [OOF_FILE, FOLDS_FILE],
+                },
+                "shipped_head": f"fitted on all {n} labelled photos of DATA_DIR at C={fitted.c}",
+            },
             "sklearn_version": sklearn.__version__,
         }
 
-    def evaluate(self, head: Head, data_dir: Path, *, limit: int = 0) -> tuple[Report, list[tuple[Path, str]]]:
-        data = Dataset.from_folder(data_dir, classes=list(head.classes))
-        idx = _per_class_subset(data.labels, limit) if limit else np.arange(len(data.paths))
-        ext = self.features([data.paths[i] for i in idx])
-        pred = head.predict_proba(ext.features).argmax(axis=1) if len(ext.kept) else np.zeros(0, np.int64)
-        return make_report(data.labels[idx][ext.kept], pred, list(head.classes)), ext.skipped
+    def evaluate(self, head: Head, data_dir: Path, *, limit: int = 0, allow_subset: bool = False,
+                 ood_dir: Path | None = None) -> Evaluation:  # fmt: skip
+        """Accuracy on a labelled folder; with ``ood_dir`` (photos that are none of the classes, any
+        layout), the flagged rate there and the AUROC of the familiarity score, labelled photos against them."""
+        known = familiarity.for_head(self.heads, head, None)
+        if ood_dir is not None:
+            if known is None:
+                raise DatasetError(
+                    f"--ood: head {head.name!r} version {head.version} has no familiarity data; retrain it to add it"
+                )
+            if not ood_dir.is_dir():
+                raise DatasetError(f"--ood {ood_dir}: not a folder")
+        data = Dataset.from_folder(data_dir, list(head.classes), allow_subset=allow_subset, what="evaluation folder")
+        if limit:
+            data = data.subset(_per_class_subset(data.labels, limit))
+        hashes = self._prepare(data, 1, "evaluation folder")
+        ext = self.features(data.paths, hashes=hashes)
+        if not len(ext.kept):
+            raise DatasetError(f"evaluation folder {data.root}: none of its {len(data.paths)} files is a readable image")
+        with sklearn_threads(1):
+            proba = head.predict_proba(ext.features)
+        y, pred = data.labels[ext.kept], proba.argmax(axis=1)
+        classes = list(head.classes)
+        mistakes = [
+            Mistake(data.relative(int(i)), classes[t], classes[p], float(pr[p]), float(pr[t]))
+            for i, t, p, pr in zip(ext.kept, y, pred, proba, strict=True)
+            if t != p
+        ]
+        mistakes.sort(key=lambda m: (-m.probability, m.file))
+        ev = Evaluation(make_report(y, pred, classes), ext.skipped, mistakes)
+        if known is not None:
+            ev.familiarity = known.score(ext.features, proba)
+            ev.in_distribution = known.verdict(ev.familiarity)
+        if ood_dir is not None and known is not None and ev.familiarity is not None:
+            ev.ood = self._ood(head, known, ood_dir, ev.familiarity)
+        return ev
+
+    def _ood(self, head: Head, known: familiarity.Familiarity, ood_dir: Path, scores: np.ndarray) -> OodReport:
+        paths = sorted(p for p in ood_dir.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.parts))
+        ext = self.features(paths, phase="--ood features")
+        if not len(ext.kept):
+            raise DatasetError(f"--ood {ood_dir}: none of its {len(paths)} files is a readable image")
+        with sklearn_threads(1):
+            proba = head.predict_proba(ext.features)
+        other = known.score(ext.features, proba)
+        return OodReport(str(ood_dir), len(ext.kept), float((~known.verdict(other)).mean()),
+                         float(known.verdict(scores).mean()), familiarity.auroc(scores, other), len(ext.skipped))  # fmt: skip
+
+
+@dataclass
+class _Held:
+    x: np.ndarray
+    y: np.ndarray
+    train_idx: np.ndarray | None  # indices of the training part of DATA_DIR (stratified split); None with --val-dir
+
+
+@dataclass
+class _Fitted:
+    head: Any
+    c: float
+    source: str
+    search: CrossValidation | None
+    oof: CrossValidation
+    held_pred: np.ndarray
+    report_head: Any = None  # the head fitted on the training part (stratified split), else None
+
+
+def _check_c(c: float | None) -> None:
+    if c is not None and not (c > 0 and math.isfinite(c)):
+        raise DatasetError(f"--C must be a positive number, not {c}")
+
+
+def _enough_after_extraction(data: Dataset, y: np.ndarray) -> None:
+    """The readable-image check again, on what extraction really kept (a file can change in between)."""
+    counts = np.bincount(y, minlength=len(data.classes))
+    for label, count in enumerate(counts):
+        if count < MIN_IMAGES_PER_CLASS:
+            raise DatasetError(
+                f"class {data.classes[label]!r} has {count} readable image(s) (folder {data.folder(label)}); at least "
+                f"{MIN_IMAGES_PER_CLASS} needed"
+            )
+
+
+def _counts(y: np.ndarray, classes: list[str]) -> dict[str, int]:
+    return dict(zip(classes, np.bincount(y, minlength=len(classes)).tolist(), strict=True))
+
+
+def _npy(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    return buf.getvalue()
+
+
+def _folds_json(data: Dataset, ext: Extracted, y: np.ndarray, fitted: _Fitted) -> dict[str, Any]:
+    return {
+        "n_splits": fitted.oof.n_splits,
+        "seed": SEED,
+        "C": fitted.c,
+        "classes": data.classes,
+        "proba_file": OOF_FILE,
+        "files": [
+            {"path": data.relative(int(i)), "sha256": ext.hashes[int(i)], "label": int(label), "fold": int(fold)}
+            for i, label, fold in zip(ext.kept, y, fitted.oof.folds, strict=True)
+        ],
+    }
 
 
 def _per_class_subset(labels: np.ndarray, limit: int) -> np.ndarray:

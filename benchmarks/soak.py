@@ -22,11 +22,8 @@ import base64
 import contextlib
 import io
 import json
-import os
 import random
-import socket
 import struct
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,7 +37,8 @@ import httpx
 import numpy as np
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO, server_pool, settings_env
+
 BODY_LIMIT = 2_000_000
 
 
@@ -394,48 +392,18 @@ async def soak(url: str, pid: int, seconds: float = 20.0, concurrency: int = 32,
 
 
 # --- the command -----------------------------------------------------------------------------
-def server_env(store: Path, default_head: str, queue_size: int) -> dict[str, str]:
+def server_settings(default_head: str, queue_size: int, threads: int = 1) -> dict[str, object]:
     """The settings a soak server runs with (small body limit and queue, so both limits are met)."""
-    return {
-        "TLSERVE_MODEL_STORE": str(store),
-        "TLSERVE_DEFAULT_HEAD": default_head,
-        "TLSERVE_MAX_BODY_BYTES": str(BODY_LIMIT),
-        "TLSERVE_MAX_QUEUE_SIZE": str(queue_size),
-        "TLSERVE_HEAD_POLL_INTERVAL_S": "0",
-        "TLSERVE_LOG_LEVEL": "warning",
-    }
+    return {"default_head": default_head, "max_body_bytes": BODY_LIMIT, "max_queue_size": queue_size,
+            "intra_op_threads": threads, "head_poll_interval_s": 0, "log_level": "warning"}  # fmt: skip
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start_server(env: dict[str, str], log: Path) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
-            env={**os.environ, **env}, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {log.read_text()[-2000:]}")
-        try:
-            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise TimeoutError(f"server not ready: {log.read_text()[-2000:]}")
+def server_env(store: Path, default_head: str, queue_size: int, threads: int = 1) -> dict[str, str]:
+    """:func:`server_settings` as the ``TLSERVE_*`` environment of a server on ``store``."""
+    return settings_env(store, **server_settings(default_head, queue_size, threads))
 
 
 def _tiny_store(root: Path) -> tuple[Path, str]:
-    sys.path.insert(0, str(REPO))
     from tests.conftest import make_tiny_store  # a real VGG16-topology ONNX with few channels + a trained head
 
     make_tiny_store(root / "store")
@@ -458,26 +426,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.livez_probe:
         print(json.dumps(poll_livez(args.livez_probe, args.seconds)))
         return 0
-    with tempfile.TemporaryDirectory(prefix="soak-") as tmp:
-        proc = None
+    with tempfile.TemporaryDirectory(prefix="soak-") as tmp, server_pool(Path(tmp)) as start:
+        server = None
         if args.url:
             if not args.pid:
                 ap.error("--url needs --pid")
             url, pid = args.url.rstrip("/"), args.pid
         else:
             store, head = (args.store, args.head) if args.store else _tiny_store(Path(tmp))
-            env = server_env(store, head, args.queue_size)
-            if args.threads:
-                env["TLSERVE_INTRA_OP_THREADS"] = str(args.threads)
-            proc, url = _start_server(env, Path(tmp) / "server.log")
-            pid = proc.pid
+            server = start(store, **server_settings(head, args.queue_size, args.threads))
+            assert server.proc is not None
+            url, pid = server.url, server.proc.pid
         try:
             report = asyncio.run(soak(url, pid, args.seconds, args.concurrency, args.warmup))
         finally:
-            if proc is not None:
-                proc.terminate()
-                proc.wait(30)
-        log = (Path(tmp) / "server.log").read_text(errors="replace") if proc is not None else ""
+            if server is not None:
+                server.stop()
+        log = server.log_text() if server is not None else ""
         if "Traceback" in log:
             print(log[-4000:], file=sys.stderr)
             report.unexpected.append("traceback in the server log")

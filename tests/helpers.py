@@ -64,8 +64,9 @@ def write_color_dataset(root: Path, per_class: int = 12) -> Path:
 
 
 def settings_env(store_root: Path, **settings: object) -> dict[str, str]:
-    """``TLSERVE_*`` variables for a server on ``store_root``: one intra-op thread, plus ``settings``."""
-    env = {"TLSERVE_MODEL_STORE": str(store_root), "TLSERVE_INTRA_OP_THREADS": "1"}
+    """``TLSERVE_*`` variables for a server on ``store_root``: one intra-op thread and the response cache
+    off (so every request a test sends reaches the engine; the cache's own tests turn it on), plus ``settings``."""
+    env = {"TLSERVE_MODEL_STORE": str(store_root), "TLSERVE_INTRA_OP_THREADS": "1", "TLSERVE_RESPONSE_CACHE_SIZE": "0"}
     env.update({f"TLSERVE_{k.upper()}": str(v) for k, v in settings.items()})
     return env
 
@@ -136,8 +137,11 @@ def server_pool(log_dir: Path) -> Iterator[Callable[..., ServerProcess]]:
     starts ``tlserve serve`` on ``store_root`` with ``TLSERVE_<SETTING>`` values; all are stopped on exit."""
     started: list[ServerProcess] = []
 
-    def start(store_root: Path, wait_ready: bool = True, **settings: object) -> ServerProcess:
-        server = ServerProcess(settings_env(store_root, **settings), log_path=log_dir / f"server{len(started)}.log")
+    def start(store_root: Path, wait_ready: bool = True, env: dict[str, str] | None = None, **settings: object) -> ServerProcess:
+        """``env``: other variables for the process (``OTEL_*``), beside the ``TLSERVE_*`` of ``settings``."""
+        server = ServerProcess(
+            {**(env or {}), **settings_env(store_root, **settings)}, log_path=log_dir / f"server{len(started)}.log"
+        )
         started.append(server)
         return server.start(wait_ready=wait_ready)
 

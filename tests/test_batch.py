@@ -1,6 +1,7 @@
-"""Batch jobs (app/batch): Parquet parts, errors as rows, refusals, resume, train --features; and on a
-real local Ray (started here: 2 CPUs, a small object store, no dashboard, loopback only) with the real
-VGG16 over real photos from ../shared: the actor pool, parity with `tlserve predict` and the
+"""Batch jobs (app/batch): Parquet parts, errors as rows, familiarity columns equal to `tlserve predict`,
+refusals, resume, train --features through the trainer's one path (equal to training on the folder);
+and on a real local Ray (started here: 2 CPUs, a small object store, no dashboard, loopback only) with
+the real VGG16 over real photos from ../shared: the actor pool, parity with `tlserve predict` and the
 in-process engine, a driver killed mid-job and resumed, a head trained from the features."""
 
 from __future__ import annotations
@@ -21,10 +22,13 @@ import pytest
 from app.batch import BatchJob, run
 from app.batch.parquet import Output, read_features
 from app.cli import main
+from app.features import Dataset
+from app.hashing import sha256_file
 from app.settings import Settings, get_settings
 from app.store import ModelStore
 from tests.conftest import make_tiny_store
 from tests.helpers import REPO, image_bytes, write_color_dataset
+from tests.test_familiarity import _add_head_without_familiarity, _between
 
 pq = pytest.importorskip("pyarrow.parquet")
 
@@ -60,6 +64,8 @@ def cli(args: list[str], store: Path, capsys, monkeypatch, default_head: str = "
     get_settings.cache_clear()
     try:
         code = main(args)
+    except SystemExit as exc:  # usage errors: argparse exits 2
+        code = int(exc.code or 0)
     finally:
         get_settings.cache_clear()
     out = capsys.readouterr()
@@ -101,18 +107,49 @@ def test_features_mode_writes_class_and_vectors(tiny_store: ModelStore, colors: 
     out = tmp_path / "feat"
     run(BatchJob(str(colors), str(out), features=True), tiny_settings(tiny_store), progress=False)
     table = pq.read_table(out)
-    assert table.schema.names == ["path", "class", "features", "error"]
+    assert table.schema.names == ["path", "class", "features", "sha256", "error"]
     got = sorted(table.to_pylist(), key=lambda r: r["path"])
     dim = tiny_store.extractor().feature_dim
     for r in got:
         assert r["class"] == r["path"].split("/")[0]
         assert (r["features"] is None) == (r["error"] is not None)
         assert r["features"] is None or (len(r["features"]) == dim and np.isfinite(r["features"]).all())
+        assert r["sha256"] == sha256_file(colors / r["path"])
     flat = tmp_path / "flat"  # not a labelled folder: no class
     flat.mkdir()
     (flat / "a.png").write_bytes(image_bytes())
     run(BatchJob(str(flat), str(tmp_path / "flat_out"), features=True), tiny_settings(tiny_store), progress=False)
     assert pq.read_table(tmp_path / "flat_out").to_pylist()[0]["class"] is None
+
+
+def test_classify_rows_carry_the_familiarity_of_predict(fresh_tiny_store: ModelStore, tmp_path: Path, capsys,
+                                                        monkeypatch) -> None:  # fmt: skip
+    src = tmp_path / "mixed"
+    src.mkdir()
+    for name, data in {"red.png": image_bytes((210, 40, 40), seed=300), "blue.png": image_bytes((40, 40, 210), seed=301),
+                       "between.png": _between(), "broken.jpg": b"not an image"}.items():  # fmt: skip
+        (src / name).write_bytes(data)
+    # one image a run, as predict does: the same features to the last bit, so the same score (predict rounds to 6 places)
+    run(BatchJob(str(src), str(tmp_path / "out"), batch_size=1), tiny_settings(fresh_tiny_store), progress=False)
+    got = rows(tmp_path / "out")
+    code, out, _ = cli(["predict", *(str(src / r["path"]) for r in got), "--json"], fresh_tiny_store.root, capsys, monkeypatch)
+    assert code == 1  # broken.jpg
+    predicted = {Path(p["file"]).name: p for p in json.loads(out)["results"]}
+    for r in got:
+        p = predicted[r["path"]]
+        if r["error"]:
+            assert r["familiarity"] is None and r["in_distribution"] is None and "error" in p
+            continue
+        assert r["label"] == p["label"] and abs(r["familiarity"] - p["familiarity"]) < 1e-5
+        assert r["in_distribution"] is p["in_distribution"]
+    assert {r["path"]: r["in_distribution"] for r in got if not r["error"]} == {"red.png": True, "blue.png": True,
+                                                                               "between.png": False}  # fmt: skip
+    card = json.loads((fresh_tiny_store.root / "heads" / "colors" / "1" / "card.json").read_text())
+    meta = json.loads(pq.read_schema(next((tmp_path / "out").glob("part-*.parquet"))).metadata[b"tlserve"])
+    assert meta["head"]["familiarity"] == {"method": card["familiarity"]["method"], "threshold": card["familiarity"]["threshold"]}
+    _add_head_without_familiarity(fresh_tiny_store)  # a head trained before familiarity existed: no such columns
+    run(BatchJob(str(src), str(tmp_path / "plain"), head="plain"), tiny_settings(fresh_tiny_store), progress=False)
+    assert pq.read_table(tmp_path / "plain").schema.names == ["path", "label", "probability", "top_k", "error"]
 
 
 def test_mistakes_are_refused_before_any_work(tiny_store: ModelStore, colors: Path, tmp_path: Path) -> None:
@@ -191,19 +228,57 @@ def test_train_from_features_refuses_another_extractor(
     feats = tmp_path / "feats"
     run(BatchJob(str(colors), str(feats), features=True), tiny_settings(tiny_store), progress=False)
     fs = read_features(str(feats), tiny_store.extractor().feature_space)
-    assert fs.classes == ["blue", "red"] and len(fs.features) == 10 and len(fs.skipped) == 3
-    assert fs.paths == [str(p.relative_to(colors)) for c in fs.classes for p in sorted((colors / c).iterdir())
-                        if p.name not in CORRUPT]  # fmt: skip
+    data, ext = fs.data, fs.extracted
+    assert data.classes == ["blue", "red"] and len(ext.features) == 10 and len(ext.skipped) == 3
+    folder = Dataset.from_folder(colors)  # the rows come back as training reads the folder
+    assert data.paths == folder.paths and data.labels.tolist() == folder.labels.tolist()
+    assert [data.relative(int(i)) for i in ext.kept] == [str(p.relative_to(colors)) for c in data.classes
+                                                        for p in sorted((colors / c).iterdir()) if p.name not in CORRUPT]  # fmt: skip
     other = make_tiny_store(tmp_path / "other", pooling="max")  # another extractor: another feature space
     code, _, err = cli(["train", "--features", str(feats), "--name", "x"], other.root, capsys, monkeypatch)
     theirs, ours = tiny_store.extractor().feature_space[:12], other.extractor().feature_space[:12]
     assert code == 1 and f"extracted by extractor {theirs}" in err and f"the model store's extractor is {ours}" in err
     code, _, err = cli(["train", "--name", "x"], other.root, capsys, monkeypatch)
     assert code == 2 and "DATA_DIR or --features DIR" in err
-    code, _, err = cli(
-        ["train", "--features", str(tmp_path / "feats"), "--name", "x", "--limit", "3"], other.root, capsys, monkeypatch
-    )
-    assert code == 2 and "--limit work on photo folders" in err
+    code, _, err = cli(["train", str(colors), "--features", str(feats), "--name", "x"], other.root, capsys, monkeypatch)
+    assert code == 2 and "DATA_DIR or --features DIR (one of them)" in err
+    code, _, err = cli(["train", "--features", str(feats), "--name", "x", "--limit", "3"], other.root, capsys, monkeypatch)
+    assert code == 2 and "--limit: only with a photo folder" in err
+    classified = tmp_path / "classified"
+    run(BatchJob(str(colors), str(classified)), tiny_settings(tiny_store), progress=False)
+    code, _, err = cli(["train", "--features", str(classified), "--name", "x"], tiny_store.root, capsys, monkeypatch)
+    assert code == 1 and "holds classify results, not features" in err
+
+
+def test_train_features_equals_training_on_the_folder(fresh_tiny_store: ModelStore, colors: Path, tmp_path: Path) -> None:
+    """The same trainer path from the features as from the photos: split, C by CV, out-of-fold artifacts,
+    familiarity data, card; only where the features came from differs."""
+    from app.registry import load_head
+    from app.training import Trainer
+
+    s = tiny_settings(fresh_tiny_store)
+    run(BatchJob(str(colors), str(tmp_path / "f"), features=True, batch_size=4), s, progress=False)
+    trainer = Trainer(s, progress=False)
+    a = trainer.train_features(str(tmp_path / "f"), "from_features")
+    b = trainer.train(colors, "from_folder")
+    ca, cb = a.card, b.card
+    assert ca["classes"] == cb["classes"] == ["blue", "red"]
+    for key in ("train_per_class", "val_per_class", "split", "skipped", "data_dir", "ignored_outside_class_folders"):
+        assert ca["training"][key] == cb["training"][key], key
+    assert ca["estimator"]["C"] == cb["estimator"]["C"] and ca["estimator"]["C_source"] == cb["estimator"]["C_source"]
+    assert "cross-validation" in ca["estimator"]["C_source"]  # C was chosen, not given
+    assert ca["evaluation"]["cv"] == cb["evaluation"]["cv"] and ca["metrics"] == cb["metrics"]
+    assert set(ca["artifacts"]) - {ca["pickle"]} == set(cb["artifacts"]) - {cb["pickle"]}
+    folds_a, folds_b = (json.loads(t.version.read("folds.json")) for t in (a, b))
+    assert folds_a["files"] == folds_b["files"] and all(f["sha256"] for f in folds_a["files"])  # same photos, folds, hashes
+    fa, fb = ca["familiarity"], cb["familiarity"]
+    assert (fa["method"], fa["n"]) == (fb["method"], fb["n"]) and abs(fa["threshold"] - fb["threshold"]) < 1e-4
+    assert ca["training"]["features"] == {"dir": str(tmp_path / "f"), "source": str(colors),
+                                          "extractor_sha256": fresh_tiny_store.extractor().sha256, "rows": 13}  # fmt: skip
+    assert "features" not in cb["training"]
+    x = trainer.features(sorted((colors / "red").glob("*.png"))).features
+    pa_, pb = (load_head(trainer.heads, n, trainer.info.feature_space).predict_proba(x) for n in ("from_features", "from_folder"))
+    assert np.abs(pa_ - pb).max() < 1e-4
 
 
 def test_cli_batch_then_train_features(fresh_tiny_store: ModelStore, colors: Path, tmp_path: Path, capsys, monkeypatch) -> None:

@@ -1,28 +1,52 @@
-"""``tlserve bench --quick`` on the tiny store: it runs end to end and writes what it says (never timings)."""
+"""``python -m benchmarks.bench --quick`` on the tiny store: it runs end to end and writes what it says (never
+timings); the product CLI and package carry no benchmark code."""
 
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from app.batching import Batcher
-from app.bench import model_gflops, percentile
+from app.cli import build_parser
 from app.export import build_graph
+from app.quantize import quantize_int8
 from app.store import ModelStore, atomic_write
-from tests.helpers import REPO, TINY_CHANNELS, image_bytes, tiny_weights
+from benchmarks.bench import model_gflops, percentile
+from benchmarks.int8_speed import run as int8_speed
+from tests.helpers import REPO, TINY_CHANNELS, image_bytes, tiny_weights, write_color_dataset
 
 
 def _bench(args: list[str], **env: str) -> subprocess.CompletedProcess[str]:
     full = {**os.environ, "TLSERVE_INTRA_OP_THREADS": "1", "TLSERVE_DECODE_THREADS": "1", **env}
-    return subprocess.run([sys.executable, "-m", "app.cli", "bench", *args], cwd=REPO, env=full,
+    return subprocess.run([sys.executable, "-m", "benchmarks.bench", *args], cwd=REPO, env=full,
                           capture_output=True, text=True, timeout=600)  # fmt: skip
+
+
+def test_the_product_cli_lists_product_commands_only() -> None:
+    (sub,) = [a for a in build_parser()._actions if a.dest == "command"]
+    assert set(sub.choices or ()) == {
+        "export",
+        "train",
+        "evaluate",
+        "predict",
+        "classify",
+        "serve",
+        "heads",
+        "keys",
+        "sign",
+        "settings",
+    }
+    assert importlib.util.find_spec("app.bench") is None  # the benchmark lives in benchmarks/, outside the package
 
 
 def test_quick_bench_writes_table_json_and_plot(tiny_store: ModelStore, tmp_path: Path) -> None:
@@ -39,6 +63,7 @@ def test_quick_bench_writes_table_json_and_plot(tiny_store: ModelStore, tmp_path
     result = json.loads((out / "bench.json").read_text())
     assert result["quick"] is True and result["inputs"].startswith("6 JPEGs from")
     assert result["model"]["file"] == "vgg16_32_avg.onnx" and result["model"]["convs"] == 13
+    assert result["model"]["precision"] == "fp32" and result["model"]["precision_reason"].startswith("precision=auto: fp32")
     assert result["ceiling"]["gflops"] > 0
     assert [r["batch"] for r in result["bare"]] == [1, 4]
     assert [r["batch"] for r in result["in_process"]["rows"]] == [1, 4] and result["in_process"]["head"] == "colors"
@@ -70,6 +95,25 @@ def test_bench_without_a_store_says_so(tmp_path: Path) -> None:
     assert proc.returncode == 1
     assert "run `tlserve export` first" in proc.stderr
     assert not (tmp_path / "out" / "bench.json").exists()
+
+
+def test_int8_speed_measures_both_variants(tiny_store: ModelStore, tmp_path: Path) -> None:
+    store = ModelStore(tmp_path / "store")
+    shutil.copytree(tiny_store.root, store.root)
+    quantize_int8(store, write_color_dataset(tmp_path / "calib", per_class=6), limit=6, check_limit=6)
+    result = int8_speed(store, tmp_path / "no-photos", images=4, batch=2, seconds=0.2)
+    assert (result["fp32"], result["int8"]) == ("vgg16_32_avg.onnx", "vgg16_32_avg.int8.onnx")
+    assert result["inputs"].startswith("4 synthetic")
+    assert result["runs"]["fp32"] >= 2 * 3 and result["runs"]["int8"] >= 2 * 3  # at least 2 runs a round, 3 rounds
+    for key in ("fp32_images_s", "int8_images_s", "speedup", "fp32_cpu_ms_per_image", "int8_cpu_ms_per_image"):
+        assert result[key] > 0
+
+
+def test_int8_speed_without_a_variant_says_so(tiny_store: ModelStore, tmp_path: Path) -> None:
+    from app.errors import ArtifactError
+
+    with pytest.raises(ArtifactError, match="no int8 variant"):
+        int8_speed(tiny_store, tmp_path, seconds=0.1)
 
 
 def test_model_gflops_counts_every_conv(tmp_path: Path) -> None:

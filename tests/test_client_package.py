@@ -28,7 +28,7 @@ CLIENT = REPO / "client"
 EXPORTED = {
     "AsyncClient", "Client", "ClientError",
     "ClassifyResponse", "EmbedResponse", "ModelList",
-    "ImageResult", "TopK", "ItemError", "Embedding", "ModelSummary",
+    "ImageResult", "TopK", "ItemError", "Embedding", "ModelSummary", "FamiliaritySummary",
     "__version__",
 }  # fmt: skip
 

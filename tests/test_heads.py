@@ -76,7 +76,9 @@ def test_save_adds_a_version_and_keeps_the_old_one(fresh_tiny_store: ModelStore)
     head = load_head(heads, "colors")
     old = card_of(fresh_tiny_store)
     head.estimator.coef_ = head.estimator.coef_ * 2  # a different model → a different pickle
-    version = save_head(heads, "colors", head.estimator, {k: v for k, v in head.card.items() if k not in ("artifacts",)})
+    version = save_head(
+        heads, "colors", head.estimator, {k: v for k, v in head.card.items() if k not in ("artifacts", "familiarity")}
+    )
     new = card_of(fresh_tiny_store)
     assert new["pickle"] != old["pickle"] and new["version"] == version.version == old["version"] + 1
     assert heads.versions("colors") == [old["version"], new["version"]] and heads.current_version("colors") == new["version"]

@@ -24,6 +24,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from app.settings import DEFAULT_MAX_BODY_BYTES
 from deploy.nginx.render import command, write_standalone
 from tests.helpers import ServerProcess, free_port, image_bytes
 
@@ -31,7 +32,7 @@ NGINX = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if Path(p
 pytestmark = pytest.mark.skipif(NGINX is None, reason="nginx is not installed: `apt-get install -y nginx` (.ci/run installs it)")
 
 IMAGES = [image_bytes(color, seed=i) for i, color in enumerate([(210, 40, 40), (40, 40, 210)] * 4)]
-LIMIT = 20 * 1024 * 1024  # TLSERVE_MAX_BODY_BYTES default == client_max_body_size 20m
+LIMIT = DEFAULT_MAX_BODY_BYTES  # TLSERVE_MAX_BODY_BYTES default == client_max_body_size (64m)
 
 
 @dataclass
@@ -305,7 +306,7 @@ def test_nginx_front_limits_ids_and_errors(tiny_store, server_factory, nginx_fac
         assert r.status_code == 413
         assert r.json()["error"] == {
             "code": "body_too_large",
-            "message": "body is over the load balancer limit of 20 MiB (client_max_body_size)",
+            "message": f"body is over the load balancer limit of {LIMIT // 2**20} MiB (client_max_body_size)",
             "request_id": "big-1",
         }
 

@@ -14,6 +14,7 @@ import httpx
 import numpy as np
 import pytest
 
+from app.settings import DEFAULT_MAX_BODY_BYTES
 from app.store import ModelStore
 from tests.helpers import ServerProcess, image_bytes
 
@@ -93,6 +94,8 @@ def test_model_metadata(triton: th.InferenceServerClient, server: ServerProcess)
         {"name": "label", "datatype": "BYTES", "shape": [-1]},
         {"name": "probabilities", "datatype": "FP32", "shape": [-1, 2]},
         {"name": "features", "datatype": "FP32", "shape": [-1, dim]},
+        {"name": "familiarity", "datatype": "FP32", "shape": [-1]},  # the head has familiarity data
+        {"name": "in_distribution", "datatype": "BOOL", "shape": [-1]},
     ]
     with pytest.raises(InferenceServerException) as err:
         triton.get_model_metadata("no_such_head")
@@ -118,8 +121,12 @@ def test_infer_equals_v1(triton: th.InferenceServerClient, server: ServerProcess
 def test_default_outputs_are_label_and_probabilities_in_binary(triton: th.InferenceServerClient, server: ServerProcess) -> None:
     result = triton.infer("colors", [bytes_input(IMAGES[:2], binary=True)])  # no outputs: tritonclient asks binary_data_output
     names = [o["name"] for o in result.get_response()["outputs"]]
-    assert names == ["label", "probabilities"]
+    assert names == ["label", "probabilities", "familiarity", "in_distribution"]  # the head has familiarity data
     assert result.as_numpy("features") is None
+    v1 = v1_classify(server, IMAGES[:2])
+    verdict = result.as_numpy("in_distribution")
+    assert verdict.dtype == np.bool_ and verdict.tolist() == [r["in_distribution"] for r in v1]
+    np.testing.assert_allclose(result.as_numpy("familiarity"), [r["familiarity"] for r in v1], atol=1e-5)
     assert_same_as_v1(
         v1_classify(server, IMAGES[:2]), result.as_numpy("label"), result.as_numpy("probabilities"), head_classes(server)
     )
@@ -263,7 +270,7 @@ def test_bad_binary_framing(server: ServerProcess) -> None:
         response = httpx.post(infer_url(server), content=content, headers={"Inference-Header-Content-Length": length})
         assert response.status_code == 400, (words, response.text)
         assert words in response.json()["error"]
-    bomb = gzip.compress(b" " * 30_000_000)  # inflates past max_body_bytes (20 MB)
+    bomb = gzip.compress(b" " * (DEFAULT_MAX_BODY_BYTES + 1))  # inflates past max_body_bytes
     response = httpx.post(infer_url(server), content=bomb, headers={"Content-Encoding": "gzip"})
     assert response.status_code == 413 and "max_body_bytes" in response.json()["error"]
     response = httpx.post(infer_url(server), content=b"{}", headers={"Content-Encoding": "br"})

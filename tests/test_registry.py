@@ -27,7 +27,7 @@ def make_flat(store: ModelStore, name: str, source: str = "colors") -> Path:
     version = store.heads.get(source)
     flat = store.heads_dir / name
     flat.mkdir()
-    card = {k: v for k, v in version.card.items() if k not in ("schema", "version", "artifacts")}
+    card = {k: v for k, v in version.card.items() if k not in ("schema", "version", "artifacts", "familiarity")}
     shutil.copy(version.folder / card["pickle"], flat / card["pickle"])
     shutil.copy(version.folder / "confusion_matrix.png", flat / "confusion_matrix.png")
     (flat / CARD).write_text(json.dumps({**card, "name": name}))
@@ -44,7 +44,8 @@ def test_trained_head_is_version_1_with_artifacts_and_current(tiny_store: ModelS
     assert (heads.folder("colors") / CURRENT).read_text().strip() == "1"
     card = heads.get("colors").card
     assert card["schema"] == 2 and card["version"] == 1
-    assert set(card["artifacts"]) == {card["pickle"], "confusion_matrix.png"}
+    assert set(card["artifacts"]) == {card["pickle"], "confusion_matrix.png", "oof_proba.npy", "folds.json", "familiarity_bank.npy",
+                                      "familiarity_labels.npy", "familiarity_center.npy"}  # fmt: skip
     for file, sha in card["artifacts"].items():
         assert heads.get("colors").read(file) and len(sha) == 64
 
@@ -59,7 +60,7 @@ def test_flat_head_reads_as_version_1_and_is_never_rewritten(fresh_tiny_store: M
     assert snapshot(flat) == before  # reading wrote nothing
 
     # a new training of a flat head adds version 2 beside it; the flat files stay as they were
-    v2 = save_head(heads, "legacy", head.estimator, {k: v for k, v in head.card.items() if k != "name"})
+    v2 = save_head(heads, "legacy", head.estimator, {k: v for k, v in head.card.items() if k not in ("name", "familiarity")})
     assert v2.version == 2 and heads.current_version("legacy") == 2 and heads.versions("legacy") == [1, 2]
     assert {k: v for k, v in snapshot(flat).items() if "/" not in k and k not in (CURRENT, ".lock", "2")} == before
     assert heads.rollback("legacy") == 1 and load_head(heads, "legacy").card.get("schema") is None
@@ -74,7 +75,7 @@ def test_repository_default_head_is_a_flat_version_1(real_store: ModelStore) -> 
 def test_promote_is_compare_and_swap_and_rollback_moves_back(fresh_tiny_store: ModelStore) -> None:
     heads = fresh_tiny_store.heads
     head = load_head(heads, "colors")
-    card = {k: v for k, v in head.card.items() if k != "name"}
+    card = {k: v for k, v in head.card.items() if k not in ("name", "familiarity")}
     v2 = save_head(heads, "colors", head.estimator, card, promote=False)
     assert heads.current_version("colors") == 1  # written, not promoted
     with pytest.raises(VersionConflict, match="current version is 1, not 2"):
@@ -108,7 +109,12 @@ def test_unfinished_version_is_invisible_and_its_id_never_reused(fresh_tiny_stor
     (heads.folder("colors") / "2").mkdir()  # a training that died before its card
     assert heads.versions("colors") == [1] and heads.current_version("colors") == 1
     head = load_head(heads, "colors")
-    assert save_head(heads, "colors", head.estimator, {k: v for k, v in head.card.items() if k != "name"}).version == 3
+    assert (
+        save_head(
+            heads, "colors", head.estimator, {k: v for k, v in head.card.items() if k not in ("name", "familiarity")}
+        ).version
+        == 3
+    )
     assert HeadStore(heads.root / "nope").names() == []
 
 
@@ -118,7 +124,7 @@ def test_version_ids_never_collide_across_processes(fresh_tiny_store: ModelStore
         "import sys; from app.store import ModelStore; from app.registry import load_head, save_head\n"
         "heads = ModelStore(__import__('pathlib').Path(sys.argv[1])).heads\n"
         "head = load_head(heads, 'colors', version=1)\n"
-        "card = {k: v for k, v in head.card.items() if k != 'name'}\n"
+        "card = {k: v for k, v in head.card.items() if k not in ('name', 'familiarity')}\n"
         "print(' '.join(str(save_head(heads, 'colors', head.estimator, card).version) for _ in range(8)))\n"
     )
     procs = [
@@ -173,7 +179,7 @@ def test_poller_serves_promotions_and_stops_serving_deleted_heads(
 
     assert classify("extra").status_code == 200
     head = load_head(heads, "colors")
-    save_head(heads, "colors", head.estimator, {k: v for k, v in head.card.items() if k != "name"})
+    save_head(heads, "colors", head.estimator, {k: v for k, v in head.card.items() if k not in ("name", "familiarity")})
     wait_for(lambda: classify("colors").json().get("version") == 2)
     heads.promote("colors", 1)
     wait_for(lambda: classify("colors").json().get("version") == 1)

@@ -90,7 +90,7 @@ def test_malicious_pickle_with_a_matching_card_is_refused_before_it_runs(
     marker = tmp_path / "pwned"
     evil, refused = _evil_estimators(marker)[kind]
     heads = fresh_tiny_store.heads
-    card = {k: v for k, v in heads.get("colors").card.items() if k != "name"}
+    card = {k: v for k, v in heads.get("colors").card.items() if k not in ("name", "familiarity")}
     save_head(heads, "evil", evil, card)  # its card carries the right sha256: integrity is not trust
     with pytest.raises(ArtifactError, match=re.escape(f"refers to {refused}")):
         load_head(heads, "evil", fresh_tiny_store.extractor().feature_space)
@@ -102,7 +102,7 @@ def test_every_load_path_refuses_a_malicious_head_and_the_old_version_keeps_serv
 ) -> None:
     store, heads = fresh_tiny_store, fresh_tiny_store.heads
     marker = tmp_path / "pwned"
-    card = {k: v for k, v in heads.get("colors").card.items() if k != "name"}
+    card = {k: v for k, v in heads.get("colors").card.items() if k not in ("name", "familiarity")}
     save_head(heads, "evil", _Reduce(os.system, f"touch {marker}"), card)
 
     # start-up: served heads load, the evil one is listed with its error
@@ -154,7 +154,7 @@ def test_estimator_is_checked_not_just_unpickled(spoil, match: str, fresh_tiny_s
     heads = fresh_tiny_store.heads
     estimator = _fitted(fresh_tiny_store)
     spoil(estimator)
-    card = {k: v for k, v in heads.get("colors").card.items() if k != "name"}
+    card = {k: v for k, v in heads.get("colors").card.items() if k not in ("name", "familiarity")}
     save_head(heads, "spoiled", estimator, card)
     with pytest.raises(ArtifactError, match=match):
         load_head(heads, "spoiled", fresh_tiny_store.extractor().feature_space)

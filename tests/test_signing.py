@@ -79,7 +79,9 @@ def test_signed_unsigned_other_key_and_tampered(fresh_tiny_store: ModelStore, ke
 def test_signature_covers_every_artifact(fresh_tiny_store: ModelStore, keys) -> None:
     heads = signed_store(fresh_tiny_store, keys["trainer"][0])
     card = heads.get("colors").card
-    assert card["signature"]["alg"] == "ed25519" and set(card["artifacts"]) == {card["pickle"], "confusion_matrix.png"}
+    assert card["signature"]["alg"] == "ed25519"
+    assert set(card["artifacts"]) == {card["pickle"], "confusion_matrix.png", "oof_proba.npy", "folds.json", "familiarity_bank.npy",
+                                      "familiarity_labels.npy", "familiarity_center.npy"}  # fmt: skip
 
 
 def test_training_with_a_signing_key_signs(fresh_tiny_store: ModelStore, keys, tmp_path: Path) -> None:
@@ -87,7 +89,7 @@ def test_training_with_a_signing_key_signs(fresh_tiny_store: ModelStore, keys, t
     from tests.helpers import write_color_dataset
 
     settings = Settings(model_store=fresh_tiny_store.root, intra_op_threads=1, head_signing_key=str(keys["trainer"][0]))
-    _, card = Trainer(settings, progress=False).train(write_color_dataset(tmp_path / "d", 6), "colors", c=1.0)
+    card = Trainer(settings, progress=False).train(write_color_dataset(tmp_path / "d", 6), "colors", c=1.0).card
     assert card["signature"]["key_id"] and card["version"] == 2
     trusted = HeadStore(fresh_tiny_store.heads_dir, verify_keys=load_public_keys(keys["trainer"][1]))
     assert load_head(trusted, "colors").version == 2
@@ -121,7 +123,7 @@ def test_replica_with_verify_keys_serves_signed_heads_only(
     for f in plain.artifacts:
         (store.heads_dir / "plain" / f).write_bytes(plain.read(f))
     (store.heads_dir / "plain" / CARD).write_text(
-        json.dumps({k: v for k, v in plain.card.items() if k not in ("schema", "version", "artifacts")})
+        json.dumps({k: v for k, v in plain.card.items() if k not in ("schema", "version", "artifacts", "familiarity")})
     )
 
     server = server_factory(store, default_head="colors", head_verify_keys=keys["trainer"][1], head_poll_interval_s="0.2")

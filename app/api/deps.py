@@ -7,7 +7,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from app.errors import Unauthorized
+from app.errors import Forbidden, Unauthorized
 from app.service import Service
 
 
@@ -19,18 +19,39 @@ async def get_service(request: Request) -> Service:
 ServiceDep = Annotated[Service, Depends(get_service)]
 
 
-async def require_key(request: Request) -> None:
-    """Constant-time check of ``Authorization: Bearer KEY`` or ``X-API-Key`` when keys are configured."""
-    keys: tuple[str, ...] = request.app.state.service.settings.keys
-    if not keys:
-        return
+def _given(request: Request) -> str:
     auth = request.headers.get("authorization", "")
-    given = auth[7:].strip() if auth.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
+    return auth[7:].strip() if auth.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
+
+
+def _matches(given: str, keys: tuple[str, ...]) -> bool:
     ok = False
     for key in keys:  # compare against every key so timing does not reveal which one matched
         ok |= hmac.compare_digest(given.encode(), key.encode())
-    if not ok:
+    return ok
+
+
+async def require_key(request: Request) -> None:
+    """Constant-time check of ``Authorization: Bearer KEY`` or ``X-API-Key`` when keys are configured
+    (an admin key also serves inference)."""
+    settings = request.app.state.service.settings
+    if not settings.keys and not settings.admin_key_list:
+        return
+    if not _matches(_given(request), settings.keys + settings.admin_key_list):
         raise Unauthorized("missing or invalid API key (send Authorization: Bearer KEY or X-API-Key)")
+
+
+async def require_admin(request: Request) -> None:
+    """Admin operations (reload, promote, roll back, delete) need an admin key once any key is configured."""
+    settings = request.app.state.service.settings
+    if not settings.keys and not settings.admin_key_list:
+        return
+    given = _given(request)
+    if _matches(given, settings.admin_key_list):
+        return
+    if _matches(given, settings.keys):
+        raise Forbidden("this operation needs an admin key (TLSERVE_ADMIN_KEYS); an inference key is not enough")
+    raise Unauthorized("missing or invalid API key (send Authorization: Bearer KEY or X-API-Key)")
 
 
 async def probe_auth(request: Request) -> None:

@@ -3,12 +3,14 @@
 Three forms (``POST /v1/classify``, ``/v1/embed``):
 
 - ``multipart/form-data``: every part with a file name is an image; text parts ``head``,
-  ``top_k``, ``normalize`` are options; any other text part becomes a per-item error;
+  ``top_k``, ``normalize``, ``ood_policy`` are options; any other text part becomes a per-item error;
 - a raw body whose content type is ``image/*`` (or ``application/octet-stream``): one image;
 - ``application/json``: ``{"images": [{"b64": "...", "name": "..."}], "head": ..., "top_k": ...}``.
 
 The body is read with a hard cap (``max_body_bytes``) whether or not Content-Length is sent
-(chunked uploads are counted as they arrive). Formats are sniffed later from the bytes.
+(chunked uploads are counted as they arrive) and is held once: a raw image is the body itself,
+a multipart file part a view into it (``app/api/multipart.py``); nothing is spooled to disk.
+Formats are sniffed later from the bytes.
 """
 
 from __future__ import annotations
@@ -16,16 +18,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from starlette.datastructures import UploadFile
-from starlette.formparsers import MultiPartException
 from starlette.requests import Request
 
+from app.api.multipart import parse_multipart
 from app.api.parsing import decode_base64, load_json
 from app.errors import BodyTooLarge, EmptyInput, MalformedRequest, TooManyImages, UnsupportedMediaType
 from app.inference import Item
 from app.settings import Settings
 
-OPTION_FIELDS = ("head", "top_k", "normalize")
+OPTION_FIELDS = ("head", "version", "top_k", "normalize", "ood_policy")
 
 
 @dataclass
@@ -34,8 +35,12 @@ class Parsed:
     options: dict[str, Any] = field(default_factory=dict)
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The whole body, refusing more than ``limit`` bytes (announced or not)."""
+async def read_body(request: Request, limit: int) -> bytearray:
+    """The whole body in one buffer, refusing more than ``limit`` bytes (announced or not).
+
+    Chunks are appended as they arrive (memory follows what was really sent, not what was
+    announced), never joined into a second copy.
+    """
     announced = request.headers.get("content-length")
     if announced is not None:
         try:
@@ -44,28 +49,12 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise MalformedRequest("Content-Length is not a number") from None
         if size > limit:
             raise BodyTooLarge(f"body of {size} bytes is over the limit of {limit} bytes (max_body_bytes)")
-    chunks, total = [], 0
+    body = bytearray()
     async for chunk in request.stream():
-        total += len(chunk)
-        if total > limit:
+        if len(body) + len(chunk) > limit:
             raise BodyTooLarge(f"body is over the limit of {limit} bytes (max_body_bytes)")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _replay(request: Request, body: bytes) -> Request:
-    sent = False
-
-    async def receive() -> dict[str, Any]:
-        nonlocal sent
-        if sent:
-            return {"type": "http.disconnect"}
-        sent = True
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    # Without "app" in the scope, Starlette raises MultiPartException itself (not a generic 400), so the
-    # parser's limits map to our errors: too many files/fields → 413, a malformed body → 422.
-    return Request({k: v for k, v in request.scope.items() if k != "app"}, receive)
+        body += chunk
+    return body
 
 
 def _b64(value: Any, index: int) -> Item:
@@ -80,7 +69,7 @@ async def parse_images(request: Request, settings: Settings) -> Parsed:
     body = await read_body(request, settings.max_body_bytes)
     limit = settings.max_images_per_request
     if ctype == "multipart/form-data":
-        parsed = await _multipart(_replay(request, body), limit)
+        parsed = _multipart(body, request.headers.get("content-type", ""), limit)
     elif ctype == "application/json" or ctype.endswith("+json"):
         parsed = _json(body, limit)
     elif ctype.startswith("image/") or ctype == "application/octet-stream":
@@ -96,7 +85,7 @@ async def parse_images(request: Request, settings: Settings) -> Parsed:
     return parsed
 
 
-def _json(body: bytes, limit: int) -> Parsed:
+def _json(body: bytes | bytearray, limit: int) -> Parsed:
     doc = load_json(body, "body")
     if not isinstance(doc, dict):
         raise MalformedRequest('JSON body must be an object like {"images": [{"b64": "..."}]}')
@@ -118,25 +107,19 @@ def _json(body: bytes, limit: int) -> Parsed:
     return Parsed(items, options)
 
 
-async def _multipart(request: Request, limit: int) -> Parsed:
+def _multipart(body: bytearray, content_type: str, limit: int) -> Parsed:
     try:
-        form = await request.form(max_files=limit, max_fields=limit + 16)
-    except MultiPartException as exc:
-        text = str(getattr(exc, "message", exc))
-        if "Too many files" in text or "Too many fields" in text:
-            raise TooManyImages(f"{text} (max_images_per_request={limit})") from None
-        raise MalformedRequest(f"malformed multipart body: {text}") from None
-    except (ValueError, UnicodeDecodeError, KeyError) as exc:
-        raise MalformedRequest(f"malformed multipart body: {type(exc).__name__}") from None
+        parts = parse_multipart(body, content_type, max_files=limit, max_fields=limit + 16)
+    except TooManyImages as exc:
+        raise TooManyImages(f"{exc.message} (max_images_per_request={limit})") from None
     items, options = [], {}
-    try:
-        for key, value in form.multi_items():
-            if isinstance(value, UploadFile):
-                items.append(Item(await value.read(), value.filename or key))
-            elif key in OPTION_FIELDS:
-                options[key] = value
-            else:
-                items.append(Item(b"", key, MalformedRequest(f"part {key!r} has no file name: send images as file parts")))
-    finally:
-        await form.close()
+    for part in parts:
+        if part.is_file:
+            items.append(Item(part.data, part.filename or part.name))
+        elif part.name in OPTION_FIELDS:
+            options[part.name] = part.value
+        else:
+            items.append(
+                Item(b"", part.name, MalformedRequest(f"part {part.name!r} has no file name: send images as file parts"))
+            )
     return Parsed(items, options)

@@ -1,4 +1,4 @@
-"""Per-request context as a plain ASGI middleware: request id, in-flight gauge, metrics, one JSON log line."""
+"""Per-request context as a plain ASGI middleware: request id, trace span, in-flight gauge, metrics, one JSON log line."""
 
 from __future__ import annotations
 
@@ -10,11 +10,17 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app import tracing
 from app.metrics import Metrics
 
 log = logging.getLogger("tlserve.access")
 _RID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 QUIET = frozenset({"/livez", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"})
+
+
+def request_id(given: str) -> str:
+    """The client's (or nginx's) request id when it is a sane token, else a new one; every front uses it."""
+    return given if _RID.match(given) else uuid.uuid4().hex
 
 
 class RequestContext:
@@ -27,33 +33,50 @@ class RequestContext:
             await self.app(scope, receive, send)
             return
         headers = dict(scope.get("headers") or [])
-        given = headers.get(b"x-request-id", b"").decode("latin-1")
-        rid = given if _RID.match(given) else uuid.uuid4().hex
+        rid = request_id(headers.get(b"x-request-id", b"").decode("latin-1"))
         state: dict[str, Any] = scope.setdefault("state", {})
         state["request_id"] = rid
         status = 500
         started = time.perf_counter()
+        trace_id: str | None = None
 
         async def send_with_id(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message.setdefault("headers", [])
-                message["headers"] = [*message["headers"], (b"x-request-id", rid.encode())]
+                extra = [(b"x-request-id", rid.encode())]
+                if (parent := tracing.traceparent()) is not None:
+                    extra.append((b"traceparent", parent.encode()))
+                message["headers"] = [*message.get("headers", []), *extra]
             await send(message)
 
         self.metrics.in_flight.inc()
         try:
-            await self.app(scope, receive, send_with_id)
+            if not tracing.enabled:
+                await self.app(scope, receive, send_with_id)
+            else:
+                carrier = {k.decode("latin-1"): v.decode("latin-1") for k, v in headers.items()}
+                attributes = {"http.request.method": scope["method"], "url.path": scope["path"], "tlserve.request_id": rid}
+                with tracing.server_span(f"{scope['method']} {scope['path']}", carrier, attributes) as span:
+                    trace_id = tracing.trace_id()
+                    try:
+                        await self.app(scope, receive, send_with_id)
+                    finally:
+                        route = getattr(scope.get("route"), "path", None)
+                        if route:
+                            span.update_name(f"{scope['method']} {route}")
+                            span.set_attribute("http.route", route)
+                        span.set_attribute("http.response.status_code", status)
+                        if status >= 500:
+                            tracing.set_error(span, str(status))
         finally:
             self.metrics.in_flight.dec()
             elapsed = time.perf_counter() - started
             route = getattr(scope.get("route"), "path", "unmatched")
             self.metrics.request_duration.labels(route, scope["method"], str(status)).observe(elapsed)
             if scope["path"] not in QUIET or status >= 400:
-                log.info(
-                    "%s %s %d",
-                    scope["method"], scope["path"], status,
-                    extra={"request_id": rid, "route": route, "status": status, "duration_ms": round(elapsed * 1000, 2),
-                           "images": state.get("images", 0), "head": state.get("head")},
-                )  # fmt: skip
+                extra = {"request_id": rid, "route": route, "status": status, "duration_ms": round(elapsed * 1000, 2),
+                         "images": state.get("images", 0), "head": state.get("head")}  # fmt: skip
+                if trace_id:
+                    extra["trace_id"] = trace_id
+                log.info("%s %s %d", scope["method"], scope["path"], status, extra=extra)

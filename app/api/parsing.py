@@ -35,7 +35,7 @@ def parse_bool(value: Any, name: str, *, strings: bool = True, error: type[Malfo
     raise error(f"{name} must be true or false")
 
 
-def load_json(body: bytes, what: str, error: type[MalformedRequest] = MalformedRequest) -> Any:
+def load_json(body: bytes | bytearray, what: str, error: type[MalformedRequest] = MalformedRequest) -> Any:
     try:
         return json.loads(body)
     except (ValueError, UnicodeDecodeError):

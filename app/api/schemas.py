@@ -9,6 +9,7 @@ from pydantic import BaseModel, Field
 # The responses a client parses are defined once, in the client package the server ships with.
 from tlserve_client import ClassifyResponse as ClassifyResponse
 from tlserve_client import EmbedResponse as EmbedResponse
+from tlserve_client import FamiliaritySummary as FamiliaritySummary
 from tlserve_client import ModelList as ModelList
 from tlserve_client import ModelSummary as ModelSummary
 
@@ -66,6 +67,7 @@ IMAGE_BODY: dict[str, Any] = {
                         "head": {"type": "string"},
                         "top_k": {"type": "integer", "minimum": 1},
                         "normalize": {"type": "boolean"},
+                        "ood_policy": {"type": "string", "enum": ["report", "refuse"]},
                     },
                 }
             },

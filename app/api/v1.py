@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from pathlib import PurePath
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from fastapi import APIRouter, Depends, Query, Request
 
-from app.api.deps import ServiceDep, require_key
+from app import tracing
+from app.api.deps import ServiceDep, require_admin, require_key
 from app.api.errors import redact
 from app.api.inputs import parse_images
 from app.api.parsing import error_responses, item_error, parse_bool
@@ -17,13 +18,14 @@ from app.api.schemas import (
     ClassifyResponse,
     EmbedResponse,
     ErrorResponse,
+    FamiliaritySummary,
     ModelCard,
     ModelList,
     ModelSummary,
 )
 from app.errors import InputError, MalformedRequest, TlserveError
 from app.heads import describe
-from app.inference import InferRequest, InferResult
+from app.inference import OOD_POLICIES, InferRequest, InferResult, OodPolicy
 from app.service import Service
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_key)],
@@ -38,8 +40,17 @@ def _int_option(value: Any, name: str, low: int, high: int) -> int | None:
     except (TypeError, ValueError):
         raise MalformedRequest(f"{name} must be an integer") from None
     if isinstance(value, float | bool) or not low <= n <= high:
-        raise MalformedRequest(f"{name} must be an integer from {low} to {high} (max_top_k)")
+        raise MalformedRequest(f"{name} must be an integer from {low} to {high}" + (" (max_top_k)" if name == "top_k" else ""))
     return n
+
+
+def ood_policy(value: Any) -> OodPolicy | None:
+    """A request's ``ood_policy`` option: ``report``, ``refuse`` or absent (the setting decides)."""
+    if value is None or value == "":
+        return None
+    if value not in OOD_POLICIES:
+        raise MalformedRequest(f"ood_policy must be one of {', '.join(OOD_POLICIES)}, not {str(value)[:40]!r}")
+    return cast("OodPolicy", str(value))
 
 
 def _all_failed(result: InferResult) -> None:
@@ -57,15 +68,25 @@ async def classify(
     request: Request,
     service: ServiceDep,
     head: str | None = Query(None, max_length=64, description="Head name (default: the configured default head)"),
+    version: int | None = Query(None, ge=1, description="Pin a version of the head (default: its current version)"),
     top_k: int | None = Query(None, ge=1, description="Return the k most likely classes instead of every probability"),
+    ood_policy_q: str | None = Query(
+        None,
+        alias="ood_policy",
+        description="Below the head's familiarity threshold: `report` (name the class, `in_distribution: false`) or "
+        "`refuse` (name none); default: the `ood_policy` setting",
+    ),
 ) -> dict[str, Any]:
-    parsed = await parse_images(request, service.settings)
+    with tracing.span("receive"):
+        parsed = await parse_images(request, service.settings)
     head_name = parsed.options.get("head", head)
     if head_name is not None and not isinstance(head_name, str):
         raise MalformedRequest("head must be a string")
     k = _int_option(parsed.options.get("top_k", top_k), "top_k", 1, service.settings.max_top_k)
+    pinned = _int_option(parsed.options.get("version", version), "version", 1, 10**9)
+    policy = ood_policy(parsed.options.get("ood_policy", ood_policy_q))
     request.state.images = len(parsed.items)
-    result = await service.infer(InferRequest(parsed.items, "classify", head=head_name))
+    result = await service.infer(InferRequest(parsed.items, "classify", head=head_name, version=pinned, ood_policy=policy))
     assert result.head is not None and result.proba is not None
     h = result.head
     request.state.head = h.name
@@ -80,7 +101,12 @@ async def classify(
             assert d.error is not None
             entry["error"] = item_error(d.error)
         else:
-            entry.update(describe(h, result.proba[row], k))
+            if result.named(row):
+                entry.update(describe(h, result.proba[row], k))
+            # else refused (below the familiarity threshold): no label, confidence or probabilities
+            if result.familiarity is not None and result.in_distribution is not None:
+                entry["familiarity"] = round(float(result.familiarity[row]), 6)
+                entry["in_distribution"] = bool(result.in_distribution[row])
         results.append(entry)
     return {"head": h.name, "version": h.version, "model": service.info.fingerprint if service.info else "",
             "request_id": request.state.request_id, "results": results}  # fmt: skip
@@ -93,7 +119,8 @@ async def embed(
     service: ServiceDep,
     normalize: bool = Query(False, description="L2-normalise each vector"),
 ) -> dict[str, Any]:
-    parsed = await parse_images(request, service.settings)
+    with tracing.span("receive"):
+        parsed = await parse_images(request, service.settings)
     norm = parse_bool(parsed.options.get("normalize", normalize), "normalize")
     request.state.images = len(parsed.items)
     result = await service.infer(InferRequest(parsed.items, "embed", classify=False))
@@ -139,6 +166,21 @@ def _public_card(card: dict[str, Any]) -> dict[str, Any]:
     return {**card, "training": training}
 
 
+NO_FAMILIARITY = ("no familiarity data (trained before tlserve stored it): answers carry no in_distribution "
+                  "verdict and are never refused; retrain the head to add it")  # fmt: skip
+
+
+def familiarity_summary(card: dict[str, Any]) -> FamiliaritySummary:
+    section = card.get("familiarity")
+    if not isinstance(section, dict):
+        return FamiliaritySummary(available=False, note=NO_FAMILIARITY)
+    calibration = section.get("calibration") or {}
+    held = section.get("held_out") or {}
+    return FamiliaritySummary(available=True, method=section.get("method"), threshold=section.get("threshold"),
+                              acceptance=section.get("acceptance"), calibrated_accepted=calibration.get("accepted"),
+                              held_out_accepted=held.get("accepted"))  # fmt: skip
+
+
 def _summary(service: Service, name: str) -> ModelSummary:
     try:
         version, head, error = service.head_record(name)
@@ -156,6 +198,7 @@ def _summary(service: Service, name: str) -> ModelSummary:
         extractor_sha256=(card.get("extractor") or {}).get("sha256"),
         pickle_sha256=card.get("pickle_sha256"),
         created_at=card.get("created_at"),
+        familiarity=familiarity_summary(card),
     )
 
 
@@ -170,7 +213,8 @@ async def get_model(name: str, service: ServiceDep) -> ModelCard:
     return ModelCard(name=name, loaded=head is not None, error=_redacted(service, error), card=_public_card(version.card))
 
 
-@router.post("/models/{name}/reload", response_model=ModelSummary, summary="Verify and load a head again (atomic swap)")
+@router.post("/models/{name}/reload", response_model=ModelSummary, dependencies=[Depends(require_admin)],
+             summary="Verify and load a head again (atomic swap; admin)")  # fmt: skip
 async def reload_model(name: str, service: ServiceDep) -> ModelSummary:
     await service.reload_head(name)
     return _summary(service, name)

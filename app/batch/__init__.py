@@ -13,24 +13,26 @@ committed Parquet parts (:mod:`app.batch.parquet`) that ``--resume`` continues a
 from __future__ import annotations
 
 from app.batch.job import BatchJob, Plan, Summary, plan
+from app.batch.parquet import need_pyarrow
+from app.progress import Mode
 from app.settings import Settings
 
 __all__ = ["BatchJob", "Plan", "Summary", "plan", "run"]
 
 
-def run(job: BatchJob, settings: Settings, *, progress: bool = True) -> Summary:
-    """Plan the job (every check before any image is read), then run it on its engine."""
-    try:
-        import pyarrow  # noqa: F401
-    except ImportError:
-        raise ValueError("tlserve batch writes Parquet and needs pyarrow: pip install 'tlserve[ray]' (or pyarrow)") from None
+def run(job: BatchJob, settings: Settings, *, progress: Mode | bool = "auto") -> Summary:
+    """Plan the job (every check before any image is read), then run it on its engine. ``progress``:
+    :func:`app.progress.console`'s modes in-process; on Ray, Ray Data's bars (or its progress lines off a
+    terminal) unless ``none``/``False``."""
+    need_pyarrow("tlserve batch")
+    mode: Mode = ("auto" if progress else "none") if isinstance(progress, bool) else progress
     p = plan(job, settings)
     if not p.todo:
         return Summary(0, 0, 0.0, p.already, job.output, "nothing to do")
     if job.ray is None:
         from app.batch import inprocess
 
-        return inprocess.run(p, progress=progress)
+        return inprocess.run(p, progress=mode)
     from app.batch import raydata
 
-    return raydata.run(p, progress=progress)
+    return raydata.run(p, progress=mode != "none")

@@ -3,9 +3,10 @@ extractor and the head on it and give back Arrow rows.
 
 Decoding is :func:`app.imaging.load_image` (the one loader, with the settings' pixel limit and
 formats); features come from :class:`app.extractor.Extractor` over the exported model whose sha256
-the manifest names; labels are :func:`app.heads.describe` of the head's ``predict_proba`` — exactly
-what ``tlserve predict`` runs. A file that does not decode becomes a row with an ``error``; it never
-fails the batch.
+the manifest names; labels are :func:`app.heads.describe` of the head's ``predict_proba``, and the
+familiarity score and verdict are :meth:`app.familiarity.Familiarity.score` / ``verdict`` of the
+head's familiarity data (when it has some) — exactly what ``tlserve predict`` and the service run. A
+file that does not decode becomes a row with an ``error``; it never fails the batch.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import numpy as np
 from app.batch.parquet import error_column, features_column, schema
 from app.errors import ArtifactError, InputError
 from app.extractor import Extractor
+from app.familiarity import Familiarity
 from app.hashing import sha256_bytes, sha256_file
 from app.heads import Head, describe
 from app.imaging import load_image
@@ -52,24 +54,25 @@ def decode_one(data: bytes, spec: DecodeSpec) -> tuple[np.ndarray | None, str, s
         return None, exc.code, exc.message
 
 
-Decoded = tuple[str, np.ndarray | None, str, str]
-"""``(full path, image or None, error code or "", error message or "")``."""
+Decoded = tuple[str, np.ndarray | None, str, str, str]
+"""``(full path, image or None, error code or "", error message or "", sha256 of the bytes or "")``."""
 
 
 def decode_file(path: str, data: bytes | OSError, spec: DecodeSpec) -> Decoded:
     """One file's bytes (or the error reading it gave) decoded."""
     if isinstance(data, OSError):
-        return path, None, "unreadable", f"cannot read: {data}"
-    return (path, *decode_one(data, spec))
+        return path, None, "unreadable", f"cannot read: {data}", ""
+    return (path, *decode_one(data, spec), sha256_bytes(data))
 
 
 def stack(rows: list[Decoded], spec: DecodeSpec) -> dict[str, np.ndarray]:
-    """Decoded files → one batch: ``path`` (relative to the source), ``class`` ("" unless labelled),
-    ``image`` (``uint8 [n, S, S, 3]``, zeros where decoding failed), ``error_code``, ``error_message``."""
+    """Decoded files → one batch: ``path`` (relative to the source), ``class`` ("" unless labelled and in
+    a class folder), ``image`` (``uint8 [n, S, S, 3]``, zeros where decoding failed), ``error_code``,
+    ``error_message``, ``sha256``."""
     images = np.zeros((len(rows), spec.size, spec.size, 3), np.uint8)
     prefix = spec.root + "/"
-    rels = [p[len(prefix) :] if p.startswith(prefix) else p for p, _, _, _ in rows]
-    for i, (_, image, _, _) in enumerate(rows):
+    rels = [p[len(prefix) :] if p.startswith(prefix) else p for p, *_ in rows]
+    for i, (_, image, *_) in enumerate(rows):
         if image is not None:
             images[i] = image
 
@@ -78,10 +81,11 @@ def stack(rows: list[Decoded], spec: DecodeSpec) -> dict[str, np.ndarray]:
 
     return {
         "path": strings(rels),
-        "class": strings([rel.split("/", 1)[0] if spec.labelled else "" for rel in rels]),
+        "class": strings([rel.split("/", 1)[0] if spec.labelled and "/" in rel else "" for rel in rels]),
         "image": images,
-        "error_code": strings([code for _, _, code, _ in rows]),
-        "error_message": strings([message for _, _, _, message in rows]),
+        "error_code": strings([r[2] for r in rows]),
+        "error_message": strings([r[3] for r in rows]),
+        "sha256": strings([r[4] for r in rows]),
     }
 
 
@@ -97,6 +101,8 @@ class ModelSpec:
     info: ExtractorInfo
     head: Head | None
     """``None`` in features mode."""
+    familiarity: Familiarity | None
+    """The head's familiarity model (:func:`app.familiarity.for_head`); ``None`` in features mode or when it has none."""
     meta: dict[str, Any]
     """The job metadata (:func:`app.batch.job.metadata`), stamped on every part."""
     top_k: int
@@ -144,6 +150,7 @@ class Model:
         if head is None:
             columns["class"] = pa.array([str(c) or None for c in batch["class"]], pa.string())
             columns["features"] = features_column(features, ok, self.extractor.feature_dim)
+            columns["sha256"] = pa.array([str(h) or None for h in batch["sha256"]], pa.string())
         else:
             answers: list[dict[str, Any] | None] = [None] * len(ok)
             proba = head.predict_proba(features) if len(features) else np.zeros((0, len(head.classes)), np.float32)
@@ -152,6 +159,12 @@ class Model:
             columns["label"] = pa.array([a and a["label"] for a in answers], pa.string())
             columns["probability"] = pa.array([a and a["confidence"] for a in answers], pa.float32())
             columns["top_k"] = pa.array([a and a["top_k"] for a in answers], self.schema.field("top_k").type)
+            known = self.spec.familiarity
+            if known is not None:
+                score = np.full(len(ok), np.nan)
+                score[ok] = known.score(features, proba) if len(features) else []
+                columns["familiarity"] = pa.array(score, pa.float64(), mask=~ok)
+                columns["in_distribution"] = pa.array(known.verdict(score), pa.bool_(), mask=~ok)
             self.seconds["head"] += time.perf_counter() - t1
         columns["error"] = error_column(codes, messages)
         return pa.table(columns, schema=self.schema)

@@ -2,12 +2,12 @@
 
 A thread pool reads and decodes files a bounded window ahead of the extractor (memory stays flat for
 any number of images); the extractor and the head run on batches in this thread; a part is committed
-every ``part_rows`` rows. Progress: a tqdm bar on a terminal, else a line every few seconds.
+every ``part_rows`` rows. Progress: :func:`app.progress.console` (a tqdm bar on a terminal, else a
+line every few seconds with images done, images/s and ETA).
 """
 
 from __future__ import annotations
 
-import sys
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -16,53 +16,20 @@ from typing import TYPE_CHECKING
 
 from app.batch.compute import Decoded, Model, decode_file, stack
 from app.batch.job import Plan, Summary, claim
+from app.progress import Meter, Mode, console
 
 if TYPE_CHECKING:
     import pyarrow as pa
 
-LINE_INTERVAL_S = 5.0
-"""Seconds between two progress lines when stderr is not a terminal."""
 
-
-class _Progress:
-    def __init__(self, total: int, enabled: bool) -> None:
-        self.total, self.done, self.errors = total, 0, 0
-        self.started = self.last = time.monotonic()
-        self.bar = None
-        if enabled and sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, unit="img", desc="batch", smoothing=0.1)
-        self.lines = enabled and self.bar is None
-
-    def update(self, n: int, errors: int) -> None:
-        self.done += n
-        self.errors += errors
-        now = time.monotonic()
-        if self.bar is not None:
-            self.bar.update(n)
-        elif self.lines and now - self.last >= LINE_INTERVAL_S:
-            self.last = now
-            rate = self.done / (now - self.started)
-            print(
-                f"batch: {self.done}/{self.total} images, {rate:.1f} images/s, {self.errors} error(s)",
-                file=sys.stderr,
-                flush=True,
-            )
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-def run(plan: Plan, *, progress: bool = True) -> Summary:
+def run(plan: Plan, *, progress: Mode = "auto") -> Summary:
     model = Model(plan.model)
     claim(plan)
     t0 = time.perf_counter()
     stages = {"read": 0.0, "decode": 0.0, "write": 0.0}
     images = errors = 0
     pending: list[pa.Table] = []
-    bar = _Progress(len(plan.todo), progress)
+    meter = Meter(console(progress), "batch", len(plan.todo))
 
     def commit() -> None:
         import pyarrow as pa
@@ -73,20 +40,17 @@ def run(plan: Plan, *, progress: bool = True) -> Summary:
         stages["write"] += time.perf_counter() - t
         pending.clear()
 
-    try:
-        for batch in _batches(_decoded(plan, stages), plan.job.batch_size):
-            table = model(stack(batch, plan.decode))
-            failed = len(table) - table.column("error").null_count
-            pending.append(table)
-            images += len(table)
-            errors += failed
-            bar.update(len(table), failed)
-            if sum(len(t) for t in pending) >= plan.job.part_rows:
-                commit()
-        if pending:
+    for batch in _batches(_decoded(plan, stages), plan.job.batch_size):
+        table = model(stack(batch, plan.decode))
+        pending.append(table)
+        images += len(table)
+        errors += len(table) - table.column("error").null_count
+        meter.advance(len(table))
+        if sum(len(t) for t in pending) >= plan.job.part_rows:
             commit()
-    finally:
-        bar.close()
+    if pending:
+        commit()
+    meter.finish()
     stages.update(model.seconds)
     return Summary(images, errors, time.perf_counter() - t0, plan.already + images, plan.job.output, "in-process", stages=stages)
 

@@ -12,6 +12,7 @@ from app import __version__
 from app.batch.compute import DecodeSpec, ModelSpec
 from app.batch.parquet import FORMAT, JOB_KEYS, Output, new_run
 from app.batch.source import Source, open_source
+from app.familiarity import Familiarity, for_head
 from app.registry import HeadStore, load_head
 from app.settings import Settings
 from app.store import ExtractorInfo, ModelStore
@@ -96,16 +97,19 @@ class Summary:
                 "engine": self.engine, "actors": self.actors, "stages": {k: round(v, 3) for k, v in self.stages.items()}}  # fmt: skip
 
 
-def metadata(job: BatchJob, source: Source, info: ExtractorInfo, head: Any) -> dict[str, Any]:
-    """What every part and ``_tlserve.json`` record: kind, source, extractor (feature space), head version."""
+def metadata(job: BatchJob, source: Source, info: ExtractorInfo, head: Any, known: Familiarity | None = None) -> dict[str, Any]:
+    """What every part and ``_tlserve.json`` record: kind, source, extractor (feature space), head version
+    (and its familiarity method and threshold, when it has familiarity data)."""
     extractor = {k: info.raw.get(k) for k in ("file", "input_size", "resample", "pooling", "feature_dim", "precision")}
+    head_meta = {"name": head.name, "version": head.version, "pickle_sha256": head.sha256} if head is not None else {}
+    head_meta["familiarity"] = None if known is None else {"method": known.method, "threshold": known.threshold}
     return {
         "format": FORMAT,
         "kind": "features" if head is None else "classify",
         "source": source.uri if "://" in source.uri else source.root,
         "classes": list(head.classes) if head is not None else source.classes,
         "extractor": {**extractor, "sha256": info.sha256, "feature_space": info.feature_space},
-        "head": None if head is None else {"name": head.name, "version": head.version, "pickle_sha256": head.sha256},
+        "head": None if head is None else head_meta,
         "top_k": None if head is None else min(job.top_k, len(head.classes)),
         "tlserve_version": __version__,
     }
@@ -114,12 +118,14 @@ def metadata(job: BatchJob, source: Source, info: ExtractorInfo, head: Any) -> d
 def plan(job: BatchJob, settings: Settings) -> Plan:
     """Every check a user's mistake can fail, before any image is read: source, extractor, head, output."""
     info = ModelStore(settings.model_store).extractor(verify=True)
-    head = None
+    head = known = None
     if not job.features:
-        head = load_head(HeadStore.from_settings(settings), job.head or settings.default_head, info.feature_space)
+        heads = HeadStore.from_settings(settings)
+        head = load_head(heads, job.head or settings.default_head, info.feature_space)
+        known = for_head(heads, head, info.feature_dim)  # as `tlserve predict` and the service load it
     source = open_source(job.source)
     output = Output.open(job.output)
-    meta = metadata(job, source, info, head)
+    meta = metadata(job, source, info, head, known)
     previous = output.read_job()
     parts = output.parts()
     if previous is None and not output.is_empty():
@@ -142,7 +148,7 @@ def plan(job: BatchJob, settings: Settings) -> Plan:
     decode = DecodeSpec(
         source.root, info.size, info.resample, s.max_image_pixels, tuple(sorted(s.formats)), source.classes is not None
     )
-    model = ModelSpec(info, head, meta, meta["top_k"] or 0, s.provider, s.threads)
+    model = ModelSpec(info, head, known, meta, meta["top_k"] or 0, s.provider, s.threads)
     return Plan(job, settings, source, output, info, meta, new_run(), todo, rows, decode, model, previous)
 
 

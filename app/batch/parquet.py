@@ -13,9 +13,13 @@ was replaced by a resumed one (its ``run`` no longer in ``_tlserve.json``) drops
 committing it, so no image is written twice.
 
 Columns, classify mode: ``path`` (relative to the source), ``label``, ``probability`` (of the label),
-``top_k`` (list of ``{label, probability}``), ``error`` (null, or ``{code, message}`` for a file that
-did not decode: its other columns are null). Features mode: ``path``, ``class`` (the class folder of
-a labelled source, else null), ``features`` (``float32[D]``), ``error``.
+``top_k`` (list of ``{label, probability}``), and when the head has familiarity data
+(:mod:`app.familiarity`) ``familiarity`` (the score, float64) and ``in_distribution`` (the verdict at
+the head's calibrated threshold), the same numbers as ``tlserve predict`` and the service; then
+``error`` (null, or ``{code, message}`` for a file that did not decode: its other columns are null).
+Features mode: ``path``, ``class`` (the class folder of a labelled source, else null), ``features``
+(``float32[D]``), ``sha256`` (of the file's bytes: the photo's identity in a head's ``folds.json`` and
+for duplicates, as training from a folder records it), ``error``.
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ from app.store import atomic_write
 if TYPE_CHECKING:
     import pyarrow as pa
     import pyarrow.fs as pafs
+
+    from app.features import Dataset, Extracted
 
 JOB_FILE = "_tlserve.json"
 FORMAT = "tlserve-batch/1"
@@ -53,11 +59,23 @@ def schema(meta: dict[str, Any]) -> pa.Schema:
 
     if meta["kind"] == "features":
         dim = int(meta["extractor"]["feature_dim"])
-        fields = [("path", pa.string()), ("class", pa.string()), ("features", pa.list_(pa.float32(), dim))]
+        fields = [("path", pa.string()), ("class", pa.string()), ("features", pa.list_(pa.float32(), dim)),
+                  ("sha256", pa.string())]  # fmt: skip
     else:
         top = pa.list_(pa.struct([("label", pa.string()), ("probability", pa.float32())]))
         fields = [("path", pa.string()), ("label", pa.string()), ("probability", pa.float32()), ("top_k", top)]
+        if meta["head"].get("familiarity") is not None:
+            fields += [("familiarity", pa.float64()), ("in_distribution", pa.bool_())]
     return pa.schema([*fields, ("error", _error_type())], metadata={METADATA_KEY: json.dumps(meta, sort_keys=True)})
+
+
+def need_pyarrow(command: str) -> None:
+    """Refuse ``command`` before any work when pyarrow (Parquet) is not installed."""
+    try:
+        import pyarrow  # noqa: F401
+    except ImportError:
+        raise ValueError(f"`{command}` reads and writes Parquet and needs pyarrow: pip install 'tlserve[ray]' "
+                         "(or pyarrow alone for the in-process engine)") from None  # fmt: skip
 
 
 def metadata_of(sch: pa.Schema) -> dict[str, Any] | None:
@@ -110,7 +128,7 @@ class Output:
             return []
         if info.type != pafs.FileType.Directory:
             raise ValueError(f"output {self.uri} exists and is not a folder")
-        return self.fs.get_file_info(pafs.FileSelector(self.root))
+        return list(self.fs.get_file_info(pafs.FileSelector(self.root)))
 
     def parts(self) -> list[str]:
         """Committed part files (full paths inside the file system), sorted."""
@@ -126,7 +144,8 @@ class Output:
     def read_job(self) -> dict[str, Any] | None:
         try:
             with self.fs.open_input_stream(f"{self.root}/{JOB_FILE}") as f:
-                return json.loads(f.read())
+                job: dict[str, Any] = json.loads(f.read())
+                return job
         except FileNotFoundError:
             return None
 
@@ -185,19 +204,27 @@ def new_run() -> str:
 
 @dataclass
 class FeatureSet:
-    """Features read back from a ``--features`` output, in :class:`app.features.Dataset` order."""
+    """A ``--features`` output read back as what extracting its source folder gives training: the
+    photos as a :class:`app.features.Dataset` (in :meth:`~app.features.Dataset.from_folder` order) and
+    their features as an :class:`app.features.Extracted` (unreadable files in ``skipped``)."""
 
-    features: np.ndarray
-    labels: np.ndarray
-    classes: list[str]
-    paths: list[str]
-    skipped: list[tuple[str, str]]
+    data: Dataset
+    extracted: Extracted
+    rows: int
     metadata: dict[str, Any]
 
 
 def read_features(uri: str, feature_space: str) -> FeatureSet:
     """Every committed row of a features dataset; refused (before reading rows) when it was written by
-    another extractor than ``feature_space``, holds no classes, or is not a features dataset."""
+    another extractor than ``feature_space``, holds no classes, or is not a features dataset. Rows of
+    files directly in the source folder (outside the class folders) are counted and left out, as
+    :meth:`app.features.Dataset.from_folder` does."""
+    from collections import Counter
+    from pathlib import Path
+
+    from app.features import SPLIT_NAMES, Dataset, Extracted
+
+    need_pyarrow("tlserve train --features")
     out = Output.open(uri)
     parts = out.parts()
     if not parts:
@@ -220,20 +247,32 @@ def read_features(uri: str, feature_space: str) -> FeatureSet:
     classes = meta.get("classes")
     if not classes:
         raise ValueError(f"features in {uri} have no classes: their source {meta['source']} is not a labelled folder "
-                         "(one sub-folder per class and no files beside them)")  # fmt: skip
+                         "(at least two class sub-folders)")  # fmt: skip
     import pyarrow as pa
 
     table = pa.concat_tables([out.read_part(p) for p in parts])
     paths = table.column("path").to_pylist()
+    split = [c for c in classes if c.lower() in SPLIT_NAMES]
+    if len(split) >= 2 or any(p.split("/", 1)[0] in split and p.count("/") > 1 for p in paths):
+        raise ValueError(f"features in {uri} have classes {classes}: their source {meta['source']} looks like a dataset "
+                         f"split ({split} are split names), not one folder per class; extract the folder that holds "
+                         "the class folders")  # fmt: skip
     if len(set(paths)) != len(paths):
         raise ValueError(f"{uri} holds some paths more than once (parts of two jobs mixed by hand?)")
     errors = table.column("error").to_pylist()
     klass = table.column("class").to_pylist()
+    sha = table.column("sha256").to_pylist()
     order = {c: i for i, c in enumerate(classes)}
-    keep = sorted((i for i, e in enumerate(errors) if e is None), key=lambda i: (order[klass[i]], paths[i].split("/")))
+    rows = sorted((i for i, k in enumerate(klass) if k is not None), key=lambda i: (order[klass[i]], paths[i].split("/")))
+    root = Path(meta["source"])
+    labels = np.array([order[klass[i]] for i in rows], np.int64)
+    nested = Counter(str(klass[i]) for i in rows if paths[i].count("/") > 1)
+    data = Dataset(root, list(classes), [root / paths[i] for i in rows], labels, dict(nested), len(paths) - len(rows))
+    kept = np.array([j for j, i in enumerate(rows) if errors[i] is None], np.int64)
     dim = int(meta["extractor"]["feature_dim"])
-    flat = table.column("features").combine_chunks().take(pa.array(keep, pa.int64())).flatten()
-    x = np.asarray(flat.to_numpy(zero_copy_only=False), np.float32).reshape(len(keep), dim)
-    y = np.array([order[klass[i]] for i in keep], np.int64)
-    skipped = [(paths[i], f"{e['code']}: {e['message']}") for i, e in enumerate(errors) if e is not None]
-    return FeatureSet(x, y, list(classes), [paths[i] for i in keep], skipped, meta)
+    take = pa.array([rows[j] for j in kept], pa.int64())
+    flat = table.column("features").combine_chunks().take(take).flatten()
+    x = np.asarray(flat.to_numpy(zero_copy_only=False), np.float32).reshape(len(kept), dim)
+    skipped = [(root / paths[i], str(errors[i]["message"])) for i in rows if errors[i] is not None]
+    extracted = Extracted(x, kept, skipped, 0, [sha[i] for i in rows])
+    return FeatureSet(data, extracted, len(paths), meta)

@@ -76,10 +76,11 @@ class _Tally:
 class TlserveModel:
     """One actor of the pool: the extractor and the head loaded once (see :class:`app.batch.compute.Model`)."""
 
-    def __init__(self, spec: ModelSpec, model: Any, tally: Any) -> None:
+    def __init__(self, spec: Any, model: Any, tally: Any) -> None:
         import ray
 
-        self.model = Model(spec, model=ray.get(model) if isinstance(model, ray.ObjectRef) else model)
+        spec, model = (ray.get(v) if isinstance(v, ray.ObjectRef) else v for v in (spec, model))
+        self.model = Model(spec, model=model)
         self.tally = tally
         self.id = ray.get_runtime_context().get_actor_id()
         tally.hello.remote(self.id)
@@ -94,7 +95,7 @@ def _sink(output: Output, sch: pa.Schema, run: str, part_rows: int) -> Any:
     from ray.data import Datasink
     from ray.data.block import BlockAccessor
 
-    class _PartSink(Datasink):  # type: ignore[misc]
+    class _PartSink(Datasink[tuple[int, int, bool]]):
         """Each write task concatenates its blocks (at least ``part_rows`` rows) into one committed part."""
 
         def __init__(self) -> None:
@@ -104,7 +105,7 @@ def _sink(output: Output, sch: pa.Schema, run: str, part_rows: int) -> Any:
         def min_rows_per_write(self) -> int:
             return part_rows
 
-        def write(self, blocks: Any, ctx: Any) -> tuple[int, int, bool]:
+        def write(self, blocks: Any, ctx: Any) -> tuple[int, int, bool]:  # rows, errors, committed
             import pyarrow as pa
 
             tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
@@ -140,13 +141,12 @@ def run(plan: Plan, *, progress: bool = True) -> Summary:
     if reserved >= cpus:
         raise ValueError(f"--actors {actors} x --actor-cpus {job.actor_cpus:g} = {reserved:g} CPUs leaves none of the "
                          f"cluster's {cpus:g} for reading and decoding: lower --actor-cpus (e.g. 0.5) or --actors")  # fmt: skip
-    spec = ModelSpec(plan.info, plan.model.head, plan.meta, plan.model.top_k,
+    spec = ModelSpec(plan.info, plan.model.head, plan.model.familiarity, plan.meta, plan.model.top_k,
                      provider="cuda" if use_gpus else "cpu", threads=max(1, int(job.actor_cpus)))  # fmt: skip
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = progress
-    model_ref = ray.put(
-        plan.info.path.read_bytes()
-    )  # the extractor travels in the object store: nodes need no shared model store
+    # the extractor travels in the object store: nodes need no shared model store
+    model_ref = ray.put(plan.info.path.read_bytes())
     tally = ray.remote(num_cpus=0)(_Tally).remote()
     claim(plan)
     sink = _sink(plan.output, schema(spec.meta), plan.run, job.part_rows)
@@ -156,7 +156,11 @@ def run(plan: Plan, *, progress: bool = True) -> Summary:
     ds = ds.map_batches(decode_batch, fn_kwargs={"spec": plan.decode}, batch_size=job.batch_size, batch_format="numpy")
     ds = ds.map_batches(
         TlserveModel,
-        fn_constructor_kwargs={"spec": spec, "model": model_ref, "tally": tally},
+        fn_constructor_kwargs={
+            "spec": ray.put(spec),
+            "model": model_ref,
+            "tally": tally,
+        },  # the head's familiarity bank may be large
         compute=ActorPoolStrategy(size=actors),
         batch_size=job.batch_size,
         batch_format="numpy",

@@ -3,8 +3,10 @@
 ``s3://bucket/prefix`` (credentials from the environment, as pyarrow's ``S3FileSystem`` reads them),
 ``gs://…``, ``hdfs://…`` and local paths all become a ``(FileSystem, path)`` pair; only local folders
 are tested here. A *labelled* source follows :meth:`app.features.Dataset.from_folder`'s rule: at
-least two class sub-folders (not hidden), no files beside them; every non-hidden file under a class
-folder is one image of that class. Any other folder is a flat collection (every non-hidden file).
+least two class sub-folders (not hidden); every file under a class folder is one image of that class
+(nothing hidden: no name on the way starting with "."). Files directly in a labelled source are
+classified too but have no class (training from the features ignores and counts them, as training
+from the folder does). Any other folder is a flat collection.
 """
 
 from __future__ import annotations
@@ -44,9 +46,6 @@ class Source:
     def relative(self, full: str) -> str:
         return full[len(self.root) + 1 :] if full.startswith(self.root + "/") else full
 
-    def class_of(self, rel: str) -> str | None:
-        return rel.split("/", 1)[0] if self.classes is not None else None
-
 
 def open_source(uri: str) -> Source:
     """List every image under ``uri``; a missing or empty source is refused before any work."""
@@ -61,20 +60,17 @@ def open_source(uri: str) -> Source:
     entries = fs.get_file_info(pafs.FileSelector(root, recursive=True))
     files = []
     for e in entries:
-        if e.type != pafs.FileType.File or e.base_name.startswith("."):
-            continue
         rel = e.path[len(root) + 1 :]
-        if rel.startswith("."):  # a hidden top-level folder (.cache, .git)
-            continue
+        if e.type != pafs.FileType.File or any(part.startswith(".") for part in rel.split("/")):
+            continue  # hidden files and folders (.cache, .git, .DS_Store)
         files.append(rel)
     if not files:
         raise ValueError(f"source {uri} holds no files")
     top_dirs = sorted({rel.split("/", 1)[0] for rel in files if "/" in rel})
-    flat = [rel for rel in files if "/" not in rel]
-    classes = top_dirs if len(top_dirs) >= 2 and not flat else None
-    if classes is not None:  # Dataset.from_folder's order: class by class, paths sorted by component
+    classes = top_dirs if len(top_dirs) >= 2 else None
+    if classes is not None:  # Dataset.from_folder's order: class by class, paths sorted by component; loose files last
         order = {c: i for i, c in enumerate(classes)}
-        files.sort(key=lambda rel: (order[rel.split("/", 1)[0]], rel.split("/")))
+        files.sort(key=lambda rel: (order[rel.split("/", 1)[0]] if "/" in rel else len(order), rel.split("/")))
     else:
         files.sort(key=lambda rel: rel.split("/"))
     return Source(uri, fs, root, files, classes)

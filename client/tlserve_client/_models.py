@@ -27,6 +27,15 @@ class ImageResult(BaseModel):
     confidence: float | None = None
     probabilities: dict[str, float] | None = Field(None, description="Every class's probability (when top_k is not set)")
     top_k: list[TopK] | None = None
+    familiarity: float | None = Field(
+        None,
+        description="How much the photo looks like the head's training photos (higher: more); heads with familiarity data only",
+    )
+    in_distribution: bool | None = Field(
+        None,
+        description="Whether `familiarity` is at or above the head's calibrated threshold; absent for heads without "
+        "familiarity data. With `ood_policy=refuse`, `false` comes with no `label`, `confidence` or probabilities",
+    )
     error: ItemError | None = Field(None, description="Set when this image failed; the others are still classified")
 
 
@@ -53,6 +62,18 @@ class EmbedResponse(BaseModel):
     results: list[Embedding]
 
 
+class FamiliaritySummary(BaseModel):
+    available: bool = Field(description="Whether answers carry `familiarity` and `in_distribution`")
+    note: str | None = Field(None, description="Why not, and what to do")
+    method: str | None = None
+    threshold: float | None = None
+    acceptance: float | None = Field(
+        None, description="Share of training-like photos the threshold accepts (calibrated out of fold)"
+    )
+    calibrated_accepted: float | None = Field(None, description="Out-of-fold accepted share of the training photos")
+    held_out_accepted: float | None = Field(None, description="Accepted share of the held-out photos (a check)")
+
+
 class ModelSummary(BaseModel):
     name: str
     classes: list[str]
@@ -64,6 +85,7 @@ class ModelSummary(BaseModel):
     extractor_sha256: str | None = None
     pickle_sha256: str | None = None
     created_at: str | None = None
+    familiarity: FamiliaritySummary | None = None
 
 
 class ModelList(BaseModel):

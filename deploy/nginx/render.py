@@ -2,8 +2,11 @@
 
 Only two things change, nothing else: the ``server tlserve:8000 ...;`` line of the upstream block is
 repeated once per address with its parameters unchanged, and (optionally) the ``listen`` address.
+The gRPC part (``upstream tlserve_grpc`` and its server block) is rendered the same way from
+``--grpc-upstream`` (and ``--grpc-listen``), or left out when no gRPC upstream is given.
 
     python deploy/nginx/render.py --upstream 10.0.0.5:8000 --upstream 10.0.0.6:8000 > /etc/nginx/conf.d/tlserve.conf
+    python deploy/nginx/render.py --upstream 10.0.0.5:8000 --grpc-upstream 10.0.0.5:8001 --grpc-listen 8081 > ...
 
 ``--standalone PREFIX`` instead writes a complete, unprivileged nginx setup under PREFIX (main
 ``nginx.conf`` with its own pid, logs and temp folders, including the rendered ``tlserve.conf``) and
@@ -22,8 +25,12 @@ from pathlib import Path
 CONF = Path(__file__).with_name("tlserve.conf")
 COMPOSE_UPSTREAM = "tlserve:8000"
 COMPOSE_LISTEN = "8080"
+COMPOSE_GRPC_LISTEN = "8081"
 SERVER_LINE = re.compile(r"^(?P<indent>[ \t]*)server[ \t]+tlserve:8000(?P<params>[ \t]+[^;\n]*)?;[ \t]*$", re.MULTILINE)
 LISTEN_LINE = re.compile(r"^(?P<indent>[ \t]*)listen[ \t]+8080;[ \t]*$", re.MULTILINE)
+GRPC_SERVER_LINE = re.compile(r"^(?P<indent>[ \t]*)server[ \t]+tlserve:8001(?P<params>[ \t]+[^;\n]*)?;[ \t]*$", re.MULTILINE)
+GRPC_LISTEN_LINE = re.compile(r"^(?P<indent>[ \t]*)listen[ \t]+8081(?P<params>[ \t]+http2)?;[ \t]*$", re.MULTILINE)
+GRPC_PART = re.compile(r"\n# --- gRPC: .*?\n# --- end gRPC -*\n", re.DOTALL)
 ADDRESS = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(:[0-9]{1,5})?$|^unix:/\S+$")
 TEMP_PATHS = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
 
@@ -35,21 +42,42 @@ def _one(pattern: re.Pattern[str], text: str, what: str) -> re.Match[str]:
     return found[0]
 
 
-def render(upstreams: Sequence[str], listen: str | None = None, text: str | None = None) -> str:
-    """``tlserve.conf`` with the upstream servers (and the listen address) replaced."""
+def _servers(pattern: re.Pattern[str], text: str, what: str, upstreams: Sequence[str]) -> str:
+    server = _one(pattern, text, what)
+    indent, params = server["indent"], server["params"] or ""
+    lines = "\n".join(f"{indent}server {addr}{params};" for addr in upstreams)
+    return text[: server.start()] + lines + text[server.end() :]
+
+
+def render(
+    upstreams: Sequence[str],
+    listen: str | None = None,
+    text: str | None = None,
+    *,
+    grpc_upstreams: Sequence[str] = (),
+    grpc_listen: str | None = None,
+) -> str:
+    """``tlserve.conf`` with the upstream servers (and the listen address) replaced; the gRPC part
+    rendered from ``grpc_upstreams`` (and ``grpc_listen``), or left out without them."""
     if not upstreams:
         raise ValueError("at least one upstream address is needed")
-    bad = [a for a in [*upstreams, *([listen] if listen is not None else [])] if not ADDRESS.match(a)]
+    if grpc_listen is not None and not grpc_upstreams:
+        raise ValueError("--grpc-listen needs at least one --grpc-upstream")
+    addresses = [*upstreams, *grpc_upstreams, *(a for a in (listen, grpc_listen) if a is not None)]
+    bad = [a for a in addresses if not ADDRESS.match(a)]
     if bad:
         raise ValueError(f"not [host:]port addresses: {bad}")
     text = CONF.read_text() if text is None else text
-    server = _one(SERVER_LINE, text, "`server tlserve:8000 ...;`")
-    indent, params = server["indent"], server["params"] or ""
-    lines = "\n".join(f"{indent}server {addr}{params};" for addr in upstreams)
-    text = text[: server.start()] + lines + text[server.end() :]
+    text = _servers(SERVER_LINE, text, "`server tlserve:8000 ...;`", upstreams)
     if listen is not None:
         match = _one(LISTEN_LINE, text, "`listen 8080;`")
         text = text[: match.start()] + f"{match['indent']}listen {listen};" + text[match.end() :]
+    if not grpc_upstreams:
+        return GRPC_PART.sub("", text, count=1)
+    text = _servers(GRPC_SERVER_LINE, text, "`server tlserve:8001 ...;`", grpc_upstreams)
+    if grpc_listen is not None:
+        match = _one(GRPC_LISTEN_LINE, text, "`listen 8081 http2;`")
+        text = text[: match.start()] + f"{match['indent']}listen {grpc_listen}{match['params'] or ''};" + text[match.end() :]
     return text
 
 
@@ -71,13 +99,21 @@ def main_conf(prefix: Path, server_conf: Path, *, workers: int = 2) -> str:
     )
 
 
-def write_standalone(prefix: Path, upstreams: Sequence[str], listen: str, *, workers: int = 2) -> Path:
+def write_standalone(
+    prefix: Path,
+    upstreams: Sequence[str],
+    listen: str,
+    *,
+    workers: int = 2,
+    grpc_upstreams: Sequence[str] = (),
+    grpc_listen: str | None = None,
+) -> Path:
     """Write ``prefix/nginx.conf`` + ``prefix/tlserve.conf``; returns the main config's path."""
     prefix = prefix.resolve()
     for name in TEMP_PATHS:
         (prefix / "temp" / name).mkdir(parents=True, exist_ok=True)
     server_conf = prefix / "tlserve.conf"
-    server_conf.write_text(render(upstreams, listen))
+    server_conf.write_text(render(upstreams, listen, grpc_upstreams=grpc_upstreams, grpc_listen=grpc_listen))
     main = prefix / "nginx.conf"
     main.write_text(main_conf(prefix, server_conf, workers=workers))
     return main
@@ -93,14 +129,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--upstream", action="append", required=True, metavar="HOST:PORT", help="a replica (repeat)")
     p.add_argument("--listen", metavar="[HOST:]PORT", help=f"listen address (default: {COMPOSE_LISTEN}, as in compose)")
+    p.add_argument("--grpc-upstream", action="append", default=[], metavar="HOST:PORT", help="a replica's gRPC port (repeat)")
+    p.add_argument("--grpc-listen", metavar="[HOST:]PORT", help=f"gRPC listen address (default: {COMPOSE_GRPC_LISTEN})")
     p.add_argument("--standalone", type=Path, metavar="PREFIX", help="write a complete nginx setup under PREFIX")
     args = p.parse_args(argv)
+    grpc = {"grpc_upstreams": args.grpc_upstream, "grpc_listen": args.grpc_listen}
     try:
         if args.standalone:
-            conf = write_standalone(args.standalone, args.upstream, args.listen or COMPOSE_LISTEN)
+            conf = write_standalone(args.standalone, args.upstream, args.listen or COMPOSE_LISTEN, **grpc)
             print(" ".join(f"'{a}'" if " " in a else a for a in command("nginx", conf)))
         else:
-            sys.stdout.write(render(args.upstream, args.listen))
+            sys.stdout.write(render(args.upstream, args.listen, **grpc))
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import struct
 import zlib
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from pydantic import ValidationError
@@ -13,15 +13,17 @@ from pydantic import ValidationError
 from app.api.oip.schemas import InferenceRequest
 from app.api.parsing import decode_base64, load_json, parse_bool
 from app.errors import BadRequest, BodyTooLarge, TooManyImages, UnsupportedMediaType
-from app.heads import Head
+from app.inference import OOD_POLICIES, InferResult, OodPolicy
 
 INPUT = "image"
-OUTPUTS = ("label", "probabilities", "features")
+OUTPUTS = ("label", "probabilities", "features", "familiarity", "in_distribution")
 DEFAULT_OUTPUTS = ("label", "probabilities")
+FAMILIARITY_OUTPUTS = ("familiarity", "in_distribution")
+"""Extra outputs of heads with familiarity data, sent by default with them (absent for other heads)."""
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
 
-def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
+def decompress(body: bytes | bytearray, encoding: str | None, limit: int) -> bytes | bytearray:
     enc = (encoding or "identity").strip().lower()
     if enc == "identity":
         return body
@@ -39,7 +41,7 @@ def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
     return out
 
 
-def split(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
+def split(body: bytes | bytearray, header_length: str | None) -> tuple[bytes | bytearray, bytes | bytearray]:
     if header_length is None:
         return body, b""
     try:
@@ -51,7 +53,7 @@ def split(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
     return body[:n], body[n:]
 
 
-def parse(header: bytes) -> InferenceRequest:
+def parse(header: bytes | bytearray) -> InferenceRequest:
     doc = load_json(header, "the inference request", BadRequest)
     try:
         return InferenceRequest.model_validate(doc)
@@ -81,9 +83,11 @@ def _flatten(data: list[Any]) -> list[Any]:
     return out
 
 
-def _unframe(blob: bytes, n: int) -> list[bytes]:
-    """BYTES tensor elements from the binary form: each a 4-byte little-endian length, then the bytes."""
-    out: list[bytes] = []
+def _unframe(blob: bytes | bytearray, n: int) -> list[bytes | memoryview]:
+    """BYTES tensor elements from the binary form: each a 4-byte little-endian length, then the bytes
+    (views into the body, not copies)."""
+    view = memoryview(blob)
+    out: list[bytes | memoryview] = []
     offset = 0
     while offset < len(blob) and len(out) <= n:
         if offset + 4 > len(blob):
@@ -92,7 +96,7 @@ def _unframe(blob: bytes, n: int) -> list[bytes]:
         offset += 4
         if offset + size > len(blob):
             raise BadRequest(f"binary data of input {INPUT!r} is truncated in element {len(out)}")
-        out.append(blob[offset : offset + size])
+        out.append(view[offset : offset + size])
         offset += size
     if len(out) != n or offset != len(blob):
         raise BadRequest(f"input {INPUT!r} has shape [{n}] but its binary data holds a different number of elements")
@@ -103,7 +107,7 @@ def _b64(value: Any, index: int) -> bytes:
     return decode_base64(value, f"input {INPUT!r} element {index}", BadRequest)
 
 
-def images(req: InferenceRequest, blob: bytes, limit: int) -> list[bytes]:
+def images(req: InferenceRequest, blob: bytes | bytearray, limit: int) -> list[bytes | memoryview]:
     if len(req.inputs) != 1:
         raise BadRequest(f"expected one input tensor named {INPUT!r}, got {len(req.inputs)}")
     t = req.inputs[0]
@@ -139,11 +143,21 @@ def _bool_param(params: dict[str, Any] | None, key: str, default: bool) -> bool:
     return parse_bool((params or {}).get(key, default), f"parameter {key!r}", strings=False, error=BadRequest)
 
 
-def requested(req: InferenceRequest) -> list[tuple[str, bool, int | None]]:
-    """(output name, binary?, classification k or None) for each output to send, in order."""
+def ood_policy(req: InferenceRequest) -> OodPolicy | None:
+    """The request's ``ood_policy`` parameter (``report`` or ``refuse``), or ``None`` for the setting."""
+    value = (req.parameters or {}).get("ood_policy")
+    if value is not None and value not in OOD_POLICIES:
+        raise BadRequest(f"parameter 'ood_policy' must be one of {', '.join(OOD_POLICIES)}, not {str(value)[:40]!r}")
+    return cast("OodPolicy | None", value)
+
+
+def requested(req: InferenceRequest, familiar: bool = False) -> list[tuple[str, bool, int | None]]:
+    """(output name, binary?, classification k or None) for each output to send, in order; without
+    ``outputs`` the defaults, plus the familiarity outputs when the head has them (``familiar``)."""
     default = _bool_param(req.parameters, "binary_data_output", False)
     if not req.outputs:
-        return [(name, default, None) for name in DEFAULT_OUTPUTS]
+        names = DEFAULT_OUTPUTS + (FAMILIARITY_OUTPUTS if familiar else ())
+        return [(name, default, None) for name in names]
     out, seen = [], set()
     for o in req.outputs:
         if o.name not in OUTPUTS:
@@ -165,6 +179,14 @@ def _tensor(
     name: str, datatype: str, values: np.ndarray | list[str], shape: list[int], binary: bool
 ) -> tuple[dict[str, Any], bytes]:
     out: dict[str, Any] = {"name": name, "datatype": datatype, "shape": shape}
+    if datatype == "BOOL":
+        flags = np.ascontiguousarray(values, dtype=np.bool_)
+        if binary:
+            blob = flags.tobytes()
+            out["parameters"] = {"binary_data_size": len(blob)}
+            return out, blob
+        out["data"] = [bool(v) for v in flags.ravel()]
+        return out, b""
     if datatype == "BYTES":
         strings = [str(s).encode() for s in values]
         if binary:
@@ -182,14 +204,22 @@ def _tensor(
     return out, b""
 
 
-def outputs(
-    head: Head, proba: np.ndarray, feats: np.ndarray, wanted: list[tuple[str, bool, int | None]]
-) -> list[tuple[dict[str, Any], bytes]]:
+def outputs(res: InferResult, wanted: list[tuple[str, bool, int | None]]) -> list[tuple[dict[str, Any], bytes]]:
+    """The output tensors of ``res``; a refused answer (``ood_policy=refuse``) has the label ``""``."""
+    assert res.head is not None and res.proba is not None
+    head, proba, feats = res.head, res.proba, res.features
     n = len(proba)
     result = []
     for name, binary, k in wanted:
+        if name in FAMILIARITY_OUTPUTS and (res.familiarity is None or res.in_distribution is None):
+            raise BadRequest(f"output {name!r}: head {head.name!r} has no familiarity data (retrain it to add it)")
         if name == "label":
-            result.append(_tensor(name, "BYTES", [head.classes[int(i)] for i in np.argmax(proba, axis=1)], [n], binary))
+            labels = [head.classes[int(i)] if res.named(r) else "" for r, i in enumerate(np.argmax(proba, axis=1))]
+            result.append(_tensor(name, "BYTES", labels, [n], binary))
+        elif name == "familiarity":
+            result.append(_tensor(name, "FP32", res.familiarity, [n], binary))  # type: ignore[arg-type]
+        elif name == "in_distribution":
+            result.append(_tensor(name, "BOOL", res.in_distribution, [n], binary))  # type: ignore[arg-type]
         elif name == "probabilities" and k is not None:
             k = min(k, len(head.classes))
             order = np.argsort(-proba, axis=1, kind="stable")[:, :k]

@@ -40,6 +40,7 @@ class TensorMetadata(BaseModel):
 
 class ModelMetadata(BaseModel):
     name: str
+    versions: list[str] = Field(default_factory=list, description="The head's versions (model_version)")
     platform: str
     inputs: list[TensorMetadata]
     outputs: list[TensorMetadata]
@@ -54,13 +55,15 @@ class RequestInput(BaseModel):
 
 
 class RequestOutput(BaseModel):
-    name: str = Field(description="`label`, `probabilities` or `features`")
+    name: str = Field(description="`label`, `probabilities`, `features`, `familiarity` or `in_distribution`")
     parameters: dict[str, Any] | None = Field(None, description="`binary_data` (bool); `classification` (int) on probabilities")
 
 
 class InferenceRequest(BaseModel):
     id: str | None = None
-    parameters: dict[str, Any] | None = Field(None, description="`binary_data_output` (bool); others are ignored")
+    parameters: dict[str, Any] | None = Field(
+        None, description="`binary_data_output` (bool); `ood_policy` (`report` or `refuse`); others are ignored"
+    )
     inputs: list[RequestInput]
     outputs: list[RequestOutput] | None = Field(None, description="Default: label and probabilities")
 
@@ -75,6 +78,7 @@ class ResponseOutput(BaseModel):
 
 class InferenceResponse(BaseModel):
     model_name: str
+    model_version: str | None = None
     id: str | None = None
     outputs: list[ResponseOutput]
 

@@ -1,0 +1,133 @@
+"""``/v1/heads``: a head's versions — list them, promote one (compare-and-swap), roll back, delete.
+
+Listing needs an inference key; changing what is served needs an admin key (``TLSERVE_ADMIN_KEYS``)
+once keys are configured. A change is served by this replica at once and by every replica sharing
+the store within ``TLSERVE_HEAD_POLL_INTERVAL_S``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends
+from pydantic import BaseModel, Field
+
+from app.api.deps import ServiceDep, require_admin, require_key
+from app.api.parsing import error_responses
+from app.api.schemas import ErrorResponse
+from app.errors import ArtifactError, HeadNotFound, TlserveError, VersionConflict
+from app.registry import Version
+from app.service import Service
+
+router = APIRouter(prefix="/v1/heads", tags=["heads"], dependencies=[Depends(require_key)],
+                   responses=error_responses(ErrorResponse, (400, 401, 403, 404, 409, 422, 500, 503)))  # fmt: skip
+Admin = [Depends(require_admin)]
+
+
+class VersionSummary(BaseModel):
+    version: int
+    current: bool
+    created_at: str | None = None
+    classes: list[str]
+    accuracy: float | None = Field(None, description="The version's validation accuracy, from its card")
+    signed: bool
+    copied_from: int | None = None
+
+
+class VersionList(BaseModel):
+    name: str
+    current: int = Field(description="The version the store points to")
+    served: int | None = Field(None, description="The version this replica serves (differs until it reloads)")
+    error: str | None = Field(None, description="Why the current version is not served, if it is not")
+    versions: list[VersionSummary]
+
+
+class Promote(BaseModel):
+    version: int = Field(ge=1, description="The version to serve")
+    expected: int | None = Field(None, ge=1, description="Only if the current version is still this one (compare-and-swap)")
+
+
+def _summary(v: Version, current: int) -> VersionSummary:
+    card = v.card
+    accuracy = (card.get("metrics") or {}).get("accuracy")
+    return VersionSummary(
+        version=v.version, current=v.version == current, created_at=card.get("created_at"),
+        classes=[str(c) for c in card.get("classes", [])], accuracy=accuracy if isinstance(accuracy, int | float) else None,
+        signed=isinstance(card.get("signature"), dict), copied_from=card.get("copied_from"),
+    )  # fmt: skip
+
+
+def _list(service: Service, name: str) -> VersionList:
+    heads = service.registry.store
+    current = heads.current_version(name)
+    versions: list[VersionSummary] = []
+    for number in heads.versions(name):
+        try:
+            versions.append(_summary(heads.get(name, number), current))
+        except TlserveError:
+            continue  # an unreadable card is reported by /v1/models when it is current
+    served = service.registry.heads.get(name)
+    error = service.registry.error(name)
+    return VersionList(name=name, current=current, served=served.version if served else None,
+                       error=error.message if error else None, versions=versions)  # fmt: skip
+
+
+async def _changed(service: Service, name: str) -> VersionList:
+    """Serve what the store now says (a refused version leaves the previous one serving and says why)."""
+    try:
+        await service.reload_head(name)
+    except HeadNotFound:
+        raise
+    except TlserveError:
+        pass  # recorded by the registry; reported in the listing below
+    return _list(service, name)
+
+
+def _writing(what: str) -> ArtifactError:
+    return ArtifactError(f"cannot {what}: the model store is not writable here")
+
+
+@router.get("/{name}/versions", response_model=VersionList, summary="A head's versions with their metrics")
+async def list_versions(name: str, service: ServiceDep) -> VersionList:
+    return _list(service, name)
+
+
+@router.post("/{name}/promote", response_model=VersionList, dependencies=Admin, summary="Serve a version (admin)")
+async def promote(name: str, body: Promote, service: ServiceDep) -> VersionList:
+    try:
+        service.registry.store.promote(name, body.version, expected=body.expected)
+    except OSError:
+        raise _writing("promote") from None
+    return await _changed(service, name)
+
+
+@router.post("/{name}/rollback", response_model=VersionList, dependencies=Admin,
+             summary="Serve the version before the current one (admin)")  # fmt: skip
+async def rollback(name: str, service: ServiceDep) -> VersionList:
+    try:
+        service.registry.store.rollback(name)
+    except OSError:
+        raise _writing("roll back") from None
+    return await _changed(service, name)
+
+
+@router.delete("/{name}/versions/{version}", response_model=VersionList, dependencies=Admin,
+               summary="Delete a version that is not current (admin)")  # fmt: skip
+async def delete_version(name: str, version: int, service: ServiceDep) -> VersionList:
+    try:
+        service.registry.store.delete_version(name, version)
+    except OSError:
+        raise _writing("delete") from None
+    return _list(service, name)
+
+
+@router.delete("/{name}", dependencies=Admin, summary="Delete a head and all its versions (admin)")
+async def delete_head(name: str, service: ServiceDep) -> dict[str, Any]:
+    if name == service.settings.default_head:
+        raise VersionConflict(f"head {name!r} is the default head (TLSERVE_DEFAULT_HEAD); it cannot be deleted")
+    try:
+        service.registry.store.delete(name)
+    except OSError:
+        raise _writing("delete") from None
+    await service.registry.poll()
+    return {"deleted": name}
