@@ -382,6 +382,15 @@ def vgg_settings(store: ModelStore) -> Settings:
     return Settings(model_store=store.root, intra_op_threads=2, decode_threads=2)
 
 
+@pytest.fixture(scope="module")
+def folder_head(vgg_store: ModelStore, photos: Path) -> str:
+    """A head trained on the photos folder by `tlserve train`'s path (it has familiarity data)."""
+    from app.training import Trainer
+
+    Trainer(vgg_settings(vgg_store), progress=False).train(photos, "from_folder")
+    return "from_folder"
+
+
 def ray_job(src: Path, out: Path, address: str, **kw: object) -> BatchJob:
     return BatchJob(str(src), str(out), ray=address, actors=2, actor_cpus=0.5, batch_size=4, part_rows=8, **kw)  # type: ignore[arg-type]
 
@@ -389,15 +398,16 @@ def ray_job(src: Path, out: Path, address: str, **kw: object) -> BatchJob:
 @pytest.mark.slow
 @pytest.mark.e2e
 def test_ray_job_on_two_actors_equals_predict_and_inprocess(ray_cluster: str, vgg_store: ModelStore, photos: Path,
-                                                            tmp_path: Path, capsys, monkeypatch) -> None:  # fmt: skip
-    summary = run(ray_job(photos, tmp_path / "ray", ray_cluster), vgg_settings(vgg_store), progress=False)
+                                                            folder_head: str, tmp_path: Path, capsys, monkeypatch) -> None:  # fmt: skip
+    summary = run(ray_job(photos, tmp_path / "ray", ray_cluster, head=folder_head), vgg_settings(vgg_store), progress=False)
     assert len(summary.actors) == 2 and all(n > 0 for n in summary.actors.values()), summary.actors  # a pool of 2, both used
     assert sum(summary.actors.values()) == summary.images == 47 and summary.errors == 3
     on_ray = rows(tmp_path / "ray")
     files = [str(photos / r["path"]) for r in on_ray]
-    code, out, _ = cli(["predict", *files, "--json", "--top-k", "2"], vgg_store.root, capsys, monkeypatch, "cats_vs_dogs")
+    code, out, _ = cli(["predict", *files, "--json", "--top-k", "2"], vgg_store.root, capsys, monkeypatch, folder_head)
     predicted = json.loads(out)["results"]
     assert code == 1  # the bad files
+    threshold = json.loads((vgg_store.root / "heads" / folder_head / "1" / "card.json").read_text())["familiarity"]["threshold"]
     for r, p in zip(on_ray, predicted, strict=True):
         assert p["file"] == str(photos / r["path"])
         if r["error"]:
@@ -405,18 +415,28 @@ def test_ray_job_on_two_actors_equals_predict_and_inprocess(ray_cluster: str, vg
             continue
         assert r["label"] == p["label"] and abs(r["probability"] - p["confidence"]) < 1e-5
         assert [t["label"] for t in r["top_k"]] == [t["label"] for t in p["top_k"]]
+        # the same score on features of another batch composition (ONNX Runtime's float sums differ in the last bits)
+        assert abs(r["familiarity"] - p["familiarity"]) < 1e-4 * max(1.0, abs(p["familiarity"]))
+        assert r["in_distribution"] is p["in_distribution"] or abs(p["familiarity"] - threshold) < 1e-3
     assert sum(r["label"] == r["path"].split("/")[0] for r in on_ray if r["path"].split("/")[1][:4] in ("cat.", "dog.")) >= 38
-    local = run(BatchJob(str(photos), str(tmp_path / "local"), part_rows=8), vgg_settings(vgg_store), progress=False)
+    local = run(BatchJob(str(photos), str(tmp_path / "local"), head=folder_head, part_rows=8, batch_size=4),
+                vgg_settings(vgg_store), progress=False)  # fmt: skip
     assert local.images == 47
     for a, b in zip(on_ray, rows(tmp_path / "local"), strict=True):
-        assert (a["path"], a["label"], a["error"]) == (b["path"], b["label"], b["error"])
+        assert (a["path"], a["label"], a["error"], a["in_distribution"]) == (
+            b["path"],
+            b["label"],
+            b["error"],
+            b["in_distribution"],
+        )
         assert a["probability"] is None or abs(a["probability"] - b["probability"]) < 1e-5
+        assert a["familiarity"] is None or abs(a["familiarity"] - b["familiarity"]) < 1e-4 * max(1.0, abs(b["familiarity"]))
 
 
 @pytest.mark.slow
 @pytest.mark.e2e
 def test_ray_features_job_killed_resumed_then_trained(ray_cluster: str, vgg_store: ModelStore, photos: Path, shared_data: Path,
-                                                      tmp_path: Path, capsys, monkeypatch) -> None:  # fmt: skip
+                                                      folder_head: str, tmp_path: Path, capsys, monkeypatch) -> None:  # fmt: skip
     out = tmp_path / "feats"
     env = {**os.environ, "TLSERVE_MODEL_STORE": str(vgg_store.root), "TLSERVE_INTRA_OP_THREADS": "2"}
     cmd = [sys.executable, "-m", "app.cli", "batch", str(photos), "--features", "--output", str(out), "--ray", ray_cluster,
@@ -438,15 +458,15 @@ def test_ray_features_job_killed_resumed_then_trained(ray_cluster: str, vgg_stor
     store = vgg_store.root
     code, _, _ = cli(["train", "--features", str(out), "--name", "from_features"], store, capsys, monkeypatch, "cats_vs_dogs")
     assert code == 0
-    code, _, _ = cli(["train", str(photos), "--name", "from_folder"], store, capsys, monkeypatch, "cats_vs_dogs")
-    assert code == 0
     from app.registry import load_head
     from app.training import Trainer
 
     trainer = Trainer(vgg_settings(vgg_store), progress=False)
-    a, b = (load_head(trainer.heads, n, trainer.info.feature_space) for n in ("from_features", "from_folder"))
+    a, b = (load_head(trainer.heads, n, trainer.info.feature_space) for n in ("from_features", folder_head))
     assert a.classes == b.classes == ("cat", "dog")
-    assert a.card["training"]["train_per_class"] == b.card["training"]["train_per_class"]
+    for key in ("train_per_class", "val_per_class", "skipped"):
+        assert a.card["training"][key] == b.card["training"][key], key
+    assert a.card["estimator"]["C"] == b.card["estimator"]["C"] and "familiarity" in a.card
     val = [p for label in ("cat", "dog") for p in sorted((shared_data / "val" / label).iterdir())[:10]]
     x = trainer.features(val).features
     pa_, pb = a.predict_proba(x), b.predict_proba(x)
