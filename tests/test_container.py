@@ -412,9 +412,7 @@ def test_stopping_one_of_two_replicas_behind_nginx_under_load_fails_no_request(
     # every request answered after the stop returned was b's
     assert after[f"127.0.0.1:{b.port}"] - before[f"127.0.0.1:{b.port}"] >= done[0] - stopped["ended_at"] - 8, (before, after)
     assert stopped["after_s"] < drain_timeout_s() and a.exit_code(timeout=10) == 0, (stopped, a.logs()[-2000:])
-    print(
-        f"served {dict(after)}; a stopped in {stopped['after_s']:.1f}s, requests {stopped['started_at']}..{stopped['ended_at']}"
-    )
+    print(f"served {dict(after)}; a stopped in {stopped['after_s']:.1f}s, requests {stopped['started_at']}..{stopped['ended_at']}")
 
 
 # --- INT8 ----------------------------------------------------------------------------------------
