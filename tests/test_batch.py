@@ -257,6 +257,7 @@ def test_train_features_equals_training_on_the_folder(fresh_tiny_store: ModelSto
     from app.training import Trainer
 
     s = tiny_settings(fresh_tiny_store)
+    (colors / "loose.png").write_bytes(image_bytes((40, 40, 210)))  # outside the class folders: ignored, counted
     run(BatchJob(str(colors), str(tmp_path / "f"), features=True, batch_size=4), s, progress=False)
     trainer = Trainer(s, progress=False)
     a = trainer.train_features(str(tmp_path / "f"), "from_features")
@@ -274,8 +275,8 @@ def test_train_features_equals_training_on_the_folder(fresh_tiny_store: ModelSto
     fa, fb = ca["familiarity"], cb["familiarity"]
     assert (fa["method"], fa["n"]) == (fb["method"], fb["n"]) and abs(fa["threshold"] - fb["threshold"]) < 1e-4
     assert ca["training"]["features"] == {"dir": str(tmp_path / "f"), "source": str(colors),
-                                          "extractor_sha256": fresh_tiny_store.extractor().sha256, "rows": 13}  # fmt: skip
-    assert "features" not in cb["training"]
+                                          "extractor_sha256": fresh_tiny_store.extractor().sha256, "rows": 14}  # fmt: skip
+    assert "features" not in cb["training"] and ca["training"]["ignored_outside_class_folders"] == 1
     x = trainer.features(sorted((colors / "red").glob("*.png"))).features
     pa_, pb = (load_head(trainer.heads, n, trainer.info.feature_space).predict_proba(x) for n in ("from_features", "from_folder"))
     assert np.abs(pa_ - pb).max() < 1e-4
