@@ -48,7 +48,17 @@ from app import familiarity
 from app.cpus import available_cpus
 from app.errors import DatasetError
 from app.extractor import Extractor
-from app.features import Dataset, Duplicate, Extracted, FeatureCache, check_readable, extract_paths, find_duplicates, hash_files
+from app.features import (
+    Dataset,
+    Duplicate,
+    Extracted,
+    FeatureCache,
+    check_readable,
+    extract_paths,
+    find_duplicates,
+    hash_files,
+    hidden,
+)
 from app.heads import Head
 from app.progress import Meter, ProgressCallback, console, no_progress
 from app.registry import HeadStore, Version, save_head, valid_head_name
@@ -578,7 +588,7 @@ class Trainer:
         return ev
 
     def _ood(self, head: Head, known: familiarity.Familiarity, ood_dir: Path, scores: np.ndarray) -> OodReport:
-        paths = sorted(p for p in ood_dir.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.parts))
+        paths = sorted(p for p in ood_dir.rglob("*") if p.is_file() and not hidden(p, ood_dir))
         ext = self.features(paths, phase="--ood features")
         if not len(ext.kept):
             raise DatasetError(f"--ood {ood_dir}: none of its {len(paths)} files is a readable image")
