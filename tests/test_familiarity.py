@@ -276,7 +276,10 @@ def test_predict_and_evaluate_ood_on_the_cli(tiny_store: ModelStore, tmp_path: P
     env = {**os.environ, "TLSERVE_MODEL_STORE": str(tiny_store.root), "TLSERVE_DEFAULT_HEAD": "colors",
            "TLSERVE_FEATURE_CACHE_DIR": str(tmp_path / "cache"), "TLSERVE_INTRA_OP_THREADS": "1"}  # fmt: skip
     cli = [sys.executable, "-m", "app.cli"]
-    done = subprocess.run([*cli, "evaluate", str(val), "--ood", str(tmp_path / "ood"), "--json", "--no-progress"],
+    (ood / ".hidden.png").write_bytes(_between())  # dot-files are skipped; the ``..`` of a relative path is not a dot-file
+    relative = os.path.relpath(tmp_path / "ood", REPO)
+    assert relative.startswith("..")
+    done = subprocess.run([*cli, "evaluate", str(val), "--ood", relative, "--json", "--no-progress"],
                           capture_output=True, text=True, env=env, cwd=REPO, timeout=120)  # fmt: skip
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
