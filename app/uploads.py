@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import lzma
 import re
 import shutil
 import stat
@@ -41,6 +42,7 @@ import time
 import uuid
 import warnings
 import zipfile
+import zlib
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,6 +79,9 @@ SPOOL_MAX_AGE_S = 3600.0
 JUNK_NAMES = frozenset({"__MACOSX", "Thumbs.db", "desktop.ini"})
 _DRIVE = re.compile(r"^[A-Za-z]:")
 _CHUNK = 1024 * 1024
+_CORRUPT = (tarfile.TarError, zipfile.BadZipFile, OSError, EOFError, zlib.error, lzma.LZMAError, ValueError,
+            NotImplementedError, RuntimeError)  # fmt: skip
+"""What reading a corrupt or exotic archive raises (compressed streams, unknown zip methods): a 422, never a 500."""
 
 
 @dataclass(frozen=True)
@@ -292,7 +297,7 @@ def check_archive(path: Path, archive: str, settings: Settings, budget: list[int
     try:
         with tarfile.open(path, mode="r:*") as tar:
             return "tar", *_check_tar(tar, archive, settings, budget, size)
-    except tarfile.TarError:
+    except _CORRUPT:
         raise MalformedRequest(
             f"archive {archive!r} is neither a zip nor a tar (.tar, .tar.gz, .tgz, .tar.bz2, .tar.xz) it can read"
         ) from None
@@ -324,7 +329,7 @@ def _check_zip(path: Path, archive: str, settings: Settings, budget: list[int], 
     try:
         with zipfile.ZipFile(path) as zf:
             infos = zf.infolist()
-    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+    except _CORRUPT as exc:
         raise MalformedRequest(f"archive {archive!r} is not a readable zip: {exc}") from None
     _count(len(infos), archive, settings)
     files, ignored, total = [], 0, 0
@@ -360,7 +365,7 @@ def _check_tar(tar: tarfile.TarFile, archive: str, settings: Settings, budget: l
     while True:
         try:
             info = tar.next()  # reads one header (a compressed stream is decompressed up to it, never stored)
-        except tarfile.TarError as exc:
+        except _CORRUPT as exc:
             raise MalformedRequest(f"archive {archive!r} is not a readable tar: {exc}") from None
         if info is None:
             break
@@ -430,7 +435,7 @@ def _unpack_all(upload: Upload, archives: list[tuple[Path, str]], settings: Sett
                     try:
                         with zf.open(m.key) as src:
                             _copy(src, target, m.size, f"archive {name!r}: member {m.name!r}")
-                    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+                    except _CORRUPT as exc:
                         raise MalformedRequest(f"archive {name!r}: member {m.name!r} is corrupt: {exc}") from None
                     upload.photos.append(Photo(target, label, m.name))
         else:
@@ -438,11 +443,14 @@ def _unpack_all(upload: Upload, archives: list[tuple[Path, str]], settings: Sett
                 for n, (label, m) in enumerate(labelled):
                     target = upload.folder / f"a{k}-{n}"
                     assert isinstance(m.key, tarfile.TarInfo)
-                    member = tar.extractfile(m.key)
-                    if member is None:
-                        raise UnsafeArchive(f"archive {name!r}: member {m.name!r} is not a regular file")
-                    with member:
-                        _copy(member, target, m.size, f"archive {name!r}: member {m.name!r}")
+                    try:
+                        member = tar.extractfile(m.key)
+                        if member is None:
+                            raise UnsafeArchive(f"archive {name!r}: member {m.name!r} is not a regular file")
+                        with member:
+                            _copy(member, target, m.size, f"archive {name!r}: member {m.name!r}")
+                    except _CORRUPT as exc:
+                        raise MalformedRequest(f"archive {name!r}: member {m.name!r} is corrupt: {exc}") from None
                     upload.photos.append(Photo(target, label, m.name))
         path.unlink()  # what it held is spooled; do not keep two copies
 
