@@ -400,9 +400,8 @@ class JobRunner:
         with contextlib.suppress(OSError, TlserveError):
             self._flush(job)
         try:
-            trainer = Trainer(
-                self.settings, progress=lambda p: self._progress(job, p), extractor=self.extractor(job.cancel.is_set)
-            )
+            trainer = Trainer(self.settings, progress=lambda p: self._progress(job, p), extractor=self.extractor(job.cancel.is_set),
+                              feature_batch=self.settings.training_batch_images)  # fmt: skip
             examples = ExampleStore(self.store.heads.root, spec.head)
             train = dataset(examples, spec.plan.train, spec.plan.classes)
             val = dataset(examples, spec.plan.val, spec.plan.classes)
@@ -479,7 +478,9 @@ class JobRunner:
 
         classes = list(head.classes)
         kept = [e for e in val if e.label in classes]
-        trainer = Trainer(self.settings, progress=False, extractor=self.extractor())
+        trainer = Trainer(
+            self.settings, progress=False, extractor=self.extractor(), feature_batch=self.settings.training_batch_images
+        )
         ext = trainer.features([examples.path(e.sha256) for e in kept], phase="compare features")
         y = np.asarray([classes.index(kept[int(i)].label) for i in ext.kept], dtype=np.int64)
         with sklearn_threads(1):

@@ -321,9 +321,11 @@ class Trainer:
     """Everything ``train``/``evaluate``/``predict`` share: store, extractor, cache, progress."""
 
     def __init__(
-        self, settings: Settings, *, progress: ProgressCallback | bool = True, extractor: Extractor | None = None
-    ) -> None:
+        self, settings: Settings, *, progress: ProgressCallback | bool = True, extractor: Extractor | None = None,
+        feature_batch: int = 32,
+    ) -> None:  # fmt: skip
         self.settings = settings
+        self.feature_batch = feature_batch  # images an extractor run gets (and progress counts); a job's are small
         self.store = ModelStore(settings.model_store)
         self.heads = HeadStore.from_settings(settings)
         self.progress: ProgressCallback = progress if callable(progress) else (console() if progress else no_progress)
@@ -358,6 +360,7 @@ class Trainer:
             progress=self.progress,
             phase=phase,
             hashes=hashes,
+            batch_size=self.feature_batch,
         )
 
     def _prepare(self, data: Dataset, minimum: int, what: str) -> tuple[list[str | None], dict[int, str]]:

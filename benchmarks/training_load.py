@@ -94,7 +94,9 @@ def wait(url: str, location: str, done: Any, timeout: float = 3600) -> dict[str,
 
 
 def extracting(rec: dict[str, Any]) -> bool:
-    return rec["state"] == "running" and rec["progress"]["phase"] == "features" and rec["progress"]["done"] > 0
+    """Extracting (the features phase has begun), or already past it (a job too small for the window)."""
+    started = rec["progress"]["phase"] == "features" and rec["progress"]["done"] > 0
+    return rec["state"] == "succeeded" or (rec["state"] == "running" and (started or "validation features" in rec["phases"]))
 
 
 def finished(rec: dict[str, Any]) -> bool:
@@ -145,17 +147,16 @@ def run(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
                 t0 = time.monotonic()
                 latency = load(url, pid, payloads, c, seconds)
                 end, t1 = record(url, location), time.monotonic()
+                began = start["state"] == "running" and start["progress"]["phase"] == "features"
                 still = end["state"] == "running" and end["progress"]["phase"] == "features"
-                if still:  # images extracted in the window, from the record's progress at both ends
+                rate: float | None = None  # the job was past its features before the load began: too small
+                if began and still:  # images extracted in the window, from the record's progress at both ends
                     rate = (end["progress"]["done"] - start["progress"]["done"]) / (t1 - t0)
-                else:  # its features phase ended inside the window (all of it under load, but its first beat)
+                elif began:  # its features phase ended inside the window (all of it under load, but its first beat)
                     phase = wait(url, location, finished)["phases"]["features"]
                     rate = phase["done"] / phase["elapsed_s"]
-                result["loaded"][c] = {
-                    **latency,
-                    "extraction_images_s": round(rate, 3),
-                    "job_extracted_through_the_window": still,
-                }
+                result["loaded"][c] = {**latency, "extraction_images_s": None if rate is None else round(rate, 3),
+                                       "job_extracted_through_the_window": began and still}  # fmt: skip
                 wait(url, location, finished)
     derive(result)
     return result
