@@ -148,9 +148,9 @@ class Settings(BaseSettings):
         description="Training jobs one replica runs at a time; a further `POST /v1/heads/{name}/train` gets 429 + Retry-After (0: this replica trains nothing).",
     )
     training_batch_images: int = Field(
-        4,
+        1,
         ge=1,
-        description="Images a training job hands the batcher at a time, at lower priority than requests: they run when no request waits, or fill the room left in a request's batch.",
+        description="Images a training job hands the batcher at a time, at lower priority than requests: they run when no request waits (a request arriving then waits for them), or fill the room left in a request's batch. On a CPU each costs a request up to one image's inference; raise it on a GPU.",
     )
     max_training_bytes: int = Field(
         1024 * 1024 * 1024,
