@@ -34,6 +34,7 @@ import socket
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -117,9 +118,8 @@ def plan(snap: Snapshot, *, use_examples: bool, max_classes: int) -> Plan:
         train = [e for sha, e in sorted(snap.examples.items()) if sha not in held]
     else:
         train = [snap.examples[s] for s in dict.fromkeys(snap.upload) if s not in held]
-    counts = dict(sorted({e.label: 0 for e in train}.items()))
-    for e in train:
-        counts[e.label] += 1
+    counts = dict(sorted(Counter(e.label for e in train).items()))
+    held_counts = snap.counts(sorted(held))
     classes = list(counts)
     if len(classes) < 2:
         source = "the example store and this upload" if use_examples else "this upload (use_examples=false)"
@@ -130,7 +130,6 @@ def plan(snap: Snapshot, *, use_examples: bool, max_classes: int) -> Plan:
         raise DatasetError(f"{len(classes)} classes, over the limit of {max_classes} (max_training_classes)")
     few = [c for c, n in counts.items() if n < MIN_TRAIN_PER_CLASS]
     if few:
-        held_counts = snap.counts(sorted(held))
         listed = ", ".join(f"{c!r} has {counts[c]} to train on" + (f" and {held_counts[c]} in the validation set" if held_counts.get(c) else "")
                            for c in few)  # fmt: skip
         first = (f"; a head's first training needs {MIN_TRAIN_PER_CLASS + 1} photos a class (one goes to its fixed validation set)"
@@ -139,7 +138,6 @@ def plan(snap: Snapshot, *, use_examples: bool, max_classes: int) -> Plan:
             f"every class needs at least {MIN_TRAIN_PER_CLASS} training photos besides the validation set: {listed}{first}"
         )
     if snap.validation_chosen:  # the first training: every class gets photos in the fixed validation set
-        held_counts = snap.counts(sorted(held))
         missing = [c for c in classes if not held_counts.get(c)]
         if missing:
             raise DatasetError(
