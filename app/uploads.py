@@ -208,8 +208,15 @@ class _Spooler:
         if self.kind == "option":
             self.upload.options[self.name] = self.value.decode("utf-8", "replace").strip()
         if self.file is not None:
+            empty = self.file.tell() == 0
             self.file.close()
             self.file = None
+            if empty and not self.filename and self.path is not None:  # a browser's empty file input: no file chosen
+                self.path.unlink()
+                if self.kind == "photo":
+                    self.upload.photos.pop()
+                else:
+                    self.archives.pop()
         self.kind = None
 
     def close(self) -> None:

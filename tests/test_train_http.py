@@ -306,7 +306,10 @@ def test_training_options_and_counts_are_checked_before_the_job(limited, photos)
     assert "first training needs at least 3 photos a class" in error(r)["message"] and "'dog' has 2 photos" in error(r)["message"]
     r = httpx.post(server.url + "/v1/heads/opts/train", files=[("cat", (p.name, p.read_bytes())) for p in photos["cat"][:4]])
     assert r.status_code == 422 and "at least two classes" in error(r)["message"]
-    r = httpx.post(server.url + "/v1/heads/opts/train", files={"use_examples": (None, "false")})
+    # no photos (a browser's empty file input is no photo): nothing to train on without the example store
+    body = (b'--B\r\nContent-Disposition: form-data; name="use_examples"\r\n\r\nfalse\r\n'
+            b'--B\r\nContent-Disposition: form-data; name="cat"; filename=""\r\nContent-Type: application/octet-stream\r\n\r\n\r\n--B--\r\n')  # fmt: skip
+    r = httpx.post(server.url + "/v1/heads/opts/train", content=body, headers={"content-type": "multipart/form-data; boundary=B"})
     assert r.status_code == 422 and error(r)["code"] == "empty_input" and "no photos" in error(r)["message"], r.text
     assert not (store / "heads" / "opts").exists()  # refused uploads store nothing
 
