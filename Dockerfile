@@ -60,10 +60,11 @@ RUN pip wheel --no-deps --wheel-dir /dist . \
 # The model store the images serve: the committed heads, then `tlserve export` (ARG EXPORT_ARGS, e.g.
 # "--size 224 --pooling avg", must match what the heads were trained on). Each runtime stage then
 # checks, as the serving user, that the default head loads against this very extractor.
+# PRECISION=fp32: `tlserve export --no-int8`, never an INT8 copy (whatever folders a head's card names).
 # PRECISION=int8: `tlserve export --int8` also quantizes, calibrating on the photos of the `calibration`
 # build context, bind-mounted read-only for this RUN alone (no layer holds them), and checks the heads
 # above on the photos it did not calibrate with (ARG INT8_ARGS, e.g. "--calibration-images 100", leaves
-# some out); only when they agree does the manifest serve the INT8 file to them.
+# some out); when its accuracy gate fails, `--int8` exits 1 and so does the build.
 FROM build AS store
 COPY model_store/heads/ /opt/tlserve/model_store/heads/
 ARG EXPORT_ARGS=""
@@ -73,7 +74,9 @@ RUN --mount=type=bind,from=calibration,target=/calibration \
     if [ "$PRECISION" = int8 ]; then \
         [ -n "$(ls -A /calibration)" ] || { echo "PRECISION=int8 needs photos: --build-context calibration=DIR" >&2; exit 1; }; \
         set -- --int8 --calibration-dir /calibration ${INT8_ARGS}; \
-    elif [ "$PRECISION" != fp32 ]; then \
+    elif [ "$PRECISION" = fp32 ]; then \
+        set -- --no-int8; \
+    else \
         echo "PRECISION is fp32 or int8, not '$PRECISION'" >&2; exit 1; \
     fi \
     && /opt/venv/bin/tlserve export ${EXPORT_ARGS} "$@" \

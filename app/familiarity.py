@@ -91,6 +91,21 @@ class Familiarity:
     standardize: tuple[float, float, float, float] = (0.0, 1.0, 0.0, 1.0)
     """``*_margin``: (mean, std) of the kNN score, then of the margin, out of fold."""
 
+    def __post_init__(self) -> None:
+        """Bank rows grouped by class (stable), so a per-class score reads only that class's rows."""
+        order = np.argsort(self.labels, kind="stable")
+        if not np.array_equal(order, np.arange(len(order))):
+            object.__setattr__(self, "bank", np.ascontiguousarray(self.bank[order]))
+            object.__setattr__(self, "labels", self.labels[order])
+        bounds = np.searchsorted(self.labels, np.arange(int(self.labels.max(initial=-1)) + 2))
+        object.__setattr__(self, "_bounds", bounds)
+
+    def _rows(self, label: int) -> np.ndarray:
+        bounds: np.ndarray = object.__getattribute__(self, "_bounds")
+        if label + 1 >= len(bounds):
+            return self.bank[:0]
+        return self.bank[bounds[label] : bounds[label + 1]]
+
     @classmethod
     def build(cls, features: np.ndarray, labels: np.ndarray, method: str = DEFAULT_METHOD, k: int = DEFAULT_K,
               **kw: Any) -> Familiarity:  # fmt: skip
@@ -104,17 +119,18 @@ class Familiarity:
     def components(self, features: np.ndarray, proba: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
         """The raw kNN similarity of each row and, for the ``*_margin`` methods, the head's margin."""
         q = _normalize(np.asarray(features, np.float32) - self.center)
-        sims = q @ self.bank.T
         margin = self.method.endswith("_margin")
         if proba is None and (margin or "class" in self.method):
             raise ValueError(f"familiarity method {self.method!r} needs the head's probabilities")
         if "class" not in self.method:
-            return _top_k_mean(sims, self.k), (_margin(proba) if margin and proba is not None else None)
+            return _top_k_mean(q @ self.bank.T, self.k), (_margin(proba) if margin and proba is not None else None)
         assert proba is not None
         pred = np.asarray(proba).argmax(axis=1)
-        sims = np.where(self.labels[None, :] == pred[:, None], sims, -np.inf)
-        counts = np.bincount(self.labels, minlength=int(pred.max()) + 1)[pred]
-        knn = _top_k_mean(sims, min(self.k, int(counts.min())))
+        knn = np.full(len(q), -np.inf)
+        for label in np.unique(pred):  # only the rows of the class the head answered: no full-bank product
+            rows, members = self._rows(int(label)), pred == label
+            if len(rows):
+                knn[members] = _top_k_mean(q[members] @ rows.T, self.k)
         return knn, (_margin(proba) if margin else None)
 
     def combine(self, knn: np.ndarray, margin: np.ndarray | None) -> np.ndarray:

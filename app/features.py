@@ -82,7 +82,7 @@ class Dataset:
         nested: dict[str, int] = {}
         for name in present:
             folder = root / name
-            files = sorted(p for p in folder.rglob("*") if is_image_file(p) and not _hidden(p, folder))
+            files = sorted(p for p in folder.rglob("*") if is_image_file(p) and not hidden(p, folder))
             if not files:
                 raise DatasetError(f"class {name!r} has no files (folder {folder})")
             if len(files) < min_per_class:
@@ -108,7 +108,8 @@ class Dataset:
         return self.paths[i].relative_to(self.root).as_posix()
 
 
-def _hidden(path: Path, base: Path) -> bool:
+def hidden(path: Path, base: Path) -> bool:
+    """A dot-file or anything in a dot-folder under ``base`` (the parts above ``base``, such as ``..``, do not count)."""
     return any(part.startswith(".") for part in path.relative_to(base).parts)
 
 

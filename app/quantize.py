@@ -1,6 +1,9 @@
 """INT8: a statically quantized copy of the exported extractor, and the measurement that decides its heads.
 
-``tlserve export --int8 --calibration-dir DIR`` calls :func:`quantize_int8` after the fp32 export:
+``tlserve export`` calls :func:`quantize_int8` after the fp32 export whenever it has calibration photos:
+``--calibration-dir DIR``, or by default the default head's training photos while its card's folder still
+exists (:func:`default_calibration`; its validation folder is then the check set); otherwise it exports fp32
+only and says so. ``--int8`` makes the copy required, ``--no-int8`` skips it.
 
 1. calibration images are read with :func:`app.imaging.load_image` (the one loader) at the
    manifest's size and resize filter, classes interleaved, ``limit`` of them;
@@ -13,13 +16,15 @@
    of the calibration folder not used for calibration): feature cosine with fp32, and for every
    head trained on the fp32 extractor, prediction agreement (and accuracy when the folder is
    labelled with the head's classes). Only when *every* such head agrees on at least
-   ``min_agreement`` of the images does the entry say ``feature_space: <fp32 sha256>``: then the
+   ``min_agreement`` of the images and the mean feature cosine is at least ``min_cosine`` does the entry
+   say ``feature_space: <fp32 sha256>``: then the
    service serves those heads on the int8 extractor. Otherwise it is omitted and the service
    refuses fp32-trained heads with it.
 
 The entry is recorded as ``variants.int8`` of the manifest; ``extractor`` stays the fp32 export.
 Which one is served is the ``precision`` setting (``TLSERVE_PRECISION=auto|fp32|int8``, see
-:meth:`app.store.ModelStore.choose`). Speed is measured in ``benchmarks/`` (``int8_speed``), not here.
+:meth:`app.store.ModelStore.choose`); with ``auto`` the service also times both on its own CPU at start-up
+(:func:`measure_speedup`, the rule is :func:`app.store.int8_speed_verdict`). Benchmarks live in ``benchmarks/``.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ import numpy as np
 
 from app import __version__
 from app.errors import InputError
-from app.export import CALIBRATION_IMAGES, CHECK_IMAGES, MIN_AGREEMENT
+from app.export import CALIBRATION_IMAGES, CHECK_IMAGES, MIN_AGREEMENT, MIN_COSINE
 from app.extractor import create_session
 from app.hashing import sha256_file
 from app.imaging import is_image_file, load_image
@@ -46,6 +51,7 @@ from app.store import ExtractorInfo, ModelStore, atomic_write
 log = logging.getLogger(__name__)
 
 CALIBRATION_BATCH = 8
+SELF_CHECK_ROUNDS = 3  # fp32/int8 pairs the start-up self-check times (after one warm-up pair)
 
 
 # --- images ------------------------------------------------------------------------------------
@@ -98,6 +104,34 @@ class _Reader:
         return 0
 
 
+def _existing(folder: str | None, store: ModelStore) -> Path | None:
+    """``folder`` as a card records it (absolute, or relative to where training ran: tried from the current
+    folder, then from the model store's parent, i.e. the repository for ``model_store/``)."""
+    if not folder:
+        return None
+    path = Path(folder)
+    for candidate in [path] if path.is_absolute() else [path, store.root.resolve().parent / path]:
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
+def default_calibration(store: ModelStore, head: str) -> tuple[Path | None, Path | None, str]:
+    """Where ``tlserve export`` calibrates when no ``--calibration-dir`` is given: the default ``head``'s
+    training photos (its card's ``training.data_dir``) and, as the gate's check set, its validation folder
+    (``training.split.val_dir``) when there is one. ``(None, None, why not)`` when the card or folder is gone."""
+    try:
+        card = store.heads.get(head).card
+    except Exception as exc:  # noqa: BLE001 - no store, no head, a broken card: no default calibration, said why
+        return None, None, f"the default head {head!r} is not in {store.heads_dir} ({getattr(exc, 'message', exc)})"
+    training = card.get("training") or {}
+    calib = _existing(training.get("data_dir"), store)
+    if calib is None or not image_files(calib):
+        return None, None, f"the default head {head}'s training photos ({training.get('data_dir')}) are not here"
+    check = _existing((training.get("split") or {}).get("val_dir"), store)
+    return calib, check, f"the default head {head}'s training photos"
+
+
 # --- quantization --------------------------------------------------------------------------------
 def cpu_flags() -> set[str]:
     try:
@@ -142,6 +176,24 @@ def quantize_file(src: Path, dst: Path, calibration: np.ndarray, *, reduce_range
     }
 
 
+def measure_speedup(
+    fp32: Path, int8: Path, size: int, *, threads: int, spinning: bool, rounds: int = SELF_CHECK_ROUNDS
+) -> dict[str, float]:
+    """The start-up self-check: the int8 over the fp32 extractor's speed on this CPU, one image per run,
+    fp32 and int8 alternating for ``rounds`` after one warm-up run each; each side's fastest run counts
+    (the least disturbed by other processes on a shared machine)."""
+    sessions = [create_session(p, threads=threads, spinning=spinning) for p in (fp32, int8)]
+    x = np.random.default_rng(0).integers(0, 256, (1, size, size, 3), dtype=np.uint8)
+    best = [float("inf"), float("inf")]
+    for r in range(rounds + 1):
+        for i, sess in enumerate(sessions):
+            t0 = time.perf_counter()
+            sess.run(["features"], {"images": x})
+            if r:  # round 0 warms up
+                best[i] = min(best[i], time.perf_counter() - t0)
+    return {"fp32_ms": round(best[0] * 1000, 2), "int8_ms": round(best[1] * 1000, 2), "speedup": round(best[0] / best[1], 3)}
+
+
 def features_of(path: Path, images: np.ndarray, batch: int = 16) -> np.ndarray:
     sess = create_session(path, threads=0, spinning=False)
     return np.concatenate([sess.run(["features"], {"images": images[i : i + batch]})[0] for i in range(0, len(images), batch)])
@@ -155,8 +207,10 @@ def compare(
     labels: list[str | None],
     *,
     min_agreement: float = MIN_AGREEMENT,
+    min_cosine: float = MIN_COSINE,
 ) -> dict[str, Any]:
-    """Cosine of int8 vs fp32 features and, per fp32-trained head, agreement and accuracy on ``images``."""
+    """Cosine of int8 vs fp32 features and, per fp32-trained head, agreement and accuracy on ``images``;
+    ``heads_agree`` when the mean cosine reaches ``min_cosine`` and every checked head ``min_agreement``."""
     from app.registry import load_head
 
     f32 = features_of(store.root / fp32["file"], images)
@@ -179,14 +233,20 @@ def compare(
             row["accuracy_int8"] = round(float((p8 == y).mean()), 4)
         heads[name] = row
     checked = [h for h in heads.values() if h["checked"]]
-    return {
+    out: dict[str, Any] = {
         "images": len(images),
         "cosine_mean": round(float(cos.mean()), 5),
         "cosine_min": round(float(cos.min()), 5),
         "heads": heads,
         "min_agreement": min_agreement,
-        "heads_agree": bool(checked) and all(h["agreement"] >= min_agreement for h in checked),
+        "min_cosine": min_cosine,
+        "heads_agree": bool(checked)
+        and all(h["agreement"] >= min_agreement for h in checked)
+        and float(cos.mean()) >= min_cosine,
     }
+    if float(cos.mean()) < min_cosine:
+        out["reason"] = f"feature cosine mean {float(cos.mean()):.5f} of {len(images)} images, below {min_cosine}"
+    return out
 
 
 def quantize_int8(
@@ -198,6 +258,7 @@ def quantize_int8(
     check_limit: int = CHECK_IMAGES,
     reduce_range: bool = True,
     min_agreement: float = MIN_AGREEMENT,
+    min_cosine: float = MIN_COSINE,
 ) -> dict[str, Any]:
     """Write ``<fp32 stem>.int8.onnx``, check it, and record it as the manifest's int8 variant; returns its entry."""
     info = store.extractor(verify=True, precision="fp32")
@@ -247,7 +308,7 @@ def quantize_int8(
     })  # fmt: skip
     if check_files:
         images, labels = load_many(check_files, info)
-        check = compare(store, fp32, dst, images, labels, min_agreement=min_agreement)
+        check = compare(store, fp32, dst, images, labels, min_agreement=min_agreement, min_cosine=min_cosine)
         check["dir"] = str(check_dir or calibration_dir) + ("" if check_dir else " (held out from calibration)")
     else:
         check = {"images": 0, "heads_agree": False, "reason": "no held-out images to check with"}

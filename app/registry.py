@@ -321,6 +321,17 @@ def copy_version(heads: HeadStore, name: str, version: int | None = None) -> Ver
     return heads.save(name, files, {**card, "copied_from": source.version})
 
 
+def _described(card: dict[str, Any]) -> str:
+    """`` (vgg16_256_avg.onnx, 256x256, avg pooling)`` from a card's extractor entry, or nothing."""
+    e = card.get("extractor") or {}
+    parts = [str(e["file"])[:80]] if isinstance(e.get("file"), str) else []
+    if isinstance(e.get("input_size"), int):
+        parts.append(f"{e['input_size']}x{e['input_size']}")
+    if isinstance(e.get("pooling"), str):
+        parts.append(f"{e['pooling'][:20]} pooling")
+    return f" ({', '.join(parts)})" if parts else ""
+
+
 def load_version(version: Version, feature_space: str | None, verify_keys: dict[str, Ed25519PublicKey] | None = None) -> Head:
     """Verified load of one version: signature → card → extractor fingerprint → artifact sha256 → safe unpickle."""
     card = version.card
@@ -339,7 +350,7 @@ def load_version(version: Version, feature_space: str | None, verify_keys: dict[
         raise ArtifactError(f"{where}: the card's pickle_sha256 and its artifacts map disagree")
     if feature_space is not None and head_extractor != feature_space:
         raise IncompatibleHead(
-            f"{where} was trained on extractor {head_extractor[:12]}, the loaded extractor is "
+            f"{where} was trained on extractor {head_extractor[:12]}{_described(card)}, the loaded extractor is "
             f"{feature_space[:12]}: retrain it with `tlserve train` (features differ between extractors)"
         )
     blob = version.read(pickle_file)

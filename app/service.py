@@ -14,6 +14,7 @@ import contextlib
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -21,16 +22,17 @@ import numpy as np
 from app import __version__, tracing
 from app.batching import Batcher
 from app.errors import HeadNotFound, InputError, NotReady, TlserveError
-from app.extractor import Extractor
+from app.extractor import CUDA, Extractor, choose_providers
 from app.familiarity import Familiarity, for_head
 from app.heads import Head
 from app.imaging import load_image
 from app.inference import Decoded, InferRequest, InferResult, Item
 from app.metrics import Metrics
+from app.quantize import measure_speedup
 from app.registry import HeadRegistry, HeadStore, Version
 from app.response_cache import ResponseCache
 from app.settings import Settings
-from app.store import ExtractorInfo, ModelStore
+from app.store import ExtractorInfo, ModelStore, int8_speed_verdict
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +93,8 @@ class Service:
     def _load(self) -> None:
         s = self.settings
         self.info = self.store.extractor(verify=True, precision=s.precision)
+        if s.precision == "auto" and self.info.precision == "int8":
+            self.info = self._int8_self_check(self.info)
         self.extractor = Extractor(self.info, provider=s.provider, threads=s.intra_op_threads, spinning=s.ort_spinning)
         if s.require_gpu and not self.extractor.on_gpu:
             raise NotReady(f"require_gpu is set but ONNX Runtime runs on {self.extractor.providers[0]}")
@@ -113,6 +117,22 @@ class Service:
             "precision_reason": self.info.precision_reason,
             "version": __version__,
         })  # fmt: skip
+
+    def _int8_self_check(self, int8: ExtractorInfo) -> ExtractorInfo:
+        """``precision=auto`` chose the int8 variant (its gate passed): keep it only off CUDA and when it is
+        at least ``int8_min_speedup`` times as fast as fp32 on this CPU, measured now; else the fp32 export."""
+        s = self.settings
+        fp32 = self.store.extractor(verify=True, precision="fp32")
+        on_gpu = choose_providers(s.provider)[0][0] == CUDA
+        speed = None
+        if not on_gpu and s.int8_min_speedup > 0:
+            t0 = time.perf_counter()
+            speed = measure_speedup(fp32.path, int8.path, fp32.size, threads=s.threads, spinning=s.ort_spinning)
+            log.info("int8 self-check in %.2fs: %s", time.perf_counter() - t0, speed)
+        keep, why = int8_speed_verdict(on_gpu=on_gpu, speed=speed, min_speedup=s.int8_min_speedup)
+        if keep:
+            return replace(int8, precision_reason=f"{int8.precision_reason}; {why}")
+        return replace(fp32, precision_reason=f"precision=auto: fp32, the int8 variant passed its accuracy gate but {why}")
 
     async def stop(self) -> None:
         self.draining = True

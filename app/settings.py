@@ -80,8 +80,15 @@ class Settings(BaseSettings):
     require_gpu: bool = Field(False, description="Refuse to become ready unless the CUDA provider is active.")
     precision: Literal["auto", "fp32", "int8"] = Field(
         "auto",
-        description="Extractor served: `fp32`; `int8` (the manifest's int8 variant, from `tlserve export --int8`); "
-        "`auto`: int8 when that variant passed its accuracy gate, else fp32. `/v1/info` says which and why.",
+        description="Extractor served: `fp32`; `int8` (the manifest's int8 variant, made by `tlserve export`); "
+        "`auto`: int8 when that variant passed its accuracy gate and the start-up self-check on this CPU measures "
+        "it at least `int8_min_speedup` times as fast as fp32 (never on CUDA), else fp32. `/v1/info` says which and why.",
+    )
+    int8_min_speedup: float = Field(
+        1.2,
+        ge=0,
+        description="`precision=auto`: the speed-up over fp32 the int8 variant must show in the start-up self-check "
+        "(interleaved runs, about a second); 0 skips the check.",
     )
     intra_op_threads: int = Field(
         0, ge=0, description="ONNX Runtime intra-op threads; 0 = the CPUs this process may use (affinity/cgroup quota)."

@@ -118,13 +118,27 @@ def int8_gate(entry: dict[str, Any], fp32_sha256: str) -> tuple[bool, str]:
     heads = [h for h in (check.get("heads") or {}).values() if h.get("checked")]
     bar, images = float(check.get("min_agreement") or 0), check.get("images", 0)
     if entry.get("feature_space") == fp32_sha256:
-        return True, f"passed: every checked head agrees with fp32 on >= {bar:.1%} of {images} images"
+        cosine = f", feature cosine mean {check['cosine_mean']:.5f}" if "cosine_mean" in check else ""
+        return True, f"passed: every checked head agrees with fp32 on >= {bar:.1%} of {images} images{cosine}"
     if check.get("reason"):
         return False, f"failed: {check['reason']}"
     if not heads:
         return False, "failed: no head trained on the fp32 extractor was checked"
     low = min(float(h["agreement"]) for h in heads)
     return False, f"failed: lowest head agreement {low:.1%} of {images} images, below {bar:.1%}"
+
+
+def int8_speed_verdict(*, on_gpu: bool, speed: dict[str, float] | None, min_speedup: float) -> tuple[bool, str]:
+    """``precision=auto`` once the int8 variant passed its accuracy gate: serve it (True) or fp32, and why.
+    ``speed`` is the start-up self-check (:func:`app.quantize.measure_speedup`), None when it is off."""
+    if on_gpu:
+        return False, "the CUDA provider serves the fp32 export (the int8 QDQ kernels are for CPUs)"
+    if speed is None:
+        return True, "start-up self-check off (int8_min_speedup=0)"
+    measured = f"{speed['speedup']:.2f}x fp32 on this CPU ({speed['int8_ms']} vs {speed['fp32_ms']} ms/image)"
+    if speed["speedup"] >= min_speedup:
+        return True, f"start-up self-check: {measured}, >= int8_min_speedup={min_speedup}"
+    return False, f"start-up self-check measured it at {measured}, below int8_min_speedup={min_speedup}"
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,9 @@ What :meth:`Trainer.train` does, and which number comes from which data:
 1. **Checks, before any image is decoded** (:mod:`app.features`): the folder layout, the
    validation folder's class names, at least two readable images a class; duplicates and nested
    sub-folders are reported by name.
-2. **Features**, from the cache where the same bytes were seen before.
+2. **Features**, from the cache where the same bytes were seen before; or, with
+   :meth:`Trainer.train_features`, read back from a ``tlserve batch --features`` output (no decoding,
+   no extractor run; another extractor's features are refused). Steps 3-8 are the same either way.
 3. **Held-out part**: ``--val-dir``, or else a stratified 20% of DATA_DIR (seed 42).
 4. **C by cross-validation**: 5-fold stratified CV over :data:`C_GRID` on the training part
    (the other 80%, or all of DATA_DIR with ``--val-dir``). ``--C`` skips it.
@@ -46,7 +48,17 @@ from app import familiarity
 from app.cpus import available_cpus
 from app.errors import DatasetError
 from app.extractor import Extractor
-from app.features import Dataset, Duplicate, Extracted, FeatureCache, check_readable, extract_paths, find_duplicates, hash_files
+from app.features import (
+    Dataset,
+    Duplicate,
+    Extracted,
+    FeatureCache,
+    check_readable,
+    extract_paths,
+    find_duplicates,
+    hash_files,
+    hidden,
+)
 from app.heads import Head
 from app.progress import Meter, ProgressCallback, console, no_progress
 from app.registry import HeadStore, Version, save_head, valid_head_name
@@ -372,8 +384,7 @@ class Trainer:
     def train(self, data_dir: Path, name: str, *, val_dir: Path | None = None, c: float | None = None, limit: int = 0,
               allow_subset: bool = False) -> Trained:  # fmt: skip
         valid_head_name(name)  # every check before any work
-        if c is not None and not (c > 0 and math.isfinite(c)):
-            raise DatasetError(f"--C must be a positive number, not {c}")
+        _check_c(c)
         data = Dataset.from_folder(data_dir, min_per_class=MIN_IMAGES_PER_CLASS)
         val = Dataset.from_folder(val_dir, data.classes, allow_subset=allow_subset, what="--val-dir") if val_dir else None
         if limit:
@@ -392,13 +403,42 @@ class Trainer:
         duplicates = find_duplicates(sets)
 
         ext = self.features(data.paths, hashes=hashes)
-        x, y = ext.features, data.labels[ext.kept]
-        _enough_after_extraction(data, y)
         skipped = list(ext.skipped)
+        held_out = None
         if val is not None and vhashes is not None:
             vext = self.features(val.paths, phase="validation features", hashes=vhashes)
             skipped += vext.skipped
-            held = _Held(vext.features, val.labels[vext.kept], None)
+            held_out = (val, vext)
+        return self._fit_and_save(name, data, ext, c, skipped, duplicates, held_out, promote=promote, card=card)
+
+    def train_features(self, features_dir: str, name: str, *, c: float | None = None) -> Trained:
+        """Train from a ``tlserve batch --features`` output (``tlserve train --features DIR``), no
+        re-extraction: its rows become the same :class:`Dataset` and :class:`Extracted` as extracting
+        the folder they came from, and take the same path as :meth:`train` from there on (held-out
+        20%, C by CV, out-of-fold artifacts, familiarity data, card, signing). Features of another
+        extractor than the model store's are refused before any row is read."""
+        from app.batch.parquet import read_features  # pyarrow: only this path needs it
+
+        valid_head_name(name)
+        _check_c(c)
+        fs = read_features(features_dir, self.info.feature_space)
+        data, ext = fs.data, fs.extracted
+        duplicates = find_duplicates([("train", data, ext.hashes)])
+        provenance = {"dir": features_dir, "source": fs.metadata["source"], "extractor_sha256": fs.metadata["extractor"]["sha256"],
+                      "rows": fs.rows}  # fmt: skip
+        return self._fit_and_save(name, data, ext, c, list(ext.skipped), duplicates, None, provenance)
+
+    def _fit_and_save(self, name: str, data: Dataset, ext: Extracted, c: float | None, skipped: list[tuple[Path, str]],
+                      duplicates: list[Duplicate], held_out: tuple[Dataset, Extracted] | None,
+                      features: dict[str, Any] | None = None, *, promote: bool = True,
+                      card: dict[str, Any] | None = None) -> Trained:  # fmt: skip
+        """Everything after the features, whichever way they came: split, fits, report, card, artifacts, save."""
+        x, y = ext.features, data.labels[ext.kept]
+        _enough_after_extraction(data, y)
+        val = held_out[0] if held_out else None
+        if held_out is not None:
+            vdata, vext = held_out
+            held = _Held(vext.features, vdata.labels[vext.kept], None)
         else:
             train_idx, test_idx = stratified_holdout(y, len(data.classes))
             held = _Held(x[test_idx], y[test_idx], train_idx)
@@ -406,7 +446,9 @@ class Trainer:
         fitted = self._fit(x, y, held, len(data.classes), c)
         report = make_report(held.y, fitted.held_pred, data.classes)
         full = self._card(data, val, y, held, skipped, duplicates, fitted, report)
-        for key, value in (card or {}).items():
+        if features is not None:
+            full["training"]["features"] = features
+        for key, value in (card or {}).items():  # a training job's entries (app/jobs.py)
             full[key] = {**full[key], **value} if isinstance(value, dict) and isinstance(full.get(key), dict) else value
         known, full["familiarity"] = self._familiarity(x, y, held, fitted, data.classes)
         files = {
@@ -565,7 +607,7 @@ class Trainer:
         return ev
 
     def _ood(self, head: Head, known: familiarity.Familiarity, ood_dir: Path, scores: np.ndarray) -> OodReport:
-        paths = sorted(p for p in ood_dir.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.parts))
+        paths = sorted(p for p in ood_dir.rglob("*") if p.is_file() and not hidden(p, ood_dir))
         ext = self.features(paths, phase="--ood features")
         if not len(ext.kept):
             raise DatasetError(f"--ood {ood_dir}: none of its {len(paths)} files is a readable image")
@@ -592,6 +634,11 @@ class _Fitted:
     oof: CrossValidation
     held_pred: np.ndarray
     report_head: Any = None  # the head fitted on the training part (stratified split), else None
+
+
+def _check_c(c: float | None) -> None:
+    if c is not None and not (c > 0 and math.isfinite(c)):
+        raise DatasetError(f"--C must be a positive number, not {c}")
 
 
 def _enough_after_extraction(data: Dataset, y: np.ndarray) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -35,11 +36,35 @@ def tiny_store(tmp_path_factory: pytest.TempPathFactory) -> ModelStore:
 @pytest.fixture
 def fresh_tiny_store(tmp_path: Path, tiny_store: ModelStore) -> ModelStore:
     """A private copy of the tiny store, free to modify."""
-    import shutil
-
     dst = tmp_path / "store"
     shutil.copytree(tiny_store.root, dst)
     return ModelStore(dst)
+
+
+def _quantized(tiny_store: ModelStore, root: Path, calib: Path, **kwargs: float) -> ModelStore:
+    from app.quantize import quantize_int8
+
+    store = ModelStore(root / "store")
+    shutil.copytree(tiny_store.root, store.root)
+    quantize_int8(store, calib, limit=8, check_limit=12, **kwargs)  # type: ignore[arg-type]
+    return store
+
+
+@pytest.fixture(scope="session")
+def calib(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_color_dataset(tmp_path_factory.mktemp("calib") / "calib", per_class=10)
+
+
+@pytest.fixture(scope="session")
+def int8_store(tiny_store: ModelStore, calib: Path, tmp_path_factory: pytest.TempPathFactory) -> ModelStore:
+    """The tiny store plus an int8 variant that passed its accuracy gate; do not modify it."""
+    return _quantized(tiny_store, tmp_path_factory.mktemp("int8"), calib)
+
+
+@pytest.fixture(scope="session")
+def refused_store(tiny_store: ModelStore, calib: Path, tmp_path_factory: pytest.TempPathFactory) -> ModelStore:
+    """The tiny store plus an int8 variant that failed its gate (a bar no model can pass); do not modify it."""
+    return _quantized(tiny_store, tmp_path_factory.mktemp("refused"), calib, min_agreement=1.01)
 
 
 @pytest.fixture

@@ -308,6 +308,9 @@ def test_real_photos_are_classified_through_the_published_port(served: Container
     assert info["ready"] and info["providers"] == ["CPUExecutionProvider"] and info["threads"]["intra_op"] == 2
     # the export inside the build is byte for byte the one `tlserve export` makes here
     assert info["extractor"]["sha256"] == json.loads(real_store.manifest_path.read_text())["extractor"]["sha256"]
+    # PRECISION=fp32 (the default build) exports --no-int8: no INT8 file, whatever folders the head's card names
+    assert info["extractor"]["precision"] == "fp32", info["extractor"]
+    assert info["extractor"]["precision_reason"] == "precision=auto: fp32, the manifest records no int8 variant"
     cats, dogs = photos("val", "cat", 4), photos("val", "dog", 4)
     results = classify(served.url, cats + dogs)
     assert [r["label"] for r in results] == ["cat"] * 4 + ["dog"] * 4, results
@@ -451,7 +454,9 @@ def test_int8_image_is_calibrated_from_a_build_context_no_layer_keeps(
     containers.append(replica.start())
     replica.wait_ready()
     extractor = httpx.get(replica.url + "/v1/info", timeout=10).json()["extractor"]
-    assert extractor["precision"] == "int8" and extractor["file"].endswith(".int8.onnx")
+    # the gate passed in the build (else `export --int8` fails it) and the start-up self-check here kept int8
+    assert extractor["precision"] == "int8" and extractor["file"].endswith(".int8.onnx"), extractor
+    assert "accuracy gate passed" in extractor["precision_reason"] and "start-up self-check:" in extractor["precision_reason"]
     results = classify(replica.url, photos("val", "cat", 2) + photos("val", "dog", 2))
     assert [r["label"] for r in results] == ["cat", "cat", "dog", "dog"], results
 

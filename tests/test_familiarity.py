@@ -55,6 +55,29 @@ def test_knn_scores_match_a_brute_force_reference() -> None:
     np.testing.assert_allclose(model.score(q, proba), want, atol=2e-3)
 
 
+def test_per_class_score_ignores_bank_order_and_batch_company() -> None:
+    """Rows are grouped by class once (a per-class score reads only its class's rows); a photo's score
+    depends neither on the order the bank was stored in nor on which photos share its batch, even when
+    one class has fewer than k photos."""
+    rng = np.random.default_rng(1)
+    bank, labels, q = rng.random((50, 8)), np.array([0] * 46 + [1] * 4), rng.random((6, 8))
+    proba = np.eye(2)[[0, 1, 0, 1, 0, 0]] * 0.9 + 0.05
+    model = Familiarity.build(bank, labels, "knn_class", k=5)
+    shuffled = rng.permutation(50)
+    again = Familiarity.build(bank[shuffled], labels[shuffled], "knn_class", k=5)
+    together = model.score(q, proba)
+    np.testing.assert_allclose(again.score(q, proba), together, atol=1e-6)
+    alone = np.array([model.score(q[i : i + 1], proba[i : i + 1])[0] for i in range(6)])
+    np.testing.assert_allclose(alone, together, atol=1e-6)
+    want = [
+        _reference_knn(bank[labels == c], q[i : i + 1], 5 if c == 0 else 4, np.zeros(8))[0]
+        for i, c in enumerate([0, 1, 0, 1, 0, 0])
+    ]
+    np.testing.assert_allclose(together, want, atol=2e-3)
+    unseen = np.array([[0.05, 0.05, 0.9]])  # a class with no stored photo is never familiar
+    assert model.score(q[:1], unseen)[0] == -np.inf
+
+
 def test_calibration_is_out_of_fold_and_accepts_the_rate() -> None:
     rng = np.random.default_rng(1)
     means = rng.normal(0, 1, (2, 32)) * 3
@@ -253,7 +276,10 @@ def test_predict_and_evaluate_ood_on_the_cli(tiny_store: ModelStore, tmp_path: P
     env = {**os.environ, "TLSERVE_MODEL_STORE": str(tiny_store.root), "TLSERVE_DEFAULT_HEAD": "colors",
            "TLSERVE_FEATURE_CACHE_DIR": str(tmp_path / "cache"), "TLSERVE_INTRA_OP_THREADS": "1"}  # fmt: skip
     cli = [sys.executable, "-m", "app.cli"]
-    done = subprocess.run([*cli, "evaluate", str(val), "--ood", str(tmp_path / "ood"), "--json", "--no-progress"],
+    (ood / ".hidden.png").write_bytes(_between())  # dot-files are skipped; the ``..`` of a relative path is not a dot-file
+    relative = os.path.relpath(tmp_path / "ood", REPO)
+    assert relative.startswith("..")
+    done = subprocess.run([*cli, "evaluate", str(val), "--ood", relative, "--json", "--no-progress"],
                           capture_output=True, text=True, env=env, cwd=REPO, timeout=120)  # fmt: skip
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)

@@ -50,8 +50,11 @@ def test_tampered_pickle_is_never_unpickled(fresh_tiny_store: ModelStore, tmp_pa
 
 
 def test_incompatible_extractor_is_refused(tiny_store: ModelStore) -> None:
-    with pytest.raises(IncompatibleHead, match="retrain"):
+    with pytest.raises(IncompatibleHead, match="retrain") as refused:
         load_head(tiny_store.heads, "colors", "0" * 64)
+    info = tiny_store.extractor()  # both extractors named: the head's with its export, the loaded one's sha256
+    assert f"{info.sha256[:12]} ({info.raw['file']}, {info.size}x{info.size}, {info.pooling} pooling)" in str(refused.value)
+    assert "000000000000" in str(refused.value)
 
 
 def test_unknown_and_invalid_names(tiny_store: ModelStore) -> None:

@@ -22,31 +22,7 @@ from app.imaging import load_image
 from app.quantize import image_files, quantize_int8
 from app.registry import load_head
 from app.store import ModelStore
-from tests.helpers import REPO, image_bytes, settings_env, tiny_weights, write_color_dataset
-
-
-@pytest.fixture(scope="module")
-def calib(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_color_dataset(tmp_path_factory.mktemp("calib") / "calib", per_class=10)
-
-
-def _quantized(tiny_store: ModelStore, root: Path, calib: Path, **kwargs: float) -> ModelStore:
-    store = ModelStore(root / "store")
-    shutil.copytree(tiny_store.root, store.root)
-    quantize_int8(store, calib, limit=8, check_limit=12, **kwargs)  # type: ignore[arg-type]
-    return store
-
-
-@pytest.fixture(scope="module")
-def int8_store(tiny_store: ModelStore, calib: Path, tmp_path_factory: pytest.TempPathFactory) -> ModelStore:
-    """The tiny store plus an int8 variant that passed its accuracy gate; do not modify it."""
-    return _quantized(tiny_store, tmp_path_factory.mktemp("int8"), calib)
-
-
-@pytest.fixture(scope="module")
-def refused_store(tiny_store: ModelStore, calib: Path, tmp_path_factory: pytest.TempPathFactory) -> ModelStore:
-    """The tiny store plus an int8 variant that failed its gate (a bar no model can pass); do not modify it."""
-    return _quantized(tiny_store, tmp_path_factory.mktemp("refused"), calib, min_agreement=1.01)
+from tests.helpers import REPO, image_bytes, settings_env, tiny_weights
 
 
 @pytest.fixture
@@ -205,7 +181,8 @@ def test_export_int8_without_calibration_dir_is_a_usage_error_before_any_work(tm
     store = tmp_path / "store"
     proc = _tlserve("export", "--int8", store=store)
     assert proc.returncode == 2, proc.stderr
-    assert "usage: tlserve export" in proc.stderr and "--int8 needs --calibration-dir DIR" in proc.stderr
+    assert "usage: tlserve export" in proc.stderr and "--int8 needs calibration photos: pass --calibration-dir DIR" in proc.stderr
+    assert "the default head 'cats_vs_dogs' is not in" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not store.exists()  # nothing downloaded, exported or written
 
@@ -216,7 +193,9 @@ def test_export_int8_without_calibration_dir_is_a_usage_error_before_any_work(tm
         (["--int8", "--calibration-dir", "no/such/folder"], "--calibration-dir no/such/folder is not a folder"),
         (["--int8", "--calibration-dir", "{empty}"], "holds no image files"),
         (["--int8", "--calibration-dir", "{calib}", "--check-dir", "{empty}"], "--check-dir {empty} holds no image files"),
-        (["--calibration-dir", "{empty}"], "--calibration-dir: only used with --int8"),
+        (["--calibration-dir", "{empty}"], "--calibration-dir {empty} holds no image files"),
+        (["--no-int8", "--calibration-dir", "{calib}"], "--no-int8 contradicts --calibration-dir"),
+        (["--no-int8", "--int8"], "--no-int8 contradicts --int8"),
         (["--weights", "onnx"], "--weights takes: pypi | keras-h5 PATH_OR_URL | onnx PATH"),
     ],
 )
@@ -263,7 +242,9 @@ def test_export_int8_cli_and_service(fresh_tiny_store: ModelStore, calib: Path, 
     assert entry["precision"] == "int8" and entry["feature_space"] == fp32.sha256 and entry["check"]["images"] == 10
     assert store.read_manifest()["extractor"]["sha256"] == fp32.sha256
 
-    server = server_factory(store, default_head="colors")  # precision: auto, the default
+    # precision: auto, the default; the tiny model's int8 is no faster than its fp32 (tests/test_precision.py
+    # checks that fallback), so the self-check's bar is set low here: it still runs and is reported
+    server = server_factory(store, default_head="colors", int8_min_speedup=0.01)
     info = httpx.get(server.url + "/v1/info").json()["extractor"]
     assert (info["precision"], info["sha256"]) == ("int8", entry["sha256"])
     assert info["precision_reason"].startswith("precision=auto: the int8 variant, accuracy gate passed")
