@@ -135,6 +135,9 @@ RUN apt-get update \
     && useradd --system --uid 10001 --user-group --home-dir /opt/tlserve --no-create-home --shell /usr/sbin/nologin tlserve
 COPY --from=gpu-build /opt/venv /opt/venv
 COPY --from=store /opt/tlserve/model_store /opt/tlserve/model_store
+# heads/ is where a writable volume shared by the replicas is mounted (training over HTTP writes versions,
+# example stores and job records there); owned by the serving user, so a volume seeded from it is writable.
+RUN chown -R 10001:10001 /opt/tlserve/model_store/heads
 # ONNX Runtime threads come from the container's CPU quota (app/settings.py available_cpus reads cgroup
 # cpu.max): TLSERVE_INTRA_OP_THREADS is deliberately left unset (0 = auto). BLAS stays single-threaded.
 # ONNX Runtime's telemetry stays off (and its device-id warning out of the JSON log).
@@ -169,6 +172,9 @@ ARG DEFAULT_HEAD
 RUN useradd --system --uid 10001 --user-group --home-dir /opt/tlserve --no-create-home --shell /usr/sbin/nologin tlserve
 COPY --from=serve-venv /opt/venv /opt/venv
 COPY --from=store /opt/tlserve/model_store /opt/tlserve/model_store
+# heads/ is where a writable volume shared by the replicas is mounted (training over HTTP writes versions,
+# example stores and job records there); owned by the serving user, so a volume seeded from it is writable.
+RUN chown -R 10001:10001 /opt/tlserve/model_store/heads
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     ORT_DISABLE_TELEMETRY=1 \

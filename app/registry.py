@@ -11,6 +11,9 @@ Layout (card schema 2)::
             card.json              written last and atomically: the commit point. ``schema``: 2,
                                    ``version``, ``artifacts`` {file: sha256} listing every other file
         card.json, head-*.pkl      a flat head from before versions: read as version 1, never rewritten
+        examples/                  the head's example store (:mod:`app.examples`), not a version
+    model_store/heads/.jobs/, .spool/, .cache/   training jobs' records, uploads, features: not heads (a
+                                   head name never starts with '.')
 
 A version folder without ``card.json`` is a training that did not finish (or is still running):
 it is invisible. Every file is checked against the card's ``artifacts`` before it is used.

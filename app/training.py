@@ -332,11 +332,19 @@ def out_of_fold(version: Version) -> tuple[np.ndarray, dict[str, Any]]:
 class Trainer:
     """Everything ``train``/``evaluate``/``predict`` share: store, extractor, cache, progress."""
 
-    def __init__(self, settings: Settings, *, progress: ProgressCallback | bool = True) -> None:
+    def __init__(
+        self, settings: Settings, *, progress: ProgressCallback | bool = True, extractor: Extractor | None = None,
+        feature_batch: int = 32,
+    ) -> None:  # fmt: skip
         self.settings = settings
+        self.feature_batch = feature_batch  # images an extractor run gets (and progress counts); a job's are small
         self.store = ModelStore(settings.model_store)
         self.heads = HeadStore.from_settings(settings)
         self.progress: ProgressCallback = progress if callable(progress) else (console() if progress else no_progress)
+        if extractor is not None:  # a running service's extractor (app/jobs.py): no second ONNX Runtime session
+            self.__dict__["extractor"] = extractor
+            if extractor.info is not None:  # the served one (it may be the int8 variant): its features, its cache
+                self.__dict__["info"] = extractor.info
 
     # loaded on first use, so that a mistake in the folders is reported before the model is read
     @cached_property
@@ -364,6 +372,7 @@ class Trainer:
             progress=self.progress,
             phase=phase,
             hashes=hashes,
+            batch_size=self.feature_batch,
         )
 
     def _prepare(self, data: Dataset, minimum: int, what: str) -> tuple[list[str | None], dict[int, str]]:
@@ -381,6 +390,13 @@ class Trainer:
         if limit:
             data = data.subset(_per_class_subset(data.labels, limit))
             val = val.subset(_per_class_subset(val.labels, limit)) if val else None
+        return self.fit_datasets(data, name, val=val, c=c)
+
+    def fit_datasets(self, data: Dataset, name: str, *, val: Dataset | None = None, c: float | None = None,
+                     promote: bool = True, card: dict[str, Any] | None = None) -> Trained:  # fmt: skip
+        """The one fit path (steps 2-8 above) on labelled photos already checked for layout: :meth:`train`'s
+        folders, or a training job's photos of a head's example store with its fixed validation set as ``val``
+        (:mod:`app.jobs`). ``card``: entries merged into the version's card (a dict one level deep)."""
         hashes = self._prepare(data, MIN_IMAGES_PER_CLASS, "DATA_DIR")
         vhashes = self._prepare(val, 1, "--val-dir") if val else None
         sets = [("train", data, hashes[0])] + ([("val", val, vhashes[0])] if val and vhashes else [])
@@ -393,7 +409,7 @@ class Trainer:
             vext = self.features(val.paths, phase="validation features", hashes=vhashes)
             skipped += vext.skipped
             held_out = (val, vext)
-        return self._fit_and_save(name, data, ext, c, skipped, duplicates, held_out)
+        return self._fit_and_save(name, data, ext, c, skipped, duplicates, held_out, promote=promote, card=card)
 
     def train_features(self, features_dir: str, name: str, *, c: float | None = None) -> Trained:
         """Train from a ``tlserve batch --features`` output (``tlserve train --features DIR``), no
@@ -414,7 +430,8 @@ class Trainer:
 
     def _fit_and_save(self, name: str, data: Dataset, ext: Extracted, c: float | None, skipped: list[tuple[Path, str]],
                       duplicates: list[Duplicate], held_out: tuple[Dataset, Extracted] | None,
-                      features: dict[str, Any] | None = None) -> Trained:  # fmt: skip
+                      features: dict[str, Any] | None = None, *, promote: bool = True,
+                      card: dict[str, Any] | None = None) -> Trained:  # fmt: skip
         """Everything after the features, whichever way they came: split, fits, report, card, artifacts, save."""
         x, y = ext.features, data.labels[ext.kept]
         _enough_after_extraction(data, y)
@@ -428,17 +445,19 @@ class Trainer:
 
         fitted = self._fit(x, y, held, len(data.classes), c)
         report = make_report(held.y, fitted.held_pred, data.classes)
-        card = self._card(data, val, y, held, skipped, duplicates, fitted, report)
+        full = self._card(data, val, y, held, skipped, duplicates, fitted, report)
         if features is not None:
-            card["training"]["features"] = features
-        known, card["familiarity"] = self._familiarity(x, y, held, fitted, data.classes)
+            full["training"]["features"] = features
+        for key, value in (card or {}).items():  # a training job's entries (app/jobs.py)
+            full[key] = {**full[key], **value} if isinstance(value, dict) and isinstance(full.get(key), dict) else value
+        known, full["familiarity"] = self._familiarity(x, y, held, fitted, data.classes)
         files = {
             **known.files(),
             "confusion_matrix.png": confusion_png(report, f"{name} ({'val_dir' if val else 'stratified'} split)"),
             OOF_FILE: _npy(fitted.oof.oof[fitted.c]),
             FOLDS_FILE: json.dumps(_folds_json(data, ext, y, fitted), indent=1).encode(),
         }
-        version = save_head(self.heads, name, fitted.head, card, files)
+        version = save_head(self.heads, name, fitted.head, full, files, promote=promote)
         return Trained(report, version.card, version, skipped, duplicates, dict(data.nested), data.loose)
 
     def _fit(self, x: np.ndarray, y: np.ndarray, held: _Held, n_classes: int, c: float | None) -> _Fitted:

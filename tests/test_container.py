@@ -116,6 +116,7 @@ def compose_options() -> list[str]:
 class Container:
     image: str
     env: dict[str, str] = field(default_factory=dict)
+    args: list[str] = field(default_factory=list)  # more `podman run` options (a volume)
     port: int = field(default_factory=free_port)
     name: str = field(default_factory=lambda: f"tlserve-test-{uuid.uuid4().hex[:8]}")
 
@@ -125,7 +126,18 @@ class Container:
 
     def start(self) -> Container:
         extra = [o for k, v in self.env.items() for o in ("-e", f"{k}={v}")]
-        podman("run", "-d", "--name", self.name, *compose_options(), *extra, "-p", f"127.0.0.1:{self.port}:8000", self.image)
+        podman(
+            "run",
+            "-d",
+            "--name",
+            self.name,
+            *compose_options(),
+            *extra,
+            *self.args,
+            "-p",
+            f"127.0.0.1:{self.port}:8000",
+            self.image,
+        )
         return self
 
     def wait_ready(self, timeout: float = 240) -> Container:
@@ -453,3 +465,39 @@ def test_int8_image_is_calibrated_from_a_build_context_no_layer_keeps(
     wanted.setdefault(len(control), set()).add(hashlib.sha256(control).hexdigest())
     for tag in (INT8_IMAGE, INT8_STORE):
         assert layer_files_like(tag, wanted, tmp_path) == {hashlib.sha256(control).hexdigest()}, tag
+
+
+def test_two_replicas_share_compose_head_volume_and_train_over_http(image: str, shared_data: Path) -> None:
+    """compose's `heads` volume: seeded from the image (the default head) and writable by uid 10001 on a read-only
+    root; a job trained over HTTP on one replica is answered, and its version served, by the other."""
+    volume = f"tlserve-test-heads-{uuid.uuid4().hex[:8]}"
+    (mount,) = compose_service()["volumes"]
+    podman("volume", "create", volume)
+    replicas = [
+        Container(image, {"TLSERVE_HEAD_POLL_INTERVAL_S": "1"}, ["-v", f"{volume}:{mount.split(':', 1)[1]}"]) for _ in range(2)
+    ]
+    try:
+        a, b = (c.start() for c in replicas)
+        a.wait_ready()
+        b.wait_ready()
+        assert [m["name"] for m in httpx.get(b.url + "/v1/models", timeout=10).json()["models"]] == ["cats_vs_dogs"]  # seeded
+        files = [(label, (p.name, p.read_bytes(), "image/jpeg")) for label in ("cat", "dog") for p in photos("train", label, 4)]
+        r = httpx.post(a.url + "/v1/heads/pets/train", files=files, timeout=120)
+        assert r.status_code == 202, r.text
+        deadline = time.monotonic() + 300
+        while (job := httpx.get(b.url + r.headers["location"], timeout=10).json())["state"] not in ("succeeded", "failed"):
+            assert time.monotonic() < deadline, job
+            time.sleep(0.5)
+        assert job["state"] == "succeeded" and job["version"] == 1 and job["report"]["n_val"] == 2, job
+        deadline = time.monotonic() + 30
+        while (answer := httpx.post(b.url + "/v1/classify?head=pets", files={"file": ("c.jpg", photos("val", "cat", 1)[0].read_bytes())},
+                                    timeout=60)).status_code != 200:  # fmt: skip
+            assert time.monotonic() < deadline, answer.text
+            time.sleep(0.5)
+        assert answer.json()["head"] == "pets" and answer.json()["version"] == 1
+        owner = b.exec("python", "-c", f"import os; print(os.stat('{mount.split(':', 1)[1]}/pets/1/card.json').st_uid)")
+        assert owner.stdout.strip() == "10001", owner.stderr
+    finally:
+        for c in replicas:
+            c.remove()
+        podman("volume", "rm", "-f", volume, check=False)

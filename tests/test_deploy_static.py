@@ -646,8 +646,11 @@ def test_k8s_manifests_parse_and_apply_as_documented() -> None:
         ("gpu/deployment.yaml", "Deployment"),
         ("grpc-headless-service.yaml", "Service"),
         ("hpa.yaml", "HorizontalPodAutoscaler"),
+        ("ingress.yaml", "Ingress"),
+        ("ingress.yaml", "Ingress"),
         ("pdb.yaml", "PodDisruptionBudget"),
         ("service.yaml", "Service"),
+        ("store-pvc.yaml", "PersistentVolumeClaim"),
     ]
     readme = README.read_text()
     for path in K8S.rglob("*.yaml"):
@@ -743,3 +746,53 @@ def test_compose_file_validates_against_the_compose_spec() -> None:
     cmd = [sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.compose-spec", str(COMPOSE)]
     result = subprocess.run(cmd, capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_training_uploads_have_their_own_limits_and_the_replicas_share_a_writable_store() -> None:
+    """Training over HTTP behind the load balancer: the upload routes' limit = max_training_bytes in nginx and the
+    ingress, streamed (not buffered); compose and k8s mount one writable head store, seeded from the image."""
+    conf = CONF.read_text()
+    upload = re.search(r"location ~ \^/v1/heads/\[\^/\]\+/\(train\|examples\)\$ \{(.*?)\n    \}", conf, re.S)
+    assert upload, "nginx needs its own location for the training upload routes"
+    size = re.search(r"client_max_body_size (\d+)m;", upload[1])
+    assert size and int(size[1]) * 1024 * 1024 == DEFAULTS.max_training_bytes
+    assert "proxy_request_buffering off;" in upload[1] and "proxy_next_upstream off;" in upload[1]
+    assert "error_page 413 = @training_too_large;" in upload[1] and "location @training_too_large" in conf
+    for route in ("/v1/heads/pets/train", "/v1/heads/pets/examples"):
+        assert re.fullmatch(r"/v1/heads/[^/]+/(train|examples)", route)
+    # the ingress: the same routes, the same limit, unbuffered
+    (training,) = [d for _, d in of_kind("Ingress") if d["metadata"]["name"] == "tlserve-training"]
+    notes = training["metadata"]["annotations"]
+    assert notes["nginx.ingress.kubernetes.io/proxy-body-size"] == f"{DEFAULTS.max_training_bytes // 1024**2}m"
+    assert notes["nginx.ingress.kubernetes.io/proxy-request-buffering"] == "off"
+    (path,) = training["spec"]["rules"][0]["http"]["paths"]
+    assert path["path"] == "/v1/heads/[^/]+/(train|examples)$" and path["pathType"] == "ImplementationSpecific"
+    (main,) = [d for _, d in of_kind("Ingress") if d["metadata"]["name"] == "tlserve"]
+    assert main["metadata"]["annotations"]["nginx.ingress.kubernetes.io/proxy-body-size"] == f"{nginx_body_limit() // 1024**2}m"
+    # compose: every replica mounts the named volume at the head store; the service's settings agree with nginx
+    compose = yaml.safe_load(COMPOSE.read_text())
+    heads = STAGES["cpu"].env()["TLSERVE_MODEL_STORE"] + "/heads"
+    for name in ("tlserve", "tlserve-gpu"):
+        svc = compose["services"][name]
+        assert f"heads:{heads}" in svc["volumes"] and "heads" in compose["volumes"]
+        settings = _settings_from(svc["environment"])
+        assert settings.max_training_bytes == DEFAULTS.max_training_bytes
+        assert str(settings.cache_dir).startswith(heads + "/"), "the feature cache must be writable (on the volume)"
+    # k8s: a ReadWriteMany claim mounted by both Deployments, seeded by an initContainer from the same image
+    ((_, pvc),) = of_kind("PersistentVolumeClaim")
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+    for _, doc in of_kind("Deployment"):
+        pod = doc["spec"]["template"]["spec"]
+        (volume,) = [v for v in pod["volumes"] if v["name"] == "heads"]
+        assert volume["persistentVolumeClaim"]["claimName"] == pvc["metadata"]["name"]
+        (c,) = pod["containers"]
+        assert {"name": "heads", "mountPath": heads} in c["volumeMounts"]
+        (seed,) = pod["initContainers"]
+        assert seed["image"] == c["image"] and seed["volumeMounts"] == [{"name": "heads", "mountPath": "/seed"}]
+        assert heads in seed["command"][-1] and pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsGroup"]
+        env = {e["name"]: e.get("value") for e in c["env"]}
+        assert int(env["TLSERVE_MAX_TRAINING_BYTES"]) == DEFAULTS.max_training_bytes
+        assert str(env["TLSERVE_FEATURE_CACHE_DIR"]).startswith(heads + "/")
+    # the images: heads/ belongs to the serving user, so a volume seeded from it is writable
+    for name in RUNTIME_STAGES:
+        assert f"chown -R 10001:10001 {heads}" in STAGES[name].all("RUN")
