@@ -11,6 +11,10 @@
 - Results are split back to each piece's future. An exception in a batch reaches every piece
   in that batch; the next batch runs normally. A piece whose request was cancelled (client gone)
   is dropped before the batch is formed, or its result discarded after.
+- ``submit(images, background=True)`` is a training job's work (:mod:`app.jobs`): it waits in a queue
+  of its own, not bounded by ``max_queue_size`` nor counted in the queue depth (the job bounds itself),
+  and yields to requests: a background piece runs only when no request is waiting, or in the room a
+  request's batch leaves (so a request waits behind at most one small background batch).
 - ``drain()`` refuses new work and waits (bounded) until everything accepted has finished.
 """
 
@@ -40,6 +44,7 @@ class _Piece:
     future: asyncio.Future[np.ndarray]
     queued_at: float = field(default_factory=time.perf_counter)
     trace: object = field(default_factory=tracing.capture)  # the request's trace context (None: tracing off)
+    background: bool = False  # a training job's images (not a request's: no queue-wait sample)
 
 
 class Batcher:
@@ -60,6 +65,7 @@ class Batcher:
         self.max_queue_size = max_queue_size
         self.metrics = metrics
         self._queue: deque[_Piece] = deque()
+        self._background: deque[_Piece] = deque()
         self._queued_images = 0
         self._wakeup = asyncio.Event()
         self._busy = 0  # images in the running batch
@@ -79,7 +85,7 @@ class Batcher:
 
     @property
     def idle(self) -> bool:
-        return not self._queue and not self._busy
+        return not self._queue and not self._background and not self._busy
 
     async def drain(self, timeout: float) -> bool:
         """Stop accepting; wait until queued and running work is done. True if it all finished."""
@@ -95,20 +101,28 @@ class Batcher:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        for piece in self._queue:
+        for piece in (*self._queue, *self._background):
             if not piece.future.done():
                 piece.future.set_exception(ShuttingDown("the server stopped before this request ran"))
         self._queue.clear()
+        self._background.clear()
         self._executor.shutdown(wait=True)
 
     # --- requests -------------------------------------------------------------------------
-    async def submit(self, images: np.ndarray) -> np.ndarray:
-        """Features for ``images`` (uint8 [N, S, S, 3]), in order."""
+    async def submit(self, images: np.ndarray, *, background: bool = False) -> np.ndarray:
+        """Features for ``images`` (uint8 [N, S, S, 3]), in order; ``background``: after every request."""
         if self._closed:
             raise ShuttingDown("the server is shutting down; retry on another replica")
         if self._task is None or self._task.done():
             raise InferenceError("the batch loop is not running")
         n = len(images)
+        loop = asyncio.get_running_loop()
+        if background:
+            step = self.max_batch_size
+            pieces = [_Piece(images[i : i + step], loop.create_future(), background=True) for i in range(0, n, step)]
+            self._background.extend(pieces)
+            self._wakeup.set()
+            return await self._gather(pieces)
         if self._queued_images + n > self.max_queue_size:
             if self.metrics:
                 self.metrics.rejections.labels("queue_full").inc()
@@ -116,12 +130,14 @@ class Batcher:
                 f"queue full: {self._queued_images} images waiting, this request adds {n}, "
                 f"max_queue_size is {self.max_queue_size}"
             )
-        loop = asyncio.get_running_loop()
         pieces = [_Piece(images[i : i + self.max_batch_size], loop.create_future()) for i in range(0, n, self.max_batch_size)]
         self._queue.extend(pieces)
         self._queued_images += n
         self._gauge()
         self._wakeup.set()
+        return await self._gather(pieces)
+
+    async def _gather(self, pieces: list[_Piece]) -> np.ndarray:
         try:
             results = await asyncio.gather(*(p.future for p in pieces))
         except BaseException:
@@ -147,12 +163,26 @@ class Batcher:
         self._gauge()
         return batch
 
+    def _take_background(self, room: int, most: int | None = None) -> list[_Piece]:
+        batch: list[_Piece] = []
+        while self._background and len(self._background[0].images) <= room and (most is None or len(batch) < most):
+            piece = self._background.popleft()
+            if not piece.future.done():
+                batch.append(piece)
+                room -= len(piece.images)
+        return batch
+
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            while not self._queue:
+            while not self._queue and not self._background:
                 self._wakeup.clear()
                 await self._wakeup.wait()
+            if not self._queue:  # only background work waits: one piece, at once (a request arriving now waits for it)
+                batch = self._take_background(self.max_batch_size, most=1)
+                if batch:
+                    await self._execute(batch, len(batch[0].images), loop)
+                continue
             batch = self._take(self.max_batch_size)
             if not batch:
                 continue  # every queued piece had been cancelled
@@ -172,7 +202,9 @@ class Batcher:
                 batch += more
                 size += sum(len(p.images) for p in more)
             if batch:
-                await self._execute(batch, size, loop)
+                extra = self._take_background(self.max_batch_size - size)  # the room requests left
+                size += sum(len(p.images) for p in extra)
+                await self._execute(batch + extra, size, loop)
 
     async def _execute(self, batch: list[_Piece], size: int, loop: asyncio.AbstractEventLoop) -> None:
         started = time.perf_counter()
@@ -202,7 +234,7 @@ class Batcher:
         offset = 0
         for p in batch:
             k = len(p.images)
-            if self.metrics:
+            if self.metrics and not p.background:
                 self.metrics.queue_wait.observe(started - p.queued_at)
             if not p.future.done():
                 p.future.set_result(features[offset : offset + k])

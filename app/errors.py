@@ -9,6 +9,9 @@
     │   ├── MalformedRequest     422  bad JSON, bad base64, bad options
     │   ├── DatasetError         422  a training/evaluation folder laid out wrongly (named class and folder)
     │   │   └── BadRequest       400  a malformed Open Inference Protocol request (the OIP says 400)
+    │   ├── InvalidLabel         422  a class label (upload field or archive folder) that is not a valid name
+    │   ├── UnsafeArchive        422  an uploaded archive with a path outside it, a link, a device… (named member)
+    │   ├── ArchiveTooLarge      413  an archive over its member, uncompressed-bytes or compression-ratio bound
     │   ├── BodyTooLarge         413  body over ``max_body_bytes``
     │   ├── TooManyImages        413  more than ``max_images_per_request``
     │   ├── UnsupportedMediaType 415  a request content type we do not accept
@@ -17,10 +20,12 @@
     │   └── ClientDisconnected   499  the client closed the connection mid-request (nginx's 499)
     ├── NotFound (404)
     │   ├── HeadNotFound         404  no head with that name in the model store
-    │   └── VersionNotFound      404  the head has no such version (the message lists those it has)
+    │   ├── VersionNotFound      404  the head has no such version (the message lists those it has)
+    │   └── JobNotFound          404  no training job with that id in the shared store
     ├── CapacityError (503)
     │   ├── QueueFull            503  the batch queue is full; retry after ``Retry-After``
-    │   └── ShuttingDown         503  the process is draining
+    │   ├── ShuttingDown         503  the process is draining
+    │   └── TooManyJobs          429  this replica already runs ``training_jobs`` training jobs
     └── ModelError (500/503)
         ├── ArtifactError        500  a model file is missing, changed, or fails its checksum
         ├── IncompatibleHead     409  a head trained on another extractor
@@ -91,6 +96,19 @@ class BadRequest(MalformedRequest):
     status_code = 400
 
 
+class InvalidLabel(InputError):
+    code = "invalid_label"
+
+
+class UnsafeArchive(InputError):
+    code = "unsafe_archive"
+
+
+class ArchiveTooLarge(InputError):
+    status_code = 413
+    code = "archive_too_large"
+
+
 class UnsupportedMediaType(InputError):
     status_code = 415
     code = "unsupported_media_type"
@@ -124,6 +142,10 @@ class VersionNotFound(NotFound):
     code = "version_not_found"
 
 
+class JobNotFound(NotFound):
+    code = "job_not_found"
+
+
 class CapacityError(TlserveError):
     status_code = 503
     code = "over_capacity"
@@ -136,6 +158,12 @@ class QueueFull(CapacityError):
 
 class ShuttingDown(CapacityError):
     code = "shutting_down"
+
+
+class TooManyJobs(CapacityError):
+    status_code = 429
+    code = "too_many_jobs"
+    retry_after_s = 10
 
 
 class ModelError(TlserveError):

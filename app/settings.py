@@ -60,7 +60,7 @@ class Settings(BaseSettings):
     )
     admin_keys: str = Field(
         "",
-        description="Comma-separated admin keys for reload, promote, roll back and delete (403 for an inference key); with API keys set and no admin keys, those operations are refused.",
+        description="Comma-separated admin keys for reload, promote, roll back, delete, train and examples (403 for an inference key); with API keys set and no admin keys, those operations are refused.",
     )
     open_probes: bool = Field(True, description="Leave /livez, /readyz, /metrics and /v2/health/* open when API keys are set.")
     cors_origins: str = Field("", description="Comma-separated allowed CORS origins; empty disables CORS.")
@@ -141,6 +141,51 @@ class Settings(BaseSettings):
     )
     max_top_k: int = Field(100, ge=1, description="Largest `top_k` accepted.")
 
+    # --- training over HTTP (app/jobs.py, app/uploads.py, app/examples.py)
+    training_jobs: int = Field(
+        1,
+        ge=0,
+        description="Training jobs one replica runs at a time; a further `POST /v1/heads/{name}/train` gets 429 + Retry-After (0: this replica trains nothing).",
+    )
+    training_batch_images: int = Field(
+        4,
+        ge=1,
+        description="Images a training job hands the batcher at a time, at lower priority than requests: they run when no request waits, or fill the room left in a request's batch.",
+    )
+    max_training_bytes: int = Field(
+        1024 * 1024 * 1024,
+        ge=1,
+        description="Largest training or examples upload (413 beyond); spooled to disk, never held in memory (nginx's upload `location` agrees).",
+    )
+    max_training_images: int = Field(
+        5000, ge=1, description="Most photos in one training or examples upload, archive members included (413 beyond)."
+    )
+    max_training_classes: int = Field(100, ge=2, description="Most classes a head trained over HTTP may have (422 beyond).")
+    max_archive_members: int = Field(
+        20000,
+        ge=1,
+        description="Most members (files and folders) in one uploaded zip or tar, checked before extraction (413 beyond).",
+    )
+    max_archive_bytes: int = Field(
+        2 * 1024 * 1024 * 1024,
+        ge=1,
+        description="Most uncompressed bytes in the archives of one upload, from their headers before extraction (413 beyond).",
+    )
+    max_archive_ratio: float = Field(
+        100.0,
+        gt=1,
+        description="Largest uncompressed/compressed size ratio of an archive or zip member (zip bombs; photos barely compress).",
+    )
+    spool_dir: Path | None = Field(
+        None,
+        description="Where uploads are spooled while they are checked; default <model_store>/heads/.spool (the shared store).",
+    )
+    job_heartbeat_s: float = Field(
+        2.0,
+        gt=0,
+        description="How often a running job refreshes its record in the shared store; a record 5 beats old is reported failed (`replica_lost`).",
+    )
+
     # --- logging
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
     log_format: Literal["json", "text"] = Field("json", description="`json` (one object a line) or `text`.")
@@ -211,6 +256,10 @@ class Settings(BaseSettings):
     @property
     def cache_dir(self) -> Path:
         return self.feature_cache_dir or self.model_store / ".cache" / "features"
+
+    @property
+    def spool(self) -> Path:
+        return self.spool_dir or self.model_store / "heads" / ".spool"
 
 
 @lru_cache(maxsize=1)

@@ -320,11 +320,17 @@ def out_of_fold(version: Version) -> tuple[np.ndarray, dict[str, Any]]:
 class Trainer:
     """Everything ``train``/``evaluate``/``predict`` share: store, extractor, cache, progress."""
 
-    def __init__(self, settings: Settings, *, progress: ProgressCallback | bool = True) -> None:
+    def __init__(
+        self, settings: Settings, *, progress: ProgressCallback | bool = True, extractor: Extractor | None = None
+    ) -> None:
         self.settings = settings
         self.store = ModelStore(settings.model_store)
         self.heads = HeadStore.from_settings(settings)
         self.progress: ProgressCallback = progress if callable(progress) else (console() if progress else no_progress)
+        if extractor is not None:  # a running service's extractor (app/jobs.py): no second ONNX Runtime session
+            self.__dict__["extractor"] = extractor
+            if extractor.info is not None:  # the served one (it may be the int8 variant): its features, its cache
+                self.__dict__["info"] = extractor.info
 
     # loaded on first use, so that a mistake in the folders is reported before the model is read
     @cached_property
@@ -370,6 +376,13 @@ class Trainer:
         if limit:
             data = data.subset(_per_class_subset(data.labels, limit))
             val = val.subset(_per_class_subset(val.labels, limit)) if val else None
+        return self.fit_datasets(data, name, val=val, c=c)
+
+    def fit_datasets(self, data: Dataset, name: str, *, val: Dataset | None = None, c: float | None = None,
+                     promote: bool = True, card: dict[str, Any] | None = None) -> Trained:  # fmt: skip
+        """The one fit path (steps 2-8 above) on labelled photos already checked for layout: :meth:`train`'s
+        folders, or a training job's photos of a head's example store with its fixed validation set as ``val``
+        (:mod:`app.jobs`). ``card``: entries merged into the version's card (a dict one level deep)."""
         hashes = self._prepare(data, MIN_IMAGES_PER_CLASS, "DATA_DIR")
         vhashes = self._prepare(val, 1, "--val-dir") if val else None
         sets = [("train", data, hashes[0])] + ([("val", val, vhashes[0])] if val and vhashes else [])
@@ -389,15 +402,17 @@ class Trainer:
 
         fitted = self._fit(x, y, held, len(data.classes), c)
         report = make_report(held.y, fitted.held_pred, data.classes)
-        card = self._card(data, val, y, held, skipped, duplicates, fitted, report)
-        known, card["familiarity"] = self._familiarity(x, y, held, fitted, data.classes)
+        full = self._card(data, val, y, held, skipped, duplicates, fitted, report)
+        for key, value in (card or {}).items():
+            full[key] = {**full[key], **value} if isinstance(value, dict) and isinstance(full.get(key), dict) else value
+        known, full["familiarity"] = self._familiarity(x, y, held, fitted, data.classes)
         files = {
             **known.files(),
             "confusion_matrix.png": confusion_png(report, f"{name} ({'val_dir' if val else 'stratified'} split)"),
             OOF_FILE: _npy(fitted.oof.oof[fitted.c]),
             FOLDS_FILE: json.dumps(_folds_json(data, ext, y, fitted), indent=1).encode(),
         }
-        version = save_head(self.heads, name, fitted.head, card, files)
+        version = save_head(self.heads, name, fitted.head, full, files, promote=promote)
         return Trained(report, version.card, version, skipped, duplicates, dict(data.nested), data.loose)
 
     def _fit(self, x: np.ndarray, y: np.ndarray, held: _Held, n_classes: int, c: float | None) -> _Fitted:

@@ -150,3 +150,48 @@ def test_batch_closes_on_size_without_waiting_for_the_delay() -> None:
 
     engine, _ = run(main())
     assert engine.batches == [2]
+
+
+def test_background_work_yields_to_requests_and_fills_the_room_they_leave() -> None:
+    """A training job's pieces (background) run after waiting requests, in the room a request batch leaves."""
+
+    async def main():
+        engine = Engine()
+        b = await started(engine, max_queue_delay_ms=0, max_queue_size=4)
+        engine.gate.clear()  # hold the engine: everything below queues behind the first batch
+        first = asyncio.ensure_future(b.submit(imgs(9)))
+        await asyncio.sleep(0.05)
+        job = [asyncio.ensure_future(b.submit(imgs(1, 1, 1), background=True)) for _ in range(3)]
+        await asyncio.sleep(0.01)
+        request = asyncio.ensure_future(b.submit(imgs(2, 2, 2, 2)))  # queued after the job's pieces
+        await asyncio.sleep(0.05)
+        assert b.depth == 4  # background images are not counted against max_queue_size or the depth
+        engine.gate.set()
+        await asyncio.gather(first, request, *job)
+        await b.stop()
+        return engine, request.result(), [j.result() for j in job]
+
+    engine, request, job = run(main())
+    # the request ran before the job pieces queued earlier, with one 3-image piece in the room it left (8 - 4)
+    assert engine.batches == [1, 7, 3, 3]
+    np.testing.assert_array_equal(request[:, 0], [24] * 4)
+    assert all((j[:, 0] == 12).all() for j in job)
+
+
+def test_queued_background_pieces_fail_cleanly_on_stop() -> None:
+    async def main():
+        engine = Engine()
+        b = await started(engine)
+        engine.gate.clear()
+        running = asyncio.ensure_future(b.submit(imgs(1)))
+        await asyncio.sleep(0.05)
+        waiting = asyncio.ensure_future(b.submit(imgs(1), background=True))
+        await asyncio.sleep(0.01)
+        threading.Timer(0.2, engine.gate.set).start()  # the engine thread returns while stop() waits for it
+        await b.stop()
+        await asyncio.sleep(0)
+        running.cancel()
+        return waiting
+
+    waiting = run(main())
+    assert isinstance(waiting.exception(), ShuttingDown)

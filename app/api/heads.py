@@ -1,4 +1,5 @@
-"""``/v1/heads``: a head's versions — list them, promote one (compare-and-swap), roll back, delete.
+"""``/v1/heads``: a head's versions — list them with their reports, promote one (compare-and-swap), roll
+back, delete, compare two on the head's fixed validation set. (Training and examples: ``app/api/training.py``.)
 
 Listing needs an inference key; changing what is served needs an admin key (``TLSERVE_ADMIN_KEYS``)
 once keys are configured. A change is served by this replica at once and by every replica sharing
@@ -7,16 +8,19 @@ the store within ``TLSERVE_HEAD_POLL_INTERVAL_S``.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, Field
 
 from app.api.deps import ServiceDep, require_admin, require_key
 from app.api.parsing import error_responses
 from app.api.schemas import ErrorResponse
-from app.errors import ArtifactError, HeadNotFound, TlserveError, VersionConflict
-from app.registry import Version
+from app.errors import ArtifactError, DatasetError, HeadNotFound, TlserveError, VersionConflict
+from app.examples import ExampleStore
+from app.jobs import JobRunner, card_job_id, card_report
+from app.registry import Version, valid_head_name
 from app.service import Service
 
 router = APIRouter(prefix="/v1/heads", tags=["heads"], dependencies=[Depends(require_key)],
@@ -32,6 +36,8 @@ class VersionSummary(BaseModel):
     accuracy: float | None = Field(None, description="The version's validation accuracy, from its card")
     signed: bool
     copied_from: int | None = None
+    report: dict[str, Any] | None = Field(None, description="The version's validation report, from its card (as a job's)")
+    job_id: str | None = Field(None, description="The training job that made it (None: trained by `tlserve train`)")
 
 
 class VersionList(BaseModel):
@@ -54,6 +60,7 @@ def _summary(v: Version, current: int) -> VersionSummary:
         version=v.version, current=v.version == current, created_at=card.get("created_at"),
         classes=[str(c) for c in card.get("classes", [])], accuracy=accuracy if isinstance(accuracy, int | float) else None,
         signed=isinstance(card.get("signature"), dict), copied_from=card.get("copied_from"),
+        report=card_report(card), job_id=card_job_id(card),
     )  # fmt: skip
 
 
@@ -131,3 +138,40 @@ async def delete_head(name: str, service: ServiceDep) -> dict[str, Any]:
         raise _writing("delete") from None
     await service.registry.poll()
     return {"deleted": name}
+
+
+class Scored(BaseModel):
+    version: int
+    report: dict[str, Any] | None = Field(description="Scored on the validation photos of this version's classes")
+    excluded: int = Field(description="Validation photos of classes this version does not have")
+    skipped: int = Field(description="Validation photos that could not be decoded")
+
+
+class Comparison(BaseModel):
+    head: str
+    validation_images: int = Field(description="Photos in the head's fixed validation set")
+    a: Scored
+    b: Scored
+
+
+@router.get("/{name}/compare", response_model=Comparison, summary="Two versions scored on the head's fixed validation set")
+async def compare(
+    name: str,
+    request: Request,
+    service: ServiceDep,
+    a: int = Query(ge=1, description="A version"),
+    b: int = Query(ge=1, description="Another version"),
+) -> Comparison:
+    heads = service.registry.store
+    store = ExampleStore(heads.root, valid_head_name(name))
+    snap = await asyncio.to_thread(store.snapshot)
+    versions = {v: await asyncio.to_thread(service.registry.get_version, name, v) for v in dict.fromkeys((a, b))}  # 404s first
+    if not snap.validation:
+        raise DatasetError(
+            f"head {name!r} has no fixed validation set yet: it is chosen at the head's first training over HTTP "
+            f"(POST /v1/heads/{name}/train)"
+        )
+    val = [snap.examples[s] for s in snap.validation if s in snap.examples]
+    jobs: JobRunner = request.app.state.jobs
+    scored = {v: await asyncio.to_thread(jobs.score, head, store, val) for v, head in versions.items()}
+    return Comparison(head=name, validation_images=len(val), a=Scored(version=a, **scored[a]), b=Scored(version=b, **scored[b]))

@@ -1,0 +1,485 @@
+"""Training uploads: labelled photos streamed to a spool folder on disk, bounded, hostile until checked.
+
+``POST /v1/heads/{name}/train`` and ``/examples`` send ``multipart/form-data``: every file part's field
+name is its class label, a file part named ``archive`` is a zip or tar (``.tar``, ``.tar.gz``, ``.tgz``,
+bz2, xz) of class folders, and a few text fields are options. :func:`receive` handles one body:
+
+1. **Streamed to disk**, never held in memory: each file part is written to ``<spool>/<upload id>/``
+   as it arrives. Bounded while it streams: ``max_training_bytes`` of body (413 ``body_too_large``),
+   ``max_training_images`` photos (413 ``too_many_images``), a label is checked when its part's headers
+   arrive (422 ``invalid_label``), before any of its bytes are written.
+2. **Archives are checked from their headers before one byte is extracted** (:func:`check_archive`):
+   every member name is relative and stays inside (no absolute path, no drive, no ``..``, no
+   backslash: 422 ``unsafe_archive`` naming the member), only regular files and folders (no symlink,
+   hard link, device, fifo: 422 ``unsafe_archive``), at most ``max_archive_members`` members, at most
+   ``max_archive_bytes`` uncompressed in all the upload's archives, and no archive or zip member
+   expanding more than ``max_archive_ratio`` times (413 ``archive_too_large``). Encrypted zip
+   members are refused. Extraction then writes each member's bytes to a spool file of *our* naming
+   (``a<k>-<n>``), never to the member's path, and stops at the size its header declared.
+3. **Layout**: ``<class>/<photo>`` (deeper files count for their class folder; one folder wrapping
+   all class folders is unwrapped); hidden files, ``__MACOSX/``, ``Thumbs.db``, ``desktop.ini`` are
+   ignored; a file outside any class folder is refused (422 ``invalid_dataset``). Class labels are
+   validated like head names (letters, digits, ``_ - .``, at most 64).
+4. **Photos**: each must be a non-empty file whose bytes Pillow recognises as an allowed format
+   (sniffed from the header, nothing decoded: 415 ``unsupported_format`` / 422 ``empty_input``
+   naming the files). Decoding, with :func:`app.imaging.load_image` and its limits (pixels, formats),
+   happens in the training job, which skips a photo that fails it and reports it by name.
+
+The spool folder is removed when the request ends (:func:`spool`), whatever happened; folders left by
+a killed process are swept when older than :data:`SPOOL_MAX_AGE_S`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import shutil
+import stat
+import tarfile
+import time
+import uuid
+import warnings
+import zipfile
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, BinaryIO
+
+from python_multipart.exceptions import FormParserError
+from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.requests import Request
+
+from app.errors import (
+    ArchiveTooLarge,
+    BodyTooLarge,
+    DatasetError,
+    EmptyInput,
+    InvalidLabel,
+    MalformedRequest,
+    TooManyImages,
+    UnsafeArchive,
+    UnsupportedFormat,
+    UnsupportedMediaType,
+)
+from app.registry import HEAD_NAME
+from app.settings import Settings
+
+ARCHIVE_FIELD = "archive"
+OPTION_FIELDS = ("c", "val_fraction", "promote", "use_examples")
+MAX_OPTION_BYTES = 1024
+MAX_ARCHIVES = 16
+RATIO_FLOOR_BYTES = 1024 * 1024
+"""The compression-ratio bound applies to archives and zip members expanding to at least this much
+(a small PNG or a tar's headers may legitimately compress far)."""
+SPOOL_MAX_AGE_S = 3600.0
+"""A spool folder this old belongs to no request still running (a process killed mid-upload): swept."""
+JUNK_NAMES = frozenset({"__MACOSX", "Thumbs.db", "desktop.ini"})
+_DRIVE = re.compile(r"^[A-Za-z]:")
+_CHUNK = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Photo:
+    """One uploaded photo, spooled: ``name`` is what the client called it (file name or archive member)."""
+
+    path: Path
+    label: str
+    name: str
+
+
+@dataclass
+class Upload:
+    folder: Path
+    photos: list[Photo] = field(default_factory=list)
+    options: dict[str, str] = field(default_factory=dict)
+    bytes: int = 0
+    ignored: int = 0  # hidden or junk archive members
+
+
+def valid_label(label: str, where: str) -> str:
+    """A class label is named like a head (it becomes a folder name, a card entry, a metrics label)."""
+    if not HEAD_NAME.match(label) or ".." in label:
+        raise InvalidLabel(
+            f"invalid class label {label[:80]!r} ({where}): use letters, digits, '_', '-', '.' (at most 64, not starting with '.')"
+        )
+    return label
+
+
+# --- the spool -------------------------------------------------------------------------------
+@contextlib.asynccontextmanager
+async def spool(settings: Settings) -> AsyncIterator[Path]:
+    """A fresh folder for one upload under the spool root, removed when the request ends."""
+    root = settings.spool
+    await asyncio.to_thread(sweep, root)
+    folder = root / uuid.uuid4().hex
+    folder.mkdir(parents=True)
+    try:
+        yield folder
+    finally:
+        await asyncio.to_thread(shutil.rmtree, folder, True)
+
+
+def sweep(root: Path, max_age_s: float = SPOOL_MAX_AGE_S) -> int:
+    """Remove spool folders older than ``max_age_s`` (left by a process killed mid-upload)."""
+    removed, cutoff = 0, time.time() - max_age_s
+    with contextlib.suppress(OSError):
+        for entry in root.iterdir():
+            with contextlib.suppress(OSError):
+                if entry.stat().st_mtime < cutoff:
+                    shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+                    removed += 1
+    return removed
+
+
+# --- the multipart body, streamed to disk ----------------------------------------------------
+class _Spooler:
+    """python-multipart callbacks that write each file part into the spool folder as it arrives."""
+
+    def __init__(self, upload: Upload, settings: Settings) -> None:
+        self.upload, self.settings = upload, settings
+        self.header_name = self.header_value = self.disposition = b""
+        self.kind: str | None = None  # "photo", "archive", "option"
+        self.name = ""
+        self.filename = ""
+        self.file: BinaryIO | None = None
+        self.path: Path | None = None
+        self.value = bytearray()
+        self.archives: list[tuple[Path, str]] = []
+        self.parts = 0
+
+    def on_part_begin(self) -> None:
+        self.kind, self.disposition, self.value = None, b"", bytearray()
+
+    def on_header_field(self, data: bytes, start: int, end: int) -> None:
+        self.header_name += bytes(data[start:end])
+
+    def on_header_value(self, data: bytes, start: int, end: int) -> None:
+        self.header_value += bytes(data[start:end])
+
+    def on_header_end(self) -> None:
+        if self.header_name.lower() == b"content-disposition":
+            self.disposition = self.header_value
+        self.header_name = self.header_value = b""
+
+    def on_headers_finished(self) -> None:
+        _, options = parse_options_header(self.disposition)
+        if b"name" not in options:
+            raise MalformedRequest('malformed multipart body: a part has no Content-Disposition "name"')
+        self.name = options[b"name"].decode("utf-8", "replace")
+        self.parts += 1
+        if b"filename" not in options:
+            if self.name not in OPTION_FIELDS:
+                raise MalformedRequest(
+                    f"text field {self.name[:64]!r} is not an option ({', '.join(OPTION_FIELDS)}): send photos as file "
+                    f"parts named by their class label, archives as a file part named {ARCHIVE_FIELD!r}"
+                )
+            self.kind = "option"
+            return
+        self.filename = options[b"filename"].decode("utf-8", "replace")
+        if self.name == ARCHIVE_FIELD:
+            if len(self.archives) >= MAX_ARCHIVES:
+                raise TooManyImages(f"more than {MAX_ARCHIVES} archives in one upload")
+            self.kind, self.path = "archive", self.upload.folder / f"archive-{len(self.archives)}"
+            self.archives.append((self.path, self.filename))
+        else:
+            valid_label(self.name, f"field name of file {self.filename[:80]!r}")
+            limit = self.settings.max_training_images
+            if len(self.upload.photos) >= limit:
+                raise TooManyImages(f"more than {limit} photos in one upload (max_training_images)")
+            self.kind, self.path = "photo", self.upload.folder / f"p-{len(self.upload.photos)}"
+            self.upload.photos.append(Photo(self.path, self.name, self.filename or self.name))
+        self.file = self.path.open("wb")
+
+    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        if self.kind == "option":
+            self.value += data[start:end]
+            if len(self.value) > MAX_OPTION_BYTES:
+                raise MalformedRequest(f"option {self.name!r} is over {MAX_OPTION_BYTES} bytes")
+        elif self.file is not None:
+            self.file.write(data[start:end])
+
+    def on_part_end(self) -> None:
+        if self.kind == "option":
+            self.upload.options[self.name] = self.value.decode("utf-8", "replace").strip()
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+        self.kind = None
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
+async def receive(request: Request, settings: Settings, folder: Path) -> Upload:
+    """The upload of one request, spooled under ``folder`` and checked (see the module docstring)."""
+    ctype = request.headers.get("content-type", "")
+    if ctype.split(";")[0].strip().lower() != "multipart/form-data":
+        raise UnsupportedMediaType(
+            f"content type {ctype.split(';')[0] or '(none)'!r} is not accepted here: send multipart/form-data "
+            "(a file part per photo named by its class label, and/or an archive part)"
+        )
+    _, params = parse_options_header(ctype)
+    boundary = params.get(b"boundary")
+    if not boundary:
+        raise MalformedRequest("malformed multipart body: Missing boundary in multipart.")
+    limit = settings.max_training_bytes
+    announced = request.headers.get("content-length")
+    if announced is not None and announced.isdigit() and int(announced) > limit:
+        raise BodyTooLarge(f"upload of {announced} bytes is over the limit of {limit} bytes (max_training_bytes)")
+    upload = Upload(folder)
+    spooler = _Spooler(upload, settings)
+    callbacks = {name: getattr(spooler, name) for name in dir(spooler) if name.startswith("on_")}
+    parser = MultipartParser(boundary, callbacks)  # type: ignore[arg-type]
+    try:
+        async for chunk in request.stream():
+            upload.bytes += len(chunk)
+            if upload.bytes > limit:
+                raise BodyTooLarge(f"upload is over the limit of {limit} bytes (max_training_bytes)")
+            if chunk:
+                await asyncio.to_thread(parser.write, chunk)
+        parser.finalize()
+    except FormParserError:
+        raise MalformedRequest("malformed multipart body: Invalid multipart data.") from None
+    finally:
+        spooler.close()
+    if spooler.kind is not None or spooler.file is not None:
+        raise MalformedRequest("malformed multipart body: it ended inside a part")
+    if spooler.archives:
+        await asyncio.to_thread(_unpack_all, upload, spooler.archives, settings)
+    await asyncio.to_thread(check_photos, upload.photos, settings.formats)
+    return upload
+
+
+# --- archives --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Member:
+    """A regular file of an archive, by its checked relative path."""
+
+    parts: tuple[str, ...]
+    size: int
+    key: zipfile.ZipInfo | tarfile.TarInfo
+
+    @property
+    def name(self) -> str:
+        return "/".join(self.parts)
+
+
+def _member_parts(name: str, archive: str) -> tuple[str, ...]:
+    where = f"archive {archive!r}: member {name[:120]!r}"
+    if "\x00" in name or "\\" in name:
+        raise UnsafeArchive(f"{where} has a backslash or NUL in its path; use '/' between folders")
+    if name.startswith("/") or _DRIVE.match(name):
+        raise UnsafeArchive(f"{where} is an absolute path; members must be relative (class/photo.jpg)")
+    parts = tuple(p for p in name.split("/") if p not in ("", "."))
+    if ".." in parts:
+        raise UnsafeArchive(f"{where} climbs out of the archive ('..'); members must stay inside it")
+    return parts
+
+
+def _junk(parts: tuple[str, ...]) -> bool:
+    return any(p.startswith(".") or p in JUNK_NAMES for p in parts)
+
+
+def check_archive(path: Path, archive: str, settings: Settings, budget: list[int]) -> tuple[str, list[Member], int]:
+    """The archive's regular files, every member checked from its header (nothing extracted); ``budget``
+    holds the uncompressed bytes the upload's archives may still use. Returns (kind, files, ignored)."""
+    size = path.stat().st_size
+    if zipfile.is_zipfile(path):
+        return "zip", *_check_zip(path, archive, settings, budget, size)
+    try:
+        with tarfile.open(path, mode="r:*") as tar:
+            return "tar", *_check_tar(tar, archive, settings, budget, size)
+    except tarfile.TarError:
+        raise MalformedRequest(
+            f"archive {archive!r} is neither a zip nor a tar (.tar, .tar.gz, .tgz, .tar.bz2, .tar.xz) it can read"
+        ) from None
+
+
+def _ratio_check(expanded: int, packed: int, what: str, settings: Settings) -> None:
+    if expanded >= RATIO_FLOOR_BYTES and expanded > settings.max_archive_ratio * max(packed, 1):
+        raise ArchiveTooLarge(
+            f"{what} expands {expanded} bytes from {packed} ({expanded / max(packed, 1):.0f}x), over the ratio limit of "
+            f"{settings.max_archive_ratio:g}x (max_archive_ratio): refused as a zip bomb"
+        )
+
+
+def _spend(budget: list[int], n: int, archive: str, settings: Settings) -> None:
+    budget[0] -= n
+    if budget[0] < 0:
+        raise ArchiveTooLarge(
+            f"archive {archive!r}: the upload's archives hold over {settings.max_archive_bytes} uncompressed bytes "
+            "(max_archive_bytes), by their headers"
+        )
+
+
+def _count(n: int, archive: str, settings: Settings) -> None:
+    if n > settings.max_archive_members:
+        raise ArchiveTooLarge(f"archive {archive!r} has over {settings.max_archive_members} members (max_archive_members)")
+
+
+def _check_zip(path: Path, archive: str, settings: Settings, budget: list[int], size: int) -> tuple[list[Member], int]:
+    try:
+        with zipfile.ZipFile(path) as zf:
+            infos = zf.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise MalformedRequest(f"archive {archive!r} is not a readable zip: {exc}") from None
+    _count(len(infos), archive, settings)
+    files, ignored, total = [], 0, 0
+    for info in infos:
+        parts = _member_parts(info.filename, archive)
+        mode = info.external_attr >> 16
+        where = f"archive {archive!r}: member {info.filename[:120]!r}"
+        if stat.S_ISLNK(mode):
+            raise UnsafeArchive(f"{where} is a symbolic link; only files and folders are accepted")
+        if mode and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            raise UnsafeArchive(f"{where} is a device, fifo or socket; only files and folders are accepted")
+        if info.flag_bits & 0x1:
+            raise UnsafeArchive(f"{where} is encrypted; send it unencrypted")
+        if info.is_dir() or not parts:
+            continue
+        _ratio_check(info.file_size, info.compress_size, where, settings)
+        _spend(budget, info.file_size, archive, settings)
+        total += info.file_size
+        if _junk(parts):
+            ignored += 1
+            continue
+        files.append(Member(parts, info.file_size, info))
+    _ratio_check(total, size, f"archive {archive!r}", settings)
+    return files, ignored
+
+
+_TAR_KINDS = {tarfile.SYMTYPE: "a symbolic link", tarfile.LNKTYPE: "a hard link", tarfile.CHRTYPE: "a character device",
+              tarfile.BLKTYPE: "a block device", tarfile.FIFOTYPE: "a fifo"}  # fmt: skip
+
+
+def _check_tar(tar: tarfile.TarFile, archive: str, settings: Settings, budget: list[int], size: int) -> tuple[list[Member], int]:
+    files, ignored, total, n = [], 0, 0, 0
+    while True:
+        try:
+            info = tar.next()  # reads one header (a compressed stream is decompressed up to it, never stored)
+        except tarfile.TarError as exc:
+            raise MalformedRequest(f"archive {archive!r} is not a readable tar: {exc}") from None
+        if info is None:
+            break
+        n += 1
+        _count(n, archive, settings)
+        parts = _member_parts(info.name, archive)
+        where = f"archive {archive!r}: member {info.name[:120]!r}"
+        if info.type in _TAR_KINDS:
+            raise UnsafeArchive(f"{where} is {_TAR_KINDS[info.type]}; only files and folders are accepted")
+        if info.isdir() or not parts:
+            continue
+        if info.type not in (tarfile.REGTYPE, tarfile.AREGTYPE):
+            raise UnsafeArchive(f"{where} is not a regular file (tar type {info.type!r}); only files and folders are accepted")
+        _spend(budget, info.size, archive, settings)
+        total += info.size
+        if _junk(parts):
+            ignored += 1
+            continue
+        files.append(Member(parts, info.size, info))
+    _ratio_check(total, size, f"archive {archive!r}", settings)
+    return files, ignored
+
+
+def _layout(files: list[Member], archive: str) -> list[tuple[str, Member]]:
+    """(label, member) for each file: ``class/photo`` (deeper files count for the class); one folder
+    wrapping every class folder is unwrapped."""
+    strip = 0
+    if files and all(len(m.parts) >= 3 for m in files) and len({m.parts[0] for m in files}) == 1:
+        strip = 1
+    out = []
+    for m in files:
+        parts = m.parts[strip:]
+        if len(parts) < 2:
+            raise DatasetError(
+                f"archive {archive!r}: {m.name!r} is not inside a class folder; lay the archive out as class/photo.jpg"
+            )
+        out.append((valid_label(parts[0], f"folder of {m.name[:80]!r} in archive {archive!r}"), m))
+    return out
+
+
+def _copy(src: IO[bytes], dst: Path, limit: int, what: str) -> None:
+    written = 0
+    with dst.open("wb") as out:
+        while chunk := src.read(_CHUNK):
+            written += len(chunk)
+            if written > limit:
+                raise UnsafeArchive(f"{what} holds more bytes than its header declares ({limit})")
+            out.write(chunk)
+
+
+def _unpack_all(upload: Upload, archives: list[tuple[Path, str]], settings: Settings) -> None:
+    budget = [settings.max_archive_bytes]
+    checked = [(path, name, *check_archive(path, name, settings, budget)) for path, name in archives]  # every check first
+    total = len(upload.photos) + sum(len(files) for *_, files, _ in checked)
+    if total > settings.max_training_images:
+        raise TooManyImages(
+            f"{total} photos in this upload, over the limit of {settings.max_training_images} (max_training_images)"
+        )
+    for k, (path, name, kind, files, ignored) in enumerate(checked):
+        upload.ignored += ignored
+        labelled = _layout(files, name)
+        if kind == "zip":
+            with zipfile.ZipFile(path) as zf:
+                for n, (label, m) in enumerate(labelled):
+                    target = upload.folder / f"a{k}-{n}"
+                    assert isinstance(m.key, zipfile.ZipInfo)
+                    try:
+                        with zf.open(m.key) as src:
+                            _copy(src, target, m.size, f"archive {name!r}: member {m.name!r}")
+                    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+                        raise MalformedRequest(f"archive {name!r}: member {m.name!r} is corrupt: {exc}") from None
+                    upload.photos.append(Photo(target, label, m.name))
+        else:
+            with tarfile.open(path, mode="r:*") as tar:
+                for n, (label, m) in enumerate(labelled):
+                    target = upload.folder / f"a{k}-{n}"
+                    assert isinstance(m.key, tarfile.TarInfo)
+                    member = tar.extractfile(m.key)
+                    if member is None:
+                        raise UnsafeArchive(f"archive {name!r}: member {m.name!r} is not a regular file")
+                    with member:
+                        _copy(member, target, m.size, f"archive {name!r}: member {m.name!r}")
+                    upload.photos.append(Photo(target, label, m.name))
+        path.unlink()  # what it held is spooled; do not keep two copies
+
+
+# --- photos ----------------------------------------------------------------------------------
+def sniff(path: Path, formats: Iterable[str]) -> str | None:
+    """Why ``path`` is not a photo we take (0 bytes, not a recognised or allowed image), or None. Only the
+    header is read; the decode (and the pixel limit) is :func:`app.imaging.load_image`'s, in the job."""
+    from PIL import Image, UnidentifiedImageError
+
+    if path.stat().st_size == 0:
+        return "empty file (0 bytes)"
+    allowed = set(formats)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            with Image.open(path) as img:
+                fmt = img.format
+        except UnidentifiedImageError:
+            return f"not a recognised image (allowed formats: {', '.join(sorted(allowed))})"
+        except Exception as exc:  # noqa: BLE001 - a header Pillow cannot parse is bad input
+            return f"cannot read image header: {type(exc).__name__}"
+    if fmt not in allowed:
+        return f"image format {fmt} is not allowed (allowed formats: {', '.join(sorted(allowed))})"
+    return None
+
+
+def check_photos(photos: list[Photo], formats: Iterable[str]) -> None:
+    """Every photo is a non-empty, recognised, allowed image (by its header); the request names those that are not."""
+    import app.imaging  # noqa: F401 - registers the HEIF opener with Pillow, as the loader does
+
+    formats = frozenset(formats)
+    bad = [(p, why) for p in photos if (why := sniff(p.path, formats)) is not None]
+    if not bad:
+        return
+    listed = "; ".join(f"{p.label}/{p.name}: {why}" for p, why in bad[:10]) + (
+        f" (and {len(bad) - 10} more)" if len(bad) > 10 else ""
+    )
+    error = EmptyInput if all(why.startswith("empty") for _, why in bad) else UnsupportedFormat
+    raise error(f"{len(bad)} of the {len(photos)} uploaded files are not photos it can take: {listed}")
