@@ -43,7 +43,7 @@ function card(file, result, answer) {
         typeof result.familiarity === "number" ? ` (familiarity ${result.familiarity.toFixed(3)})` : ""));
     }
   }
-  caption.append(el("div", { class: "answered" }, `answered by ${answer.head} version ${answer.version ?? answer.head_version}`));
+  caption.append(el("div", { class: "answered" }, `answered by ${answer.head} version ${answer.version}`));
   figure.append(caption);
   return figure;
 }
@@ -67,7 +67,7 @@ async function classify(files) {
   try {
     const answer = await call("POST", `v1/classify?${params}`, { form });
     show(results, answer.results.map((r) => card(files[r.index] || files[0], r, answer)));
-    showStatus(status, `${answer.results.length} photo${answer.results.length === 1 ? "" : "s"} classified by ${answer.head} version ${answer.version ?? answer.head_version}`, "ok");
+    showStatus(status, `${answer.results.length} photo${answer.results.length === 1 ? "" : "s"} classified by ${answer.head} version ${answer.version}`, "ok");
   } catch (err) {
     showError(status, err);
   }

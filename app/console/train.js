@@ -14,6 +14,15 @@ function renderFiles(entry) {
   show(entry.list, entry.files.map((f) => el("li", {}, f.name)));
 }
 
+// After a training or an examples upload the photos are in the head's example store: the lists
+// empty, so a retraining sends only new photos and reuses those.
+function clearFiles() {
+  for (const entry of classes) {
+    entry.files = [];
+    renderFiles(entry);
+  }
+}
+
 function addClass() {
   counter += 1;
   const id = `class-${counter}`;
@@ -77,8 +86,8 @@ function renderJob(job) {
     el("p", { class: "job-state", "data-state": job.state }, `State: ${job.state}`),
   ];
   if (job.state === "queued" || job.state === "running") {
-    parts.push(el("p", { class: "job-progress" }, `${p.phase || "waiting"}: ${done} / ${total} photos`,
-      typeof p.images_per_s === "number" ? `, ${p.images_per_s.toFixed(1)} photos/s` : ""));
+    parts.push(el("p", { class: "job-progress" }, `${p.phase || "waiting"}: ${done} / ${total}`,
+      typeof p.images_per_s === "number" ? ` (${p.images_per_s.toFixed(1)} photos/s)` : ""));
     parts.push(el("progress", { class: "job", max: String(Math.max(total, 1)), value: String(done), "aria-label": "training progress" }));
   }
   if (job.state === "succeeded") {
@@ -104,11 +113,7 @@ async function watch(job) {
     renderJob(job);
   }
   if (job.state === "succeeded") {
-    // The photos are in the head's example store now: a retraining adds new ones and reuses these.
-    for (const entry of classes) {
-      entry.files = [];
-      renderFiles(entry);
-    }
+    clearFiles();
     showStatus($("train-status"), `Training of ${job.head} succeeded; its photos are kept in the head's examples, ` +
       "so a retraining needs only the new ones", "ok");
   } else {
@@ -152,6 +157,7 @@ async function addExamples() {
   try {
     const r = await call("POST", path`v1/heads/${request.name}/examples`, { form: request.form, admin: true });
     const counts = Object.entries(r.examples || {}).map(([label, n]) => `${label}: ${n}`).join(", ");
+    clearFiles();
     showStatus(status, `Added ${r.added} photos (${r.duplicates} already there); ${r.head} now has ${counts}`, "ok");
   } catch (err) {
     showError(status, err);
