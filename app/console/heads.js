@@ -4,6 +4,7 @@ import { call, el, headsChanged, path, percent, show, showError, showStatus } fr
 import { fromMetrics, renderReport } from "./report.js";
 
 const $ = (id) => document.getElementById(id);
+let compareForms = 0; // ids for the compare selects' labels
 
 function versionRow(name, v, article) {
   const actions = el("td");
@@ -57,9 +58,9 @@ function compareForm(article, name, versions) {
     select.value = String(value);
     return [el("label", { for: id }, label), select];
   };
-  const safe = name.replace(/[^A-Za-z0-9_-]/g, "_");
-  const [la, a] = pick(`compare-a-${safe}`, "Compare version", numbers[numbers.length - 2]);
-  const [lb, b] = pick(`compare-b-${safe}`, "with version", numbers[numbers.length - 1]);
+  compareForms += 1;
+  const [la, a] = pick(`compare-a-${compareForms}`, "Compare version", numbers[numbers.length - 2]);
+  const [lb, b] = pick(`compare-b-${compareForms}`, "with version", numbers[numbers.length - 1]);
   const button = el("button", { type: "button", class: "compare" }, "Compare");
   button.addEventListener("click", () => compare(article, name, a.value, b.value));
   return el("div", { class: "row" }, la, a, lb, b, button);
