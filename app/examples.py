@@ -141,27 +141,10 @@ class ExampleStore:
                     f"the same photo is labelled {seen.label!r} ({seen.name}) and {photo.label!r} ({photo.name}) in this "
                     "upload: keep one"
                 )
+        if check is not None:  # first without the lock (nothing created when it refuses), then again under it
+            check(self._merge(shas, first, choose_validation)[0])
         with self._locked():
-            examples = self._read_labels()
-            validation, info = self._read_validation()
-            snap = Snapshot(dict(examples), validation, shas, validation_info=info)
-            now = datetime.now(UTC).isoformat(timespec="seconds")
-            new: dict[str, Incoming] = {}
-            for sha, photo in first.items():
-                old = examples.get(sha)
-                if old is None:
-                    new[sha] = photo
-                    snap.added += 1
-                else:
-                    snap.duplicates += 1
-                    snap.relabelled += old.label != photo.label
-                snap.examples[sha] = (Example(sha, photo.label, photo.name, now) if old is None
-                                      else Example(sha, photo.label, old.name, old.added_at))  # fmt: skip
-            snap.duplicates += len(shas) - len(first)  # repeats within this upload
-            if choose_validation is not None and snap.validation is None:
-                snap.validation = stratified_choice(snap.examples, choose_validation)
-                snap.validation_info = {"val_fraction": choose_validation, "seed": SEED, "chosen_at": now}
-                snap.validation_chosen = True
+            snap, new = self._merge(shas, first, choose_validation)
             if check is not None:
                 check(snap)
             for sha, photo in new.items():
@@ -173,6 +156,32 @@ class ExampleStore:
             if snap.validation_chosen and snap.validation is not None:
                 write_json(self.folder / VALIDATION, {**(snap.validation_info or {}), "sha256": snap.validation})
         return snap
+
+    def _merge(
+        self, shas: list[str], first: dict[str, Incoming], choose_validation: float | None
+    ) -> tuple[Snapshot, dict[str, Incoming]]:
+        """The snapshot adding ``first`` would make, and which of its photos are new (nothing written)."""
+        examples = self._read_labels()
+        validation, info = self._read_validation()
+        snap = Snapshot(dict(examples), validation, shas, validation_info=info)
+        now = datetime.now(UTC).isoformat(timespec="seconds")
+        new: dict[str, Incoming] = {}
+        for sha, photo in first.items():
+            old = examples.get(sha)
+            if old is None:
+                new[sha] = photo
+                snap.added += 1
+                snap.examples[sha] = Example(sha, photo.label, photo.name, now)
+            else:
+                snap.duplicates += 1
+                snap.relabelled += old.label != photo.label
+                snap.examples[sha] = Example(sha, photo.label, old.name, old.added_at)
+        snap.duplicates += len(shas) - len(first)  # repeats within this upload
+        if choose_validation is not None and snap.validation is None:
+            snap.validation = stratified_choice(snap.examples, choose_validation)
+            snap.validation_info = {"val_fraction": choose_validation, "seed": SEED, "chosen_at": now}
+            snap.validation_chosen = True
+        return snap, new
 
     def delete(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)

@@ -138,6 +138,15 @@ def plan(snap: Snapshot, *, use_examples: bool, max_classes: int) -> Plan:
         raise DatasetError(
             f"every class needs at least {MIN_TRAIN_PER_CLASS} training photos besides the validation set: {listed}{first}"
         )
+    if snap.validation_chosen:  # the first training: every class gets photos in the fixed validation set
+        held_counts = snap.counts(sorted(held))
+        missing = [c for c in classes if not held_counts.get(c)]
+        if missing:
+            raise DatasetError(
+                f"a head's first training needs at least {MIN_TRAIN_PER_CLASS + 1} photos a class (one for its fixed "
+                f"validation set, {MIN_TRAIN_PER_CLASS} to train on): "
+                + ", ".join(f"{c!r} has {counts[c]} photos" for c in missing)
+            )
     val = [snap.examples[s] for s in snap.validation or [] if s in snap.examples]
     kept = [e for e in val if e.label in counts]
     if not kept:

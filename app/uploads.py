@@ -334,7 +334,7 @@ def _check_zip(path: Path, archive: str, settings: Settings, budget: list[int], 
         where = f"archive {archive!r}: member {info.filename[:120]!r}"
         if stat.S_ISLNK(mode):
             raise UnsafeArchive(f"{where} is a symbolic link; only files and folders are accepted")
-        if mode and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        if stat.S_IFMT(mode) not in (0, stat.S_IFREG, stat.S_IFDIR):  # 0: no Unix type recorded (a plain file)
             raise UnsafeArchive(f"{where} is a device, fifo or socket; only files and folders are accepted")
         if info.flag_bits & 0x1:
             raise UnsafeArchive(f"{where} is encrypted; send it unencrypted")
