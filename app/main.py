@@ -10,7 +10,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.routing import APIRoute
 
 from app import __version__
-from app.api import errors, heads, oip, probes, training, v1
+from app.api import console, errors, heads, oip, probes, training, v1
 from app.api.middleware import RequestContext
 from app.service import Service
 from app.settings import Settings, get_settings
@@ -49,6 +49,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(heads.router)
     app.include_router(training.router)
     app.include_router(oip.router)
+    app.include_router(console.router)
     if settings.origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.origins, allow_methods=["GET", "POST"], allow_headers=["*"])
     app.add_middleware(RequestContext, metrics=service.metrics)
