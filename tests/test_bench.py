@@ -44,6 +44,7 @@ def test_the_product_cli_lists_product_commands_only() -> None:
         "heads",
         "keys",
         "sign",
+        "batch",
         "settings",
     }
     assert importlib.util.find_spec("app.bench") is None  # the benchmark lives in benchmarks/, outside the package
