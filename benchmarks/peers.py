@@ -52,7 +52,7 @@ from tests.helpers import REPO, free_port, server_pool
 
 PEERS_DIR = Path(__file__).resolve().parent / "peers"
 PINNED = {"bentoml": "bentoml==1.4.40", "litserve": "litserve==0.2.19"}
-SHARED_PKGS = ("numpy", "pillow", "scikit-learn", "pydantic-settings")
+SHARED_PKGS = ("numpy", "pillow", "pillow-heif", "scikit-learn", "pydantic-settings")  # what app.imaging imports
 GRIDS: dict[str, list[dict[str, float]]] = {
     "tlserve": [{}],  # its defaults (max_batch_size 16, max_queue_delay_ms 0)
     # BentoML's max_latency_ms is a deadline: requests that would wait longer are refused (503), so it is set
@@ -78,16 +78,16 @@ end
 
 # --- environments ----------------------------------------------------------------------------
 def venv_for(peer: str, cache: Path) -> Path:
-    """The peer's own virtualenv (created once; ``.ok`` marks a finished install)."""
+    """The peer's own virtualenv (created once; ``.ok`` lists what a finished install holds: another list rebuilds it)."""
+    import onnxruntime
+
     env = cache / peer
-    if (env / ".ok").exists():
+    # the CPU build of this environment's onnxruntime (which may be the -gpu distribution of the same version)
+    pkgs = [PINNED[peer], f"onnxruntime=={onnxruntime.__version__}", *(f"{p}=={version(p)}" for p in SHARED_PKGS)]
+    if (env / ".ok").exists() and (env / ".ok").read_text().split() == pkgs:
         return env
     shutil.rmtree(env, ignore_errors=True)
     subprocess.run([sys.executable, "-m", "venv", str(env)], check=True)
-    import onnxruntime
-
-    # the CPU build of this environment's onnxruntime (which may be the -gpu distribution of the same version)
-    pkgs = [PINNED[peer], f"onnxruntime=={onnxruntime.__version__}", *(f"{p}=={version(p)}" for p in SHARED_PKGS)]
     print(f"[peers] installing {' '.join(pkgs)} into {env}", file=sys.stderr, flush=True)
     subprocess.run([str(env / "bin" / "pip"), "install", "-q", *pkgs], check=True)
     (env / ".ok").write_text(" ".join(pkgs) + "\n")
