@@ -43,15 +43,15 @@ import uuid
 import warnings
 import zipfile
 import zlib
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, BinaryIO
 
 from python_multipart.exceptions import FormParserError
-from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
 
+from app.api.multipart import PartHeaders, boundary_of
 from app.errors import (
     ArchiveTooLarge,
     BodyTooLarge,
@@ -138,12 +138,12 @@ def sweep(root: Path, max_age_s: float = SPOOL_MAX_AGE_S) -> int:
 
 
 # --- the multipart body, streamed to disk ----------------------------------------------------
-class _Spooler:
-    """python-multipart callbacks that write each file part into the spool folder as it arrives."""
+class _Spooler(PartHeaders):
+    """Writes each file part into the spool folder as it arrives."""
 
     def __init__(self, upload: Upload, settings: Settings) -> None:
+        super().__init__()
         self.upload, self.settings = upload, settings
-        self.header_name = self.header_value = self.disposition = b""
         self.kind: str | None = None  # "photo", "archive", "option"
         self.name = ""
         self.filename = ""
@@ -153,24 +153,10 @@ class _Spooler:
         self.archives: list[tuple[Path, str]] = []
         self.parts = 0
 
-    def on_part_begin(self) -> None:
-        self.kind, self.disposition, self.value = None, b"", bytearray()
+    def begin_part(self) -> None:
+        self.kind, self.value = None, bytearray()
 
-    def on_header_field(self, data: bytes, start: int, end: int) -> None:
-        self.header_name += bytes(data[start:end])
-
-    def on_header_value(self, data: bytes, start: int, end: int) -> None:
-        self.header_value += bytes(data[start:end])
-
-    def on_header_end(self) -> None:
-        if self.header_name.lower() == b"content-disposition":
-            self.disposition = self.header_value
-        self.header_name = self.header_value = b""
-
-    def on_headers_finished(self) -> None:
-        _, options = parse_options_header(self.disposition)
-        if b"name" not in options:
-            raise MalformedRequest('malformed multipart body: a part has no Content-Disposition "name"')
+    def start_part(self, options: dict[bytes, bytes]) -> None:
         self.name = options[b"name"].decode("utf-8", "replace")
         self.parts += 1
         if b"filename" not in options:
@@ -233,18 +219,14 @@ async def receive(request: Request, settings: Settings, folder: Path) -> Upload:
             f"content type {ctype.split(';')[0] or '(none)'!r} is not accepted here: send multipart/form-data "
             "(a file part per photo named by its class label, and/or an archive part)"
         )
-    _, params = parse_options_header(ctype)
-    boundary = params.get(b"boundary")
-    if not boundary:
-        raise MalformedRequest("malformed multipart body: Missing boundary in multipart.")
+    boundary, _charset = boundary_of(ctype)
     limit = settings.max_training_bytes
     announced = request.headers.get("content-length")
     if announced is not None and announced.isdigit() and int(announced) > limit:
         raise BodyTooLarge(f"upload of {announced} bytes is over the limit of {limit} bytes (max_training_bytes)")
     upload = Upload(folder)
     spooler = _Spooler(upload, settings)
-    callbacks = {name: getattr(spooler, name) for name in dir(spooler) if name.startswith("on_")}
-    parser = MultipartParser(boundary, callbacks)  # type: ignore[arg-type]
+    parser = spooler.parser(boundary)
     try:
         async for chunk in request.stream():
             upload.bytes += len(chunk)
@@ -423,6 +405,17 @@ def _copy(src: IO[bytes], dst: Path, limit: int, what: str) -> None:
             out.write(chunk)
 
 
+@contextlib.contextmanager
+def _members(kind: str, path: Path) -> Iterator[Callable[[Member], IO[bytes] | None]]:
+    """The archive at ``path`` open: a function giving a checked member's bytes (None: not a regular file)."""
+    if kind == "zip":
+        with zipfile.ZipFile(path) as zf:
+            yield lambda m: zf.open(m.key) if isinstance(m.key, zipfile.ZipInfo) else None
+    else:
+        with tarfile.open(path, mode="r:*") as tar:
+            yield lambda m: tar.extractfile(m.key) if isinstance(m.key, tarfile.TarInfo) else None
+
+
 def _unpack_all(upload: Upload, archives: list[tuple[Path, str]], settings: Settings) -> None:
     budget = [settings.max_archive_bytes]
     checked = [(path, name, *check_archive(path, name, settings, budget)) for path, name in archives]  # every check first
@@ -434,31 +427,18 @@ def _unpack_all(upload: Upload, archives: list[tuple[Path, str]], settings: Sett
     for k, (path, name, kind, files, ignored) in enumerate(checked):
         upload.ignored += ignored
         labelled = _layout(files, name)
-        if kind == "zip":
-            with zipfile.ZipFile(path) as zf:
-                for n, (label, m) in enumerate(labelled):
-                    target = upload.folder / f"a{k}-{n}"
-                    assert isinstance(m.key, zipfile.ZipInfo)
-                    try:
-                        with zf.open(m.key) as src:
-                            _copy(src, target, m.size, f"archive {name!r}: member {m.name!r}")
-                    except _CORRUPT as exc:
-                        raise MalformedRequest(f"archive {name!r}: member {m.name!r} is corrupt: {exc}") from None
-                    upload.photos.append(Photo(target, label, m.name))
-        else:
-            with tarfile.open(path, mode="r:*") as tar:
-                for n, (label, m) in enumerate(labelled):
-                    target = upload.folder / f"a{k}-{n}"
-                    assert isinstance(m.key, tarfile.TarInfo)
-                    try:
-                        member = tar.extractfile(m.key)
-                        if member is None:
-                            raise UnsafeArchive(f"archive {name!r}: member {m.name!r} is not a regular file")
-                        with member:
-                            _copy(member, target, m.size, f"archive {name!r}: member {m.name!r}")
-                    except _CORRUPT as exc:
-                        raise MalformedRequest(f"archive {name!r}: member {m.name!r} is corrupt: {exc}") from None
-                    upload.photos.append(Photo(target, label, m.name))
+        with _members(kind, path) as open_member:
+            for n, (label, m) in enumerate(labelled):
+                target = upload.folder / f"a{k}-{n}"
+                try:
+                    member = open_member(m)
+                    if member is None:
+                        raise UnsafeArchive(f"archive {name!r}: member {m.name!r} is not a regular file")
+                    with member:
+                        _copy(member, target, m.size, f"archive {name!r}: member {m.name!r}")
+                except _CORRUPT as exc:
+                    raise MalformedRequest(f"archive {name!r}: member {m.name!r} is corrupt: {exc}") from None
+                upload.photos.append(Photo(target, label, m.name))
         path.unlink()  # what it held is spooled; do not keep two copies
 
 

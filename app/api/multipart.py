@@ -6,11 +6,15 @@ makes a third copy. Here the body is parsed in one pass by python-multipart (the
 uses) and each file part is a ``memoryview`` into the body: an upload is held once, and nothing is
 written to disk. The limits and messages are Starlette's: ``max_files``, ``max_fields``, a text
 field of at most ``max_field_bytes``, the part's ``name`` required, the ``charset`` parameter honoured.
+
+:class:`PartHeaders` (each part's ``Content-Disposition``) and :func:`boundary_of` are shared with the
+training uploads (:mod:`app.uploads`), which stream their parts to disk instead.
 """
 
 from __future__ import annotations
 
 import codecs
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from python_multipart.exceptions import FormParserError
@@ -43,24 +47,35 @@ def _decode(raw: bytes | bytearray | memoryview, charset: str) -> str:
         return bytes(raw).decode("latin-1")
 
 
-class _Collector:
-    """python-multipart callbacks that record where each part lies in the body."""
+def boundary_of(content_type: str) -> tuple[bytes, str]:
+    """The ``boundary`` and ``charset`` (default utf-8, an unknown one read as latin-1) of a multipart content type."""
+    _, params = parse_options_header(content_type)
+    boundary = params.get(b"boundary")
+    if not boundary:
+        raise MalformedRequest("malformed multipart body: Missing boundary in multipart.")
+    charset = params.get(b"charset", b"utf-8").decode("latin-1")
+    try:
+        return boundary, codecs.lookup(charset).name
+    except LookupError:
+        return boundary, "latin-1"
 
-    def __init__(self, body: bytearray | bytes, charset: str, max_files: int, max_fields: int, max_field_bytes: int) -> None:
-        self.body, self.view, self.charset = body, memoryview(body), charset
-        self.max_files, self.max_fields, self.max_field_bytes = max_files, max_fields, max_field_bytes
-        self.parts: list[Part] = []
-        self.files = self.fields = 0
-        self.header_name = self.header_value = b""
-        self.disposition = b""
-        self.current: Part | None = None
 
-    def _slice(self, data: bytes | bytearray, start: int, end: int) -> memoryview | bytes:
-        # With the whole body in one write() the data always is the body; a look-behind buffer is copied.
-        return self.view[start:end] if data is self.body else bytes(data[start:end])
+class PartHeaders:
+    """python-multipart's header callbacks: each part's ``Content-Disposition`` is collected, its ``name``
+    required, and :meth:`start_part` gets its parsed options. Subclasses add ``on_part_data``/``on_part_end``."""
+
+    def __init__(self) -> None:
+        self.header_name = self.header_value = self.disposition = b""
+
+    def begin_part(self) -> None:
+        """A new part starts (before its headers)."""
+
+    def start_part(self, options: dict[bytes, bytes]) -> None:
+        raise NotImplementedError
 
     def on_part_begin(self) -> None:
-        self.current, self.disposition = None, b""
+        self.disposition = b""
+        self.begin_part()
 
     def on_header_field(self, data: bytes, start: int, end: int) -> None:
         self.header_name += bytes(data[start:end])
@@ -77,6 +92,32 @@ class _Collector:
         _, options = parse_options_header(self.disposition)
         if b"name" not in options:
             raise MalformedRequest('malformed multipart body: the Content-Disposition header field "name" must be provided.')
+        self.start_part(options)
+
+    def parser(self, boundary: bytes) -> MultipartParser:
+        callbacks: dict[str, Callable[..., None]] = {n: getattr(self, n) for n in dir(self) if n.startswith("on_")}
+        return MultipartParser(boundary, callbacks)  # type: ignore[arg-type]
+
+
+class _Collector(PartHeaders):
+    """Records where each part lies in the body."""
+
+    def __init__(self, body: bytearray | bytes, charset: str, max_files: int, max_fields: int, max_field_bytes: int) -> None:
+        super().__init__()
+        self.body, self.view, self.charset = body, memoryview(body), charset
+        self.max_files, self.max_fields, self.max_field_bytes = max_files, max_fields, max_field_bytes
+        self.parts: list[Part] = []
+        self.files = self.fields = 0
+        self.current: Part | None = None
+
+    def _slice(self, data: bytes | bytearray, start: int, end: int) -> memoryview | bytes:
+        # With the whole body in one write() the data always is the body; a look-behind buffer is copied.
+        return self.view[start:end] if data is self.body else bytes(data[start:end])
+
+    def begin_part(self) -> None:
+        self.current = None
+
+    def start_part(self, options: dict[bytes, bytes]) -> None:
         name = _decode(options[b"name"], self.charset)
         if b"filename" in options:
             self.files += 1
@@ -118,19 +159,10 @@ def parse_multipart(
     max_field_bytes: int = MAX_FIELD_BYTES,
 ) -> list[Part]:
     """Every complete part of ``body``, in order. Raises ``TooManyImages`` or ``MalformedRequest``."""
-    _, params = parse_options_header(content_type)
-    boundary = params.get(b"boundary")
-    if not boundary:
-        raise MalformedRequest("malformed multipart body: Missing boundary in multipart.")
-    charset = params.get(b"charset", b"utf-8").decode("latin-1")
-    try:
-        charset = codecs.lookup(charset).name
-    except LookupError:
-        charset = "latin-1"
+    boundary, charset = boundary_of(content_type)
     collector = _Collector(body, charset, max_files, max_fields, max_field_bytes)
-    callbacks = {name: getattr(collector, name) for name in dir(collector) if name.startswith("on_")}
     try:
-        parser = MultipartParser(boundary, callbacks)  # type: ignore[arg-type]
+        parser = collector.parser(boundary)
         parser.write(body)  # type: ignore[arg-type]  # bytes-like: find/rfind/startswith/indexing
         parser.finalize()
     except FormParserError:
