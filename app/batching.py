@@ -14,7 +14,10 @@
 - ``submit(images, background=True)`` is a training job's work (:mod:`app.jobs`): it waits in a queue
   of its own, not bounded by ``max_queue_size`` nor counted in the queue depth (the job bounds itself),
   and yields to requests: a background piece runs only when no request is waiting, or in the room a
-  request's batch leaves (so a request waits behind at most one small background batch).
+  request's batch leaves (so a request waits behind at most one small background batch). While requests
+  are being served (one ran in the last :data:`IDLE_GAP_S`), background work takes at most
+  ``training_share`` of the engine's time (decayed over :data:`SHARE_TAU_S`); an idle service gives it all.
+  On a saturated CPU a request's p50 then grows by about ``1 / (1 - training_share)``.
 - ``drain()`` refuses new work and waits (bounded) until everything accepted has finished.
 """
 
@@ -23,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -36,6 +40,11 @@ from app.errors import InferenceError, QueueFull, ShuttingDown
 from app.metrics import Metrics
 
 log = logging.getLogger(__name__)
+
+IDLE_GAP_S = 1.0
+"""No request ran for this long: the service is idle and background work may use the whole engine."""
+SHARE_TAU_S = 10.0
+"""Time constant of the decayed engine-time totals that ``training_share`` is measured on."""
 
 
 @dataclass
@@ -57,8 +66,10 @@ class Batcher:
         max_queue_size: int,
         metrics: Metrics | None = None,
         span_attributes: dict[str, str] | None = None,
+        training_share: float = 1.0,
     ) -> None:
         self._run = run
+        self.training_share = training_share
         self.span_attributes = span_attributes or {}  # on each batch span (provider, precision)
         self.max_batch_size = max_batch_size
         self.max_delay = max_queue_delay_ms / 1000.0
@@ -74,6 +85,10 @@ class Batcher:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
         self.batches = 0
         self.images = 0
+        self.background_images = 0
+        self._engine_s = {"request": 0.0, "background": 0.0}  # decayed engine seconds (SHARE_TAU_S)
+        self._decayed_at = time.perf_counter()
+        self._last_request = -math.inf  # perf_counter when a request's batch last finished
 
     # --- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
@@ -109,8 +124,9 @@ class Batcher:
         self._executor.shutdown(wait=True)
 
     # --- requests -------------------------------------------------------------------------
-    async def submit(self, images: np.ndarray, *, background: bool = False) -> np.ndarray:
-        """Features for ``images`` (uint8 [N, S, S, 3]), in order; ``background``: after every request."""
+    async def submit(self, images: np.ndarray, *, background: bool = False, piece: int = 0) -> np.ndarray:
+        """Features for ``images`` (uint8 [N, S, S, 3]), in order; ``background``: after every request, in
+        pieces of ``piece`` images (default ``max_batch_size``), all queued at once."""
         if self._closed:
             raise ShuttingDown("the server is shutting down; retry on another replica")
         if self._task is None or self._task.done():
@@ -118,7 +134,7 @@ class Batcher:
         n = len(images)
         loop = asyncio.get_running_loop()
         if background:
-            step = self.max_batch_size
+            step = min(piece, self.max_batch_size) if piece > 0 else self.max_batch_size
             pieces = [_Piece(images[i : i + step], loop.create_future(), background=True) for i in range(0, n, step)]
             self._background.extend(pieces)
             self._wakeup.set()
@@ -163,8 +179,35 @@ class Batcher:
         self._gauge()
         return batch
 
+    @property
+    def background_share(self) -> float:
+        """Background work's part of the engine's recent time (decayed over SHARE_TAU_S)."""
+        total = self._engine_s["request"] + self._engine_s["background"]
+        return self._engine_s["background"] / total if total else 0.0
+
+    def _background_wait(self) -> float:
+        """0 when background work may run now, else how long until the service counts as idle."""
+        if self.training_share >= 1.0 or self.background_share < self.training_share:
+            return 0.0
+        return max(0.0, self._last_request + IDLE_GAP_S - time.perf_counter())
+
+    def _account(self, elapsed: float, size: int, background: int) -> None:
+        now = time.perf_counter()
+        decay = math.exp(-(now - self._decayed_at) / SHARE_TAU_S)
+        self._decayed_at = now
+        self._engine_s["background"] = self._engine_s["background"] * decay + elapsed * background / size
+        self._engine_s["request"] = self._engine_s["request"] * decay + elapsed * (size - background) / size
+        self.background_images += background
+        if background < size:
+            self._last_request = now
+        if self.metrics:
+            self.metrics.training_share.set(round(self.background_share, 4))
+            self.metrics.training_images.inc(background)
+
     def _take_background(self, room: int, most: int | None = None) -> list[_Piece]:
         batch: list[_Piece] = []
+        if self._background_wait() > 0:
+            return batch
         while self._background and len(self._background[0].images) <= room and (most is None or len(batch) < most):
             piece = self._background.popleft()
             if not piece.future.done():
@@ -179,6 +222,11 @@ class Batcher:
                 self._wakeup.clear()
                 await self._wakeup.wait()
             if not self._queue:  # only background work waits: one piece, at once (a request arriving now waits for it)
+                if (wait := self._background_wait()) > 0:  # over its share while requests are served: wait
+                    self._wakeup.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wakeup.wait(), wait)
+                    continue
                 batch = self._take_background(self.max_batch_size, most=1)
                 if batch:
                     await self._execute(batch, len(batch[0].images), loop)
@@ -202,7 +250,9 @@ class Batcher:
                 batch += more
                 size += sum(len(p.images) for p in more)
             if batch:
-                extra = self._take_background(self.max_batch_size - size)  # the room requests left
+                # the room requests left, for at most training_share of this batch's images
+                most = None if self.training_share >= 1.0 else int(size * self.training_share / (1.0 - self.training_share))
+                extra = self._take_background(self.max_batch_size - size, most) if most != 0 else []
                 size += sum(len(p.images) for p in extra)
                 await self._execute(batch + extra, size, loop)
 
@@ -224,6 +274,7 @@ class Batcher:
         finally:
             self._busy = 0
         elapsed = time.perf_counter() - started
+        self._account(elapsed, size, sum(len(p.images) for p in batch if p.background))
         if tracing.enabled:
             tracing.batch([(p.trace, p.queued_at, len(p.images)) for p in batch], started, size, self.span_attributes)
         self.batches += 1

@@ -11,8 +11,10 @@ the job's version before it died (a card naming the job), the record says ``succ
 **Running**: a job is one thread at nice :data:`JOB_NICE` (threads it starts, the decode pool
 included, inherit it), so requests' decoding and the event loop win the CPU. Its features come from
 the service's one extractor through the serving batcher at background priority
-(:class:`BackgroundExtractor`: ``training_batch_images`` at a time, after every waiting request or in
-the room a request's batch leaves), and from the feature cache where the same bytes were seen before.
+(:class:`BackgroundExtractor`: a serving batch's worth of photos queued at once in pieces of
+``training_batch_images``, run after every waiting request or in the room a request's batch leaves,
+within ``training_share`` of the engine's time while requests are served), and from the feature cache
+where the same bytes were seen before.
 The fit is :meth:`app.training.Trainer.fit_datasets`, the same path as ``tlserve train``; the version
 is written by :func:`app.registry.save_head` (files first, ``card.json`` last: the commit point), so a
 process killed mid-job leaves no half-written version, only an invisible uncommitted folder.
@@ -244,7 +246,7 @@ class BackgroundExtractor(Extractor):
     """The service's extractor as :func:`app.features.extract_paths` sees it, each batch sent through the
     serving batcher at background priority in pieces of ``piece`` images (no second ONNX Runtime session)."""
 
-    def __init__(self, inner: Extractor, submit: Callable[[np.ndarray], np.ndarray], piece: int,
+    def __init__(self, inner: Extractor, submit: Callable[[np.ndarray, int], np.ndarray], piece: int,
                  cancelled: Callable[[], bool] = lambda: False) -> None:  # fmt: skip
         # not Extractor.__init__: the session, size and providers are the serving extractor's
         self.info, self.session, self.input_name = inner.info, inner.session, inner.input_name
@@ -252,12 +254,9 @@ class BackgroundExtractor(Extractor):
         self._submit, self._piece, self._cancelled = submit, piece, cancelled
 
     def run(self, images: np.ndarray) -> np.ndarray:
-        out = []
-        for i in range(0, len(images), self._piece):
-            if self._cancelled():
-                raise JobCancelled
-            out.append(self._submit(images[i : i + self._piece]))
-        return np.concatenate(out) if len(out) > 1 else out[0]
+        if self._cancelled():
+            raise JobCancelled
+        return self._submit(images, self._piece)  # every piece queued at once: the batcher takes what its share allows
 
 
 # --- running jobs ----------------------------------------------------------------------------
@@ -375,12 +374,18 @@ class JobRunner:
             job.record["phases"][p.phase] = {"done": p.done, "total": p.total, "unit": p.unit,
                                              "elapsed_s": round(p.elapsed_s, 3), "rate": round(p.rate, 3)}  # fmt: skip
 
-    def _submit_features(self, images: np.ndarray) -> np.ndarray:
+    def _submit_features(self, images: np.ndarray, piece: int) -> np.ndarray:
         assert self._loop is not None and self.service.batcher is not None
         fut: Future[np.ndarray] = asyncio.run_coroutine_threadsafe(
-            self.service.batcher.submit(images, background=True), self._loop
+            self.service.batcher.submit(images, background=True, piece=piece), self._loop
         )
         return fut.result()
+
+    @property
+    def _feature_batch(self) -> int:
+        """Images a job decodes and queues at once: a serving batch's worth, so the batcher can fill the room
+        requests leave (each a piece of ``training_batch_images``), within ``training_share``."""
+        return max(self.settings.training_batch_images, self.settings.max_batch_size)
 
     def extractor(self, cancelled: Callable[[], bool] = lambda: False) -> BackgroundExtractor:
         if self.service.extractor is None:
@@ -399,7 +404,7 @@ class JobRunner:
             self._flush(job)
         try:
             trainer = Trainer(self.settings, progress=lambda p: self._progress(job, p), extractor=self.extractor(job.cancel.is_set),
-                              feature_batch=self.settings.training_batch_images)  # fmt: skip
+                              feature_batch=self._feature_batch)  # fmt: skip
             examples = ExampleStore(self.store.heads.root, spec.head)
             train = dataset(examples, spec.plan.train, spec.plan.classes)
             val = dataset(examples, spec.plan.val, spec.plan.classes)
@@ -476,9 +481,7 @@ class JobRunner:
 
         classes = list(head.classes)
         kept = [e for e in val if e.label in classes]
-        trainer = Trainer(
-            self.settings, progress=False, extractor=self.extractor(), feature_batch=self.settings.training_batch_images
-        )
+        trainer = Trainer(self.settings, progress=False, extractor=self.extractor(), feature_batch=self._feature_batch)
         ext = trainer.features([examples.path(e.sha256) for e in kept], phase="compare features")
         y = np.asarray([classes.index(kept[int(i)].label) for i in ext.kept], dtype=np.int64)
         with sklearn_threads(1):

@@ -45,6 +45,13 @@ class Metrics:
         self.decode = Histogram("tlserve_decode_seconds", "Decode + resize time per image", buckets=LATENCY_BUCKETS, registry=r)
         self.batch_size = Histogram("tlserve_batch_size_images", "Images per ONNX Runtime run", buckets=BATCH_BUCKETS, registry=r)
         self.queue_depth = Gauge("tlserve_queue_depth_images", "Images waiting in the batch queue", registry=r)
+        self.training_share = Gauge(
+            "tlserve_training_engine_share", "Training jobs' part of the engine's recent time (bounded by training_share)",
+            registry=r,
+        )  # fmt: skip
+        self.training_images = Counter(
+            "tlserve_training_images_total", "Images a training job extracted through the engine", registry=r
+        )
         self.in_flight = Gauge("tlserve_in_flight_requests", "HTTP requests being handled", registry=r)
         self.images = Counter("tlserve_images_total", "Images processed", ["endpoint", "head", "outcome"], registry=r)
         self.cache = Counter("tlserve_response_cache_total", "Response cache lookups, by result", ["result"], registry=r)

@@ -78,6 +78,7 @@ class Service:
             max_queue_delay_ms=s.max_queue_delay_ms,
             max_queue_size=s.max_queue_size,
             metrics=self.metrics,
+            training_share=s.training_share,
             span_attributes={
                 "tlserve.provider": self.extractor.providers[0],
                 "tlserve.precision": self.info.precision if self.info else "",

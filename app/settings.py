@@ -157,7 +157,13 @@ class Settings(BaseSettings):
     training_batch_images: int = Field(
         1,
         ge=1,
-        description="Images a training job hands the batcher at a time, at lower priority than requests: they run when no request waits (a request arriving then waits for them), or fill the room left in a request's batch. On a CPU each costs a request up to one image's inference; raise it on a GPU.",
+        description="Images in one piece of a training job's background work (a serving batch's worth is queued at once): one piece runs when no request waits (a request arriving then waits for it), and pieces fill the room left in a request's batch, within training_share. On a CPU a piece costs a waiting request up to its inference; raise it on a GPU.",
+    )
+    training_share: float = Field(
+        0.33,
+        gt=0.0,
+        le=1.0,
+        description="Most of the engine's time a training job's feature extraction takes while requests are being served (one ran in the last second; measured over ~10 s); an idle service gives it all. On a saturated CPU a request's p50 grows by about 1/(1 - share): 0.33 keeps it within 1.5x, 0.5 extracts 1.5x faster for ~2x latency; 1 removes the bound (a GPU, where a background image in a request's batch costs little).",
     )
     max_training_bytes: int = Field(
         1024 * 1024 * 1024,

@@ -152,7 +152,7 @@ def test_models_info_probes_metrics(client: httpx.Client, tiny_store: ModelStore
     metrics = client.get("/metrics").text
     for name in ("tlserve_request_duration_seconds_bucket", "tlserve_queue_wait_seconds", "tlserve_inference_seconds",
                  "tlserve_batch_size_images", "tlserve_queue_depth_images", "tlserve_in_flight_requests",
-                 "tlserve_images_total", "tlserve_rejections_total", "tlserve_model_info"):  # fmt: skip
+                 "tlserve_training_images_total", "tlserve_training_engine_share", "tlserve_images_total", "tlserve_rejections_total", "tlserve_model_info"):  # fmt: skip
         assert name in metrics
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -195,3 +196,68 @@ def test_queued_background_pieces_fail_cleanly_on_stop() -> None:
 
     waiting = run(main())
     assert isinstance(waiting.exception(), ShuttingDown)
+
+
+class TimedEngine(Engine):
+    """An engine whose run takes a fixed time per image, so engine-time shares are real."""
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        time.sleep(0.004 * len(images))
+        return super().__call__(images)
+
+
+async def _serve_while_training(share: float, seconds: float = 1.2) -> tuple[float, int]:
+    """A closed loop of one-image requests beside a job that hands one image at a time (as app.jobs does);
+    returns background work's part of the engine's images, and the job's images once the requests stopped."""
+    b = await started(TimedEngine(), max_queue_delay_ms=0, training_share=share)
+    stop_requests = time.perf_counter() + seconds
+    done_after: list[float] = []
+
+    async def requests() -> None:
+        while time.perf_counter() < stop_requests:
+            await b.submit(imgs(1))
+
+    async def job() -> None:
+        while len(done_after) < 30:
+            await b.submit(imgs(2), background=True)
+            if time.perf_counter() > stop_requests:
+                done_after.append(time.perf_counter())
+
+    job_task = asyncio.ensure_future(job())
+    await requests()
+    share_seen = b.background_images / b.images
+    await asyncio.wait_for(job_task, 10)  # with no request any more, the job gets the whole engine
+    await b.stop()
+    return share_seen, len(done_after)
+
+
+def test_a_training_job_takes_at_most_its_share_of_the_engine_while_requests_are_served() -> None:
+    bounded, after = run(_serve_while_training(0.25))
+    unbounded, _ = run(_serve_while_training(1.0))
+    assert 0.05 < bounded < 0.35  # it progresses, within its share (one piece of overshoot)
+    assert unbounded > 0.4  # without the bound it alternates with the requests
+    assert after == 30  # once the requests stopped, the job finished
+
+
+def test_a_training_job_fills_at_most_its_share_of_a_request_batch() -> None:
+    """Background pieces queued at once fill the room a request batch leaves only up to ``training_share`` of it."""
+
+    async def main():
+        engine = Engine()
+        b = await started(engine, max_queue_delay_ms=0, training_share=0.33)
+        engine.gate.clear()
+        first = asyncio.ensure_future(b.submit(imgs(9)))
+        await asyncio.sleep(0.05)
+        job = asyncio.ensure_future(b.submit(imgs(*range(1, 9)), background=True, piece=1))  # 8 one-image pieces
+        request = asyncio.ensure_future(b.submit(imgs(2, 2, 2, 2)))
+        await asyncio.sleep(0.05)
+        engine.gate.set()
+        await asyncio.gather(first, request)
+        features = await asyncio.wait_for(job, 5)  # the rest runs in the gaps (or once the requests stop)
+        await b.stop()
+        return engine, features
+
+    engine, features = run(main())
+    assert engine.batches[:2] == [1, 5]  # 4 request images + int(4 * 0.33 / 0.67) = 1 background image
+    assert sum(engine.batches) == 1 + 4 + 8 and set(engine.batches[2:]) == {1}
+    np.testing.assert_array_equal(features[:, 0], [12 * v for v in range(1, 9)])  # in order, whatever ran when

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
 import signal
 import tarfile
@@ -101,6 +102,8 @@ def test_create_classify_retrain_compare_roll_back_over_http_on_two_replicas(pho
     assert sum(map(sum, report1["confusion_matrix"])) == 2 and set(report1["per_class"]) == {"cat", "dog"}
     assert {"precision", "recall", "f1", "support"} <= set(report1["per_class"]["cat"])
     assert done1["phases"]["features"]["done"] == 8 and done1["phases"]["validation features"]["done"] == 2
+    extracted = re.search(r"^tlserve_training_images_total (\S+)$", httpx.get(a.url + "/metrics", headers=AS_USER).text, re.M)
+    assert extracted and float(extracted.group(1)) == 10  # the job's photos went through a's engine, counted as training
 
     # classify with it, on the replica that trained it (at once) and on the other (within its poll interval)
     cat = photos["cat"][100].read_bytes()
