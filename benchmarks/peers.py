@@ -21,7 +21,15 @@ Load generator: Debian's ``wrk`` (compiled C, one thread; ``apt install wrk``) w
 ``--images`` distinct photos, so no image repeats within a connection's short window and nothing is cached.
 It is **not** pinned: on a 2-core machine a dedicated core would halve the server; wrk costs a few
 percent of one core at these request rates (its CPU time is reported per cell as ``wrk_cpu_s``).
-Results: ``<out>/peers.json`` and two markdown tables on stdout. Never run by ``make test``.
+After each load level the benchmark waits out the requests wrk abandoned (up to the level's p99), so they
+do not eat into the next window.
+
+The same run measures the **bare engine** (this process, all cores, ONNX Runtime's defaults) right before
+and right after each tlserve load level, the server idle meanwhile: a batch-8 loop on decoded photos (the
+reference for c >= 8) and a one-image-at-a-time loop that decodes the same JPEG bytes first (decode + engine,
+the reference for c = 1), ``--seconds / 2`` each. The third table is tlserve's HTTP images/s over the mean of
+those two, median over rounds (the machine's speed drifts by minutes; a reference from another minute is not one).
+Results: ``<out>/peers.json`` and three markdown tables on stdout. Never run by ``make test``.
 """
 
 from __future__ import annotations
@@ -47,13 +55,13 @@ import httpx
 
 from app.settings import Settings
 from app.store import ModelStore
-from benchmarks.bench import DEFAULT_DATA, load_payloads
+from benchmarks.bench import DEFAULT_DATA, batch_of, decode_all, load_payloads, percentile, timed
 from tests.helpers import REPO, free_port, server_pool
 
 PEERS_DIR = Path(__file__).resolve().parent / "peers"
 PINNED = {"bentoml": "bentoml==1.4.40", "litserve": "litserve==0.2.19"}
 SHARED_PKGS = ("numpy", "pillow", "pillow-heif", "scikit-learn", "pydantic-settings")  # what app.imaging imports
-GRIDS: dict[str, list[dict[str, float]]] = {
+GRIDS: dict[str, list[dict[str, Any]]] = {
     "tlserve": [{}],  # its defaults (max_batch_size 16, max_queue_delay_ms 0)
     # BentoML's max_latency_ms is a deadline: requests that would wait longer are refused (503), so it is set
     # above this model's batch latency; a tight one only sheds load
@@ -98,7 +106,7 @@ def venv_for(peer: str, cache: Path) -> Path:
 class PeerServer:
     """A peer serving one cell of its grid, in its own virtualenv, on a loopback port."""
 
-    def __init__(self, peer: str, env: Path, bundle: Path, knobs: dict[str, float], log: Path) -> None:
+    def __init__(self, peer: str, env: Path, bundle: Path, knobs: dict[str, Any], log: Path) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         run_env = {
@@ -216,29 +224,35 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "card": str((head.folder / "card.json").resolve()), "pickle": str((head.folder / head.card["pickle"]).resolve()),
             }))  # fmt: skip
             cells: dict[tuple[str, int, int], list[dict[str, Any]]] = {}
+            reference = Bare(info.path, payloads, info.size, info.resample)
             for r in range(args.rounds):
                 for server in ("tlserve", *args.peers):
                     for g, knobs in enumerate(GRIDS[server]):
                         rows = measure(server, envs.get(server), bundle, knobs, precision, store, body_dirs[server],
-                                       len(payloads), args, script, tmp / f"{server}-{precision}-{r}-{g}.log", classes)  # fmt: skip
+                                       len(payloads), args, script, tmp / f"{server}-{precision}-{r}-{g}.log", classes,
+                                       reference if server == "tlserve" else None)  # fmt: skip
                         for c, row in rows.items():
                             cells.setdefault((server, g, c), []).append(row)
                         print(f"[peers] {precision} round {r} {server} {knobs}: "
                               + ", ".join(f"c={c} {row['images_s']:.2f}/s" for c, row in rows.items()),
                               file=sys.stderr, flush=True)  # fmt: skip
-            out["tables"][precision] = {"file": info.path.name, "sha256": info.sha256[:12], "rows": summarize(cells, args)}
+            rows = summarize(cells, args)
+            out["tables"][precision] = {"file": info.path.name, "sha256": info.sha256[:12], "rows": rows,
+                                        "http_vs_bare": http_vs_bare(cells)}  # fmt: skip
     return out
 
 
-def measure(server: str, env: Path | None, bundle: Path, knobs: dict[str, float], precision: str, store: ModelStore,
-            body_dir: Path, n: int, args: argparse.Namespace, script: Path, log: Path, classes: set[str]) -> dict[int, dict[str, Any]]:  # fmt: skip
-    """One fresh server for one grid cell: a checked answer, a short warm-up, then every concurrency level."""
+def measure(server: str, env: Path | None, bundle: Path, knobs: dict[str, Any], precision: str, store: ModelStore,
+            body_dir: Path, n: int, args: argparse.Namespace, script: Path, log: Path, classes: set[str],
+            reference: Bare | None = None) -> dict[int, dict[str, Any]]:  # fmt: skip
+    """One fresh server for one grid cell: a checked answer, a short warm-up, then every concurrency level
+    (with ``reference``: the bare engine right before and after each level, the server idle meanwhile)."""
     rows: dict[int, dict[str, Any]] = {}
     if server == "tlserve":
         with server_pool(log.parent) as start:
-            srv = start(store.root, precision=precision, intra_op_threads=0, int8_min_speedup=0)
+            srv = start(store.root, precision=precision, intra_op_threads=0, int8_min_speedup=0, **knobs)
             url = srv.url + "/v1/classify"
-            rows = _load(url, body_dir, n, args, script, classes)
+            rows = _load(url, body_dir, n, args, script, classes, reference)
         return rows
     assert env is not None
     peer = PeerServer(server, env, bundle, knobs, log)
@@ -251,17 +265,80 @@ def measure(server: str, env: Path | None, bundle: Path, knobs: dict[str, float]
 
 
 def _load(
-    url: str, body_dir: Path, n: int, args: argparse.Namespace, script: Path, classes: set[str]
+    url: str, body_dir: Path, n: int, args: argparse.Namespace, script: Path, classes: set[str], reference: Bare | None = None
 ) -> dict[int, dict[str, Any]]:
     check_answer(url, body_dir / "0.json", classes)
-    wrk(url, body_dir, n, 2, 2, script)  # warm-up, discarded
-    return {c: wrk(url, body_dir, n, c, args.seconds, script) for c in args.concurrency}
+    _drain(wrk(url, body_dir, n, 2, 2, script))  # warm-up, discarded
+    rows = {}
+    for c in args.concurrency:
+        before = reference.measure(reference_key(c), args.seconds / 2) if reference else None
+        rows[c] = wrk(url, body_dir, n, c, args.seconds, script)
+        _drain(rows[c])
+        if reference and before:
+            after = reference.measure(reference_key(c), args.seconds / 2)
+            rows[c] |= {"bare_images_s": (before["images_s"] + after["images_s"]) / 2, "bare_before": before, "bare_after": after,
+                        "bare_p50_ms": (before["p50_ms"] + after["p50_ms"]) / 2}  # fmt: skip
+    return rows
+
+
+def _drain(row: dict[str, Any]) -> None:
+    """wrk leaves its last requests in flight; the server still answers them: wait about that long."""
+    time.sleep(min(30.0, (row["p99_ms"] or 0.0) / 1000 + 0.5))
+
+
+class Bare:
+    """The bare engine in this process (ONNX Runtime's defaults, all cores): ``engine_b8`` runs batches of 8
+    decoded photos, ``decode_engine_b1`` decodes the same JPEG bytes and runs them one at a time."""
+
+    def __init__(self, model: Path, payloads: list[bytes], size: int, resample: str) -> None:
+        from app.extractor import create_session
+        from app.imaging import load_image
+
+        self.session = create_session(model, threads=0, spinning=True)
+        name = self.session.get_inputs()[0].name
+        feed = {name: batch_of(decode_all(payloads, size, resample), 8)}
+        it = iter(range(10**9))
+
+        def one() -> None:
+            self.session.run(None, {name: load_image(payloads[next(it) % len(payloads)], size, resample=resample)[None]})
+
+        self.loops = {"engine_b8": (lambda: self.session.run(None, feed), 8), "decode_engine_b1": (one, 1)}
+
+    def measure(self, key: str, seconds: float) -> dict[str, float]:
+        fn, batch = self.loops[key]
+        runs, cpu = timed(fn, seconds)
+        time.sleep(0.5)  # the spinning threads go idle before the server is loaded
+        return {"images_s": round(batch * len(runs) / sum(runs), 3), "p50_ms": round(percentile(runs, 50) * 1000, 1),
+                "cpu_ms_per_image": round(cpu / (batch * len(runs)) * 1000, 1)}  # fmt: skip
+
+
+def reference_key(concurrency: int) -> str:
+    return "decode_engine_b1" if concurrency == 1 else "engine_b8"
+
+
+def http_vs_bare(cells: dict[tuple[str, int, int], list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """tlserve's images/s over the bare reference measured right before and after the same load level."""
+    rows = []
+    for (server, g, c), runs in sorted(cells.items(), key=lambda kv: (kv[0][1], kv[0][2])):
+        if server != "tlserve":
+            continue
+        ratios = [run["images_s"] / run["bare_images_s"] for run in runs if run.get("bare_images_s")]
+        rows.append({
+            "knobs": GRIDS["tlserve"][g], "concurrency": c, "reference": reference_key(c), "ratio": round(statistics.median(ratios), 3),
+            "all_ratios": [round(x, 3) for x in ratios], "images_s": round(statistics.median(r["images_s"] for r in runs), 2),
+            "bare_images_s": round(statistics.median(r["bare_images_s"] for r in runs), 2),
+            "p50_ms": _median(r["p50_ms"] for r in runs), "p99_ms": _median(r["p99_ms"] for r in runs),
+            "bare_p50_ms": _median(r["bare_p50_ms"] for r in runs), "floor": 0.9 if c == 1 else 0.95,
+        })  # fmt: skip
+    return rows
 
 
 def summarize(cells: dict[tuple[str, int, int], list[dict[str, Any]]], args: argparse.Namespace) -> list[dict[str, Any]]:
     """Median over rounds per (server, grid cell, concurrency); per server and concurrency the best cell."""
     best: dict[tuple[str, int], dict[str, Any]] = {}
     for (server, g, c), runs in cells.items():
+        if server == "tlserve" and g:
+            continue  # the peers table shows tlserve's defaults; its other cells are in the HTTP table
         med = {
             "server": server, "concurrency": c, "knobs": GRIDS[server][g], "rounds": len(runs),
             "images_s": round(statistics.median(r["images_s"] for r in runs), 2),
@@ -297,6 +374,17 @@ def markdown(result: dict[str, Any]) -> str:
             ratio = r["images_s"] / ours[r["concurrency"]] if ours.get(r["concurrency"]) else float("nan")
             lines.append(f"| {r['concurrency']} | {r['server']} | {knobs} | {r['images_s']:.2f} | {r['p50_ms']} | "
                          f"{r['p99_ms']} | {r['errors']} | {ratio:.2f} |")  # fmt: skip
+    lines += ["\n**tlserve over HTTP against the bare engine** (measured right before and after each level; c = 1: decode + "
+              "engine one image at a time, c >= 8: engine batch 8 on decoded photos)\n",
+              "| precision | c | tlserve images/s | bare images/s | ratio (median of rounds) | rounds | floor | p50 ms | p99 ms | bare p50 ms |",
+              "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for precision, table in result["tables"].items():
+        for r in table.get("http_vs_bare", []):
+            ok = "yes" if r["ratio"] >= r["floor"] else "**no**"
+            knobs = ", ".join(f"{k}={v}" for k, v in r.get("knobs", {}).items())
+            lines.append(f"| {precision}{' ' + knobs if knobs else ''} | {r['concurrency']} | {r['images_s']:.2f} | {r['bare_images_s']:.2f} | "
+                         f"**{r['ratio']:.3f}** | {', '.join(f'{x:.3f}' for x in r['all_ratios'])} | >= {r['floor']} ({ok}) | "
+                         f"{r['p50_ms']} | {r['p99_ms']} | {r['bare_p50_ms']} |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -310,6 +398,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 32])
     p.add_argument("--seconds", type=float, default=10.0, help="per cell and concurrency level")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument(
+        "--tlserve-grid",
+        default="",
+        metavar="K=V[,K=V][;...]",
+        help="more tlserve cells beside its defaults (TLSERVE_ settings), e.g. 'ort_spinning=true'; HTTP table only",
+    )
     p.add_argument("--short", action="store_true", help="2 rounds, the first grid cell of each peer only")
     p.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "tlserve-peers")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out" / "peers")
@@ -317,6 +411,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(args.peers) - set(PINNED)
     if unknown:
         p.error(f"unknown peer(s) {', '.join(sorted(unknown))}; known: {', '.join(PINNED)}")
+    for cell in filter(None, args.tlserve_grid.split(";")):
+        GRIDS["tlserve"].append(dict(kv.split("=", 1) for kv in cell.split(",")))
     if args.short:
         args.rounds = 2
         for name in PINNED:
