@@ -13,8 +13,9 @@
   is dropped before the batch is formed, or its result discarded after.
 - ``submit(images, background=True)`` is a training job's work (:mod:`app.jobs`): it waits in a queue
   of its own, not bounded by ``max_queue_size`` nor counted in the queue depth (the job bounds itself),
-  and yields to requests: a background piece runs only when no request is waiting, or in the room a
-  request's batch leaves (so a request waits behind at most one small background batch). While requests
+  and yields to requests: one background piece runs only when no request is waiting (a request arriving
+  then waits for that piece), and pieces fill the room a request's batch leaves, at most
+  ``training_share`` of that batch's images. While requests
   are being served (one ran in the last :data:`IDLE_GAP_S`), background work takes at most
   ``training_share`` of the engine's time (decayed over :data:`SHARE_TAU_S`); an idle service gives it all.
   On a saturated CPU a request's p50 then grows by about ``1 / (1 - training_share)``.
@@ -206,8 +207,6 @@ class Batcher:
 
     def _take_background(self, room: int, most: int | None = None) -> list[_Piece]:
         batch: list[_Piece] = []
-        if self._background_wait() > 0:
-            return batch
         while self._background and len(self._background[0].images) <= room and (most is None or len(batch) < most):
             piece = self._background.popleft()
             if not piece.future.done():
@@ -252,7 +251,8 @@ class Batcher:
             if batch:
                 # the room requests left, for at most training_share of this batch's images
                 most = None if self.training_share >= 1.0 else int(size * self.training_share / (1.0 - self.training_share))
-                extra = self._take_background(self.max_batch_size - size, most) if most != 0 else []
+                fill = most != 0 and self._background_wait() == 0
+                extra = self._take_background(self.max_batch_size - size, most) if fill else []
                 size += sum(len(p.images) for p in extra)
                 await self._execute(batch + extra, size, loop)
 
