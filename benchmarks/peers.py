@@ -274,7 +274,7 @@ def _load(
         before = reference.measure(reference_key(c), args.seconds / 2) if reference else None
         rows[c] = wrk(url, body_dir, n, c, args.seconds, script)
         _drain(rows[c])
-        if reference and before:
+        if reference is not None and before is not None:
             after = reference.measure(reference_key(c), args.seconds / 2)
             rows[c] |= {"bare_images_s": (before["images_s"] + after["images_s"]) / 2, "bare_before": before, "bare_after": after,
                         "bare_p50_ms": (before["p50_ms"] + after["p50_ms"]) / 2}  # fmt: skip
