@@ -5,7 +5,8 @@
 #
 #   docker build -t tlserve:cpu .                    # CPU (default target): python slim + onnxruntime
 #   docker build -t tlserve:gpu --target gpu .       # GPU: CUDA 13 + cuDNN 9 runtime + onnxruntime-gpu
-#   docker build -t tlserve:int8 --build-arg PRECISION=int8 --build-context calibration=PHOTOS_DIR .
+#   docker build -t tlserve:fp32 --build-arg PRECISION=fp32 .          # fp32 only (no INT8 copy)
+#   docker build -t tlserve:mine --build-context calibration=PHOTOS_DIR .   # INT8 calibrated on your photos
 #
 # Stages: deps (a venv of exactly deploy/requirements/serve.txt) -> build (+ the `export` extra and the
 # package) -> store (`tlserve export` + heads); deps + the package -> serve-venv; serve-venv + store -> cpu.
@@ -16,9 +17,10 @@
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 ARG CUDA_IMAGE=nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04
 ARG DEFAULT_HEAD=cats_vs_dogs
-# fp32, or int8: quantized at build time from photos bind-mounted from the `calibration` build context
-# (--build-context calibration=DIR); they are read during one RUN and are never part of a layer.
-ARG PRECISION=fp32
+# int8 (default): the INT8 copy made from the committed calibration table (model_store/int8_calibration.json),
+# byte for byte the file it pins, no photos needed; or, given --build-context calibration=DIR, calibrated on
+# DIR's photos, read during one RUN and never part of a layer. fp32: the fp32 export only.
+ARG PRECISION=int8
 
 # The photos INT8 calibration reads: empty unless the build is given --build-context calibration=DIR.
 FROM scratch AS calibration
@@ -57,27 +59,30 @@ RUN pip wheel --no-deps --wheel-dir /dist . \
     && /opt/venv/bin/pip install --no-deps /dist/tlserve-*.whl
 
 # ---------------------------------------------------------------------------------------------
-# The model store the images serve: the committed heads, then `tlserve export` (ARG EXPORT_ARGS, e.g.
-# "--size 224 --pooling avg", must match what the heads were trained on). Each runtime stage then
-# checks, as the serving user, that the default head loads against this very extractor.
-# PRECISION=fp32: `tlserve export --no-int8`, never an INT8 copy (whatever folders a head's card names).
-# PRECISION=int8: `tlserve export --int8` also quantizes, calibrating on the photos of the `calibration`
-# build context, bind-mounted read-only for this RUN alone (no layer holds them), and checks the heads
-# above on the photos it did not calibrate with (ARG INT8_ARGS, e.g. "--calibration-images 100", leaves
-# some out); when its accuracy gate fails, `--int8` exits 1 and so does the build.
+# The model store the images serve: the committed heads and calibration table, then `tlserve export` (ARG
+# EXPORT_ARGS, e.g. "--size 224 --pooling avg", must match what the heads were trained on). Each runtime stage
+# then checks, as the serving user, that the default head loads against this very extractor.
+# PRECISION=int8: `tlserve export --int8`: the INT8 copy from the table (the build fails unless it is the file
+# the table pins, with the gate the table recorded); with photos in the `calibration` build context, bind-mounted
+# read-only for this RUN alone (no layer holds them), it calibrates on them instead and checks the heads on the
+# photos it did not calibrate with (ARG INT8_ARGS, e.g. "--calibration-images 100", leaves some out); when the
+# accuracy gate fails, `--int8` exits 1 and so does the build.
+# PRECISION=fp32: `tlserve export --no-int8`, never an INT8 copy.
 FROM build AS store
 COPY model_store/heads/ /opt/tlserve/model_store/heads/
+COPY model_store/int8_calibration.json /opt/tlserve/model_store/
 ARG EXPORT_ARGS=""
 ARG PRECISION
 ARG INT8_ARGS=""
 RUN --mount=type=bind,from=calibration,target=/calibration \
-    if [ "$PRECISION" = int8 ]; then \
-        [ -n "$(ls -A /calibration)" ] || { echo "PRECISION=int8 needs photos: --build-context calibration=DIR" >&2; exit 1; }; \
+    if [ "$PRECISION" = int8 ] && [ -n "$(ls -A /calibration)" ]; then \
         set -- --int8 --calibration-dir /calibration ${INT8_ARGS}; \
+    elif [ "$PRECISION" = int8 ]; then \
+        set -- --int8; \
     elif [ "$PRECISION" = fp32 ]; then \
         set -- --no-int8; \
     else \
-        echo "PRECISION is fp32 or int8, not '$PRECISION'" >&2; exit 1; \
+        echo "PRECISION is int8 or fp32, not '$PRECISION'" >&2; exit 1; \
     fi \
     && /opt/venv/bin/tlserve export ${EXPORT_ARGS} "$@" \
     && rm -rf "$TLSERVE_MODEL_STORE/downloads" "$TLSERVE_MODEL_STORE/.cache" \

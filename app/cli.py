@@ -18,6 +18,7 @@ log = logging.getLogger(__name__)
 if TYPE_CHECKING:
     from tlserve_client import Client
 
+    from app.store import ModelStore
     from app.training import Trainer
 
 
@@ -42,15 +43,16 @@ def _check_export(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         if folder is not None and not image_files(folder):
             p.error(f"{flag} {folder} holds no image files")
     if args.int8 and args.calibration_dir is None:
-        from app.quantize import default_calibration
         from app.settings import get_settings
         from app.store import ModelStore
 
-        settings = get_settings()
-        calib, _, why = default_calibration(ModelStore(settings.model_store), settings.default_head)
-        if calib is None:
-            p.error(f"--int8 needs calibration photos: pass --calibration-dir DIR (a folder of images, class "
-                    f"sub-folders or flat); {why}")  # fmt: skip
+        table = ModelStore(get_settings().model_store).calibration_path
+        if not table.exists():
+            p.error(f"--int8 needs a calibration table ({table} is missing) or photos: pass --calibration-dir DIR "
+                    "(a folder of images, class sub-folders or flat)")  # fmt: skip
+    if args.weight_bits is not None and args.calibration_dir is None:
+        p.error("--weight-bits applies when calibrating (--calibration-dir DIR): the committed calibration table "
+                "pins 7-bit weights")  # fmt: skip
 
 
 def _require_extra(extra: str, command: str) -> None:
@@ -98,32 +100,83 @@ def _export(args: argparse.Namespace) -> int:
         weights = from_onnx(Path(rest[0]))
         source = {"name": "onnx", "artifact": rest[0], "artifact_sha256": sha256_file(Path(rest[0]))}
     entry = export(store, weights, source, size=args.size, pooling=args.pooling, resample=args.resample)
-    calib, check, why = args.calibration_dir, args.check_dir, "--calibration-dir"
-    if calib is None and not args.no_int8:
-        from app.quantize import default_calibration
-
-        calib, default_check, why = default_calibration(store, get_settings().default_head)
-        check = check or default_check
+    _warn_incompatible_heads(store, entry["sha256"])
     if args.no_int8:
         log.info("fp32 only (--no-int8)")
-    elif calib is None:
-        log.warning("fp32 only, no INT8 copy: %s; pass --calibration-dir DIR to make one", why)
-    else:
-        from app.quantize import quantize_int8
-
-        log.info("INT8 copy: calibrating on %s (%s)%s", calib, why, f", checking on {check}" if check else "")
-        entry = quantize_int8(
-            store, calib, args.calibration_images, check_dir=check, check_limit=args.check_images,
-            reduce_range=args.weight_bits == 7, min_agreement=args.min_agreement, min_cosine=args.min_cosine,
-        )  # fmt: skip
+        print(json.dumps(entry, indent=2))
+        return 0
+    entry = _export_int8(args, store, entry)
+    if entry.get("precision") == "int8":
         passed, gate = int8_gate(entry, entry["parent_sha256"])
         if args.int8 and not passed:  # required: a copy that failed its gate is not what was asked for
             print(json.dumps(entry, indent=2))
             print(f"error: --int8: the INT8 copy's accuracy gate {gate}; the manifest records it, but "
                   "TLSERVE_PRECISION=auto serves fp32", file=sys.stderr)  # fmt: skip
             return 1
-    print(json.dumps(entry, indent=2))
+    elif args.int8:
+        print(f"error: --int8: no INT8 copy: {entry['int8_missing']}", file=sys.stderr)
+        return 1
+    print(json.dumps({k: v for k, v in entry.items() if k != "int8_missing"}, indent=2))
     return 0
+
+
+def _export_int8(args: argparse.Namespace, store: ModelStore, fp32: dict[str, Any]) -> dict[str, Any]:
+    """The INT8 copy after an export: calibrated on ``--calibration-dir`` (a new table), else made from the
+    store's calibration table with no photos (gated on ``--check-dir``, else the default head's validation
+    photos when they are here, else by the gate the table recorded). Returns its entry, or the fp32 ``entry``
+    with ``int8_missing`` saying why there is none."""
+    from app.errors import ArtifactError
+    from app.quantize import default_check_dir, quantize_from_table, quantize_int8, read_table
+    from app.settings import get_settings
+
+    gate = {"check_limit": args.check_images, "min_agreement": args.min_agreement, "min_cosine": args.min_cosine}
+    if args.calibration_dir is not None:
+        log.info(
+            "INT8 copy: calibrating on %s%s", args.calibration_dir, f", checking on {args.check_dir}" if args.check_dir else ""
+        )
+        return quantize_int8(store, args.calibration_dir, args.calibration_images, check_dir=args.check_dir,
+                             reduce_range=(args.weight_bits or 7) == 7, **gate)  # fmt: skip
+    table = read_table(store)
+    if table is not None and table.fp32_sha256 != fp32["sha256"] and _is_default_export(args):
+        made = ", ".join(f"{k} {v}" for k, v in sorted(table.made_with.items())) or "unrecorded versions"
+        raise ArtifactError(
+            f"the default export gave {fp32['file']} with sha256 {fp32['sha256']}, but {store.calibration_path} was "
+            f"made on {table.fp32_sha256} (with {made}; here onnx {fp32['validated_with'].get('onnx')}, onnxruntime "
+            f"{fp32['validated_with'].get('onnxruntime')}): install the pinned versions (deploy/requirements/)"
+        )
+    if table is None or table.fp32_sha256 != fp32["sha256"]:
+        why = (f"{store.calibration_path} is missing" if table is None else
+               f"{store.calibration_path.name} was made for the fp32 export {table.fp32_sha256[:12]}…, not this one "
+               f"({fp32['file']}, {fp32['sha256'][:12]}…)")  # fmt: skip
+        log.warning("fp32 only, no INT8 copy: %s; pass --calibration-dir DIR (photos like those served) to make one", why)
+        return {**fp32, "int8_missing": f"{why}; pass --calibration-dir DIR"}
+    check = args.check_dir or default_check_dir(store, get_settings().default_head)
+    log.info("INT8 copy: from %s (no photos needed)%s", store.calibration_path, f", checking on {check}" if check else "")
+    return quantize_from_table(store, table, check_dir=check, **gate)
+
+
+def _is_default_export(args: argparse.Namespace) -> bool:
+    """``tlserve export`` of the pinned weights at the default size, pooling and resize filter."""
+    from app import export as d
+
+    return args.weights == ["pypi"] and (args.size, args.pooling, args.resample) == (d.SIZE, d.POOLING, d.RESAMPLE)
+
+
+def _warn_incompatible_heads(store: ModelStore, sha256: str) -> None:
+    """After an export: name the heads trained on another extractor (they no longer load) and how to retrain each."""
+    for name in store.heads.names():
+        try:
+            card = store.heads.get(name).card
+        except TlserveError:
+            continue
+        trained = (card.get("extractor") or {}).get("sha256")
+        if trained and trained != sha256:
+            data_dir = (card.get("training") or {}).get("data_dir") or "DATA_DIR"
+            log.warning(
+                "head %r was trained on the extractor %s…, not this export (%s…): it no longer loads; retrain it "
+                "with `tlserve train %s --head %s` (or export again with the size, pooling and resample of its card)",
+                name, str(trained)[:12], sha256[:12], data_dir, name,
+            )  # fmt: skip
 
 
 def _trainer(args: argparse.Namespace) -> Trainer:
@@ -476,26 +529,27 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"block5_pool flattened, or global avg/max (default {d.POOLING})",
     )
     e.add_argument("--resample", choices=sorted(RESAMPLE), default=d.RESAMPLE, help=f"resize filter (default {d.RESAMPLE})")
-    q = e.add_argument_group("INT8", "a statically quantized copy, recorded as the manifest's int8 variant, made "
-                             "whenever calibration photos are there (--calibration-dir, else the default head's "
-                             "training photos); served with TLSERVE_PRECISION=int8, or by `auto` (the default) when "
-                             "its accuracy gate passed and it is faster on the serving CPU")  # fmt: skip
+    q = e.add_argument_group("INT8", "a statically quantized copy, recorded as the manifest's int8 variant: made "
+                             "from the store's calibration table (model_store/int8_calibration.json, committed for "
+                             "the default export; no photos needed, the result is pinned byte for byte), or "
+                             "calibrated anew on --calibration-dir; served with TLSERVE_PRECISION=int8, or by `auto` "
+                             "(the default) when its accuracy gate passed and it is faster on the serving CPU")  # fmt: skip
     q.add_argument("--int8", action="store_true",
-                   help="require a verified INT8 copy: usage error without calibration photos, exit 1 when its "
-                        "accuracy gate fails")  # fmt: skip
+                   help="require a verified INT8 copy: exit 1 when none can be made or its accuracy gate fails")  # fmt: skip
     q.add_argument("--no-int8", action="store_true", help="fp32 only, no INT8 copy")
     q.add_argument("--calibration-dir", type=Path,
-                   help="image folder (class sub-folders or flat) to calibrate with (default: the default head's "
-                        "training photos, when its card's folder still exists)")  # fmt: skip
+                   help="image folder (class sub-folders or flat) to calibrate with instead of the store's table; "
+                        "rewrites the table, pinning the new INT8 file")  # fmt: skip
     q.add_argument("--calibration-images", type=_positive, default=d.CALIBRATION_IMAGES,
                    help=f"images to calibrate with (default {d.CALIBRATION_IMAGES})")  # fmt: skip
     q.add_argument("--check-dir", type=Path,
-                   help="labelled folder for the accuracy gate (default: the default head's validation folder when calibrating "
-                        "on its photos, else calibration images not used to calibrate)")  # fmt: skip
+                   help="labelled folder for the accuracy gate (default: with --calibration-dir, its images not used "
+                        "to calibrate; else the default head's validation folder when it is here, else the gate the "
+                        "table recorded for this very file)")  # fmt: skip
     q.add_argument("--check-images", type=_positive, default=d.CHECK_IMAGES,
                    help=f"images the gate is measured on (default {d.CHECK_IMAGES})")  # fmt: skip
-    q.add_argument("--weight-bits", type=int, choices=[7, 8], default=d.WEIGHT_BITS,
-                   help="7 (default) is safe on every x86 CPU; 8 only on CPUs with VNNI/AMX")  # fmt: skip
+    q.add_argument("--weight-bits", type=int, choices=[7, 8], default=None,
+                   help=f"with --calibration-dir: {d.WEIGHT_BITS} (default) is safe on every x86 CPU; 8 only on CPUs with VNNI/AMX")  # fmt: skip
     q.add_argument("--min-agreement", type=float, default=d.MIN_AGREEMENT,
                    help=f"the gate: share of images on which every fp32-trained head must agree (default {d.MIN_AGREEMENT})")  # fmt: skip
     q.add_argument("--min-cosine", type=float, default=d.MIN_COSINE,

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from app.registry import HeadStore
 
 MANIFEST = "manifest.json"
+CALIBRATION_TABLE = "int8_calibration.json"  # app.quantize.CalibrationTable: the INT8 copy's activation ranges
 PRECISIONS = ("auto", "fp32", "int8")
 
 
@@ -154,6 +155,11 @@ class ModelStore:
         return self.root / "heads"
 
     @property
+    def calibration_path(self) -> Path:
+        """The INT8 calibration table (committed for the default export; ``tlserve export --calibration-dir`` rewrites it)."""
+        return self.root / CALIBRATION_TABLE
+
+    @property
     def downloads_dir(self) -> Path:
         return self.root / "downloads"
 
@@ -229,7 +235,7 @@ class ModelStore:
         if precision == "fp32":
             return fp32, "precision=fp32: the fp32 export"
         int8 = manifest["variants"].get("int8")
-        how = "run `tlserve export --int8 --calibration-dir DIR`"
+        how = f"run `tlserve export --int8` (from {CALIBRATION_TABLE}) or `tlserve export --int8 --calibration-dir DIR`"
         if not isinstance(int8, dict):
             if precision == "int8":
                 raise ArtifactError(f"precision=int8 but {self.manifest_path} records no int8 variant: {how}")

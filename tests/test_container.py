@@ -307,10 +307,11 @@ def test_real_photos_are_classified_through_the_published_port(served: Container
     info = httpx.get(served.url + "/v1/info", timeout=10).json()
     assert info["ready"] and info["providers"] == ["CPUExecutionProvider"] and info["threads"]["intra_op"] == 2
     # the export inside the build is byte for byte the one `tlserve export` makes here
-    assert info["extractor"]["sha256"] == json.loads(real_store.manifest_path.read_text())["extractor"]["sha256"]
-    # PRECISION=fp32 (the default build) exports --no-int8: no INT8 file, whatever folders the head's card names
-    assert info["extractor"]["precision"] == "fp32", info["extractor"]
-    assert info["extractor"]["precision_reason"] == "precision=auto: fp32, the manifest records no int8 variant"
+    assert info["extractor"]["sha256"] == real_store.read_manifest()["variants"]["int8"]["sha256"]
+    # the default build (PRECISION=int8, no photos) made the INT8 copy the committed table pins, byte for byte
+    pinned = json.loads(real_store.calibration_path.read_text())["int8_sha256"]
+    assert info["extractor"]["precision"] == "int8" and info["extractor"]["sha256"] == pinned, info["extractor"]
+    assert "accuracy gate passed" in info["extractor"]["precision_reason"], info["extractor"]
     cats, dogs = photos("val", "cat", 4), photos("val", "dog", 4)
     results = classify(served.url, cats + dogs)
     assert [r["label"] for r in results] == ["cat"] * 4 + ["dog"] * 4, results

@@ -199,13 +199,17 @@ def test_build_stage_bakes_the_exported_model_and_the_heads() -> None:
 
 
 def test_int8_calibration_photos_are_a_bind_mount_never_a_copy() -> None:
-    """PRECISION=int8 reads photos from the `calibration` build context, mounted for one RUN (README's CLI)."""
-    assert ARGS["PRECISION"] == "fp32"  # default: the fp32 export
+    """PRECISION=int8 (the default) makes the INT8 copy from the committed table, or reads photos from the
+    `calibration` build context, mounted for one RUN (README's CLI)."""
+    assert ARGS["PRECISION"] == "int8"  # default: the pinned INT8 copy from the committed table
+    assert "model_store/int8_calibration.json /opt/tlserve/model_store/" in STAGES["store"].all("COPY")
+    assert "!model_store/int8_calibration.json" in (REPO / ".dockerignore").read_text().splitlines()
     store = STAGES["store"]
     assert store.all("ARG") == ['EXPORT_ARGS=""', "PRECISION", 'INT8_ARGS=""']
     (export_run,) = [r for r in store.all("RUN") if "tlserve export" in r]
     assert export_run.startswith("--mount=type=bind,from=calibration,target=/calibration ")
     assert "set -- --int8 --calibration-dir /calibration ${INT8_ARGS};" in export_run  # the CLI as README documents it
+    assert "set -- --int8;" in export_run and "set -- --no-int8;" in export_run
     assert "`tlserve export --int8 --calibration-dir DIR`" in (REPO / "README.md").read_text()
     assert "--build-context calibration=" in README.read_text()
     # nothing else reads the calibration stage, and no stage copies from it

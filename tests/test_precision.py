@@ -18,9 +18,9 @@ from app.export import build_graph
 from app.extractor import Extractor
 from app.familiarity import for_head
 from app.features import extract_paths
+from app.quantize import CalibrationTable
 from app.registry import load_head
 from app.store import ModelStore, int8_speed_verdict
-from tests.conftest import make_tiny_store
 from tests.helpers import REPO, image_bytes, settings_env, tiny_weights
 
 
@@ -103,32 +103,77 @@ def _export(store: Path, src: Path, *extra: str) -> subprocess.CompletedProcess[
                     "--check-images", "10", *extra, store=store, default_head="colors")  # fmt: skip
 
 
-def test_export_quantizes_on_the_default_heads_training_photos(fresh_tiny_store: ModelStore, tiny_onnx: Path) -> None:
-    store = fresh_tiny_store
-    fp32 = store.extractor()
-    data_dir = store.heads.get("colors").card["training"]["data_dir"]
-    proc = _export(store.root, tiny_onnx)
+def _table_store(int8_store: ModelStore, root: Path) -> ModelStore:
+    """A private copy of the int8 store (whose calibration table ``quantize_int8`` wrote), without its int8 file."""
+    shutil.copytree(int8_store.root, root)
+    store = ModelStore(root)
+    (root / store.read_manifest()["variants"]["int8"]["file"]).unlink()
+    return store
+
+
+def test_export_makes_the_pinned_int8_copy_from_the_table_with_no_photos(int8_store: ModelStore, tmp_path: Path,
+                                                                         tiny_onnx: Path) -> None:  # fmt: skip
+    """No photo anywhere: the INT8 copy comes from the fp32 export and the table, byte for byte the file the table
+    pins, gated by the measurement the table recorded for that very file."""
+    store = _table_store(int8_store, tmp_path / "store")
+    table = json.loads(store.calibration_path.read_text())
+    proc = _export(store.root, tiny_onnx, "--int8")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "INT8 copy: calibrating on" in proc.stderr and "the default head colors's training photos" in proc.stderr
+    assert "(no photos needed)" in proc.stderr
     entry = json.loads(proc.stdout)
-    assert entry["precision"] == "int8" and entry["parent_sha256"] == fp32.sha256
-    assert entry["calibration"]["dir"] == data_dir and entry["calibration"]["images"] == 8
-    assert entry["check"]["heads"]["colors"]["checked"] and "min_cosine" in entry["check"]
-    assert store.read_manifest()["variants"]["int8"]["sha256"] == entry["sha256"]
+    assert entry["precision"] == "int8" and entry["sha256"] == table["int8_sha256"]
+    assert entry["check"]["heads_agree"] and "measured when int8_calibration.json was made" in entry["check"]["recorded"]
+    assert entry["calibration"]["pinned"] and entry["calibration"]["ranges_sha256"] == table["ranges_sha256"]
+    assert store.extractor(precision="auto").precision == "int8"
 
 
-def test_export_without_calibration_photos_is_fp32_only_and_says_so(tmp_path: Path, tiny_onnx: Path) -> None:
-    store = make_tiny_store(tmp_path / "store", head="colors")
-    shutil.rmtree(tmp_path / "store_data")  # the head's training photos are gone
+def test_an_edited_calibration_table_is_refused_by_name(int8_store: ModelStore, tmp_path: Path, tiny_onnx: Path) -> None:
+    store = _table_store(int8_store, tmp_path / "store")
+    table = json.loads(store.calibration_path.read_text())
+    name = sorted(table["ranges"])[3]
+    table["ranges"][name][1] *= 2
+    store.calibration_path.write_text(json.dumps(table))
+    proc = _export(store.root, tiny_onnx)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "int8_calibration.json: its ranges do not match its ranges_sha256 (the file was edited or damaged)" in proc.stderr
+
+    # edited with its checksum made to agree: the copy is no longer the pinned file, and both hashes are named
+    edited = CalibrationTable.from_dict({**table, "ranges_sha256": None}, "edited", check_sum=False)
+    store.calibration_path.write_text(json.dumps(edited.as_dict()))
+    proc = _export(store.root, tiny_onnx)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert f"the table pins {table['int8_sha256']}" in proc.stderr and "has sha256 " in proc.stderr
+    assert "onnxruntime 1." in proc.stderr and "onnx 1." in proc.stderr
+    assert not (store.root / "vgg16_32_avg.int8.onnx").exists()  # the unpinned file is not left behind
+
+
+def test_export_without_a_table_is_fp32_only_and_says_so(fresh_tiny_store: ModelStore, tiny_onnx: Path) -> None:
+    store = fresh_tiny_store
+    assert not store.calibration_path.exists()
     proc = _export(store.root, tiny_onnx)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "fp32 only, no INT8 copy: the default head colors's training photos" in proc.stderr
+    assert "fp32 only, no INT8 copy:" in proc.stderr and "int8_calibration.json is missing" in proc.stderr
     assert "pass --calibration-dir DIR" in proc.stderr
     assert json.loads(proc.stdout)["precision"] == "fp32" and not store.read_manifest()["variants"]
 
     proc = _export(store.root, tiny_onnx, "--int8")  # required: a usage error before any work
-    assert proc.returncode == 2 and "--int8 needs calibration photos" in proc.stderr, proc.stderr
-    assert "colors's training photos" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "--int8 needs a calibration table" in proc.stderr, proc.stderr
+    assert "pass --calibration-dir DIR" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_export_with_a_table_of_another_export_says_which(int8_store: ModelStore, tmp_path: Path) -> None:
+    """The table belongs to one fp32 export: another size makes another export, so the table is named and no copy made."""
+    store = _table_store(int8_store, tmp_path / "store")
+    weights = tiny_weights()
+    kernel, bias = weights["block1_conv1"]
+    weights["block1_conv1"] = (kernel[:, ::-1], bias)
+    src = tmp_path / "tiny64.onnx"
+    src.write_bytes(build_graph(weights, 64, "avg"))
+    proc = _tlserve("export", "--weights", "onnx", str(src), "--size", "64", "--int8", store=store.root, default_head="colors")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "error: --int8: no INT8 copy: int8_calibration.json was made for the fp32 export" in proc.stderr
+    assert "head 'colors' was trained on the extractor" in proc.stderr and "it no longer loads" in proc.stderr
+    assert "tlserve train" in proc.stderr and "--head colors" in proc.stderr
 
 
 def test_export_no_int8_skips_the_copy(fresh_tiny_store: ModelStore, tiny_onnx: Path) -> None:
@@ -138,11 +183,14 @@ def test_export_no_int8_skips_the_copy(fresh_tiny_store: ModelStore, tiny_onnx: 
     assert not fresh_tiny_store.read_manifest()["variants"]
 
 
-def test_export_int8_whose_gate_fails_exits_1_and_auto_serves_fp32(fresh_tiny_store: ModelStore, tiny_onnx: Path) -> None:
+def test_export_int8_whose_gate_fails_exits_1_and_auto_serves_fp32(fresh_tiny_store: ModelStore, tiny_onnx: Path,
+                                                                   calib: Path) -> None:  # fmt: skip
     """``--int8`` asks for a verified copy (the INT8 container build relies on it): a refused one is recorded,
     named on stderr with the gate's figures, and the exit status is 1; without ``--int8`` it is a warning."""
     store = fresh_tiny_store
-    proc = _export(store.root, tiny_onnx, "--int8", "--min-agreement", "1.01")  # a bar no model can pass
+    proc = _export(
+        store.root, tiny_onnx, "--int8", "--calibration-dir", str(calib), "--min-agreement", "1.01"
+    )  # a bar no model can pass
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert "error: --int8: the INT8 copy's accuracy gate failed: lowest head agreement" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -150,7 +198,7 @@ def test_export_int8_whose_gate_fails_exits_1_and_auto_serves_fp32(fresh_tiny_st
     assert entry["sha256"] == json.loads(proc.stdout)["sha256"] and "feature_space" not in entry
     assert store.extractor(precision="auto").precision == "fp32"
 
-    proc = _export(store.root, tiny_onnx, "--min-agreement", "1.01")  # the default export: fp32 served, exit 0
+    proc = _export(store.root, tiny_onnx, "--min-agreement", "1.01")  # from the table it wrote, gate recorded as failed
     assert proc.returncode == 0 and "auto keeps fp32: the accuracy gate failed" in proc.stderr, proc.stderr[-2000:]
 
 

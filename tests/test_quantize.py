@@ -122,7 +122,7 @@ def test_precision_chooses_the_served_extractor(
 
 
 def test_precision_int8_without_a_variant_names_it_and_the_command(tiny_store: ModelStore) -> None:
-    with pytest.raises(ArtifactError, match=r"records no int8 variant: run `tlserve export --int8 --calibration-dir DIR`"):
+    with pytest.raises(ArtifactError, match=r"records no int8 variant: run `tlserve export --int8` \(from int8_calibration.json\) or `tlserve export --int8 --calibration-dir DIR`"):
         tiny_store.extractor(precision="int8")
 
 
@@ -181,8 +181,8 @@ def test_export_int8_without_calibration_dir_is_a_usage_error_before_any_work(tm
     store = tmp_path / "store"
     proc = _tlserve("export", "--int8", store=store)
     assert proc.returncode == 2, proc.stderr
-    assert "usage: tlserve export" in proc.stderr and "--int8 needs calibration photos: pass --calibration-dir DIR" in proc.stderr
-    assert "the default head 'cats_vs_dogs' is not in" in proc.stderr
+    assert "usage: tlserve export" in proc.stderr and "--int8 needs a calibration table" in proc.stderr
+    assert "int8_calibration.json is missing) or photos: pass --calibration-dir DIR" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not store.exists()  # nothing downloaded, exported or written
 
