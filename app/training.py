@@ -46,7 +46,7 @@ import numpy as np
 
 from app import familiarity
 from app.cpus import available_cpus
-from app.errors import DatasetError
+from app.errors import DatasetError, TlserveError
 from app.extractor import Extractor
 from app.features import (
     Dataset,
@@ -438,10 +438,10 @@ class Trainer:
         val = held_out[0] if held_out else None
         if held_out is not None:
             vdata, vext = held_out
-            held = _Held(vext.features, vdata.labels[vext.kept], None)
+            held = _Held(vext.features, vdata.labels[vext.kept], None, [vdata.paths[int(i)] for i in vext.kept])
         else:
             train_idx, test_idx = stratified_holdout(y, len(data.classes))
-            held = _Held(x[test_idx], y[test_idx], train_idx)
+            held = _Held(x[test_idx], y[test_idx], train_idx, [data.paths[int(ext.kept[i])] for i in test_idx])
 
         fitted = self._fit(x, y, held, len(data.classes), c)
         report = make_report(held.y, fitted.held_pred, data.classes)
@@ -451,6 +451,7 @@ class Trainer:
         for key, value in (card or {}).items():  # a training job's entries (app/jobs.py)
             full[key] = {**full[key], **value} if isinstance(value, dict) and isinstance(full.get(key), dict) else value
         known, full["familiarity"] = self._familiarity(x, y, held, fitted, data.classes)
+        full["int8"] = self._int8_check(fitted, held)
         files = {
             **known.files(),
             "confusion_matrix.png": confusion_png(report, f"{name} ({'val_dir' if val else 'stratified'} split)"),
@@ -459,6 +460,47 @@ class Trainer:
         }
         version = save_head(self.heads, name, fitted.head, full, files, promote=promote)
         return Trained(report, version.card, version, skipped, duplicates, dict(data.nested), data.loose)
+
+    def _int8_check(self, fitted: _Fitted, held: _Held) -> dict[str, Any]:
+        """The card's ``int8`` entry: does this head answer the same on the store's INT8 copy as on the fp32 features
+        it was fitted on? Agreement of the report head's answers on the held-out photos, fp32 vs INT8 features, against
+        the extractor gate's bar (``MIN_AGREEMENT``); a head below it is refused where INT8 is served (named error)."""
+        from app.export import MIN_AGREEMENT
+
+        if self.info.precision != "fp32":
+            return {"checked": False, "trained_on": self.info.precision,
+                    "reason": f"fitted on the served {self.info.precision} features, which serve it"}  # fmt: skip
+        try:
+            int8 = self.store.extractor(verify=True, precision="int8")
+        except TlserveError as exc:
+            return {"checked": False, "trained_on": "fp32", "reason": f"no INT8 copy to check against ({exc.message})"}
+        if int8.feature_space != self.info.sha256:
+            return {"checked": False, "trained_on": "fp32", "reason": "the INT8 copy failed its accuracy gate: not served for fp32 heads"}
+        if not held.paths:
+            return {"checked": False, "trained_on": "fp32", "reason": "no held-out photos"}
+        s = self.settings
+        other = Extractor(int8, provider=s.provider, threads=s.intra_op_threads, spinning=s.ort_spinning)
+        got = extract_paths(held.paths, other, resample=int8.resample, cache=FeatureCache(s.cache_dir, int8.sha256),
+                            decode_threads=s.decoders, max_pixels=s.max_image_pixels, progress=self.progress,
+                            phase="INT8 check", batch_size=self.feature_batch)  # fmt: skip
+        if not len(got.kept):
+            return {"checked": False, "trained_on": "fp32",
+                    "reason": f"none of the {len(held.paths)} held-out photos is readable here"}  # fmt: skip
+        head = fitted.report_head or fitted.head
+        with sklearn_threads(1):
+            p32 = head.predict(held.x[got.kept])
+            p8 = head.predict(got.features)
+        agreement = float((p32 == p8).mean())
+        return {
+            "checked": True,
+            "trained_on": "fp32",
+            "int8_sha256": int8.sha256,
+            "images": len(p8),
+            "agreement": round(agreement, 4),
+            "min_agreement": MIN_AGREEMENT,
+            "passed": agreement >= MIN_AGREEMENT,
+            "how": "the held-out photos' answers on INT8 features vs the fp32 features the head was fitted on",
+        }
 
     def _fit(self, x: np.ndarray, y: np.ndarray, held: _Held, n_classes: int, c: float | None) -> _Fitted:
         train_x, train_y = (x, y) if held.train_idx is None else (x[held.train_idx], y[held.train_idx])
@@ -623,6 +665,7 @@ class _Held:
     x: np.ndarray
     y: np.ndarray
     train_idx: np.ndarray | None  # indices of the training part of DATA_DIR (stratified split); None with --val-dir
+    paths: list[Path] = field(default_factory=list)  # the held-out photos (for the INT8 check)
 
 
 @dataclass

@@ -20,8 +20,10 @@ from app.familiarity import for_head
 from app.features import extract_paths
 from app.quantize import CalibrationTable
 from app.registry import load_head
+from app.settings import Settings
 from app.store import ModelStore, int8_speed_verdict
-from tests.helpers import REPO, image_bytes, settings_env, tiny_weights
+from app.training import Trainer
+from tests.helpers import REPO, image_bytes, settings_env, tiny_weights, write_color_dataset
 
 
 def _served(url: str) -> tuple[dict, str]:
@@ -229,3 +231,22 @@ def test_familiarity_verdict_accepts_val_within_1_point_of_fp32_under_int8(real_
     assert accepted["fp32"] >= 0.9, accepted  # the calibration holds on photos it never saw
     assert abs(accepted["int8"] - accepted["fp32"]) <= 0.01 + 1e-9, accepted
     print(f"val accepted: fp32 {accepted['fp32']:.2%}, int8 {accepted['int8']:.2%} of {len(val)} photos")
+
+
+# --- heads trained later: checked against the INT8 copy when committed -------------------------------
+def test_a_head_trained_on_fp32_features_records_its_int8_agreement_in_its_card(int8_store: ModelStore, tmp_path: Path) -> None:
+    shutil.copytree(int8_store.root, tmp_path / "store")
+    store = ModelStore(tmp_path / "store")
+    data = write_color_dataset(tmp_path / "data", per_class=10)
+    trained = Trainer(Settings(model_store=store.root, intra_op_threads=1), progress=False).train(data, "later", c=1.0)
+    check = trained.card["int8"]
+    assert check["checked"] and check["trained_on"] == "fp32", check
+    assert check["int8_sha256"] == store.read_manifest()["variants"]["int8"]["sha256"]
+    assert check["images"] == sum(trained.card["training"]["val_per_class"].values()) > 0  # the held-out photos
+    assert 0.0 <= check["agreement"] <= 1.0 and check["passed"] == (check["agreement"] >= check["min_agreement"])
+
+
+def test_a_head_trained_without_an_int8_copy_says_it_was_not_checked(fresh_tiny_store: ModelStore, tmp_path: Path) -> None:
+    data = write_color_dataset(tmp_path / "data", per_class=10)
+    trained = Trainer(Settings(model_store=fresh_tiny_store.root, intra_op_threads=1), progress=False).train(data, "later", c=1.0)
+    assert trained.card["int8"]["checked"] is False and "no INT8 copy to check against" in trained.card["int8"]["reason"]
