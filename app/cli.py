@@ -199,11 +199,12 @@ def _check_train(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 
 def _train(args: argparse.Namespace) -> int:
     trainer = _trainer(args)
+    promote = not args.no_promote
     if args.features is not None:
-        done = trainer.train_features(args.features, args.name, c=args.C)
+        done = trainer.train_features(args.features, args.name, c=args.C, promote=promote)
     else:
         done = trainer.train(args.data_dir, args.name, val_dir=args.val_dir, c=args.C, limit=args.limit,
-                             allow_subset=args.allow_subset)  # fmt: skip
+                             allow_subset=args.allow_subset, promote=promote)  # fmt: skip
     card, ev = done.card, done.card["evaluation"]
     training, estimator = card["training"], card["estimator"]
     n = sum(training["train_per_class"].values())
@@ -218,7 +219,9 @@ def _train(args: argparse.Namespace) -> int:
     print(f"cross-validation ({cv['folds']} folds, {cv['data']}, C={cv['C']}): accuracy {cv['accuracy']:.4f}")
     print(f"held-out report ({ev['metrics']}):")
     print(done.report.render())
-    print(f"version {done.version.version} written to {done.version.folder} (now current; earlier versions are kept)")
+    served = ("now current" if promote else
+              f"not promoted (--no-promote): serve it with `tlserve heads promote {args.name} {done.version.version}`")  # fmt: skip
+    print(f"version {done.version.version} written to {done.version.folder} ({served}; earlier versions are kept)")
     return 0
 
 
@@ -460,12 +463,21 @@ def _heads(args: argparse.Namespace) -> int:
         heads.promote(args.name, args.version, expected=args.expect)
     elif args.action == "rollback":
         heads.rollback(args.name)
-    elif args.action == "delete" and args.version is not None:
-        heads.delete_version(args.name, args.version)
     elif args.action == "delete":
-        heads.delete(args.name)
-        print(f"head {args.name!r} deleted")
-        return 0
+        what = (
+            f"version {args.version} of head {args.name!r}"
+            if args.version is not None
+            else f"head {args.name!r} and all its versions"
+        )
+        heads.get(args.name, args.version)  # a head or version that is not there is named before anyone is asked
+        if not _confirmed(f"delete {what}", args.yes):
+            return 2
+        if args.version is not None:
+            heads.delete_version(args.name, args.version)
+        else:
+            heads.delete(args.name)
+            print(f"head {args.name!r} deleted")
+            return 0
     for name in [args.name] if args.name else heads.names():
         current = heads.current_version(name)
         for number in heads.versions(name):
@@ -475,6 +487,20 @@ def _heads(args: argparse.Namespace) -> int:
             signed = "signed" if isinstance(card.get("signature"), dict) else "unsigned"
             print(f"{mark} {name} v{number}  {card.get('created_at', '?')}  accuracy {accuracy}  {signed}")
     return 0
+
+
+def _confirmed(action: str, yes: bool) -> bool:
+    """``--yes``, or a "y" typed on a terminal; anything else (and no terminal) refuses, saying how to go on."""
+    if yes:
+        return True
+    if not sys.stdin.isatty():
+        print(f"error: refusing to {action} without confirmation: pass --yes (no terminal to ask on)", file=sys.stderr)
+        return False
+    answer = input(f"{action}? This cannot be undone. [y/N] ").strip().lower()
+    if answer not in ("y", "yes"):
+        print("not deleted", file=sys.stderr)
+        return False
+    return True
 
 
 def _settings(args: argparse.Namespace) -> int:
@@ -568,7 +594,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("data_dir", type=Path, nargs="?", help="folder with one sub-folder of images per class "
                    "(DATA_DIR/<class>/...); or use --features")  # fmt: skip
     t.add_argument("--features", metavar="DIR", help="train from a `tlserve batch --features` Parquet output (no re-extraction)")
-    t.add_argument("--name", required=True, help="head name; an existing head gets a new version, earlier ones are kept")
+    t.add_argument("--head", "--name", dest="name", required=True,
+                   help="head name (--name is an alias); an existing head gets a new version, earlier ones are kept")  # fmt: skip
+    t.add_argument("--no-promote", action="store_true",
+                   help="write the new version without serving it (default: it becomes current, as over HTTP with promote=true)")  # fmt: skip
     t.add_argument("--val-dir", type=Path, help="report on this folder (same class sub-folders) instead of a held-out 20%%")
     t.add_argument("--C", type=_positive_float, default=None, help="inverse regularisation; default: chosen by 5-fold CV")
     t.add_argument("--limit", type=_non_negative, default=0, help="use at most this many images per class (0 = all)")
@@ -616,7 +645,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--output", required=True, metavar="DIR", help="the Parquet dataset folder (part files) to write")
     a.add_argument("--head", help="head to classify with (default: TLSERVE_DEFAULT_HEAD)")
     a.add_argument("--features", action="store_true", help="write feature vectors (and the class folder) instead of labels")
-    a.add_argument("--top-k", type=_positive, default=5, help="classes in the top_k column (default 5)")
+    a.add_argument("--top-k", type=_positive, default=None,
+                   help="classes in the top_k column, most likely first (default: every class, as predict, classify and HTTP answer)")  # fmt: skip
     a.add_argument("--resume", action="store_true", help="continue a job in DIR: skip images already in committed parts")
     a.add_argument(
         "--ray", metavar="ADDRESS", help="run on Ray Data: local | auto | ray://host:port | host:port (default: in-process)"
@@ -646,6 +676,7 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("name", nargs="?", help="head name (list: all heads when omitted)")
     h.add_argument("version", nargs="?", type=int, help="version to promote, or to delete (delete without it: the whole head)")
     h.add_argument("--expect", type=int, default=None, help="promote only if this is still the current version")
+    h.add_argument("--yes", action="store_true", help="delete without asking (needed when there is no terminal to ask on)")
     h.set_defaults(func=_heads)
 
     k = sub.add_parser("keys", help="make an Ed25519 key pair for signing heads (private key file, public key printed)")

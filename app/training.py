@@ -382,7 +382,7 @@ class Trainer:
         return hashes
 
     def train(self, data_dir: Path, name: str, *, val_dir: Path | None = None, c: float | None = None, limit: int = 0,
-              allow_subset: bool = False) -> Trained:  # fmt: skip
+              allow_subset: bool = False, promote: bool = True) -> Trained:  # fmt: skip
         valid_head_name(name)  # every check before any work
         _check_c(c)
         data = Dataset.from_folder(data_dir, min_per_class=MIN_IMAGES_PER_CLASS)
@@ -390,7 +390,7 @@ class Trainer:
         if limit:
             data = data.subset(_per_class_subset(data.labels, limit))
             val = val.subset(_per_class_subset(val.labels, limit)) if val else None
-        return self.fit_datasets(data, name, val=val, c=c)
+        return self.fit_datasets(data, name, val=val, c=c, promote=promote)
 
     def fit_datasets(self, data: Dataset, name: str, *, val: Dataset | None = None, c: float | None = None,
                      promote: bool = True, card: dict[str, Any] | None = None) -> Trained:  # fmt: skip
@@ -411,7 +411,7 @@ class Trainer:
             held_out = (val, vext)
         return self._fit_and_save(name, data, ext, c, skipped, duplicates, held_out, promote=promote, card=card)
 
-    def train_features(self, features_dir: str, name: str, *, c: float | None = None) -> Trained:
+    def train_features(self, features_dir: str, name: str, *, c: float | None = None, promote: bool = True) -> Trained:
         """Train from a ``tlserve batch --features`` output (``tlserve train --features DIR``), no
         re-extraction: its rows become the same :class:`Dataset` and :class:`Extracted` as extracting
         the folder they came from, and take the same path as :meth:`train` from there on (held-out
@@ -426,7 +426,7 @@ class Trainer:
         duplicates = find_duplicates([("train", data, ext.hashes)])
         provenance = {"dir": features_dir, "source": fs.metadata["source"], "extractor_sha256": fs.metadata["extractor"]["sha256"],
                       "rows": fs.rows}  # fmt: skip
-        return self._fit_and_save(name, data, ext, c, list(ext.skipped), duplicates, None, provenance)
+        return self._fit_and_save(name, data, ext, c, list(ext.skipped), duplicates, None, provenance, promote=promote)
 
     def _fit_and_save(self, name: str, data: Dataset, ext: Extracted, c: float | None, skipped: list[tuple[Path, str]],
                       duplicates: list[Duplicate], held_out: tuple[Dataset, Extracted] | None,

@@ -149,7 +149,9 @@ def test_cli_lists_promotes_rolls_back_and_deletes(fresh_tiny_store: ModelStore)
     bad = tlserve("promote", "colors", "1", "--expect", "1")
     assert bad.returncode == 1 and "current version is 2, not 1" in bad.stderr
     assert "* colors v1" in tlserve("rollback", "colors").stdout
-    assert tlserve("delete", "colors", "2").returncode == 0 and store.heads.versions("colors") == [1]
+    refused = tlserve("delete", "colors", "2")  # no terminal to ask on: --yes is needed
+    assert refused.returncode == 2 and "pass --yes" in refused.stderr and store.heads.versions("colors") == [1, 2]
+    assert tlserve("delete", "colors", "2", "--yes").returncode == 0 and store.heads.versions("colors") == [1]
     assert tlserve("promote", "colors").returncode == 2  # a usage error, before any work
     missing = tlserve("delete", "nope")
     assert missing.returncode == 1 and "no head named 'nope'" in missing.stderr

@@ -30,7 +30,7 @@ class BatchJob:
     """The head to classify with (default: the settings' default head); unused with ``features``."""
     features: bool = False
     """Write feature vectors instead of labels."""
-    top_k: int = 5
+    top_k: int | None = None  # classes in the top_k column; None: every class (as the other paths answer)
     batch_size: int = 16
     """Images per extractor run."""
     part_rows: int = 1024
@@ -110,7 +110,7 @@ def metadata(job: BatchJob, source: Source, info: ExtractorInfo, head: Any, know
         "classes": list(head.classes) if head is not None else source.classes,
         "extractor": {**extractor, "sha256": info.sha256, "feature_space": info.feature_space},
         "head": None if head is None else head_meta,
-        "top_k": None if head is None else min(job.top_k, len(head.classes)),
+        "top_k": None if head is None else min(job.top_k or len(head.classes), len(head.classes)),
         "tlserve_version": __version__,
     }
 
