@@ -28,7 +28,7 @@ from app.metrics import Metrics
 from app.settings import Settings
 from app.store import ModelStore
 from app.weights import PYPI_REQUIREMENT
-from deploy.nginx.render import CONF, command, render, write_standalone
+from deploy.nginx.render import CONF, apply_limits, body_limits, command, render, write_standalone
 from deploy.requirements.lock import EXPORT as LOCK_EXPORT
 from deploy.requirements.lock import SERVE as LOCK_SERVE
 from deploy.requirements.lock import problems as lock_problems
@@ -366,8 +366,8 @@ def test_dockerignore_sends_what_the_build_copies_and_nothing_heavy() -> None:
     rules = [r.strip() for r in (REPO / ".dockerignore").read_text().splitlines() if r.strip() and not r.startswith("#")]
     copied = [c.split()[0] for s in STAGE_LIST for c in s.all("COPY") if not c.startswith("--from=")]
     assert sorted(set(copied)) == [
-        "app", "client", "deploy/requirements/export.txt", "deploy/requirements/serve.txt", "model_store/heads/", "pyproject.toml",
-        "setup.py",
+        "app", "client", "deploy/requirements/export.txt", "deploy/requirements/serve.txt", "model_store/heads/",
+        "model_store/int8_calibration.json", "pyproject.toml", "setup.py",
     ]  # fmt: skip
     for source in copied:
         assert (REPO / source).exists(), f"COPY {source}: missing from the repository"
@@ -407,9 +407,29 @@ def _settings_from(env: dict[str, Any]) -> Settings:
 
 
 def nginx_body_limit() -> int:
-    size = re.search(r"client_max_body_size\s+(\d+)([kKmM]?);", CONF.read_text())
-    assert size
-    return int(size[1]) * {"": 1, "k": 1024, "m": 1024 * 1024}[size[2].lower()]
+    """The one body limit of the HTTP and gRPC servers: every such directive says it (checked here)."""
+    limits = {n for setting, n in body_limits(CONF.read_text()) if setting == "max_body_bytes"}
+    assert len(limits) == 1, f"client_max_body_size disagrees with itself in {CONF.name}: {sorted(limits)}"
+    return limits.pop()
+
+
+def test_every_nginx_body_limit_comes_from_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each client_max_body_size (HTTP, the upload routes, gRPC) and each 413 message naming one is the Settings
+    default in the committed file, and follows TLSERVE_* when rendered for another deployment."""
+    text = CONF.read_text()
+    found = body_limits(text)
+    assert [s for s, _ in found].count("max_body_bytes") == 2 and [s for s, _ in found].count("max_training_bytes") == 1
+    for setting, n in found:
+        assert n == getattr(DEFAULTS, setting), (setting, n)
+    assert apply_limits(text, DEFAULTS.max_body_bytes, DEFAULTS.max_training_bytes) == text, (
+        "run `python deploy/nginx/render.py --write-defaults`"
+    )
+    monkeypatch.setenv("TLSERVE_MAX_BODY_BYTES", str(8 * 2**20))
+    monkeypatch.setenv("TLSERVE_MAX_TRAINING_BYTES", str(300 * 2**20))
+    rendered = render(["127.0.0.1:9001"], grpc_upstreams=["127.0.0.1:9002"])
+    assert sorted(body_limits(rendered)) == [("max_body_bytes", 8 * 2**20)] * 2 + [("max_training_bytes", 300 * 2**20)]
+    assert "load balancer limit of 8 MiB" in rendered and "load balancer limit of 300 MiB" in rendered
+    assert "limit of 64 MiB" not in rendered and "limit of 1024 MiB" not in rendered
 
 
 def test_compose_services_files_ports_and_settings() -> None:

@@ -1,7 +1,11 @@
 """Render ``tlserve.conf`` (this folder) for other upstream addresses: bare-metal hosts, the tests.
 
-Only two things change, nothing else: the ``server tlserve:8000 ...;`` line of the upstream block is
-repeated once per address with its parameters unchanged, and (optionally) the ``listen`` address.
+Two things change: the ``server tlserve:8000 ...;`` line of the upstream block is repeated once per
+address with its parameters unchanged, and (optionally) the ``listen`` address. The body limits are
+not nginx's own: every ``client_max_body_size`` (and the 413 answer naming it) is set from the service's
+``Settings`` (``TLSERVE_MAX_BODY_BYTES`` for the HTTP and gRPC servers, ``TLSERVE_MAX_TRAINING_BYTES`` for
+the upload routes), read from the environment like the service reads them; the committed file holds the
+defaults (``python deploy/nginx/render.py --write-defaults`` rewrites it, and a test keeps it so).
 The gRPC part (``upstream tlserve_grpc`` and its server block) is rendered the same way from
 ``--grpc-upstream`` (and ``--grpc-listen``), or left out when no gRPC upstream is given.
 
@@ -33,6 +37,58 @@ GRPC_LISTEN_LINE = re.compile(r"^(?P<indent>[ \t]*)listen[ \t]+8081(?P<params>[ 
 GRPC_PART = re.compile(r"\n# --- gRPC: .*?\n# --- end gRPC -*\n", re.DOTALL)
 ADDRESS = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(:[0-9]{1,5})?$|^unix:/\S+$")
 TEMP_PATHS = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+BODY_LIMIT = re.compile(r"(?P<head>^[ \t]*client_max_body_size[ \t]+)(?P<size>\d+[kKmMgG]?)(?P<tail>;)", re.MULTILINE)
+UPLOAD_BLOCK = re.compile(r"location ~ \^/v1/heads/\[\^/\]\+/\(train\|examples\)\$ \{.*?\n    \}", re.DOTALL)
+BODY_MESSAGE = re.compile(r"(body is over the load balancer limit of )\d+ MiB")
+TRAINING_MESSAGE = re.compile(r"(training upload is over the load balancer limit of )\d+ MiB")
+
+
+def nginx_size(n: int) -> str:
+    """``n`` bytes as nginx writes a size (``64m``), exact: a size nginx cannot say exactly is an error."""
+    for unit, factor in (("m", 1024**2), ("k", 1024)):
+        if n % factor == 0:
+            return f"{n // factor}{unit}"
+    return str(n)
+
+
+def parse_size(text: str) -> int:
+    factor = {"k": 1024, "m": 1024**2, "g": 1024**3}.get(text[-1:].lower(), 1)
+    return int(text.rstrip("kKmMgG")) * factor
+
+
+def body_limits(text: str) -> list[tuple[str, int]]:
+    """Every ``client_max_body_size`` of ``text`` as ``(setting, bytes)``: ``max_training_bytes`` inside the upload
+    routes' location, ``max_body_bytes`` everywhere else."""
+    upload = UPLOAD_BLOCK.search(text)
+    found = []
+    for m in BODY_LIMIT.finditer(text):
+        inside = upload is not None and upload.start() <= m.start() < upload.end()
+        found.append(("max_training_bytes" if inside else "max_body_bytes", parse_size(m["size"])))
+    return found
+
+
+def apply_limits(text: str, max_body_bytes: int, max_training_bytes: int) -> str:
+    """``text`` with every body limit (directives and the 413 messages naming them) set from the settings."""
+    upload = UPLOAD_BLOCK.search(text)
+    if upload is None or not BODY_LIMIT.search(upload[0]):
+        raise ValueError(f"{CONF.name} should hold the upload routes' location with its own client_max_body_size")
+
+    def directive(m: re.Match[str]) -> str:
+        inside = upload.start() <= m.start() < upload.end()
+        return f"{m['head']}{nginx_size(max_training_bytes if inside else max_body_bytes)}{m['tail']}"
+
+    text = BODY_LIMIT.sub(directive, text)
+    text = BODY_MESSAGE.sub(lambda m: f"{m[1]}{max_body_bytes // 2**20} MiB", text)
+    return TRAINING_MESSAGE.sub(lambda m: f"{m[1]}{max_training_bytes // 2**20} MiB", text)
+
+
+def settings_limits() -> tuple[int, int]:
+    """``(max_body_bytes, max_training_bytes)`` as the service reads them (``TLSERVE_*`` variables, else defaults)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from app.settings import Settings
+
+    s = Settings()
+    return s.max_body_bytes, s.max_training_bytes
 
 
 def _one(pattern: re.Pattern[str], text: str, what: str) -> re.Match[str]:
@@ -67,7 +123,7 @@ def render(
     bad = [a for a in addresses if not ADDRESS.match(a)]
     if bad:
         raise ValueError(f"not [host:]port addresses: {bad}")
-    text = CONF.read_text() if text is None else text
+    text = apply_limits(CONF.read_text() if text is None else text, *settings_limits())
     text = _servers(SERVER_LINE, text, "`server tlserve:8000 ...;`", upstreams)
     if listen is not None:
         match = _one(LISTEN_LINE, text, "`listen 8080;`")
@@ -127,12 +183,21 @@ def command(nginx: str, main: Path, *, test: bool = False) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--upstream", action="append", required=True, metavar="HOST:PORT", help="a replica (repeat)")
+    p.add_argument("--upstream", action="append", default=[], metavar="HOST:PORT", help="a replica (repeat; required)")
     p.add_argument("--listen", metavar="[HOST:]PORT", help=f"listen address (default: {COMPOSE_LISTEN}, as in compose)")
     p.add_argument("--grpc-upstream", action="append", default=[], metavar="HOST:PORT", help="a replica's gRPC port (repeat)")
     p.add_argument("--grpc-listen", metavar="[HOST:]PORT", help=f"gRPC listen address (default: {COMPOSE_GRPC_LISTEN})")
     p.add_argument("--standalone", type=Path, metavar="PREFIX", help="write a complete nginx setup under PREFIX")
+    p.add_argument("--write-defaults", action="store_true", help=f"rewrite {CONF.name}'s body limits from the Settings defaults")
     args = p.parse_args(argv)
+    if args.write_defaults:
+        from app.settings import Settings
+
+        fields = Settings.model_fields
+        CONF.write_text(apply_limits(CONF.read_text(), fields["max_body_bytes"].default, fields["max_training_bytes"].default))
+        return 0
+    if not args.upstream:
+        p.error("--upstream HOST:PORT is required")
     grpc = {"grpc_upstreams": args.grpc_upstream, "grpc_listen": args.grpc_listen}
     try:
         if args.standalone:
