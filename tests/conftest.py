@@ -101,3 +101,34 @@ def module_server_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     """The same, shared by a module's tests (each module's ``server`` fixture is one line over it)."""
     with server_pool(tmp_path_factory.mktemp("servers")) as start:
         yield lambda store, wait_ready=True, **settings: start(store.root, wait_ready, **settings)
+
+
+# --- what this run did not cover ------------------------------------------------------------------
+# A skipped test is a part of the product this run did not check: the summary below groups them by the missing
+# tool or data, so a green run on a bare machine (no nginx, no ../shared photos) is never read as full coverage.
+_MISSING = (
+    ("nginx", "nginx (load-balancer drills): apt-get install nginx"),
+    ("podman", "podman (the container image): apt-get install podman runc debootstrap"),
+    ("chromium", "Chromium (the console in a real browser): apt-get install chromium chromium-driver"),
+    ("chromedriver", "Chromium (the console in a real browser): apt-get install chromium chromium-driver"),
+    ("promtool", "promtool (the alert rules): apt-get install prometheus"),
+    ("shared", "the ../shared photos (end-to-end accuracy on real photos)"),
+    ("int8 variant", "the INT8 variant (`tlserve export` made none)"),
+)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    skipped = terminalreporter.stats.get("skipped", [])
+    if not skipped:
+        return
+    groups: dict[str, int] = {}
+    for report in skipped:
+        longrepr = report.longrepr
+        reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+        lowered = reason.lower()
+        group = next((what for key, what in _MISSING if key in lowered), reason.removeprefix("Skipped: "))
+        groups[group] = groups.get(group, 0) + 1
+    terminalreporter.section("not covered by this run (skipped, and why)", sep="=", bold=True)
+    for group, n in sorted(groups.items(), key=lambda kv: -kv[1]):
+        terminalreporter.line(f"{n:5d} test(s) skipped: {group}")
+    terminalreporter.line(f"{sum(groups.values()):5d} in all: install what is named above for full coverage (.ci/run does)")
