@@ -115,7 +115,11 @@ class Service:
         if s.default_head not in self.registry.heads:
             error = self.registry.error(s.default_head)
             why = error.message if error else "not found in the model store"
-            raise NotReady(f"default head {s.default_head!r} is not usable: {why}")
+            if not self.registry.heads:  # nothing at all to serve
+                raise NotReady(f"default head {s.default_head!r} is not usable and no other head loads: {why}")
+            # ready with the heads that load; a request for the default head gets its named error (registry.get)
+            log.error("default head %r is not usable: %s; serving %s, requests for it get this error",
+                      s.default_head, why, ", ".join(sorted(self.registry.heads)))  # fmt: skip
         self.metrics.model_info.info({
             "provider": self.extractor.providers[0],
             "input_size": str(self.info.size),

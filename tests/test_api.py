@@ -213,3 +213,27 @@ def test_head_written_by_train_is_picked_up_by_polling(server_factory, fresh_tin
         time.sleep(0.1)
     else:
         pytest.fail("the new head was not loaded by polling")
+
+
+def test_an_incompatible_default_head_leaves_the_others_served_and_names_itself(server_factory, fresh_tiny_store: ModelStore,
+                                                                                tmp_path: Path) -> None:  # fmt: skip
+    """Re-exported with other pooling, the default head no longer loads: the server is ready with the heads that do,
+    and a request for the default head gets its named error (with the command that fixes it), never a silent 503."""
+    from app.export import export
+    from app.settings import Settings
+    from app.training import Trainer
+    from tests.helpers import tiny_weights, write_color_dataset
+
+    store = fresh_tiny_store
+    export(store, tiny_weights(), {"name": "test", "artifact": "tiny"}, size=store.extractor().size, pooling="max")  # type: ignore[arg-type]
+    data = write_color_dataset(tmp_path / "d", per_class=5)
+    Trainer(Settings(model_store=store.root, intra_op_threads=1), progress=False).train(data, "fresh", c=1.0)
+    srv = server_factory(store, default_head="colors")
+    ready = httpx.get(f"{srv.url}/readyz")
+    assert ready.status_code == 200, ready.text
+    r = httpx.post(f"{srv.url}/v1/classify", content=image_bytes(BLUE), headers={"content-type": "image/png"})
+    error = r.json()["error"]
+    assert r.status_code >= 400 and "colors" in error["message"] and "retrain it with `tlserve train`" in error["message"], error
+    r = httpx.post(f"{srv.url}/v1/classify", params={"head": "fresh"}, content=image_bytes(BLUE), headers={"content-type": "image/png"})
+    assert r.status_code == 200 and r.json()["results"][0]["label"] == "blue"
+    assert "default head 'colors' is not usable" in srv.log_text()
