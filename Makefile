@@ -4,8 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 MANIFEST := model_store/manifest.json
-HOST ?= 127.0.0.1
-PORT ?= 8000
+# `make run HOST=0.0.0.0 PORT=9000` binds elsewhere; unset, TLSERVE_HOST / TLSERVE_PORT (default 127.0.0.1:8000) decide.
+HOST ?=
+PORT ?=
 IMAGE ?= localhost/tlserve:cpu
 
 .PHONY: run test setup export lint fmt bench bench-quick clean image test-container lock
@@ -24,8 +25,10 @@ $(MANIFEST): | $(STAMP)
 export: $(STAMP)
 	$(BIN)/tlserve export
 
+# With no TLSERVE_ADMIN_KEYS set, the server makes an admin key for this run and prints it (train, promote,
+# roll back and delete need it; the console asks for it). Inference needs no key unless TLSERVE_API_KEYS is set.
 run: $(STAMP) $(MANIFEST)
-	$(BIN)/tlserve serve --host $(HOST) --port $(PORT)
+	$(BIN)/tlserve serve --generate-admin-key $(if $(HOST),--host $(HOST)) $(if $(PORT),--port $(PORT))
 
 test: $(STAMP) $(MANIFEST)
 	$(BIN)/ruff check app client tests benchmarks deploy

@@ -422,20 +422,38 @@ def _classify(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from app.server import serve
 
-    return serve(host=args.host, port=args.port)
+    return serve(host=args.host, port=args.port, generate_admin_key=args.generate_admin_key)
+
+
+def _write_secret(path: Path, data: bytes) -> bool:
+    """Create ``path`` with mode 0600 (never over an existing file); False, said on stderr, when it exists."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        print(f"error: {path} exists; refusing to overwrite a secret (move it away first)", file=sys.stderr)
+        return False
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    return True
 
 
 def _keys(args: argparse.Namespace) -> int:
+    import secrets
+
     from app.signing import generate
 
-    if args.out.exists():
-        print(f"error: {args.out} exists; refusing to overwrite a private key", file=sys.stderr)
-        return 2
+    if args.env is not None:  # compose's env_file (docker-compose.yml), a k8s Secret's --from-env-file
+        api, admin = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
+        text = (f"# tlserve keys, made by `tlserve keys --env {args.env}`: keep this file private (mode 0600)\n"
+                f"TLSERVE_API_KEYS={api}\nTLSERVE_ADMIN_KEYS={admin}\n")  # fmt: skip
+        if not _write_secret(args.env, text.encode()):
+            return 2
+        print(f"API and admin keys: {args.env} (mode 0600; docker compose reads it, see deploy/README.md)")
+        return 0
     pem, public = generate()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(args.out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(pem)
+    if not _write_secret(args.out, pem):
+        return 2
     print(f"private key: {args.out} (set TLSERVE_HEAD_SIGNING_KEY={args.out} where heads are trained)")
     print(f"public key:  {public} (add it to TLSERVE_HEAD_VERIFY_KEYS on serving replicas)")
     return 0
@@ -506,7 +524,10 @@ def _confirmed(action: str, yes: bool) -> bool:
 def _settings(args: argparse.Namespace) -> int:
     from app.settings import get_settings, settings_markdown
 
-    print(settings_markdown() if args.markdown else get_settings().model_dump_json(indent=2))
+    if args.markdown:
+        print(settings_markdown())
+        return 0
+    print(json.dumps(get_settings().redacted(), indent=2))
     return 0
 
 
@@ -663,6 +684,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="run the HTTP service (uvicorn)")
     s.add_argument("--host", default=None, help="address to bind (default: TLSERVE_HOST)")
     s.add_argument("--port", type=int, default=None, help="port to listen on (default: TLSERVE_PORT)")
+    s.add_argument("--generate-admin-key", action="store_true",
+                   help="with no TLSERVE_ADMIN_KEYS set, make an admin key for this run and print it (`make run` does)")  # fmt: skip
     s.set_defaults(func=_serve)
 
     g = sub.add_parser("settings", help="print the effective settings (or the README table)")
@@ -679,8 +702,13 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--yes", action="store_true", help="delete without asking (needed when there is no terminal to ask on)")
     h.set_defaults(func=_heads)
 
-    k = sub.add_parser("keys", help="make an Ed25519 key pair for signing heads (private key file, public key printed)")
-    k.add_argument("--out", type=Path, default=Path("head-signing-key.pem"), help="where to write the private key (mode 0600)")
+    k = sub.add_parser("keys", help="make an Ed25519 key pair for signing heads (private key file, public key printed), "
+                       "or with --env an env file of fresh API and admin keys")  # fmt: skip
+    k.add_argument("--out", type=Path, default=Path("head-signing-key.pem"),
+                   help="where to write the private key (mode 0600, never over a file; the default name is git-ignored)")  # fmt: skip
+    k.add_argument("--env", type=Path, metavar="FILE",
+                   help="write TLSERVE_API_KEYS and TLSERVE_ADMIN_KEYS (fresh random keys) to FILE instead, mode 0600 "
+                        "(`tlserve keys --env tlserve.env` is the file docker-compose.yml reads)")  # fmt: skip
     k.set_defaults(func=_keys)
 
     n = sub.add_parser("sign", help="sign a head: its version copied as a new, signed, current version")

@@ -17,6 +17,8 @@
     │   ├── UnsupportedMediaType 415  a request content type we do not accept
     │   ├── Unauthorized         401  missing or wrong API key
     │   ├── Forbidden            403  an inference key used for an admin operation
+    │   │   └── AdminDisabled    403  an admin operation while no admin key is set (``TLSERVE_ADMIN_KEYS``)
+    │   ├── HostNotAllowed       400  a ``Host`` header outside ``allowed_hosts`` (DNS rebinding)
     │   └── ClientDisconnected   499  the client closed the connection mid-request (nginx's 499)
     ├── NotFound (404)
     │   ├── HeadNotFound         404  no head with that name in the model store
@@ -122,6 +124,15 @@ class Unauthorized(InputError):
 class Forbidden(InputError):
     status_code = 403
     code = "forbidden"
+
+
+class AdminDisabled(Forbidden):
+    code = "admin_disabled"
+
+
+class HostNotAllowed(InputError):
+    status_code = 400
+    code = "host_not_allowed"
 
 
 class ClientDisconnected(InputError):

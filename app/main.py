@@ -11,7 +11,7 @@ from fastapi.routing import APIRoute
 
 from app import __version__
 from app.api import console, errors, heads, oip, probes, training, v1
-from app.api.middleware import RequestContext
+from app.api.middleware import RequestContext, TrustedHosts
 from app.service import Service
 from app.settings import Settings, get_settings
 
@@ -52,5 +52,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(console.router)
     if settings.origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.origins, allow_methods=["GET", "POST"], allow_headers=["*"])
+    app.add_middleware(TrustedHosts, hosts=settings.hosts)
     app.add_middleware(RequestContext, metrics=service.metrics)
     return app

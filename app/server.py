@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import signal
 import socket
+import sys
 from types import FrameType
 from typing import TYPE_CHECKING
 
@@ -93,10 +95,20 @@ def with_grpc(app: ASGIApp, front: GrpcFront) -> ASGIApp:
     return wrapped
 
 
-def serve(host: str | None = None, port: int | None = None) -> int:
+def serve(host: str | None = None, port: int | None = None, *, generate_admin_key: bool = False) -> int:
+    """Serve on ``host``/``port`` (default: the settings'). ``generate_admin_key`` (``make run``): with no
+    ``TLSERVE_ADMIN_KEYS`` set, make one for this run and print it, as Jupyter prints its token."""
     settings = get_settings()
     host = host or settings.host
     port = port if port is not None else settings.port
+    update: dict[str, object] = {"host": host, "port": port}
+    if generate_admin_key and not settings.admin_key_list:
+        update["admin_keys"] = secrets.token_urlsafe(24)
+        shown = f"[{host}]" if ":" in host else host
+        print(f"\n    admin key for this run (train, promote, roll back, delete; the console asks for it):\n\n"
+              f"        {update['admin_keys']}\n\n    console: http://{shown}:{port}/ui/   "
+              "(set TLSERVE_ADMIN_KEYS to keep a key of your own)\n", file=sys.stderr, flush=True)  # fmt: skip
+    settings = settings.model_copy(update=update)
     if settings.grpc_port and settings.grpc_port == port:
         log.error("grpc_port and the HTTP port are both %d: the two fronts need a port each", port)
         return 2

@@ -56,11 +56,16 @@ class Settings(BaseSettings):
         30.0, gt=0, description="On SIGTERM: longest wait for in-flight and queued requests before exiting."
     )
     api_keys: str = Field(
-        "", description="Comma-separated API keys; empty disables auth. Sent as `Authorization: Bearer KEY` or `X-API-Key`."
+        "",
+        description="Comma-separated API keys for inference (an admin key serves too); empty leaves inference open. Sent as `Authorization: Bearer KEY` or `X-API-Key`.",
     )
     admin_keys: str = Field(
         "",
-        description="Comma-separated admin keys for reload, promote, roll back, delete, train and examples (403 for an inference key); with API keys set and no admin keys, those operations are refused.",
+        description="Comma-separated admin keys for train, examples, reload, promote, roll back and delete (403 for an inference key); empty refuses those operations to everyone (`admin_disabled`), on loopback too.",
+    )
+    allowed_hosts: str = Field(
+        "",
+        description="Comma-separated `Host` header names HTTP requests may carry (400 `host_not_allowed` otherwise; `*.example.com` matches subdomains, `*` any); empty: the loopback names (`localhost`, `127.0.0.1`, `::1`) when bound to a loopback address, which stops DNS-rebinding pages from reading answers, else any.",
     )
     open_probes: bool = Field(True, description="Leave /livez, /readyz, /metrics and /v2/health/* open when API keys are set.")
     cors_origins: str = Field("", description="Comma-separated allowed CORS origins; empty disables CORS.")
@@ -242,6 +247,16 @@ class Settings(BaseSettings):
             raise ValueError(f"grpc_port and port are both {self.port}: the gRPC and HTTP fronts need a port each")
         return self
 
+    def redacted(self) -> dict[str, object]:
+        """The settings as JSON-ready values with every secret replaced by what it is (``tlserve settings``)."""
+        out = self.model_dump(mode="json")
+        for name, keys in (("api_keys", self.keys), ("admin_keys", self.admin_key_list)):
+            out[name] = f"<{len(keys)} key(s), redacted>" if keys else ""
+        key = self.head_signing_key.strip()
+        if key:
+            out["head_signing_key"] = "<PEM, redacted>" if "PRIVATE KEY" in key else f"<redacted; file {key}>"
+        return out
+
     @property
     def formats(self) -> frozenset[str]:
         return frozenset(self.allowed_formats.split(","))
@@ -253,6 +268,20 @@ class Settings(BaseSettings):
     @property
     def admin_key_list(self) -> tuple[str, ...]:
         return tuple(k.strip() for k in self.admin_keys.split(",") if k.strip())
+
+    @property
+    def inference_keys(self) -> tuple[str, ...]:
+        """The keys inference accepts once API keys are set (an admin key serves inference too); none: open."""
+        return self.keys + self.admin_key_list if self.keys else ()
+
+    @property
+    def hosts(self) -> tuple[str, ...]:
+        """``allowed_hosts``, or its default for ``host``: loopback names on a loopback address, else any (``*``)."""
+        given = tuple(h.strip().lower() for h in self.allowed_hosts.split(",") if h.strip())
+        if given:
+            return given
+        loopback = self.host in ("127.0.0.1", "localhost", "::1") or self.host.startswith("127.")
+        return ("localhost", "127.0.0.1", "::1", self.host.lower()) if loopback else ("*",)
 
     @property
     def origins(self) -> list[str]:

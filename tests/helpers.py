@@ -63,10 +63,18 @@ def write_color_dataset(root: Path, per_class: int = 12) -> Path:
     return root
 
 
+# Admin operations are refused unless an admin key is set (app/api/deps.py): test servers get this one by default
+# (inference stays open without TLSERVE_API_KEYS), and tests send ADMIN where they change state.
+ADMIN_KEY = "test-admin-key"
+ADMIN = {"X-API-Key": ADMIN_KEY}
+
+
 def settings_env(store_root: Path, **settings: object) -> dict[str, str]:
-    """``TLSERVE_*`` variables for a server on ``store_root``: one intra-op thread and the response cache
-    off (so every request a test sends reaches the engine; the cache's own tests turn it on), plus ``settings``."""
-    env = {"TLSERVE_MODEL_STORE": str(store_root), "TLSERVE_INTRA_OP_THREADS": "1", "TLSERVE_RESPONSE_CACHE_SIZE": "0"}
+    """``TLSERVE_*`` variables for a server on ``store_root``: one intra-op thread, the response cache off (so
+    every request a test sends reaches the engine; the cache's own tests turn it on) and admin key ``ADMIN_KEY``,
+    plus ``settings`` (``admin_keys=""`` for a server with admin operations off)."""
+    env = {"TLSERVE_MODEL_STORE": str(store_root), "TLSERVE_INTRA_OP_THREADS": "1", "TLSERVE_RESPONSE_CACHE_SIZE": "0",
+           "TLSERVE_ADMIN_KEYS": ADMIN_KEY}  # fmt: skip
     env.update({f"TLSERVE_{k.upper()}": str(v) for k, v in settings.items()})
     return env
 

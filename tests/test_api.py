@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from app.store import ModelStore
-from tests.helpers import ServerProcess, image_bytes
+from tests.helpers import ADMIN, ServerProcess, image_bytes
 
 RED, BLUE = (210, 40, 40), (40, 40, 210)
 
@@ -186,11 +186,11 @@ def test_reload_picks_up_a_retrained_head(server_factory, fresh_tiny_store: Mode
     data = write_color_dataset(tmp_path / "d", per_class=5)
     settings = Settings(model_store=fresh_tiny_store.root, intra_op_threads=1, feature_cache_dir=tmp_path / "c")
     Trainer(settings, progress=False).train(data, "colors", c=0.5)
-    r = httpx.post(f"{srv.url}/v1/models/colors/reload")
+    r = httpx.post(f"{srv.url}/v1/models/colors/reload", headers=ADMIN)
     assert r.status_code == 200 and r.json()["pickle_sha256"] != before and r.json()["loaded"]
     # a brand-new head is loaded by the same call
     Trainer(settings, progress=False).train(data, "newhead", c=1.0)
-    assert httpx.post(f"{srv.url}/v1/models/newhead/reload").status_code == 200
+    assert httpx.post(f"{srv.url}/v1/models/newhead/reload", headers=ADMIN).status_code == 200
     r = httpx.post(
         f"{srv.url}/v1/classify", params={"head": "newhead"}, content=image_bytes(BLUE), headers={"content-type": "image/png"}
     )
@@ -234,6 +234,8 @@ def test_an_incompatible_default_head_leaves_the_others_served_and_names_itself(
     r = httpx.post(f"{srv.url}/v1/classify", content=image_bytes(BLUE), headers={"content-type": "image/png"})
     error = r.json()["error"]
     assert r.status_code >= 400 and "colors" in error["message"] and "retrain it with `tlserve train`" in error["message"], error
-    r = httpx.post(f"{srv.url}/v1/classify", params={"head": "fresh"}, content=image_bytes(BLUE), headers={"content-type": "image/png"})
+    r = httpx.post(
+        f"{srv.url}/v1/classify", params={"head": "fresh"}, content=image_bytes(BLUE), headers={"content-type": "image/png"}
+    )
     assert r.status_code == 200 and r.json()["results"][0]["label"] == "blue"
     assert "default head 'colors' is not usable" in srv.log_text()

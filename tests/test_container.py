@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tarfile
 import threading
 import time
@@ -312,6 +313,12 @@ def test_real_photos_are_classified_through_the_published_port(served: Container
     pinned = json.loads(real_store.calibration_path.read_text())["int8_sha256"]
     assert info["extractor"]["precision"] == "int8" and info["extractor"]["sha256"] == pinned, info["extractor"]
     assert "accuracy gate passed" in info["extractor"]["precision_reason"], info["extractor"]
+    # no keys given (compose without tlserve.env): nothing that changes state is open, inference is
+    for method, path in (("POST", "/v1/heads/cats_vs_dogs/rollback"), ("DELETE", "/v1/heads/cats_vs_dogs"),
+                         ("POST", "/v1/models/cats_vs_dogs/reload")):  # fmt: skip
+        refused = httpx.request(method, served.url + path, timeout=10)
+        assert refused.status_code == 403 and refused.json()["error"]["code"] == "admin_disabled", refused.text
+        assert "TLSERVE_ADMIN_KEYS" in refused.json()["error"]["message"]
     cats, dogs = photos("val", "cat", 4), photos("val", "dog", 4)
     results = classify(served.url, cats + dogs)
     assert [r["label"] for r in results] == ["cat"] * 4 + ["dog"] * 4, results
@@ -468,31 +475,37 @@ def test_int8_image_is_calibrated_from_a_build_context_no_layer_keeps(
         assert layer_files_like(tag, wanted, tmp_path) == {hashlib.sha256(control).hexdigest()}, tag
 
 
-def test_two_replicas_share_compose_head_volume_and_train_over_http(image: str, shared_data: Path) -> None:
+def test_two_replicas_share_compose_head_volume_and_train_over_http(image: str, shared_data: Path, tmp_path: Path) -> None:
     """compose's `heads` volume: seeded from the image (the default head) and writable by uid 10001 on a read-only
     root; a job trained over HTTP on one replica is answered, and its version served, by the other."""
     volume = f"tlserve-test-heads-{uuid.uuid4().hex[:8]}"
     (mount,) = compose_service()["volumes"]
     podman("volume", "create", volume)
-    replicas = [
-        Container(image, {"TLSERVE_HEAD_POLL_INTERVAL_S": "1"}, ["-v", f"{volume}:{mount.split(':', 1)[1]}"]) for _ in range(2)
-    ]
+    env_file = tmp_path / "tlserve.env"  # compose's env_file, made by the documented command
+    made = subprocess.run([sys.executable, "-m", "app.cli", "keys", "--env", str(env_file)], cwd=REPO, capture_output=True,
+                          text=True, timeout=60, check=False)  # fmt: skip
+    assert made.returncode == 0 and oct(env_file.stat().st_mode & 0o777) == "0o600", made.stderr
+    keys = dict(line.split("=", 1) for line in env_file.read_text().splitlines() if "=" in line and not line.startswith("#"))
+    admin = {"X-API-Key": keys["TLSERVE_ADMIN_KEYS"]}
+    volume_args = ["-v", f"{volume}:{mount.split(':', 1)[1]}", "--env-file", str(env_file)]
+    replicas = [Container(image, {"TLSERVE_HEAD_POLL_INTERVAL_S": "1"}, volume_args) for _ in range(2)]
     try:
         a, b = (c.start() for c in replicas)
         a.wait_ready()
         b.wait_ready()
-        assert [m["name"] for m in httpx.get(b.url + "/v1/models", timeout=10).json()["models"]] == ["cats_vs_dogs"]  # seeded
+        assert [m["name"] for m in httpx.get(b.url + "/v1/models", timeout=10, headers=admin).json()["models"]] == ["cats_vs_dogs"]
         files = [(label, (p.name, p.read_bytes(), "image/jpeg")) for label in ("cat", "dog") for p in photos("train", label, 4)]
-        r = httpx.post(a.url + "/v1/heads/pets/train", files=files, timeout=120)
+        r = httpx.post(a.url + "/v1/heads/pets/train", files=files, timeout=120, headers=admin)
         assert r.status_code == 202, r.text
         deadline = time.monotonic() + 300
-        while (job := httpx.get(b.url + r.headers["location"], timeout=10).json())["state"] not in ("succeeded", "failed"):
+        while (job := httpx.get(b.url + r.headers["location"], timeout=10, headers=admin).json())["state"] not in ("succeeded", "failed"):
             assert time.monotonic() < deadline, job
             time.sleep(0.5)
         assert job["state"] == "succeeded" and job["version"] == 1 and job["report"]["n_val"] == 2, job
         deadline = time.monotonic() + 30
         while (answer := httpx.post(b.url + "/v1/classify?head=pets", files={"file": ("c.jpg", photos("val", "cat", 1)[0].read_bytes())},
-                                    timeout=60)).status_code != 200:  # fmt: skip
+                                    timeout=60, headers={"X-API-Key": keys["TLSERVE_API_KEYS"]})).status_code != 200:  # fmt: skip
+            assert answer.status_code != 401, answer.text  # the inference key from the env file serves
             assert time.monotonic() < deadline, answer.text
             time.sleep(0.5)
         assert answer.json()["head"] == "pets" and answer.json()["version"] == 1

@@ -34,7 +34,7 @@ from PIL import Image
 from app.hashing import sha256_file
 from app.registry import load_head
 from app.store import ModelStore, write_json
-from tests.helpers import REPO, ServerProcess, image_bytes, write_color_dataset
+from tests.helpers import ADMIN, REPO, ServerProcess, image_bytes, write_color_dataset
 
 RED = (210, 40, 40)
 GOOD = image_bytes(RED, "PNG", size=(32, 32), noise=15)
@@ -91,7 +91,7 @@ def test_tampered_head_is_refused_and_the_previous_head_keeps_serving(
     }
     for what, blob in tampered_pickles.items():
         pkl.write_bytes(blob)
-        r = httpx.post(f"{server.url}/v1/models/colors/reload")
+        r = httpx.post(f"{server.url}/v1/models/colors/reload", headers=ADMIN)
         message = assert_error(r, 500, "artifact_error", store)
         assert "does not match" in message and "refusing to unpickle" in message, (what, message)
         assert not marker.exists(), "a tampered pickle was unpickled"
@@ -108,7 +108,7 @@ def test_tampered_head_is_refused_and_the_previous_head_keeps_serving(
     }
     for what, text in bad_cards.items():
         (store.heads.current_folder("colors") / "card.json").write_text(text)
-        r = httpx.post(f"{server.url}/v1/models/colors/reload")
+        r = httpx.post(f"{server.url}/v1/models/colors/reload", headers=ADMIN)
         assert r.status_code in (409, 500), (what, r.text)
         assert_error(r, r.status_code, "incompatible_head" if what == "other-extractor" else "artifact_error", store)
         assert classify(server).json()["results"][0] == before, what
@@ -116,7 +116,7 @@ def test_tampered_head_is_refused_and_the_previous_head_keeps_serving(
 
     listed = {m["name"]: m for m in httpx.get(f"{server.url}/v1/models").json()["models"]}
     assert listed["colors"]["loaded"] is True
-    r = httpx.post(f"{server.url}/v1/models/colors/reload")  # the genuine pair loads again
+    r = httpx.post(f"{server.url}/v1/models/colors/reload", headers=ADMIN)  # the genuine pair loads again
     assert r.status_code == 200 and r.json()["pickle_sha256"] == card["pickle_sha256"] and r.json().get("error") is None
     assert "Traceback" not in server.log_text()
     assert server.log_text().count("reload of head colors refused") == len(tampered_pickles) + len(bad_cards)
@@ -324,7 +324,7 @@ def test_train_killed_mid_write_or_out_of_space_never_leaves_a_half_written_head
     def still_the_old_head() -> None:
         assert heads.versions("colors") == [old["version"]] and card_of(store) == old
         assert load_head(store.heads, "colors", feature_space).sha256 == old["pickle_sha256"]
-        r = httpx.post(f"{server.url}/v1/models/colors/reload")
+        r = httpx.post(f"{server.url}/v1/models/colors/reload", headers=ADMIN)
         assert r.status_code == 200 and r.json()["pickle_sha256"] == old["pickle_sha256"]
         assert classify(server).json()["results"][0]["label"] == "red"
 
@@ -356,7 +356,7 @@ def test_train_killed_mid_write_or_out_of_space_never_leaves_a_half_written_head
     r = run_train(store, data, "fresh", env, max_file_bytes=pkl_size // 2)
     assert r.returncode == -signal.SIGXFSZ
     assert "fresh" not in store.heads.names()
-    assert_error(httpx.post(f"{server.url}/v1/models/fresh/reload"), 404, "head_not_found", store)
+    assert_error(httpx.post(f"{server.url}/v1/models/fresh/reload", headers=ADMIN), 404, "head_not_found", store)
 
     # 5. the card itself, the commit point, interrupted half-way: the old card stays whole
     card_text = (folder / "card.json").read_text()
@@ -379,7 +379,7 @@ def test_train_killed_mid_write_or_out_of_space_never_leaves_a_half_written_head
     assert heads.versions("colors") == [old["version"], new["version"]]
     assert sorted(heads.current_folder("colors").glob("head-*.pkl")) == [heads.current_folder("colors") / new["pickle"]]
     assert load_head(heads, "colors", feature_space, old["version"]).sha256 == old["pickle_sha256"]
-    r = httpx.post(f"{server.url}/v1/models/colors/reload")
+    r = httpx.post(f"{server.url}/v1/models/colors/reload", headers=ADMIN)
     assert r.status_code == 200 and r.json()["pickle_sha256"] == new["pickle_sha256"]
     assert r.json()["version"] == new["version"]
     assert "Traceback" not in server.log_text()

@@ -17,7 +17,7 @@ import pytest
 from app.errors import ArtifactError, HeadNotFound, VersionConflict, VersionNotFound
 from app.registry import CARD, CURRENT, HeadStore, load_head, save_head
 from app.store import ModelStore
-from tests.helpers import REPO, ServerProcess, image_bytes
+from tests.helpers import ADMIN, REPO, ServerProcess, image_bytes
 
 RED = image_bytes((210, 40, 40), "PNG", size=(32, 32), noise=15)
 
@@ -150,7 +150,7 @@ def test_incompatible_head_answers_409_at_start_up_and_on_reload(
     assert r.status_code == 409 and r.json()["error"]["code"] == "incompatible_head", r.text
     listed = {m["name"]: m for m in httpx.get(f"{server.url}/v1/models").json()["models"]}
     assert listed["other"]["loaded"] is False and listed["other"]["error_code"] == "incompatible_head"
-    r = httpx.post(f"{server.url}/v1/models/other/reload")
+    r = httpx.post(f"{server.url}/v1/models/other/reload", headers=ADMIN)
     assert r.status_code == 409 and r.json()["error"]["code"] == "incompatible_head"
 
 

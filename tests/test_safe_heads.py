@@ -22,7 +22,7 @@ from app.errors import ArtifactError
 from app.heads import ALLOWED_GLOBALS, safe_unpickle
 from app.registry import load_head, save_head
 from app.store import ModelStore
-from tests.helpers import REPO, ServerProcess, image_bytes
+from tests.helpers import ADMIN, REPO, ServerProcess, image_bytes
 
 RED = image_bytes((210, 40, 40), "PNG", size=(32, 32), noise=15)
 
@@ -114,7 +114,7 @@ def test_every_load_path_refuses_a_malicious_head_and_the_old_version_keeps_serv
     assert r.status_code == 500 and r.json()["error"]["code"] == "artifact_error"
 
     # the reload endpoint
-    r = httpx.post(f"{server.url}/v1/models/evil/reload")
+    r = httpx.post(f"{server.url}/v1/models/evil/reload", headers=ADMIN)
     assert r.status_code == 500 and r.json()["error"]["code"] == "artifact_error"
 
     # the poller: a new malicious version of a served head is refused, the old version keeps serving

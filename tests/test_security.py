@@ -15,7 +15,7 @@ import pytest
 
 from app.hashing import sha256_bytes
 from app.store import ModelStore
-from tests.helpers import REPO, ServerProcess, image_bytes
+from tests.helpers import ADMIN, ADMIN_KEY, REPO, ServerProcess, image_bytes
 
 GOOD = image_bytes((210, 40, 40), "PNG", size=(32, 32))
 KEYS = ("k1-secret-0123456789", "k2-secret-abcdefghij")
@@ -67,6 +67,7 @@ def start(tiny_store: ModelStore, tmp_path: Path) -> Iterator[Callable[..., Serv
             "TLSERVE_MODEL_STORE": str((store or tiny_store).root),
             "TLSERVE_DEFAULT_HEAD": "colors",
             "TLSERVE_INTRA_OP_THREADS": "1",
+            "TLSERVE_ADMIN_KEYS": ADMIN_KEY,
         }
         full.update({f"TLSERVE_{k.upper()}": v for k, v in env.items()})
         server = KeyedServer(full, log_path=tmp_path / f"server{len(started)}.log")
@@ -124,10 +125,58 @@ def test_probes_can_be_closed(start: Callable[..., ServerProcess]) -> None:
         assert httpx.get(server.url + path, headers={"authorization": f"Bearer {KEYS[0]}"}).status_code == 200, path
 
 
-def test_without_keys_auth_is_off(start: Callable[..., ServerProcess]) -> None:
-    server = start()
+ADMIN_ROUTES = [
+    ("POST", "/v1/heads/colors/train", {"files": {"red": ("r.png", GOOD)}}),
+    ("POST", "/v1/heads/colors/examples", {"files": {"red": ("r.png", GOOD)}}),
+    ("POST", "/v1/heads/colors/promote", {"json": {"version": 1}}),
+    ("POST", "/v1/heads/colors/rollback", {}),
+    ("DELETE", "/v1/heads/colors/versions/1", {}),
+    ("DELETE", "/v1/heads/colors", {}),
+    ("POST", "/v1/models/colors/reload", {}),
+]
+
+
+def test_without_keys_inference_is_open_and_every_admin_route_is_refused(start: Callable[..., ServerProcess],
+                                                                         fresh_tiny_store: ModelStore) -> None:  # fmt: skip
+    """No key configured (a server on loopback, as `tlserve serve` starts): nothing that changes state is open.
+    A web page the operator visits can send these as simple cross-site requests (no preflight): refused too."""
+    server = start(fresh_tiny_store, admin_keys="")
     for method, path, kwargs in protected():
-        assert send(server, method, path, kwargs).status_code == 200, path
+        if not path.endswith("/reload"):
+            assert send(server, method, path, kwargs).status_code == 200, path
+    before = sorted(p.relative_to(fresh_tiny_store.root) for p in fresh_tiny_store.heads_dir.rglob("*"))
+    page = {"origin": "https://evil.example", "content-type": "text/plain"}  # fetch(..., {mode: "no-cors"})
+    for method, path, kwargs in ADMIN_ROUTES:
+        for auth in ({}, page, {"x-api-key": "guess"}):
+            r = send(server, method, path, kwargs, auth)
+            assert r.status_code == 403 and r.json()["error"]["code"] == "admin_disabled", (method, path, r.text)
+            assert "no admin key is set; set TLSERVE_ADMIN_KEYS" in r.json()["error"]["message"]
+    assert sorted(p.relative_to(fresh_tiny_store.root) for p in fresh_tiny_store.heads_dir.rglob("*")) == before
+
+
+def test_an_admin_key_alone_leaves_inference_open(start: Callable[..., ServerProcess], fresh_tiny_store: ModelStore) -> None:
+    """`make run` sets only an admin key: classify needs none, admin routes need that one."""
+    server = start(fresh_tiny_store)
+    assert send(server, "POST", "/v1/classify", {"content": GOOD, "headers": {"content-type": "image/png"}}).status_code == 200
+    r = send(server, "POST", "/v1/heads/colors/rollback", {})
+    assert r.status_code == 401 and "admin key" in r.json()["error"]["message"]
+    assert send(server, "POST", "/v1/models/colors/reload", {}, ADMIN).status_code == 200
+
+
+def test_a_loopback_server_answers_only_its_own_host_names(start: Callable[..., ServerProcess]) -> None:
+    """DNS rebinding: a page served as evil.example whose name now resolves to 127.0.0.1 sends Host: evil.example."""
+    server = start()
+    for host in ("evil.example", f"evil.example:{server.port}", "127.0.0.1.evil.example", "localhost.evil.example"):
+        r = httpx.get(server.url + "/v1/models", headers={"host": host})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "host_not_allowed", (host, r.text)
+        assert "TLSERVE_ALLOWED_HOSTS" in r.json()["error"]["message"]
+    for host in (f"127.0.0.1:{server.port}", f"localhost:{server.port}", "localhost", f"[::1]:{server.port}"):
+        assert httpx.get(server.url + "/v1/models", headers={"host": host}).status_code == 200, host
+    named = start(allowed_hosts="127.0.0.1,tlserve.internal,*.example.org")  # the names given replace the default
+    assert httpx.get(named.url + "/v1/models", headers={"host": "a.example.org"}).status_code == 200
+    assert httpx.get(named.url + "/v1/models", headers={"host": "tlserve.internal:8000"}).status_code == 200
+    assert httpx.get(named.url + "/v1/models", headers={"host": "localhost"}).status_code == 400
+    assert httpx.get(named.url + "/v1/models", headers={"host": "example.org"}).status_code == 400
 
 
 # --- CORS ---------------------------------------------------------------------------------------
@@ -205,7 +254,7 @@ def test_a_head_outside_the_heads_folder_is_unreachable(
             assert r.status_code in (404, 422), (name, r.text)
             assert r.json()["error"]["code"] in ("head_not_found", "malformed_request")
     for path in ("/v1/models/evil", "/v1/models/..%2Fevil", "/v1/models/%2E%2E/evil", "/v1/models/evil/reload"):
-        r = httpx.request("POST" if path.endswith("reload") else "GET", server.url + path)
+        r = httpx.request("POST" if path.endswith("reload") else "GET", server.url + path, headers=ADMIN)
         assert r.status_code == 404, (path, r.text)
     assert not marker.exists(), "a pickle outside the heads folder was unpickled"
     assert "evil" not in [m["name"] for m in httpx.get(server.url + "/v1/models").json()["models"]]
@@ -242,7 +291,7 @@ def test_no_traceback_or_path_in_any_response(fresh_tiny_store: ModelStore, star
     ]
     secrets = ("Traceback", 'File "', str(store.root), str(store.root.resolve()), str(REPO), "/tmp/", "site-packages")
     for method, path, kwargs in requests:
-        r = httpx.request(method, server.url + path, **kwargs, timeout=30)
+        r = httpx.request(method, server.url + path, **{**kwargs, "headers": {**kwargs.get("headers", {}), **ADMIN}}, timeout=30)
         assert r.status_code < 500 or "broken" in f"{path} {kwargs}", (path, r.status_code, r.text)  # a corrupt card: 500
         for secret in secrets:
             assert secret not in r.text, (method, path, secret, r.text[:500])

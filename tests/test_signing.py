@@ -18,7 +18,7 @@ from app.registry import CARD, HeadStore, copy_version, load_head
 from app.settings import Settings
 from app.signing import generate, load_private_key, load_public_keys
 from app.store import ModelStore
-from tests.helpers import REPO, ServerProcess, image_bytes
+from tests.helpers import ADMIN, REPO, ServerProcess, image_bytes
 
 RED = image_bytes((210, 40, 40), "PNG", size=(32, 32), noise=15)
 
@@ -131,7 +131,7 @@ def test_replica_with_verify_keys_serves_signed_heads_only(
     assert ok.status_code == 200 and ok.json()["version"] == 2
     listed = {m["name"]: m for m in httpx.get(f"{server.url}/v1/models").json()["models"]}
     assert listed["plain"]["loaded"] is False and listed["plain"]["error_code"] == "head_untrusted"
-    r = httpx.post(f"{server.url}/v1/models/plain/reload")
+    r = httpx.post(f"{server.url}/v1/models/plain/reload", headers=ADMIN)
     assert r.status_code == 409 and r.json()["error"]["code"] == "head_untrusted"
 
     store.heads.promote("colors", 3)  # an unsigned version made current: refused, version 2 keeps serving

@@ -25,6 +25,7 @@ import httpx
 import pytest
 
 from app.store import ModelStore
+from tests.helpers import ADMIN as DEFAULT_ADMIN
 from tests.helpers import SHARED_DATA, ServerProcess, image_bytes
 
 INFER, ADMIN = "infer-key", "admin-key"
@@ -244,7 +245,8 @@ def test_hostile_archives_are_refused_before_extraction_and_store_nothing(limite
     server, store = limited
     make, code, words = HOSTILE[kind]
     for route in ("examples", "train"):
-        r = httpx.post(server.url + f"/v1/heads/hostile/{route}", files={"archive": ("upload.bin", make())}, timeout=30)
+        r = httpx.post(server.url + f"/v1/heads/hostile/{route}", files={"archive": ("upload.bin", make())}, timeout=30,
+                       headers=DEFAULT_ADMIN)  # fmt: skip
         assert (r.json().get("error") or {}).get("code") == code, (route, r.status_code, r.text)
         assert words in error(r)["message"], error(r)["message"]
     assert not (store / "heads" / "hostile").exists()
@@ -257,11 +259,11 @@ def test_a_good_archive_is_unwrapped_and_its_junk_ignored(limited) -> None:
     members = {"photos/red/a.png": PNG, "photos/red/deeper/b.png": GOOD["red/b.png"], "photos/blue/c.png": image_bytes((30, 30, 210)),
                "photos/.DS_Store": b"junk", "__MACOSX/photos/red/._a.png": b"junk"}  # fmt: skip
     for i, archive in enumerate((zip_of(members, level=zipfile.ZIP_DEFLATED), tar_of(members))):
-        r = httpx.post(server.url + f"/v1/heads/good{i}/examples", files={"archive": ("a", archive)})
+        r = httpx.post(server.url + f"/v1/heads/good{i}/examples", files={"archive": ("a", archive)}, headers=DEFAULT_ADMIN)
         assert r.status_code == 200, r.text
         assert r.json() == {"head": f"good{i}", "added": 3, "duplicates": 0, "relabelled": 0, "examples": {"blue": 1, "red": 2}}
     # relabelling: the same bytes under another label is a correction
-    r = httpx.post(server.url + "/v1/heads/good0/examples", files={"blue": ("a.png", PNG)})
+    r = httpx.post(server.url + "/v1/heads/good0/examples", files={"blue": ("a.png", PNG)}, headers=DEFAULT_ADMIN)
     assert r.json() == {"head": "good0", "added": 0, "duplicates": 1, "relabelled": 1, "examples": {"blue": 2, "red": 1}}
     objects = [p for p in (store / "heads" / "good0" / "examples" / "objects").rglob("*") if p.is_file()]
     assert len(objects) == 3  # content-addressed: the relabelled photo is stored once
@@ -290,7 +292,9 @@ def test_upload_limits_are_named_and_store_nothing(limited, case) -> None:
     server, store = limited
     make, status, code, words = LIMIT_CASES[case]
     for route in ("examples", "train"):
-        r = httpx.post(server.url + f"/v1/heads/limits/{route}", timeout=30, **make())
+        kwargs = make()
+        kwargs["headers"] = {**kwargs.get("headers", {}), **DEFAULT_ADMIN}
+        r = httpx.post(server.url + f"/v1/heads/limits/{route}", timeout=30, **kwargs)
         assert (r.status_code, (r.json().get("error") or {}).get("code")) == (status, code), (route, r.text[:300])
         assert words in error(r)["message"], error(r)["message"]
     assert not (store / "heads" / "limits").exists()
@@ -301,18 +305,26 @@ def test_training_options_and_counts_are_checked_before_the_job(limited, photos)
     server, store = limited
     three = parts(photos, 0, 3)
     for case, (options, words) in TRAIN_CASES.items():
-        r = httpx.post(server.url + "/v1/heads/opts/train", files=three, data=options)
+        r = httpx.post(server.url + "/v1/heads/opts/train", files=three, data=options, headers=DEFAULT_ADMIN)
         assert r.status_code == 422 and words in error(r)["message"], (case, r.text)
     # first training: every class needs 3 photos (1 for the fixed validation set, 2 to train on)
-    r = httpx.post(server.url + "/v1/heads/opts/train", files=parts(photos, 0, 3)[:5])
+    r = httpx.post(server.url + "/v1/heads/opts/train", files=parts(photos, 0, 3)[:5], headers=DEFAULT_ADMIN)
     assert r.status_code == 422 and error(r)["code"] == "invalid_dataset", r.text
     assert "first training needs at least 3 photos a class" in error(r)["message"] and "'dog' has 2 photos" in error(r)["message"]
-    r = httpx.post(server.url + "/v1/heads/opts/train", files=[("cat", (p.name, p.read_bytes())) for p in photos["cat"][:4]])
+    r = httpx.post(
+        server.url + "/v1/heads/opts/train",
+        files=[("cat", (p.name, p.read_bytes())) for p in photos["cat"][:4]],
+        headers=DEFAULT_ADMIN,
+    )
     assert r.status_code == 422 and "at least two classes" in error(r)["message"]
     # no photos (a browser's empty file input is no photo): nothing to train on without the example store
     body = (b'--B\r\nContent-Disposition: form-data; name="use_examples"\r\n\r\nfalse\r\n'
             b'--B\r\nContent-Disposition: form-data; name="cat"; filename=""\r\nContent-Type: application/octet-stream\r\n\r\n\r\n--B--\r\n')  # fmt: skip
-    r = httpx.post(server.url + "/v1/heads/opts/train", content=body, headers={"content-type": "multipart/form-data; boundary=B"})
+    r = httpx.post(
+        server.url + "/v1/heads/opts/train",
+        content=body,
+        headers={"content-type": "multipart/form-data; boundary=B", **DEFAULT_ADMIN},
+    )
     assert r.status_code == 422 and error(r)["code"] == "empty_input" and "no photos" in error(r)["message"], r.text
     assert not (store / "heads" / "opts").exists()  # refused uploads store nothing
 
@@ -326,7 +338,7 @@ def test_a_server_killed_or_stopped_mid_job_leaves_no_version(photos, store, ser
     other = server_factory(ModelStore(store), **settings)
 
     def start_long_job(server: ServerProcess, start: int) -> str:
-        r = httpx.post(server.url + "/v1/heads/long/train", files=parts(photos, start, 100), timeout=120)
+        r = httpx.post(server.url + "/v1/heads/long/train", files=parts(photos, start, 100), timeout=120, headers=DEFAULT_ADMIN)
         assert r.status_code == 202, r.text
         # as soon as it runs: a fast machine extracts 200 photos with the tiny extractor within a heartbeat or two
         wait_job(server, r.headers["location"], until=lambda j: j["state"] == "running")

@@ -16,7 +16,7 @@ import tritonclient.http as th
 
 from app.registry import load_head, save_head
 from app.store import ModelStore
-from tests.helpers import REPO, ServerProcess, image_bytes
+from tests.helpers import ADMIN, REPO, ServerProcess, image_bytes
 
 RED = image_bytes((210, 40, 40), "PNG", size=(32, 32), noise=15)
 PNG = {"content-type": "image/png"}
@@ -56,20 +56,20 @@ def test_versions_list_promote_rollback_delete_and_pin(
     assert r.status_code == 404 and r.json()["error"]["code"] == "version_not_found"
     assert "versions: 1, 2" in r.json()["error"]["message"]
 
-    r = httpx.post(f"{url}/promote", json={"version": v2, "expected": 2})  # stale expectation: nothing changes
+    r = httpx.post(f"{url}/promote", json={"version": v2, "expected": 2}, headers=ADMIN)  # stale expectation: nothing changes
     assert r.status_code == 409 and r.json()["error"]["code"] == "version_conflict"
-    r = httpx.post(f"{url}/promote", json={"version": v2, "expected": 1})
+    r = httpx.post(f"{url}/promote", json={"version": v2, "expected": 1}, headers=ADMIN)
     assert r.status_code == 200 and r.json()["current"] == 2 and r.json()["served"] == 2
     assert label(server) == (200, "blue", 2)  # this replica serves it at once
 
-    r = httpx.delete(f"{url}/versions/2")
+    r = httpx.delete(f"{url}/versions/2", headers=ADMIN)
     assert r.status_code == 409 and "is current" in r.json()["error"]["message"]
-    r = httpx.post(f"{url}/rollback")
+    r = httpx.post(f"{url}/rollback", headers=ADMIN)
     assert r.status_code == 200 and r.json()["served"] == 1
     assert label(server) == (200, "red", 1)
-    assert httpx.delete(f"{url}/versions/2").status_code == 200
+    assert httpx.delete(f"{url}/versions/2", headers=ADMIN).status_code == 200
     assert [v["version"] for v in httpx.get(f"{url}/versions").json()["versions"]] == [1]
-    r = httpx.delete(f"{server.url}/v1/heads/colors")
+    r = httpx.delete(f"{server.url}/v1/heads/colors", headers=ADMIN)
     assert r.status_code == 409 and "default head" in r.json()["error"]["message"]
 
 
@@ -126,7 +126,7 @@ def test_a_promotion_reaches_every_replica_sharing_the_store(
     v2 = add_version(store, flip=True)
     a = server_factory(store, default_head="colors", head_poll_interval_s="0.2")
     b = server_factory(store, default_head="colors", head_poll_interval_s="0.2")
-    assert httpx.post(f"{a.url}/v1/heads/colors/promote", json={"version": v2}).status_code == 200
+    assert httpx.post(f"{a.url}/v1/heads/colors/promote", json={"version": v2}, headers=ADMIN).status_code == 200
     deadline = time.monotonic() + 15
     while label(b)[2] != v2:
         assert time.monotonic() < deadline, "replica b never served the promoted version"

@@ -7,7 +7,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from app.errors import Forbidden, Unauthorized
+from app.errors import AdminDisabled, Forbidden, Unauthorized
 from app.service import Service
 
 
@@ -32,26 +32,31 @@ def _matches(given: str, keys: tuple[str, ...]) -> bool:
 
 
 async def require_key(request: Request) -> None:
-    """Constant-time check of ``Authorization: Bearer KEY`` or ``X-API-Key`` when keys are configured
-    (an admin key also serves inference)."""
+    """Constant-time check of ``Authorization: Bearer KEY`` or ``X-API-Key`` when API keys are configured
+    (``TLSERVE_API_KEYS``; an admin key also serves inference). Without API keys inference is open."""
     settings = request.app.state.service.settings
-    if not settings.keys and not settings.admin_key_list:
+    if not settings.keys:
         return
-    if not _matches(_given(request), settings.keys + settings.admin_key_list):
+    if not _matches(_given(request), settings.inference_keys):
         raise Unauthorized("missing or invalid API key (send Authorization: Bearer KEY or X-API-Key)")
 
 
 async def require_admin(request: Request) -> None:
-    """Admin operations (reload, promote, roll back, delete) need an admin key once any key is configured."""
+    """Admin operations (train, examples, reload, promote, roll back, delete) need an admin key, always: with no
+    admin key set they are refused (403 ``admin_disabled``), on loopback too, since any web page the operator
+    visits can send a simple cross-site POST to a local server."""
     settings = request.app.state.service.settings
-    if not settings.keys and not settings.admin_key_list:
-        return
+    if not settings.admin_key_list:
+        raise AdminDisabled(
+            "admin operations are off: no admin key is set; set TLSERVE_ADMIN_KEYS (or run `make run`, which "
+            "makes one for this run and prints it) and send it as Authorization: Bearer KEY or X-API-Key"
+        )
     given = _given(request)
     if _matches(given, settings.admin_key_list):
         return
-    if _matches(given, settings.keys):
+    if settings.keys and _matches(given, settings.keys):
         raise Forbidden("this operation needs an admin key (TLSERVE_ADMIN_KEYS); an inference key is not enough")
-    raise Unauthorized("missing or invalid API key (send Authorization: Bearer KEY or X-API-Key)")
+    raise Unauthorized("missing or invalid admin key (send Authorization: Bearer KEY or X-API-Key; TLSERVE_ADMIN_KEYS)")
 
 
 async def probe_auth(request: Request) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import time
@@ -80,3 +81,39 @@ class RequestContext:
                 if trace_id:
                     extra["trace_id"] = trace_id
                 log.info("%s %s %d", scope["method"], scope["path"], status, extra=extra)
+
+
+class TrustedHosts:
+    """Refuse HTTP requests whose ``Host`` is not one of ``hosts`` (400 ``host_not_allowed``, JSON), as Starlette's
+    ``TrustedHostMiddleware`` does but in the service's error shape: a DNS-rebinding page reaches a loopback server
+    under its own name and is refused before any route runs. ``*`` allows any host, ``*.example.com`` subdomains."""
+
+    def __init__(self, app: ASGIApp, hosts: tuple[str, ...]) -> None:
+        self.app = app
+        self.any = "*" in hosts
+        self.exact = frozenset(h for h in hosts if not h.startswith("*"))
+        self.suffixes = tuple(h[1:] for h in hosts if h.startswith("*."))
+
+    def allowed(self, header: str) -> bool:
+        host = header.strip().lower()
+        if host.startswith("["):  # [::1]:8000
+            host = host[1 : host.find("]")] if "]" in host else host
+        else:
+            host = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+        return host in self.exact or any(host.endswith(s) for s in self.suffixes)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.any or scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        header = dict(scope.get("headers") or []).get(b"host", b"").decode("latin-1")
+        if self.allowed(header):
+            await self.app(scope, receive, send)
+            return
+        rid = scope.get("state", {}).get("request_id")
+        message = (f"Host {header!r} is not one this server answers to (allowed: {', '.join(sorted(self.exact | {'*' + s for s in self.suffixes}))}); "
+                   "set TLSERVE_ALLOWED_HOSTS to the names clients use")  # fmt: skip
+        body = json.dumps({"error": {"code": "host_not_allowed", "message": message, "request_id": rid}}).encode()
+        await send({"type": "http.response.start", "status": 400,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})  # fmt: skip
+        await send({"type": "http.response.body", "body": body})

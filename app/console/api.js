@@ -66,8 +66,21 @@ export async function call(method, path, { json, form, admin = false } = {}) {
   } catch {
     data = null;
   }
-  if (!response.ok) throw errorOf(response, data, text);
+  if (!response.ok) {
+    const error = errorOf(response, data, text);
+    if (admin && (response.status === 401 || response.status === 403)) askForAdminKey();
+    throw error;
+  }
   return data;
+}
+
+// An admin operation was refused: point the person at the admin key field (the error says why beside the button).
+function askForAdminKey() {
+  const field = document.getElementById("admin-key");
+  if (!field) return;
+  field.setAttribute("aria-invalid", "true");
+  field.placeholder = "paste the admin key here";
+  field.focus();
 }
 
 export function path(template, ...parts) {
