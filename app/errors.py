@@ -12,7 +12,8 @@
     │   ├── InvalidLabel         422  a class label (upload field or archive folder) that is not a valid name
     │   ├── UnsafeArchive        422  an uploaded archive with a path outside it, a link, a device… (named member)
     │   ├── ArchiveTooLarge      413  an archive over its member, uncompressed-bytes or compression-ratio bound
-    │   ├── BodyTooLarge         413  body over ``max_body_bytes``
+    │   ├── BodyTooLarge         413  body over ``max_body_bytes`` (or ``max_decompressed_bytes`` once inflated)
+    │   ├── JsonTooComplex       413  a JSON body over ``max_json_elements`` values or ``max_json_depth`` levels
     │   ├── TooManyImages        413  more than ``max_images_per_request``
     │   ├── UnsupportedMediaType 415  a request content type we do not accept
     │   ├── Unauthorized         401  missing or wrong API key
@@ -81,6 +82,11 @@ class MalformedRequest(InputError):
 class BodyTooLarge(InputError):
     status_code = 413
     code = "body_too_large"
+
+
+class JsonTooComplex(InputError):
+    status_code = 413
+    code = "json_too_complex"
 
 
 class TooManyImages(InputError):

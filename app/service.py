@@ -44,7 +44,7 @@ class Service:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.store = ModelStore(settings.model_store)
-        self.metrics = Metrics(settings.metrics_max_heads, settings.metrics_max_classes)
+        self.metrics = Metrics(settings.metrics_max_heads, settings.metrics_max_classes, settings.metrics_class_answers)
         self.info: ExtractorInfo | None = None
         self.extractor: Extractor | None = None
         self.batcher: Batcher | None = None

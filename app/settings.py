@@ -64,6 +64,10 @@ class Settings(BaseSettings):
     )
     open_probes: bool = Field(True, description="Leave /livez, /readyz, /metrics and /v2/health/* open when API keys are set.")
     cors_origins: str = Field("", description="Comma-separated allowed CORS origins; empty disables CORS.")
+    docs: bool = Field(
+        False,
+        description="Serve Swagger UI at /docs and ReDoc at /redoc; their pages load scripts from a CDN (jsDelivr), so they are off by default. /openapi.json is always served.",
+    )
 
     # --- gRPC
     grpc_port: int = Field(
@@ -132,12 +136,31 @@ class Settings(BaseSettings):
     metrics_max_classes: int = Field(
         30, ge=1, description="Classes a head reports answers for in /metrics; further classes count as `_other`."
     )
+    metrics_class_answers: bool = Field(
+        False,
+        description="Export `tlserve_prediction_answers_total{head,class}` (answers per class) in /metrics; off by default, since /metrics is open with `open_probes` and the series tell anyone what everyone's photos were.",
+    )
 
     # --- limits
     max_body_bytes: int = Field(
         DEFAULT_MAX_BODY_BYTES, ge=1, description="Largest request body (413 beyond); held once in memory while it is served."
     )
     max_images_per_request: int = Field(64, ge=1, description="Most images in one request (413 beyond).")
+    max_decompressed_bytes: int = Field(
+        DEFAULT_MAX_BODY_BYTES,
+        ge=1,
+        description="Largest `/v2` request body after its gzip/deflate Content-Encoding is undone, counted while it inflates (413 `body_too_large` beyond).",
+    )
+    max_json_elements: int = Field(
+        10_000,
+        ge=1,
+        description="Most JSON values (array items, object members) in one JSON request body, counted from the raw bytes before it is parsed (413 `json_too_complex` beyond).",
+    )
+    max_json_depth: int = Field(
+        32,
+        ge=1,
+        description="Deepest nesting of arrays and objects in one JSON request body, checked before it is parsed (413 `json_too_complex` beyond).",
+    )
     max_image_pixels: int = Field(
         DEFAULT_MAX_IMAGE_PIXELS,
         ge=1,
@@ -147,6 +170,10 @@ class Settings(BaseSettings):
         ",".join(DEFAULT_FORMATS), description="Image formats accepted, sniffed from the bytes (415 otherwise)."
     )
     max_top_k: int = Field(100, ge=1, description="Largest `top_k` accepted.")
+    grpc_compression: bool = Field(
+        False,
+        description="Accept gzip/deflate-compressed gRPC messages (inflated up to `max_body_bytes`, then RESOURCE_EXHAUSTED); off: a compressed message is refused (UNIMPLEMENTED) before it is inflated.",
+    )
 
     # --- training over HTTP (app/jobs.py, app/uploads.py, app/examples.py)
     training_jobs: int = Field(

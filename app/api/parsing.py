@@ -1,7 +1,16 @@
-"""Parsing helpers every front shares: base64 images, booleans, JSON bodies, per-image errors."""
+"""Parsing helpers every front shares: base64 images, booleans, JSON bodies, per-image errors.
+
+A JSON body is bounded before it is parsed (:func:`check_json`): its values are counted and its
+nesting measured from the raw bytes by one regular-expression scan that skips over strings and
+stops at the first token over a limit, so a 64 MiB body of ``[{},{},…]`` (which ``json.loads``
+turns into ~1.7 GB of Python objects) is refused after reading ``max_json_elements`` tokens. Bodies
+over :data:`THREAD_BYTES` are scanned and parsed in a worker thread (:func:`load_json_bounded`), so
+the event loop (``/livez``, other requests) goes on meanwhile.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
@@ -10,7 +19,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from app.errors import InputError, MalformedRequest
+from app.errors import InputError, JsonTooComplex, MalformedRequest
 
 _DATA_URL = re.compile(r"^data:[\w.+/-]*;base64,", re.IGNORECASE)
 _TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no", "")
@@ -42,6 +51,50 @@ def load_json(body: bytes | bytearray, what: str, error: type[MalformedRequest] 
         raise error(f"{what} is not valid JSON") from None
     except RecursionError:  # "[[[[…" nested deeper than the parser's stack
         raise error(f"{what} is not valid JSON: nested too deeply") from None
+
+
+THREAD_BYTES = 64 * 1024
+"""JSON bodies larger than this are checked and parsed off the event loop."""
+# One JSON token that matters for the bounds: a whole string (skipped in one step, escapes allowed),
+# a bracket, a comma; or a lone quote, a string that never closes (invalid JSON: stop there).
+_TOKENS = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{},]|"')
+
+
+def check_json(body: bytes | bytearray | memoryview, what: str, max_elements: int, max_depth: int) -> None:
+    """Refuse a JSON document with more than ``max_elements`` values (each ``[``, ``{`` and ``,``
+    counts one) or nested deeper than ``max_depth``, from its bytes, before any object is built."""
+    elements = depth = 0
+    for m in _TOKENS.finditer(body):
+        c = body[m.start()]
+        if c == 0x22:  # '"'
+            if m.end() - m.start() == 1:
+                return  # an unterminated string: json.loads names the error
+            continue
+        if c in (0x5B, 0x7B):  # '[', '{'
+            depth += 1
+            elements += 1
+            if depth > max_depth:
+                raise JsonTooComplex(f"{what} nests arrays and objects deeper than {max_depth} levels (max_json_depth)")
+        elif c in (0x5D, 0x7D):  # ']', '}'
+            depth -= 1
+        else:
+            elements += 1
+        if elements > max_elements:
+            raise JsonTooComplex(f"{what} holds over {max_elements} JSON values (max_json_elements)")
+
+
+def _bounded(body: bytes | bytearray, what: str, error: type[MalformedRequest], max_elements: int, max_depth: int) -> Any:
+    check_json(body, what, max_elements, max_depth)
+    return load_json(body, what, error)
+
+
+async def load_json_bounded(
+    body: bytes | bytearray, what: str, error: type[MalformedRequest], *, max_elements: int, max_depth: int
+) -> Any:
+    """:func:`check_json`, then :func:`load_json`; in a worker thread for a body over :data:`THREAD_BYTES`."""
+    if len(body) <= THREAD_BYTES:
+        return _bounded(body, what, error, max_elements, max_depth)
+    return await asyncio.to_thread(_bounded, body, what, error, max_elements, max_depth)
 
 
 def item_error(exc: InputError) -> dict[str, Any]:
