@@ -211,6 +211,11 @@ class Settings(BaseSettings):
         ge=1,
         description="Most uncompressed bytes in the archives of one upload, from their headers before extraction (413 beyond).",
     )
+    max_archive_header_bytes: int = Field(
+        16 * 1024 * 1024,
+        ge=1024,
+        description="Most archive metadata read into memory, checked from the raw bytes before the archive library reads it: a zip's central directory, or one tar member's extended headers (GNU long names, pax) together (413 `archive_too_large` beyond).",
+    )
     max_archive_ratio: float = Field(
         100.0,
         gt=1,
