@@ -13,7 +13,7 @@
     │   ├── UnsafeArchive        422  an uploaded archive with a path outside it, a link, a device… (named member)
     │   ├── ArchiveTooLarge      413  an archive over its member, uncompressed-bytes or compression-ratio bound
     │   ├── BodyTooLarge         413  body over ``max_body_bytes`` (or ``max_decompressed_bytes`` once inflated)
-    │   ├── JsonTooComplex       413  a JSON body over ``max_json_elements`` values or ``max_json_depth`` levels
+    │   ├── RequestTooComplex    413  a JSON body or gRPC message over ``max_request_elements`` values (JSON: ``max_json_depth`` levels)
     │   ├── TooManyImages        413  more than ``max_images_per_request``
     │   ├── UnsupportedMediaType 415  a request content type we do not accept
     │   ├── Unauthorized         401  missing or wrong API key
@@ -84,9 +84,9 @@ class BodyTooLarge(InputError):
     code = "body_too_large"
 
 
-class JsonTooComplex(InputError):
+class RequestTooComplex(InputError):
     status_code = 413
-    code = "json_too_complex"
+    code = "request_too_complex"
 
 
 class TooManyImages(InputError):

@@ -6,8 +6,8 @@ Three forms (``POST /v1/classify``, ``/v1/embed``):
   ``top_k``, ``normalize``, ``ood_policy`` are options; any other text part becomes a per-item error;
 - a raw body whose content type is ``image/*`` (or ``application/octet-stream``): one image;
 - ``application/json``: ``{"images": [{"b64": "...", "name": "..."}], "head": ..., "top_k": ...}``,
-  its values counted and its nesting measured before it is parsed (``max_json_elements``,
-  ``max_json_depth``: 413 ``json_too_complex``), parsed off the event loop when it is large.
+  its values counted and its nesting measured before it is parsed (``max_request_elements``,
+  ``max_json_depth``: 413 ``request_too_complex``), parsed off the event loop when it is large.
 
 The body is read with a hard cap (``max_body_bytes``) whether or not Content-Length is sent
 (chunked uploads are counted as they arrive) and is held once: a raw image is the body itself,
@@ -83,7 +83,7 @@ async def parse_images(request: Request, settings: Settings) -> Parsed:
         parsed = _multipart(body, request.headers.get("content-type", ""), limit)
     elif ctype == "application/json" or ctype.endswith("+json"):
         doc = await load_json_bounded(
-            body, "body", MalformedRequest, max_elements=settings.max_json_elements, max_depth=settings.max_json_depth
+            body, "body", MalformedRequest, max_elements=settings.max_request_elements, max_depth=settings.max_json_depth
         )
         parsed = _json(doc, limit)
     elif ctype.startswith("image/") or ctype == "application/octet-stream":

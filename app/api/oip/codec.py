@@ -79,7 +79,7 @@ def split(body: bytes | bytearray, header_length: str | None) -> tuple[bytes | b
 
 
 async def parse(header: bytes | bytearray, max_elements: int, max_depth: int) -> InferenceRequest:
-    """The JSON header, bounded (``max_json_elements``, ``max_json_depth``) before it is parsed; a
+    """The JSON header, bounded (``max_request_elements``, ``max_json_depth``) before it is parsed; a
     large one is parsed and validated off the event loop."""
     what = "the inference request"
     doc = await load_json_bounded(header, what, BadRequest, max_elements=max_elements, max_depth=max_depth)

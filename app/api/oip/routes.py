@@ -26,7 +26,7 @@ followed by each binary output's bytes in output order.
 
 The OIP has no per-item errors: one bad image fails the whole request with a 4xx that names the
 element. Errors are ``{"error": "..."}`` (rendered by :mod:`app.api.errors`). Same batcher, limits
-(``max_body_bytes``, ``max_images_per_request``, ``max_json_elements``, ``max_json_depth``) and metrics
+(``max_body_bytes``, ``max_images_per_request``, ``max_request_elements``, ``max_json_depth``) and metrics
 as ``/v1``; a gzip or deflate body is inflated as it arrives, up to ``max_decompressed_bytes``.
 """
 
@@ -197,7 +197,7 @@ async def _infer(service: Service, request: Request, name: str, version: int | N
     with tracing.span("receive"):
         body = await read_body(request, s.max_body_bytes, inflater(content_encoding, s.max_decompressed_bytes))
         header, blob = split(body, header_length)
-        req = await parse(header, s.max_json_elements, s.max_json_depth)
+        req = await parse(header, s.max_request_elements, s.max_json_depth)
         wanted = requested(req, familiar="familiarity" in head.card)
         policy = ood_policy(req)
         data = images(req, blob, service.settings.max_images_per_request)
