@@ -19,7 +19,8 @@ from app.familiarity import DEFAULT_ACCEPTANCE, DEFAULT_METHOD, Method
 DEFAULT_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "HEIF", "AVIF")
 # The limits, defined once (app/imaging.py, app/features.py and the deploy files follow them).
 # 8160 x 6120 (a 50 MP sensor) = 49.9 M and 8064 x 6048 (a 48 MP iPhone HEIC) = 48.8 M fit; decoded
-# RGB costs 4 bytes a pixel in Pillow, so one image at the limit is 200 MB while it is resized.
+# RGB costs 4 bytes a pixel in Pillow, so one image at the limit is 200 MB while it is resized; every
+# format and mode is held to 10 bytes a pixel of the limit (500 MB), before it is decoded (app/imaging.py).
 DEFAULT_MAX_IMAGE_PIXELS = 50_000_000
 # A 200 MP phone JPEG is 30-60 MB; 64 MiB leaves room for multipart framing.
 DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
@@ -151,20 +152,20 @@ class Settings(BaseSettings):
         ge=1,
         description="Largest `/v2` request body after its gzip/deflate Content-Encoding is undone, counted while it inflates (413 `body_too_large` beyond).",
     )
-    max_json_elements: int = Field(
+    max_request_elements: int = Field(
         10_000,
         ge=1,
-        description="Most JSON values (array items, object members) in one JSON request body, counted from the raw bytes before it is parsed (413 `json_too_complex` beyond).",
+        description="Most values in one structured request, counted from the raw bytes before it is parsed: JSON values of a JSON body (each `[`, `{`, `,` and string counts one) (413 `request_too_complex` beyond), fields and packed numbers of a gRPC message (INVALID_ARGUMENT, `request_too_complex`).",
     )
     max_json_depth: int = Field(
         32,
         ge=1,
-        description="Deepest nesting of arrays and objects in one JSON request body, checked before it is parsed (413 `json_too_complex` beyond).",
+        description="Deepest nesting of arrays and objects in one JSON request body, checked before it is parsed (413 `request_too_complex` beyond).",
     )
     max_image_pixels: int = Field(
         DEFAULT_MAX_IMAGE_PIXELS,
         ge=1,
-        description="Most pixels one image may decode to (422 beyond; decompression-bomb guard): a baseline JPEG's reduced (draft) size, every other image's declared size.",
+        description="Most pixels one image may decode to (422 beyond; decompression-bomb guard): a baseline JPEG's reduced (draft) size, every other image's declared size. Decoding one image may also take at most 10 bytes a pixel of this limit, estimated from its format and mode before it is decoded (422 `image_too_large` beyond; also libjpeg's JPEGMEM).",
     )
     allowed_formats: str = Field(
         ",".join(DEFAULT_FORMATS), description="Image formats accepted, sniffed from the bytes (415 otherwise)."

@@ -528,7 +528,9 @@ def _unpack_all(upload: Upload, archives: list[tuple[Path, str]], settings: Sett
 def sniff(path: Path, formats: Iterable[str]) -> str | None:
     """Why ``path`` is not a photo we take (0 bytes, not a recognised or allowed image), or None. Only the
     header is read; the decode (and the pixel limit) is :func:`app.imaging.load_image`'s, in the job."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
+
+    from app.imaging import open_image
 
     if path.stat().st_size == 0:
         return "empty file (0 bytes)"
@@ -536,10 +538,10 @@ def sniff(path: Path, formats: Iterable[str]) -> str | None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            with Image.open(path) as img:
+            with open_image(path, allowed) as img:  # only the allowed formats' plugins read it
                 fmt = img.format
         except UnidentifiedImageError:
-            return f"not a recognised image (allowed formats: {', '.join(sorted(allowed))})"
+            return f"not a recognised image of an allowed format (allowed formats: {', '.join(sorted(allowed))})"
         except Exception as exc:  # noqa: BLE001 - a header Pillow cannot parse is bad input
             return f"cannot read image header: {type(exc).__name__}"
     if fmt not in allowed:
