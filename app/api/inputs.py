@@ -17,17 +17,20 @@ Formats are sniffed later from the bytes.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
 
 from app.api.multipart import parse_multipart
-from app.api.oip.codec import Inflater
-from app.api.parsing import decode_base64, load_json_bounded
+from app.api.parsing import THREAD_BYTES, decode_base64, load_json_bounded
 from app.errors import BodyTooLarge, EmptyInput, MalformedRequest, TooManyImages, UnsupportedMediaType
 from app.inference import Item
 from app.settings import Settings
+
+if TYPE_CHECKING:
+    from app.api.oip.codec import Inflater
 
 OPTION_FIELDS = ("head", "version", "top_k", "normalize", "ood_policy")
 
@@ -85,7 +88,8 @@ async def parse_images(request: Request, settings: Settings) -> Parsed:
         doc = await load_json_bounded(
             body, "body", MalformedRequest, max_elements=settings.max_request_elements, max_depth=settings.max_json_depth
         )
-        parsed = _json(doc, limit)
+        # base64 images decoded off the event loop too, when the body is large
+        parsed = _json(doc, limit) if len(body) <= THREAD_BYTES else await asyncio.to_thread(_json, doc, limit)
     elif ctype.startswith("image/") or ctype == "application/octet-stream":
         parsed = Parsed([Item(body, request.headers.get("x-filename"))])
     else:

@@ -52,6 +52,8 @@ class Inflater:
             if self.size > self.limit:
                 raise BodyTooLarge(f"decompressed body is over the limit of {self.limit} bytes (max_decompressed_bytes)")
             out += piece
+            if self._z.unused_data:
+                raise BadRequest(f"bytes follow the end of the {self.encoding} data")
             data = self._z.unconsumed_tail
 
     def finish(self) -> None:
