@@ -132,6 +132,15 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             except Unauthorized:
                 authorized = False
         deserializer = self._deserializer(method, authorized, handler.request_deserializer)
+        if not authorized and handler.unary_unary is not None:
+            # refused without reading the message at all: a handler that never asks for its request
+            # (the wire is the same for a unary request), so gRPC does not even copy its bytes into Python
+            async def refuse(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+                return await self._handle(method, metadata, None, Refused(Unauthorized(UNAUTHORIZED)), context)
+
+            return grpc.stream_unary_rpc_method_handler(
+                refuse, request_deserializer=_unparsed, response_serializer=handler.response_serializer
+            )
         if handler.unary_unary is not None:
             behavior = handler.unary_unary
 
