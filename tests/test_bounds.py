@@ -361,6 +361,23 @@ def test_deflate_float_tiff_decodes_within_the_budget(server: ServerProcess) -> 
     assert rise[0] < 8 * width * height, f"{rise[0] / (width * height):.1f} bytes a pixel"
 
 
+@pytest.mark.parametrize(
+    ("fmt", "mode", "size"),
+    [("HEIF", "RGB", (8064, 6048)), ("JPEG", "RGB", (8160, 6120)), ("PNG", "RGB", (8160, 6120)),
+     ("PNG", "RGBA", (8160, 6120)), ("TIFF", "RGB", (8160, 6120)), ("TIFF", "F", (8160, 6120)),
+     ("TIFF", "CMYK", (8160, 6120)), ("AVIF", "RGB", (8160, 6120))],
+)  # fmt: skip
+def test_the_documented_photos_fit_the_decode_budget(fmt: str, mode: str, size: tuple[int, int]) -> None:
+    """The settings promise that a 50 MP photo and a 48 MP iPhone HEIC fit: the budget keeps that promise."""
+    from app.imaging import BUDGET_BYTES_PER_PIXEL, decode_cost
+    from tests import photos
+
+    small = Image.new(mode, (16, 16)) if mode != "RGB" else Image.new("RGB", (16, 16), (10, 20, 30))
+    with Image.open(io.BytesIO(photos.encode(small, fmt))) as img:
+        assert (img.format, img.mode) == (fmt, mode)
+        assert size[0] * size[1] * decode_cost(img) <= DEFAULT_MAX_IMAGE_PIXELS * BUDGET_BYTES_PER_PIXEL
+
+
 def test_image_open_tries_only_the_allowed_plugins(monkeypatch: pytest.MonkeyPatch) -> None:
     """A PPM sent where only PNG and JPEG are allowed never reaches Pillow's PPM parser."""
     from app.errors import UnsupportedFormat
