@@ -257,6 +257,18 @@ def test_grpc_refuses_compressed_messages_by_default(server: ServerProcess) -> N
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "input" in err.details(), err
 
 
+def test_grpc_compression_when_on_is_bounded_by_the_inflated_size(tiny_store: ModelStore, server_factory) -> None:
+    """With ``grpc_compression`` a gzip message is accepted, and the size cap applies once it is inflated."""
+    grpc = pytest.importorskip("grpc")
+    on = server_factory(tiny_store, default_head="colors", grpc_compression="true", max_body_bytes=MiB, grpc_port=free_port())
+    tiny = b"\x0a\x06colors"
+    err = _raw_call(on, tiny, (), compression=grpc.Compression.Gzip)
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "input" in err.details(), err  # reached the servicer
+    padded = tiny + b"\x3a" + _varint(8 * MiB) + bytes(8 * MiB)  # raw_input_contents: 8 MiB of zeros, ~8 KB gzipped
+    err = _raw_call(on, padded, (), compression=grpc.Compression.Gzip)
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err
+
+
 # --- item 4: archive headers -------------------------------------------------------------------
 @functools.cache
 def long_name_bomb() -> bytes:
