@@ -6,8 +6,9 @@ errors as statuses, in-flight gauge, duration metric, one JSON log line.
 - API keys: ``authorization: Bearer KEY`` or ``x-api-key`` metadata, the same keys as HTTP (an
   admin key serves inference too; every RPC here is inference or metadata, none is an admin one); with
   ``open_probes`` the health RPCs (``ServerLive``, ``ServerReady``, ``grpc.health.v1.Health``) stay open.
-  The key is checked from the call's metadata **before the message is parsed**: a refused call's
-  request deserializer never runs protobuf on its bytes;
+  The key is checked from the call's metadata **before the message is read**: a refused unary call
+  is answered by a handler that never asks for its message (gRPC copies none of its bytes into Python,
+  protobuf parses none), a refused health ``Watch`` by a deserializer that parses nothing;
 - bounds before parsing: an accepted call's message is walked on the wire (:mod:`app.grpc.wire`) and
   refused beyond ``max_request_elements`` fields and packed numbers (INVALID_ARGUMENT,
   ``request_too_complex``) before protobuf builds one object;
