@@ -12,7 +12,8 @@
     │   ├── InvalidLabel         422  a class label (upload field or archive folder) that is not a valid name
     │   ├── UnsafeArchive        422  an uploaded archive with a path outside it, a link, a device… (named member)
     │   ├── ArchiveTooLarge      413  an archive over its member, uncompressed-bytes or compression-ratio bound
-    │   ├── BodyTooLarge         413  body over ``max_body_bytes``
+    │   ├── BodyTooLarge         413  body over ``max_body_bytes`` (or ``max_decompressed_bytes`` once inflated)
+    │   ├── RequestTooComplex    413  a JSON body or gRPC message over ``max_request_elements`` values (JSON: ``max_json_depth`` levels)
     │   ├── TooManyImages        413  more than ``max_images_per_request``
     │   ├── UnsupportedMediaType 415  a request content type we do not accept
     │   ├── Unauthorized         401  missing or wrong API key
@@ -83,6 +84,11 @@ class MalformedRequest(InputError):
 class BodyTooLarge(InputError):
     status_code = 413
     code = "body_too_large"
+
+
+class RequestTooComplex(InputError):
+    status_code = 413
+    code = "request_too_complex"
 
 
 class TooManyImages(InputError):

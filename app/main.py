@@ -41,6 +41,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # FastAPI >= 0.16x would add its own server spans once a tracer provider exists; tlserve's
         # middleware makes the one HTTP server span (app/tracing.py). Older FastAPI ignores this.
         telemetry={"tracing": False},
+        # Swagger UI and ReDoc pages load their scripts from a CDN: off unless the operator asks (``docs``).
+        docs_url="/docs" if settings.docs else None,
+        redoc_url="/redoc" if settings.docs else None,
     )
     app.state.service = service
     errors.install(app)

@@ -6,7 +6,9 @@ threshold, so 0 is the line and every head shares the buckets), and the answers 
 distribution, next to the share the calibration expects (``1 - acceptance``). What an operator
 watches for drift; alert rules in ``deploy/prometheus/rules.yml``. Label cardinality is bounded:
 at most ``max_heads`` head names (further heads count as ``_other``) and ``max_classes`` class
-names a head (further classes as ``_other``).
+names a head (further classes as ``_other``). The answers per class are counted only with
+``class_answers`` (setting ``metrics_class_answers``, off by default): ``/metrics`` is open with
+``open_probes``, and those series tell anyone what everyone's photos showed.
 """
 
 from __future__ import annotations
@@ -28,9 +30,9 @@ OTHER = "_other"
 
 
 class Metrics:
-    def __init__(self, max_heads: int = 20, max_classes: int = 30) -> None:
+    def __init__(self, max_heads: int = 20, max_classes: int = 30, class_answers: bool = False) -> None:
         self.registry = r = CollectorRegistry()
-        self.max_heads, self.max_classes = max_heads, max_classes
+        self.max_heads, self.max_classes, self.class_answers = max_heads, max_classes, class_answers
         self._heads: set[str] = set()
         self.request_duration = Histogram(
             "tlserve_request_duration_seconds", "HTTP request duration", ["route", "method", "status"],
@@ -96,10 +98,11 @@ class Metrics:
             return
         h = self.head_label(head.name)
         best = proba.argmax(axis=1)
-        counts = np.bincount(best, minlength=len(head.classes))
-        for i in np.flatnonzero(counts):
-            name = head.classes[i] if i < self.max_classes else OTHER
-            self.answers.labels(h, name).inc(int(counts[i]))
+        if self.class_answers:
+            counts = np.bincount(best, minlength=len(head.classes))
+            for i in np.flatnonzero(counts):
+                name = head.classes[i] if i < self.max_classes else OTHER
+                self.answers.labels(h, name).inc(int(counts[i]))
         conf = self.confidence.labels(h)
         for p in proba[np.arange(len(best)), best]:
             conf.observe(float(p))

@@ -25,7 +25,7 @@ from app.errors import HeadNotFound, InputError, NotReady, TlserveError
 from app.extractor import CUDA, Extractor, choose_providers
 from app.familiarity import Familiarity, for_head
 from app.heads import Head
-from app.imaging import load_image
+from app.imaging import configure, load_image
 from app.inference import Decoded, InferRequest, InferResult, Item
 from app.metrics import Metrics
 from app.quantize import measure_speedup
@@ -43,8 +43,9 @@ OFFLOAD_BANK_ROWS = 2_000
 class Service:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        configure(settings.max_image_pixels)  # libjpeg's memory cap, before the decode threads exist
         self.store = ModelStore(settings.model_store)
-        self.metrics = Metrics(settings.metrics_max_heads, settings.metrics_max_classes)
+        self.metrics = Metrics(settings.metrics_max_heads, settings.metrics_max_classes, settings.metrics_class_answers)
         self.info: ExtractorInfo | None = None
         self.extractor: Extractor | None = None
         self.batcher: Batcher | None = None

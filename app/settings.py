@@ -19,7 +19,8 @@ from app.familiarity import DEFAULT_ACCEPTANCE, DEFAULT_METHOD, Method
 DEFAULT_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "HEIF", "AVIF")
 # The limits, defined once (app/imaging.py, app/features.py and the deploy files follow them).
 # 8160 x 6120 (a 50 MP sensor) = 49.9 M and 8064 x 6048 (a 48 MP iPhone HEIC) = 48.8 M fit; decoded
-# RGB costs 4 bytes a pixel in Pillow, so one image at the limit is 200 MB while it is resized.
+# RGB costs 4 bytes a pixel in Pillow, so one image at the limit is 200 MB while it is resized; every
+# format and mode is held to 10 bytes a pixel of the limit (500 MB), before it is decoded (app/imaging.py).
 DEFAULT_MAX_IMAGE_PIXELS = 50_000_000
 # A 200 MP phone JPEG is 30-60 MB; 64 MiB leaves room for multipart framing.
 DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
@@ -69,6 +70,10 @@ class Settings(BaseSettings):
     )
     open_probes: bool = Field(True, description="Leave /livez, /readyz, /metrics and /v2/health/* open when API keys are set.")
     cors_origins: str = Field("", description="Comma-separated allowed CORS origins; empty disables CORS.")
+    docs: bool = Field(
+        False,
+        description="Serve Swagger UI at /docs and ReDoc at /redoc; their pages load scripts from a CDN (jsDelivr), so they are off by default. /openapi.json is always served.",
+    )
 
     # --- gRPC
     grpc_port: int = Field(
@@ -137,21 +142,44 @@ class Settings(BaseSettings):
     metrics_max_classes: int = Field(
         30, ge=1, description="Classes a head reports answers for in /metrics; further classes count as `_other`."
     )
+    metrics_class_answers: bool = Field(
+        False,
+        description="Export `tlserve_prediction_answers_total{head,class}` (answers per class) in /metrics; off by default, since /metrics is open with `open_probes` and the series tell anyone what everyone's photos were.",
+    )
 
     # --- limits
     max_body_bytes: int = Field(
         DEFAULT_MAX_BODY_BYTES, ge=1, description="Largest request body (413 beyond); held once in memory while it is served."
     )
     max_images_per_request: int = Field(64, ge=1, description="Most images in one request (413 beyond).")
+    max_decompressed_bytes: int = Field(
+        DEFAULT_MAX_BODY_BYTES,
+        ge=1,
+        description="Largest `/v2` request body after its gzip/deflate Content-Encoding is undone, counted while it inflates (413 `body_too_large` beyond).",
+    )
+    max_request_elements: int = Field(
+        10_000,
+        ge=1,
+        description="Most values in one structured request, counted from the raw bytes before it is parsed: JSON values of a JSON body (each `[`, `{`, `,` and string counts one) (413 `request_too_complex` beyond), fields and packed numbers of a gRPC message (INVALID_ARGUMENT, `request_too_complex`).",
+    )
+    max_json_depth: int = Field(
+        32,
+        ge=1,
+        description="Deepest nesting of arrays and objects in one JSON request body, checked before it is parsed (413 `request_too_complex` beyond).",
+    )
     max_image_pixels: int = Field(
         DEFAULT_MAX_IMAGE_PIXELS,
         ge=1,
-        description="Most pixels one image may decode to (422 beyond; decompression-bomb guard): a baseline JPEG's reduced (draft) size, every other image's declared size.",
+        description="Most pixels one image may decode to (422 beyond; decompression-bomb guard): a baseline JPEG's reduced (draft) size, every other image's declared size. Decoding one image may also take at most 10 bytes a pixel of this limit, estimated from its format and mode before it is decoded (422 `image_too_large` beyond; also libjpeg's JPEGMEM).",
     )
     allowed_formats: str = Field(
         ",".join(DEFAULT_FORMATS), description="Image formats accepted, sniffed from the bytes (415 otherwise)."
     )
     max_top_k: int = Field(100, ge=1, description="Largest `top_k` accepted.")
+    grpc_compression: bool = Field(
+        False,
+        description="Accept gzip/deflate-compressed gRPC messages (inflated up to `max_body_bytes`, then RESOURCE_EXHAUSTED); off: a compressed message is refused (UNIMPLEMENTED) before it is inflated.",
+    )
 
     # --- training over HTTP (app/jobs.py, app/uploads.py, app/examples.py)
     training_jobs: int = Field(
@@ -188,6 +216,11 @@ class Settings(BaseSettings):
         2 * 1024 * 1024 * 1024,
         ge=1,
         description="Most uncompressed bytes in the archives of one upload, from their headers before extraction (413 beyond).",
+    )
+    max_archive_header_bytes: int = Field(
+        16 * 1024 * 1024,
+        ge=1024,
+        description="Most archive metadata read into memory, checked from the raw bytes before the archive library reads it: a zip's central directory, or one tar member's extended headers (GNU long names, pax) together (413 `archive_too_large` beyond).",
     )
     max_archive_ratio: float = Field(
         100.0,

@@ -60,6 +60,7 @@ from app.features import (
     hidden,
 )
 from app.heads import Head
+from app.imaging import configure
 from app.progress import Meter, ProgressCallback, console, no_progress
 from app.registry import HeadStore, Version, save_head, valid_head_name
 from app.settings import Settings
@@ -341,6 +342,8 @@ class Trainer:
         self.store = ModelStore(settings.model_store)
         self.heads = HeadStore.from_settings(settings)
         self.progress: ProgressCallback = progress if callable(progress) else (console() if progress else no_progress)
+        if extractor is None:  # a command of its own (not a job inside a running service, which configured it)
+            configure(settings.max_image_pixels)  # libjpeg's memory cap, before any decode thread exists
         if extractor is not None:  # a running service's extractor (app/jobs.py): no second ONNX Runtime session
             self.__dict__["extractor"] = extractor
             if extractor.info is not None:  # the served one (it may be the int8 variant): its features, its cache

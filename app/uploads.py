@@ -14,7 +14,12 @@ bz2, xz) of class folders, and a few text fields are options. :func:`receive` ha
    hard link, device, fifo: 422 ``unsafe_archive``), at most ``max_archive_members`` members, at most
    ``max_archive_bytes`` uncompressed in all the upload's archives, and no archive or zip member
    expanding more than ``max_archive_ratio`` times (413 ``archive_too_large``). Encrypted zip
-   members are refused. Extraction then writes each member's bytes to a spool file of *our* naming
+   members are refused. What the archive libraries would read into memory is budgeted from the raw
+   bytes first (``max_archive_header_bytes``, 413 ``archive_too_large``): a zip's central directory
+   size and entry count are read from its end records and walked before ``zipfile`` builds one
+   ``ZipInfo``; a tar member's GNU long-name/long-link and pax headers are checked by their declared
+   sizes before ``tarfile`` reads them (a 939-byte ``.tar.bz2`` declaring a 1 GiB name is refused
+   without inflating it), and GNU sparse members are refused. Extraction then writes each member's bytes to a spool file of *our* naming
    (``a<k>-<n>``), never to the member's path, and stops at the size its header declared.
 3. **Layout**: ``<class>/<photo>`` (deeper files count for their class folder; one folder wrapping
    all class folders is unwrapped); hidden files, ``__MACOSX/``, ``Thumbs.db``, ``desktop.ini`` are
@@ -37,6 +42,7 @@ import lzma
 import re
 import shutil
 import stat
+import struct
 import tarfile
 import time
 import uuid
@@ -277,14 +283,90 @@ def _junk(parts: tuple[str, ...]) -> bool:
     return any(p.startswith(".") or p in JUNK_NAMES for p in parts)
 
 
+_EXTENDED = frozenset({tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE,
+                       tarfile.SOLARIS_XHDTYPE})  # fmt: skip
+"""Tar header types whose data ``tarfile`` reads whole into memory (a long name, pax records)."""
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    """A tar header whose extended headers are budgeted by their declared size before ``tarfile`` reads them.
+
+    ``tarfile`` reads a GNU long-name or pax header's data with one ``read(size)`` (and chains the next
+    header recursively); the size is in the 512-byte header just parsed, so it is checked here, the
+    chain's sizes together, against ``limit`` (set per archive by :func:`_open_tar`)."""
+
+    limit = 0
+    archive = ""
+
+    def _proc_member(self, tar: tarfile.TarFile) -> tarfile.TarInfo:
+        where = f"archive {self.archive!r}"
+        if self.type == tarfile.GNUTYPE_SPARSE:
+            raise UnsafeArchive(f"{where} has a GNU sparse member; only files and folders are accepted")
+        if self.type in _EXTENDED:
+            spent = getattr(tar, "_tlserve_header_bytes", 0) + self.size
+            tar._tlserve_header_bytes = spent  # type: ignore[attr-defined]
+            if spent > self.limit:
+                raise ArchiveTooLarge(
+                    f"{where}: a member's extended (long-name or pax) headers declare {spent} bytes, over the limit "
+                    f"of {self.limit} bytes (max_archive_header_bytes)"
+                )
+        else:
+            tar._tlserve_header_bytes = 0  # type: ignore[attr-defined]
+        return super()._proc_member(tar)  # type: ignore[misc,no-any-return]
+
+
+def _open_tar(path: Path, archive: str, settings: Settings) -> tarfile.TarFile:
+    bounded = type("_Bounded", (_BoundedTarInfo,), {"limit": settings.max_archive_header_bytes, "archive": archive})
+    return tarfile.open(path, mode="r:*", tarinfo=bounded)
+
+
+_ZIP_ENTRY = struct.Struct("<4s4B4HL2L5H2L")  # a central directory file header (46 bytes), as zipfile reads it
+
+
+def _zip_precheck(path: Path, archive: str, settings: Settings) -> None:
+    """The central directory's size and its entries counted from the raw bytes, before ``zipfile`` reads it
+    whole and builds a ``ZipInfo`` per entry (its end record's count is not what zipfile trusts: it walks
+    the bytes, so they are walked here too)."""
+    limit = settings.max_archive_header_bytes
+    with path.open("rb") as fp:
+        try:
+            end = zipfile._EndRecData(fp)  # type: ignore[attr-defined]  # the end records, found as zipfile finds them
+        except OSError:
+            end = None
+        if not end:
+            raise MalformedRequest(f"archive {archive!r} is not a readable zip: no end of central directory record")
+        size_cd, offset_cd = end[zipfile._ECD_SIZE], end[zipfile._ECD_OFFSET]  # type: ignore[attr-defined]
+        if size_cd > limit:
+            raise ArchiveTooLarge(
+                f"archive {archive!r}: its central directory is {size_cd} bytes, over the limit of {limit} bytes "
+                "(max_archive_header_bytes)"
+            )
+        start = end[zipfile._ECD_LOCATION] - size_cd  # type: ignore[attr-defined]
+        if end[zipfile._ECD_SIGNATURE] == zipfile.stringEndArchive64:  # type: ignore[attr-defined]
+            start -= zipfile.sizeEndCentDir64 + zipfile.sizeEndCentDir64Locator  # type: ignore[attr-defined]
+        if start < 0 or offset_cd < 0:
+            raise MalformedRequest(f"archive {archive!r} is not a readable zip: bad central directory offset")
+        fp.seek(start)
+        data = fp.read(size_cd)
+    total, n = 0, 0
+    while total + _ZIP_ENTRY.size <= len(data):
+        fields = _ZIP_ENTRY.unpack_from(data, total)
+        if fields[0] != zipfile.stringCentralDir:  # type: ignore[attr-defined]
+            break  # zipfile names the corruption
+        n += 1
+        _count(n, archive, settings)
+        total += _ZIP_ENTRY.size + fields[12] + fields[13] + fields[14]  # file name, extra field, comment
+
+
 def check_archive(path: Path, archive: str, settings: Settings, budget: list[int]) -> tuple[str, list[Member], int]:
     """The archive's regular files, every member checked from its header (nothing extracted); ``budget``
     holds the uncompressed bytes the upload's archives may still use. Returns (kind, files, ignored)."""
     size = path.stat().st_size
     if zipfile.is_zipfile(path):
+        _zip_precheck(path, archive, settings)
         return "zip", *_check_zip(path, archive, settings, budget, size)
     try:
-        with tarfile.open(path, mode="r:*") as tar:
+        with _open_tar(path, archive, settings) as tar:
             return "tar", *_check_tar(tar, archive, settings, budget, size)
     except _CORRUPT:
         raise MalformedRequest(
@@ -406,13 +488,13 @@ def _copy(src: IO[bytes], dst: Path, limit: int, what: str) -> None:
 
 
 @contextlib.contextmanager
-def _members(kind: str, path: Path) -> Iterator[Callable[[Member], IO[bytes] | None]]:
+def _members(kind: str, path: Path, archive: str, settings: Settings) -> Iterator[Callable[[Member], IO[bytes] | None]]:
     """The archive at ``path`` open: a function giving a checked member's bytes (None: not a regular file)."""
     if kind == "zip":
         with zipfile.ZipFile(path) as zf:
             yield lambda m: zf.open(m.key) if isinstance(m.key, zipfile.ZipInfo) else None
     else:
-        with tarfile.open(path, mode="r:*") as tar:
+        with _open_tar(path, archive, settings) as tar:
             yield lambda m: tar.extractfile(m.key) if isinstance(m.key, tarfile.TarInfo) else None
 
 
@@ -427,7 +509,7 @@ def _unpack_all(upload: Upload, archives: list[tuple[Path, str]], settings: Sett
     for k, (path, name, kind, files, ignored) in enumerate(checked):
         upload.ignored += ignored
         labelled = _layout(files, name)
-        with _members(kind, path) as open_member:
+        with _members(kind, path, name, settings) as open_member:
             for n, (label, m) in enumerate(labelled):
                 target = upload.folder / f"a{k}-{n}"
                 try:
@@ -446,7 +528,9 @@ def _unpack_all(upload: Upload, archives: list[tuple[Path, str]], settings: Sett
 def sniff(path: Path, formats: Iterable[str]) -> str | None:
     """Why ``path`` is not a photo we take (0 bytes, not a recognised or allowed image), or None. Only the
     header is read; the decode (and the pixel limit) is :func:`app.imaging.load_image`'s, in the job."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
+
+    from app.imaging import open_image
 
     if path.stat().st_size == 0:
         return "empty file (0 bytes)"
@@ -454,10 +538,10 @@ def sniff(path: Path, formats: Iterable[str]) -> str | None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            with Image.open(path) as img:
+            with open_image(path, allowed) as img:  # only the allowed formats' plugins read it
                 fmt = img.format
         except UnidentifiedImageError:
-            return f"not a recognised image (allowed formats: {', '.join(sorted(allowed))})"
+            return f"not a recognised image of an allowed format (allowed formats: {', '.join(sorted(allowed))})"
         except Exception as exc:  # noqa: BLE001 - a header Pillow cannot parse is bad input
             return f"cannot read image header: {type(exc).__name__}"
     if fmt not in allowed:

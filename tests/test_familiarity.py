@@ -160,7 +160,7 @@ def _v2(url: str, head: str, images: list[bytes], **extra: object) -> httpx.Resp
 
 def test_verdict_over_http_policies_old_heads_and_metrics(fresh_tiny_store: ModelStore, server_factory) -> None:
     _add_head_without_familiarity(fresh_tiny_store)
-    server = server_factory(fresh_tiny_store, default_head="colors")
+    server = server_factory(fresh_tiny_store, default_head="colors", metrics_class_answers=True)
     red, blue, between = image_bytes((210, 40, 40), seed=300), image_bytes((40, 40, 210), seed=301), _between()
     files = [("file", ("red.png", red)), ("file", ("blue.png", blue)), ("file", ("between.png", between))]
     r = httpx.post(f"{server.url}/v1/classify", files=files, timeout=30)
@@ -216,7 +216,7 @@ def _sample(text: str, series: str) -> float:
 
 
 def test_monitoring_label_cardinality_is_bounded() -> None:
-    m = Metrics(max_heads=2, max_classes=3)
+    m = Metrics(max_heads=2, max_classes=3, class_answers=True)
     classes = tuple(f"c{i}" for i in range(10))
     for name in ("a", "b", "c", "d"):
         head = Head(name, 1, classes, None, {})

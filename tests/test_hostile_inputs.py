@@ -203,6 +203,22 @@ IMAGE_KINDS = [
     ImageKind("jpeg-bomb", jpeg_bomb, 422, "image_too_large"),
     ImageKind("gif-bomb", gif_bomb, 422, "image_too_large"),
     ImageKind("png-ztxt-bomb", png_text_bomb, 422, "image_decode_error"),
+    # within the pixel limit, but over the decode budget (10 bytes a pixel of it) by its mode
+    ImageKind(
+        "png-la-over-decode-budget", lambda: pil_bytes(Image.new("LA", (2000, 2000), (90, 200)), "PNG"), 422, "image_too_large"
+    ),
+    ImageKind(
+        "tiff-la-deflate-over-decode-budget",
+        lambda: pil_bytes(Image.new("LA", (2000, 2000), (90, 200)), "TIFF", compression="tiff_adobe_deflate"),
+        422,
+        "image_too_large",
+    ),
+    ImageKind("webp-over-decode-budget", lambda: pil_bytes(Image.new("RGB", (2000, 2000), RED), "WEBP"), 422, "image_too_large"),
+    ImageKind(
+        "tiff-float-deflate-at-the-limit",
+        lambda: pil_bytes(Image.new("F", (2000, 2000), 0.5), "TIFF", compression="tiff_adobe_deflate"),
+        200,
+    ),
     # odd but valid: classified
     ImageKind("gif-3000-frames", many_frames_gif, 200),
     ImageKind("apng-500-frames", many_frames_png, 200),
@@ -380,7 +396,8 @@ REQUEST_KINDS = [
     RequestKind("json-null", as_json(None), 422, "malformed_request"),
     RequestKind("json-number", as_json(1e308), 422, "malformed_request"),
     RequestKind("json-invalid", raw(b'{"images": [', "application/json"), 422, "malformed_request"),
-    RequestKind("json-deeply-nested", raw(b"[" * 200_000, "application/json"), 422, "malformed_request"),
+    RequestKind("json-deeply-nested", raw(b"[" * 200_000, "application/json"), 413, "request_too_complex"),
+    RequestKind("json-too-many-values", raw(b"[" + b"{}," * 200_000 + b"{}]", "application/json"), 413, "request_too_complex"),
     RequestKind("json-not-utf8", raw(b'{"images": "\xff\xfe"}', "application/json"), 422, "malformed_request"),
     RequestKind("json-images-not-list", as_json({"images": {"b64": _b64(GOOD_RED)}}), 422, "malformed_request"),
     RequestKind("json-empty-images", as_json({"images": []}), 422, "empty_input"),

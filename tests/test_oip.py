@@ -272,7 +272,7 @@ def test_bad_binary_framing(server: ServerProcess) -> None:
         assert words in response.json()["error"]
     bomb = gzip.compress(b" " * (DEFAULT_MAX_BODY_BYTES + 1))  # inflates past max_body_bytes
     response = httpx.post(infer_url(server), content=bomb, headers={"Content-Encoding": "gzip"})
-    assert response.status_code == 413 and "max_body_bytes" in response.json()["error"]
+    assert response.status_code == 413 and "max_decompressed_bytes" in response.json()["error"]
     response = httpx.post(infer_url(server), content=b"{}", headers={"Content-Encoding": "br"})
     assert response.status_code == 415
 

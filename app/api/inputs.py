@@ -5,7 +5,9 @@ Three forms (``POST /v1/classify``, ``/v1/embed``):
 - ``multipart/form-data``: every part with a file name is an image; text parts ``head``,
   ``top_k``, ``normalize``, ``ood_policy`` are options; any other text part becomes a per-item error;
 - a raw body whose content type is ``image/*`` (or ``application/octet-stream``): one image;
-- ``application/json``: ``{"images": [{"b64": "...", "name": "..."}], "head": ..., "top_k": ...}``.
+- ``application/json``: ``{"images": [{"b64": "...", "name": "..."}], "head": ..., "top_k": ...}``,
+  its values counted and its nesting measured before it is parsed (``max_request_elements``,
+  ``max_json_depth``: 413 ``request_too_complex``), parsed off the event loop when it is large.
 
 The body is read with a hard cap (``max_body_bytes``) whether or not Content-Length is sent
 (chunked uploads are counted as they arrive) and is held once: a raw image is the body itself,
@@ -15,16 +17,20 @@ Formats are sniffed later from the bytes.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
 
 from app.api.multipart import parse_multipart
-from app.api.parsing import decode_base64, load_json
+from app.api.parsing import THREAD_BYTES, decode_base64, load_json_bounded
 from app.errors import BodyTooLarge, EmptyInput, MalformedRequest, TooManyImages, UnsupportedMediaType
 from app.inference import Item
 from app.settings import Settings
+
+if TYPE_CHECKING:
+    from app.api.oip.codec import Inflater
 
 OPTION_FIELDS = ("head", "version", "top_k", "normalize", "ood_policy")
 
@@ -35,11 +41,13 @@ class Parsed:
     options: dict[str, Any] = field(default_factory=dict)
 
 
-async def read_body(request: Request, limit: int) -> bytearray:
+async def read_body(request: Request, limit: int, inflate: Inflater | None = None) -> bytearray:
     """The whole body in one buffer, refusing more than ``limit`` bytes (announced or not).
 
     Chunks are appended as they arrive (memory follows what was really sent, not what was
-    announced), never joined into a second copy.
+    announced), never joined into a second copy. With ``inflate`` (a gzip/deflate Content-Encoding)
+    each chunk is inflated as it arrives and only the inflated bytes are kept, bounded by the
+    inflater's own limit (``max_decompressed_bytes``).
     """
     announced = request.headers.get("content-length")
     if announced is not None:
@@ -49,11 +57,17 @@ async def read_body(request: Request, limit: int) -> bytearray:
             raise MalformedRequest("Content-Length is not a number") from None
         if size > limit:
             raise BodyTooLarge(f"body of {size} bytes is over the limit of {limit} bytes (max_body_bytes)")
-    body = bytearray()
+    body, received = bytearray(), 0
     async for chunk in request.stream():
-        if len(body) + len(chunk) > limit:
+        received += len(chunk)
+        if received > limit:
             raise BodyTooLarge(f"body is over the limit of {limit} bytes (max_body_bytes)")
-        body += chunk
+        if inflate is None:
+            body += chunk
+        else:
+            inflate.feed(chunk, body)
+    if inflate is not None:
+        inflate.finish()
     return body
 
 
@@ -71,7 +85,11 @@ async def parse_images(request: Request, settings: Settings) -> Parsed:
     if ctype == "multipart/form-data":
         parsed = _multipart(body, request.headers.get("content-type", ""), limit)
     elif ctype == "application/json" or ctype.endswith("+json"):
-        parsed = _json(body, limit)
+        doc = await load_json_bounded(
+            body, "body", MalformedRequest, max_elements=settings.max_request_elements, max_depth=settings.max_json_depth
+        )
+        # base64 images decoded off the event loop too, when the body is large
+        parsed = _json(doc, limit) if len(body) <= THREAD_BYTES else await asyncio.to_thread(_json, doc, limit)
     elif ctype.startswith("image/") or ctype == "application/octet-stream":
         parsed = Parsed([Item(body, request.headers.get("x-filename"))])
     else:
@@ -85,8 +103,7 @@ async def parse_images(request: Request, settings: Settings) -> Parsed:
     return parsed
 
 
-def _json(body: bytes | bytearray, limit: int) -> Parsed:
-    doc = load_json(body, "body")
+def _json(doc: Any, limit: int) -> Parsed:
     if not isinstance(doc, dict):
         raise MalformedRequest('JSON body must be an object like {"images": [{"b64": "..."}]}')
     images = doc.get("images")

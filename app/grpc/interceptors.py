@@ -5,7 +5,13 @@ errors as statuses, in-flight gauge, duration metric, one JSON log line.
   initial metadata with ``traceparent`` (tracing on);
 - API keys: ``authorization: Bearer KEY`` or ``x-api-key`` metadata, the same keys as HTTP (an
   admin key serves inference too; every RPC here is inference or metadata, none is an admin one); with
-  ``open_probes`` the health RPCs (``ServerLive``, ``ServerReady``, ``grpc.health.v1.Health``) stay open;
+  ``open_probes`` the health RPCs (``ServerLive``, ``ServerReady``, ``grpc.health.v1.Health``) stay open.
+  The key is checked from the call's metadata **before the message is read**: a refused unary call
+  is answered by a handler that never asks for its message (gRPC copies none of its bytes into Python,
+  protobuf parses none), a refused health ``Watch`` by a deserializer that parses nothing;
+- bounds before parsing: an accepted call's message is walked on the wire (:mod:`app.grpc.wire`) and
+  refused beyond ``max_request_elements`` fields and packed numbers (INVALID_ARGUMENT,
+  ``request_too_complex``) before protobuf builds one object;
 - an :mod:`app.errors` exception becomes the status of :func:`app.grpc.status.code_for`, its message
   (without model store paths) the details, and its code and retry hint the trailing metadata;
   anything else is INTERNAL "internal error" and a traceback in the log;
@@ -26,6 +32,8 @@ from contextvars import ContextVar
 from typing import Any
 
 import grpc
+from google.protobuf import descriptor_pool
+from google.protobuf.descriptor import Descriptor
 
 from app import tracing
 from app.api.deps import _matches as matches
@@ -33,6 +41,7 @@ from app.api.errors import redact
 from app.api.middleware import request_id
 from app.errors import TlserveError, Unauthorized
 from app.grpc.status import SERVER_FAULTS, code_for, trailing_metadata
+from app.grpc.wire import check_message
 from app.metrics import Metrics
 from app.settings import Settings
 
@@ -56,12 +65,51 @@ def _given_key(metadata: dict[str, str]) -> str:
     return auth[7:].strip() if auth.lower().startswith("bearer ") else metadata.get("x-api-key", "")
 
 
+class Refused:
+    """What a request deserializer hands the handler instead of a message it did not parse."""
+
+    def __init__(self, error: TlserveError) -> None:
+        self.error = error
+
+
+def _unparsed(raw: bytes) -> Refused:
+    return Refused(Unauthorized(UNAUTHORIZED))
+
+
+def _input_type(method: str) -> Descriptor | None:
+    """The request message of ``/package.Service/Method``, from the protobuf descriptors the server registered."""
+    try:
+        service, name = method.lstrip("/").rsplit("/", 1)
+        found: Descriptor = descriptor_pool.Default().FindServiceByName(service).FindMethodByName(name).input_type
+    except (KeyError, ValueError, AttributeError):
+        return None
+    return found
+
+
 class RequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self.keys = settings.keys + settings.admin_key_list  # as over HTTP, an admin key also serves inference
         self.open = PROBES if settings.open_probes else frozenset()
         self.store_root = settings.model_store
         self.metrics = metrics
+        self.max_elements = settings.max_request_elements
+
+    def _deserializer(self, method: str, authorized: bool, parse: Callable[[bytes], Any] | None) -> Callable[[bytes], Any]:
+        """Without a valid key, nothing is parsed; with one, the bytes are bounded before ``parse`` runs."""
+        if not authorized:
+            return _unparsed
+        descriptor = _input_type(method)
+        limit, what = self.max_elements, f"the {method.rsplit('/', 1)[-1]} message"
+
+        def bounded(raw: bytes) -> Any:
+            if descriptor is not None:
+                try:
+                    check_message(raw, descriptor, limit, what)
+                except TlserveError as exc:
+                    return Refused(exc)
+            return parse(raw) if parse is not None else raw
+
+        return bounded
 
     def _check_key(self, metadata: dict[str, str]) -> None:
         if not matches(_given_key(metadata), self.keys):  # HTTP's constant-time check
@@ -78,23 +126,38 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         method: str = details.method
         metadata = {m.key: m.value for m in details.invocation_metadata or () if isinstance(m.value, str)}
         keyed = bool(self.keys) and method not in self.open
+        authorized = True
+        if keyed:
+            try:
+                self._check_key(metadata)  # from the metadata, before the message is parsed
+            except Unauthorized:
+                authorized = False
+        deserializer = self._deserializer(method, authorized, handler.request_deserializer)
+        if not authorized and handler.unary_unary is not None:
+            # refused without reading the message at all: a handler that never asks for its request
+            # (the wire is the same for a unary request), so gRPC does not even copy its bytes into Python
+            async def refuse(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+                return await self._handle(method, metadata, None, Refused(Unauthorized(UNAUTHORIZED)), context)
+
+            return grpc.stream_unary_rpc_method_handler(
+                refuse, request_deserializer=_unparsed, response_serializer=handler.response_serializer
+            )
         if handler.unary_unary is not None:
             behavior = handler.unary_unary
 
             async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                return await self._handle(method, metadata, keyed, behavior, request, context)
+                return await self._handle(method, metadata, behavior, request, context)
 
             return grpc.unary_unary_rpc_method_handler(
-                unary, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+                unary, request_deserializer=deserializer, response_serializer=handler.response_serializer
             )
-        if handler.unary_stream is not None and keyed:  # health Watch, with closed probes
+        if handler.unary_stream is not None:  # health Watch
             stream_behavior = handler.unary_stream
 
             async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                try:
-                    self._check_key(metadata)
-                except Unauthorized as exc:
-                    await context.abort(grpc.StatusCode.UNAUTHENTICATED, exc.message)
+                if isinstance(request, Refused):
+                    await context.abort(code_for(request.error), request.error.message,
+                                        trailing_metadata=trailing_metadata(request.error))  # fmt: skip
                 result = stream_behavior(request, context)
                 if inspect.isasyncgen(result):
                     async for item in result:
@@ -103,12 +166,12 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                     await result
 
             return grpc.unary_stream_rpc_method_handler(
-                stream, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+                stream, request_deserializer=deserializer, response_serializer=handler.response_serializer
             )
-        return handler
+        return handler  # no other kind of RPC is served
 
     async def _handle(
-        self, method: str, metadata: dict[str, str], keyed: bool, behavior: Any, request: Any, context: grpc.aio.ServicerContext
+        self, method: str, metadata: dict[str, str], behavior: Any, request: Any, context: grpc.aio.ServicerContext
     ) -> Any:
         rid = request_id(metadata.get("x-request-id", ""))
         state: dict[str, Any] = {"images": 0, "head": None}
@@ -126,8 +189,8 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                     initial.append(("traceparent", parent))
                 await context.send_initial_metadata(initial)
                 try:
-                    if keyed:
-                        self._check_key(metadata)
+                    if isinstance(request, Refused):  # no key, or over a bound: never parsed
+                        raise request.error
                     return await behavior(request, context)
                 except TlserveError as exc:
                     code = code_for(exc)

@@ -7,7 +7,10 @@ loads (a port in use fails start-up at once); :meth:`start` serves once the serv
 :meth:`close` stops accepting, when HTTP closes its listener; :meth:`stop` waits (up to
 ``drain_timeout_s``) until every RPC accepted has been answered, before the batch queue drains.
 
-Messages are capped at ``max_body_bytes`` (gRPC answers RESOURCE_EXHAUSTED beyond it).
+Messages are capped at ``max_body_bytes`` (gRPC answers RESOURCE_EXHAUSTED beyond it). Compressed
+messages are refused by gRPC itself (UNIMPLEMENTED, before any byte is inflated) unless
+``grpc_compression`` is on; then gzip and deflate are accepted and the cap applies to the inflated
+message (gRPC's decompression filter refuses a larger one with RESOURCE_EXHAUSTED).
 """
 
 from __future__ import annotations
@@ -47,6 +50,8 @@ class GrpcFront:
             ("grpc.max_receive_message_length", self.settings.max_body_bytes),
             ("grpc.max_send_message_length", -1),
             ("grpc.so_reuseport", 0),  # a port in use is an error, not a second listener
+            # bit 0 identity, 1 deflate, 2 gzip: a message compressed with a disabled algorithm is refused by gRPC
+            ("grpc.compression_enabled_algorithms_bitset", 0b111 if self.settings.grpc_compression else 0b001),
         ]
         server = grpc.aio.server(interceptors=[RequestInterceptor(self.settings, self.service.metrics)], options=options)
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.service), server)  # type: ignore[no-untyped-call]

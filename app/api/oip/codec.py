@@ -3,6 +3,7 @@ results → output tensors (JSON, or the binary tensor data extension)."""
 
 from __future__ import annotations
 
+import asyncio
 import struct
 import zlib
 from typing import Any, cast
@@ -11,7 +12,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from app.api.oip.schemas import InferenceRequest
-from app.api.parsing import decode_base64, load_json, parse_bool
+from app.api.parsing import THREAD_BYTES, decode_base64, load_json_bounded, parse_bool
 from app.errors import BadRequest, BodyTooLarge, TooManyImages, UnsupportedMediaType
 from app.inference import OOD_POLICIES, InferResult, OodPolicy
 
@@ -23,22 +24,48 @@ FAMILIARITY_OUTPUTS = ("familiarity", "in_distribution")
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
 
-def decompress(body: bytes | bytearray, encoding: str | None, limit: int) -> bytes | bytearray:
-    enc = (encoding or "identity").strip().lower()
-    if enc == "identity":
-        return body
-    if enc not in ("gzip", "deflate"):
-        raise UnsupportedMediaType(f"Content-Encoding {enc!r} is not supported: send identity, gzip or deflate")
-    inflater = zlib.decompressobj(wbits=31 if enc == "gzip" else 15)
-    try:
-        out = inflater.decompress(body, limit + 1)
-    except zlib.error:
-        raise BadRequest(f"body is not valid {enc} data") from None
-    if len(out) > limit or inflater.unconsumed_tail:
-        raise BodyTooLarge(f"decompressed body is over the limit of {limit} bytes (max_body_bytes)")
-    if not inflater.eof:
-        raise BadRequest(f"{enc} body is truncated")
-    return out
+STEP = 1024 * 1024
+"""Most bytes one call to zlib may inflate: memory grows with the output actually kept, step by step."""
+
+
+class Inflater:
+    """A gzip or deflate request body undone while it arrives, refused once it inflates past ``limit``
+    (``max_decompressed_bytes``): output is kept in steps of :data:`STEP`, never allocated ahead."""
+
+    def __init__(self, encoding: str, limit: int) -> None:
+        enc = encoding.strip().lower()
+        if enc not in ("gzip", "deflate"):
+            raise UnsupportedMediaType(f"Content-Encoding {enc!r} is not supported: send identity, gzip or deflate")
+        self.encoding, self.limit, self.size = enc, limit, 0
+        self._z = zlib.decompressobj(wbits=31 if enc == "gzip" else 15)
+
+    def feed(self, chunk: bytes, out: bytearray) -> None:
+        data = chunk
+        while data:
+            if self._z.eof:
+                raise BadRequest(f"bytes follow the end of the {self.encoding} data")
+            try:
+                piece = self._z.decompress(data, min(STEP, self.limit - self.size + 1))
+            except zlib.error:
+                raise BadRequest(f"body is not valid {self.encoding} data") from None
+            self.size += len(piece)
+            if self.size > self.limit:
+                raise BodyTooLarge(f"decompressed body is over the limit of {self.limit} bytes (max_decompressed_bytes)")
+            out += piece
+            if self._z.unused_data:
+                raise BadRequest(f"bytes follow the end of the {self.encoding} data")
+            data = self._z.unconsumed_tail
+
+    def finish(self) -> None:
+        if not self._z.eof:
+            raise BadRequest(f"{self.encoding} body is truncated")
+
+
+def inflater(encoding: str | None, limit: int) -> Inflater | None:
+    """The :class:`Inflater` for a Content-Encoding, or None for identity (or none)."""
+    if (encoding or "identity").strip().lower() == "identity":
+        return None
+    return Inflater(encoding or "", limit)
 
 
 def split(body: bytes | bytearray, header_length: str | None) -> tuple[bytes | bytearray, bytes | bytearray]:
@@ -53,8 +80,17 @@ def split(body: bytes | bytearray, header_length: str | None) -> tuple[bytes | b
     return body[:n], body[n:]
 
 
-def parse(header: bytes | bytearray) -> InferenceRequest:
-    doc = load_json(header, "the inference request", BadRequest)
+async def parse(header: bytes | bytearray, max_elements: int, max_depth: int) -> InferenceRequest:
+    """The JSON header, bounded (``max_request_elements``, ``max_json_depth``) before it is parsed; a
+    large one is parsed and validated off the event loop."""
+    what = "the inference request"
+    doc = await load_json_bounded(header, what, BadRequest, max_elements=max_elements, max_depth=max_depth)
+    if len(header) <= THREAD_BYTES:
+        return _validate(doc)
+    return await asyncio.to_thread(_validate, doc)
+
+
+def _validate(doc: Any) -> InferenceRequest:
     try:
         return InferenceRequest.model_validate(doc)
     except ValidationError as exc:

@@ -26,7 +26,8 @@ followed by each binary output's bytes in output order.
 
 The OIP has no per-item errors: one bad image fails the whole request with a 4xx that names the
 element. Errors are ``{"error": "..."}`` (rendered by :mod:`app.api.errors`). Same batcher, limits
-(``max_body_bytes``, ``max_images_per_request``) and metrics as ``/v1``.
+(``max_body_bytes``, ``max_images_per_request``, ``max_request_elements``, ``max_json_depth``) and metrics
+as ``/v1``; a gzip or deflate body is inflated as it arrives, up to ``max_decompressed_bytes``.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from fastapi.responses import JSONResponse, Response
 from app import __version__, tracing
 from app.api.deps import ServiceDep, probe_auth, require_key
 from app.api.inputs import read_body
-from app.api.oip.codec import HEADER_LENGTH, INPUT, decompress, images, ood_policy, outputs, parse, requested, split
+from app.api.oip.codec import HEADER_LENGTH, INPUT, images, inflater, ood_policy, outputs, parse, requested, split
 from app.api.oip.schemas import (
     INFER_BODY,
     InferenceResponse,
@@ -192,11 +193,11 @@ async def oip_model_version_infer(name: str, version: int, request: Request, ser
 async def _infer(service: Service, request: Request, name: str, version: int | None, header_length: str | None,
                  content_encoding: str | None) -> Response:  # fmt: skip
     head = service.head(name, version)  # 404 before reading the body
-    limit = service.settings.max_body_bytes
+    s = service.settings
     with tracing.span("receive"):
-        body = decompress(await read_body(request, limit), content_encoding, limit)
+        body = await read_body(request, s.max_body_bytes, inflater(content_encoding, s.max_decompressed_bytes))
         header, blob = split(body, header_length)
-        req = parse(header)
+        req = await parse(header, s.max_request_elements, s.max_json_depth)
         wanted = requested(req, familiar="familiarity" in head.card)
         policy = ood_policy(req)
         data = images(req, blob, service.settings.max_images_per_request)
@@ -218,5 +219,5 @@ async def _infer(service: Service, request: Request, name: str, version: int | N
         text = json.dumps(doc, separators=(",", ":")).encode()
         if not any(binary for _, binary, _ in wanted):
             return Response(text, media_type="application/json")
-        body = b"".join([text, *(blob for _, blob in tensors)])  # JSON outputs add b""
-        return Response(body, media_type="application/octet-stream", headers={HEADER_LENGTH: str(len(text))})
+        answer = b"".join([text, *(blob for _, blob in tensors)])  # JSON outputs add b""
+        return Response(answer, media_type="application/octet-stream", headers={HEADER_LENGTH: str(len(text))})
