@@ -88,7 +88,7 @@ def _input_type(method: str) -> Descriptor | None:
 
 class RequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
-        self.keys = settings.keys + settings.admin_key_list  # as over HTTP, an admin key also serves inference
+        self.keys = settings.inference_keys  # as over HTTP: none without API keys; an admin key also serves inference
         self.open = PROBES if settings.open_probes else frozenset()
         self.store_root = settings.model_store
         self.metrics = metrics
