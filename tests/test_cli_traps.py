@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pty
 import select
@@ -113,3 +114,39 @@ def test_heads_delete_without_a_terminal_needs_yes(fresh_tiny_store: ModelStore)
     )
     assert "colors" in store.heads.names()
     assert _tlserve(store, "heads", "delete", "colors", "--yes").returncode == 0 and "colors" not in store.heads.names()
+
+
+def test_settings_are_printed_with_every_secret_redacted(tmp_path: Path) -> None:
+    env = {**os.environ, "TLSERVE_API_KEYS": "infer-secret-1,infer-secret-2", "TLSERVE_ADMIN_KEYS": "admin-secret"}
+    proc = subprocess.run([sys.executable, "-m", "app.cli", "settings"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=60)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "secret" not in proc.stdout
+    shown = json.loads(proc.stdout)
+    assert shown["api_keys"] == "<2 key(s), redacted>" and shown["admin_keys"] == "<1 key(s), redacted>"
+
+
+def test_keys_writes_private_files_and_never_overwrites(tmp_path: Path) -> None:
+    def keys(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "app.cli", "keys", *args], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=60)  # fmt: skip
+
+    for args, path in (((), tmp_path / "head-signing-key.pem"), (("--env", "tlserve.env"), tmp_path / "tlserve.env")):
+        assert keys(*args).returncode == 0
+        assert path.stat().st_mode & 0o777 == 0o600
+        before = path.read_bytes()
+        again = keys(*args)
+        assert again.returncode == 2 and "refusing to overwrite" in again.stderr and path.read_bytes() == before
+    env = dict(line.split("=", 1) for line in (tmp_path / "tlserve.env").read_text().splitlines() if "=" in line)
+    assert set(env) == {"TLSERVE_API_KEYS", "TLSERVE_ADMIN_KEYS"} and all(len(v) >= 32 for v in env.values())
+    ignored = subprocess.run(["git", "check-ignore", "head-signing-key.pem", "tlserve.env"], cwd=REPO, capture_output=True,
+                             text=True, check=False)  # fmt: skip
+    assert ignored.stdout.split() == ["head-signing-key.pem", "tlserve.env"]  # the default names are git-ignored
+
+
+def test_make_run_binds_the_settings_address_unless_told_otherwise() -> None:
+    plain = subprocess.run(["make", "-n", "run"], cwd=REPO, capture_output=True, text=True, check=False).stdout
+    told = subprocess.run(["make", "-n", "run", "HOST=0.0.0.0", "PORT=9001"], cwd=REPO, capture_output=True, text=True,
+                          check=False).stdout  # fmt: skip
+    assert "tlserve serve --generate-admin-key" in plain and "--host" not in plain and "--port" not in plain
+    assert "--host 0.0.0.0 --port 9001" in told

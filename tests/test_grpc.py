@@ -373,8 +373,13 @@ def test_api_keys_from_metadata(server_factory, tiny_store: ModelStore) -> None:
 
 
 # --- readiness, drain, start-up ------------------------------------------------------------------
-def test_not_ready_is_unavailable(server_factory, tiny_store: ModelStore) -> None:
-    server = server_factory(tiny_store, wait_ready=False, default_head="missing_head", grpc_port=str(free_port()))
+def test_not_ready_is_unavailable(server_factory, tiny_store: ModelStore, tmp_path: Path) -> None:
+    # the extractor and no head at all: nothing to serve (a store with other heads would be ready with them)
+    bare = ModelStore(tmp_path / "bare")
+    bare.heads_dir.mkdir(parents=True)
+    for path in (tiny_store.manifest_path, *tiny_store.root.glob("*.onnx")):
+        shutil.copy(path, bare.root / path.name)
+    server = server_factory(bare, wait_ready=False, default_head="missing_head", grpc_port=str(free_port()))
     client = tg.InferenceServerClient(url=grpc_address(server))
     try:
         assert client.is_server_live() and not client.is_server_ready()

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import httpx
 import pytest
 
 from app.store import ModelStore
-from tests.helpers import REPO, ServerProcess
+from tests.helpers import REPO, ServerProcess, free_port, image_bytes, settings_env
 
 pytestmark = pytest.mark.e2e
 
@@ -62,3 +63,48 @@ def test_a_clone_without_photos_exports_the_pinned_int8_copy_and_serves_it(
     assert info["precision"] == "int8", info
     assert info["sha256"] == pinned
     assert "accuracy gate passed" in info["precision_reason"] and "start-up self-check" in info["precision_reason"]
+
+
+def test_serve_as_make_run_does_binds_the_settings_port_and_prints_a_working_admin_key(fresh_tiny_store: ModelStore,
+                                                                                       tmp_path: Path) -> None:  # fmt: skip
+    """`make run` runs `tlserve serve --generate-admin-key`: TLSERVE_PORT decides the port, and the key it prints
+    (none being set) is the one admin routes take; inference needs none."""
+    port = free_port()
+    env = {**os.environ, **settings_env(fresh_tiny_store.root), "TLSERVE_ADMIN_KEYS": "", "TLSERVE_PORT": str(port),
+           "TLSERVE_DEFAULT_HEAD": "colors", "TLSERVE_LOG_FORMAT": "text"}  # fmt: skip
+    log = tmp_path / "serve.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--generate-admin-key"], cwd=REPO, env=env,
+                                stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+            try:
+                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        text = log.read_text()
+        assert "admin key for this run" in text and f"console: http://127.0.0.1:{port}/ui/" in text, text[-2000:]
+        key = text.split("admin key for this run", 1)[1].split("\n")[2].strip()
+        assert len(key) >= 24
+        r = httpx.post(url + "/v1/models/colors/reload")
+        assert r.status_code == 401 and "admin key" in r.json()["error"]["message"]
+        assert httpx.post(url + "/v1/models/colors/reload", headers={"X-API-Key": key}).status_code == 200
+        assert httpx.post(url + "/v1/classify", content=image_bytes(), headers={"content-type": "image/png"}).status_code == 200
+        assert key not in text.split("admin key for this run", 1)[1].split("console:", 1)[1]  # printed once, never logged
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def test_ci_measures_the_committed_tables_gate_again_on_the_shared_photos(real_store: ModelStore, shared_data: Path) -> None:
+    """With ../shared here, `tlserve export` (make test runs it) gates the table's INT8 copy on the default head's
+    validation photos again, instead of trusting the figures the table recorded."""
+    int8 = real_store.read_manifest()["variants"].get("int8")
+    assert int8 is not None, "the export made no INT8 copy from the committed table"
+    check = int8["check"]
+    assert "recorded" not in check and check["dir"].endswith("cats_vs_dogs/val"), check
+    assert check["heads_agree"] and check["images"] == 400 and check["cosine_mean"] >= 0.999
