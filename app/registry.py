@@ -6,7 +6,9 @@ Layout (card schema 2)::
         current                    the served version's id ("3"), replaced atomically; absent: the highest version
         .lock                      flock'ed while a version id is allocated or ``current`` is swapped
         <version>/                 one immutable version; ids 1, 2, 3, … allocated by an atomic mkdir
-            head-<sha12>.pkl       the pickled estimator
+            head-<sha12>.pkl       the pickled estimator (interchange: what scikit-learn users load)
+            head_coef.npy, …       the estimator's arrays (:data:`app.heads.ARRAY_FILES`): what is served;
+                                   a version without them (written before them) is served from its pickle
             confusion_matrix.png   …and any other file of the version
             card.json              written last and atomically: the commit point. ``schema``: 2,
                                    ``version``, ``artifacts`` {file: sha256} listing every other file
@@ -38,6 +40,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from app.errors import (
     ArtifactError,
     HeadNotFound,
@@ -47,7 +51,16 @@ from app.errors import (
     VersionNotFound,
 )
 from app.hashing import sha256_bytes
-from app.heads import MAX_PICKLE_BYTES, Head, build_head, dump_estimator
+from app.heads import (
+    ARRAY_FILES,
+    MAX_PICKLE_BYTES,
+    Head,
+    build_head,
+    dump_estimator,
+    estimator_files,
+    from_arrays,
+    from_pickle,
+)
 from app.settings import Settings
 from app.signing import load_private_key, load_public_keys, sign, verify
 from app.store import atomic_write, read_json, write_json
@@ -304,20 +317,45 @@ class HeadStore:
 
 def save_head(heads: HeadStore, name: str, estimator: Any, card: dict[str, Any], files: dict[str, bytes] | None = None,
               *, promote: bool = True) -> Version:  # fmt: skip
-    """A new version holding ``estimator`` (pickled, named by its sha256 prefix) and ``files``."""
+    """A new version holding ``estimator`` (pickled, named by its sha256 prefix, and its arrays as ``.npy``:
+    :data:`app.heads.ARRAY_FILES`, what is served) and ``files``."""
     blob = dump_estimator(estimator)
     sha = sha256_bytes(blob)
     pickle_file = f"head-{sha[:12]}.pkl"
-    card = {**card, "pickle": pickle_file, "pickle_sha256": sha}
-    return heads.save(name, {pickle_file: blob, **(files or {})}, card, promote=promote)
+    arrays = estimator_files(estimator)
+    card = {**{k: v for k, v in card.items() if k != "arrays"}, "pickle": pickle_file, "pickle_sha256": sha}
+    if arrays:
+        card["arrays"] = dict(ARRAY_FILES)
+    return heads.save(name, {pickle_file: blob, **arrays, **(files or {})}, card, promote=promote)
+
+
+def check_version(version: Version) -> Head:
+    """Everything a load checks but the signature and the extractor (what ``tlserve sign`` vouches for):
+    every artifact's sha256, the estimator; and where the version has arrays,
+    that its pickle (safely unpickled) holds the very same arrays."""
+    head = load_version(version, None, None)
+    if "arrays" in version.card:
+        where = f"head {version.name!r} version {version.version}"
+        pickled = from_pickle(version.read(str(version.card["pickle"])), where)
+        for attr in ARRAY_FILES:
+            if not np.array_equal(getattr(pickled, attr), getattr(head.estimator, attr)):
+                raise ArtifactError(f"{where}: its pickle's {attr} differs from {ARRAY_FILES[attr]}")
+    for file in version.artifacts:
+        version.read(file)
+    return head
 
 
 def copy_version(heads: HeadStore, name: str, version: int | None = None) -> Version:
     """A new current version with the files and card of ``version`` (e.g. to sign a head trained
-    before signing keys existed, or a flat head); the source stays as it is."""
+    before signing keys existed, or a flat head), after :func:`check_version`; the source stays as it is.
+    A source without ``.npy`` arrays (written before them) gets them, from its safely unpickled estimator."""
     source = heads.get(name, version)
+    head = check_version(source)
     files = {f: source.read(f) for f in source.artifacts}
     card = {k: v for k, v in source.card.items() if k not in ("schema", "version", "artifacts", "name", "created_at")}
+    if "arrays" not in card:
+        files.update(estimator_files(head.estimator))
+        card["arrays"] = dict(ARRAY_FILES)
     return heads.save(name, files, {**card, "copied_from": source.version})
 
 
@@ -333,7 +371,8 @@ def _described(card: dict[str, Any]) -> str:
 
 
 def load_version(version: Version, feature_space: str | None, verify_keys: dict[str, Ed25519PublicKey] | None = None) -> Head:
-    """Verified load of one version: signature → card → extractor fingerprint → artifact sha256 → safe unpickle."""
+    """Verified load of one version: signature → card → extractor fingerprint → artifact
+    sha256 → the estimator from its ``.npy`` arrays (or, for a version without them, its safely unpickled pickle)."""
     card = version.card
     where = f"head {version.name!r} version {version.version}"
     verify(card, verify_keys or {}, where)
@@ -353,9 +392,17 @@ def load_version(version: Version, feature_space: str | None, verify_keys: dict[
             f"{where} was trained on extractor {head_extractor[:12]}{_described(card)}, the loaded extractor is "
             f"{feature_space[:12]}: retrain it with `tlserve train` (features differ between extractors)"
         )
-    blob = version.read(pickle_file)
     feature_dim = (card.get("extractor") or {}).get("feature_dim")
-    return build_head(version.name, version.version, classes, blob, card, feature_dim if isinstance(feature_dim, int) else None)
+    arrays = None if version.legacy else card.get("arrays")  # a flat card (from before versions) has only its pickle
+    if arrays is None:
+        estimator = from_pickle(version.read(pickle_file), where)
+    elif arrays != ARRAY_FILES:
+        raise ArtifactError(f"{where}: card's arrays {str(arrays)[:120]} are not {ARRAY_FILES}")
+    else:
+        version.read(pickle_file)  # checked against the card like every file it lists, never parsed here
+        files = {f: version.read(f) for f in ARRAY_FILES.values()}
+        estimator = from_arrays(files, where, c=(card.get("estimator") or {}).get("C"))
+    return build_head(version.name, version.version, classes, estimator, card, feature_dim if type(feature_dim) is int else None)
 
 
 def load_head(heads: HeadStore, name: str, feature_space: str | None = None, version: int | None = None) -> Head:

@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from app.errors import ArtifactError, HeadNotFound, VersionConflict, VersionNotFound
+from app.heads import ARRAY_FILES
 from app.registry import CARD, CURRENT, HeadStore, load_head, save_head
 from app.store import ModelStore
 from tests.helpers import REPO, ServerProcess, image_bytes
@@ -45,7 +46,7 @@ def test_trained_head_is_version_1_with_artifacts_and_current(tiny_store: ModelS
     card = heads.get("colors").card
     assert card["schema"] == 2 and card["version"] == 1
     assert set(card["artifacts"]) == {card["pickle"], "confusion_matrix.png", "oof_proba.npy", "folds.json", "familiarity_bank.npy",
-                                      "familiarity_labels.npy", "familiarity_center.npy"}  # fmt: skip
+                                      "familiarity_labels.npy", "familiarity_center.npy", *ARRAY_FILES.values()}  # fmt: skip
     for file, sha in card["artifacts"].items():
         assert heads.get("colors").read(file) and len(sha) == 64
 

@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from app.errors import ArtifactError, UntrustedHead
+from app.heads import ARRAY_FILES
 from app.registry import CARD, HeadStore, copy_version, load_head
 from app.settings import Settings
 from app.signing import generate, load_private_key, load_public_keys
@@ -81,7 +82,7 @@ def test_signature_covers_every_artifact(fresh_tiny_store: ModelStore, keys) -> 
     card = heads.get("colors").card
     assert card["signature"]["alg"] == "ed25519"
     assert set(card["artifacts"]) == {card["pickle"], "confusion_matrix.png", "oof_proba.npy", "folds.json", "familiarity_bank.npy",
-                                      "familiarity_labels.npy", "familiarity_center.npy"}  # fmt: skip
+                                      "familiarity_labels.npy", "familiarity_center.npy", *ARRAY_FILES.values()}  # fmt: skip
 
 
 def test_training_with_a_signing_key_signs(fresh_tiny_store: ModelStore, keys, tmp_path: Path) -> None:
