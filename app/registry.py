@@ -11,14 +11,16 @@ Layout (card schema 2)::
                                    a version without them (written before them) is served from its pickle
             confusion_matrix.png   …and any other file of the version
             card.json              written last and atomically: the commit point. ``schema``: 2,
-                                   ``version``, ``artifacts`` {file: sha256} listing every other file
+                                   ``name``, ``version``, ``artifacts`` {file: sha256} listing every other file
         card.json, head-*.pkl      a flat head from before versions: read as version 1, never rewritten
         examples/                  the head's example store (:mod:`app.examples`), not a version
     model_store/heads/.jobs/, .spool/, .cache/   training jobs' records, uploads, features: not heads (a
                                    head name never starts with '.')
 
 A version folder without ``card.json`` is a training that did not finish (or is still running):
-it is invisible. Every file is checked against the card's ``artifacts`` before it is used.
+it is invisible. Every file is checked against the card's ``artifacts`` before it is used, and the
+card's ``name`` and ``version`` (signed with it) against the folder it is in: a version copied to
+another head or another version number is refused (``head_misplaced``).
 
 :class:`HeadStore` is the layout; :class:`HeadRegistry` holds the heads a service serves (the
 current version of each, verified and loaded), the exception each refused head got, and the
@@ -46,6 +48,7 @@ from app.errors import (
     ArtifactError,
     HeadNotFound,
     IncompatibleHead,
+    MisplacedHead,
     TlserveError,
     VersionConflict,
     VersionNotFound,
@@ -331,7 +334,7 @@ def save_head(heads: HeadStore, name: str, estimator: Any, card: dict[str, Any],
 
 def check_version(version: Version) -> Head:
     """Everything a load checks but the signature and the extractor (what ``tlserve sign`` vouches for):
-    every artifact's sha256, the estimator; and where the version has arrays,
+    the card in its folder, every artifact's sha256, the estimator; and where the version has arrays,
     that its pickle (safely unpickled) holds the very same arrays."""
     head = load_version(version, None, None)
     if "arrays" in version.card:
@@ -370,12 +373,27 @@ def _described(card: dict[str, Any]) -> str:
     return f" ({', '.join(parts)})" if parts else ""
 
 
+def check_place(version: Version) -> None:
+    """The card names the head and version of the folder it is in (both are in what is signed), so a
+    version copied to another name (``cp -r heads/toy/1 heads/triage/7``) or replayed as a newer version is
+    refused. A flat card from before versions (no ``schema``) is version 1 and may omit them."""
+    card, where = version.card, f"head {version.name!r} version {version.version}"
+    name, number = card.get("name"), card.get("version")
+    if not version.legacy and (name is None or number is None):
+        raise MisplacedHead(f"{where}: its card does not name its head and version; re-sign it with `tlserve sign`")
+    if name is not None and name != version.name:
+        raise MisplacedHead(f"{where}: its card is head {str(name)[:80]!r}'s; a version is never served under another name")
+    if number is not None and (type(number) is not int or number != version.version):
+        raise MisplacedHead(f"{where}: its card is version {str(number)[:20]}'s; a version is never served under another number")
+
+
 def load_version(version: Version, feature_space: str | None, verify_keys: dict[str, Ed25519PublicKey] | None = None) -> Head:
-    """Verified load of one version: signature → card → extractor fingerprint → artifact
+    """Verified load of one version: signature → card in its folder → extractor fingerprint → artifact
     sha256 → the estimator from its ``.npy`` arrays (or, for a version without them, its safely unpickled pickle)."""
     card = version.card
     where = f"head {version.name!r} version {version.version}"
     verify(card, verify_keys or {}, where)
+    check_place(version)
     try:
         pickle_file = str(card["pickle"])
         pickle_sha = str(card["pickle_sha256"])

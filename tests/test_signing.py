@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -13,11 +14,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from app.errors import ArtifactError, UntrustedHead
+from app.errors import ArtifactError, MisplacedHead, UntrustedHead
 from app.heads import ARRAY_FILES
 from app.registry import CARD, HeadStore, copy_version, load_head
 from app.settings import Settings
-from app.signing import generate, load_private_key, load_public_keys
+from app.signing import generate, load_private_key, load_public_keys, sign
 from app.store import ModelStore
 from tests.helpers import REPO, ServerProcess, image_bytes
 
@@ -143,3 +144,38 @@ def test_replica_with_verify_keys_serves_signed_heads_only(
     r = httpx.post(f"{server.url}/v1/classify", content=RED, headers={"content-type": "image/png"})
     assert r.status_code == 200 and r.json()["version"] == 2
     assert httpx.get(f"{server.url}/v1/models/colors").json()["error"].find("not signed") >= 0
+
+
+def test_a_signed_version_copied_to_another_name_or_number_is_refused(fresh_tiny_store: ModelStore, keys) -> None:
+    """Signatures bind name and version: `cp -r heads/colors/2 heads/triage/7` is not head triage v7, and an
+    old signed version copied over a newer number is not that version (issue 24, item 5)."""
+    store = fresh_tiny_store
+    space = store.extractor().feature_space
+    signed = signed_store(store, keys["trainer"][0])
+    trusted = HeadStore(store.heads_dir, verify_keys=load_public_keys(keys["trainer"][1]))
+    assert load_head(trusted, "colors", space).version == 2
+    source = signed.version_folder("colors", 2)
+    shutil.copytree(source, store.heads_dir / "triage" / "7")
+    with pytest.raises(MisplacedHead, match="card is head 'colors'") as refused:
+        load_head(trusted, "triage", space)
+    assert refused.value.code == "head_misplaced" and refused.value.status_code == 409
+    shutil.copytree(source, store.heads_dir / "colors" / "5")  # replayed as a newer version of the same head
+    with pytest.raises(MisplacedHead, match="card is version 2's"):
+        load_head(trusted, "colors", space, version=5)
+    with pytest.raises(MisplacedHead):  # without verify keys the store checks the folder all the same
+        load_head(store.heads, "triage", space)
+
+
+def test_a_signature_that_does_not_cover_name_and_version_is_refused(fresh_tiny_store: ModelStore, keys) -> None:
+    """tlserve has always signed name and version (they are in the card it signs); a signed card without
+    them was not written by it and is refused, to be re-signed with `tlserve sign`."""
+    store = fresh_tiny_store
+    signed_store(store, keys["trainer"][0])
+    card_path = store.heads.version_folder("colors", 2) / CARD
+    card = json.loads(card_path.read_text())
+    assert card["name"] == "colors" and card["version"] == 2 and "signature" in card  # what every signed card holds
+    bare = {k: v for k, v in card.items() if k not in ("name", "version", "signature")}
+    card_path.write_text(json.dumps(sign(bare, load_private_key(str(keys["trainer"][0])))))
+    trusted = HeadStore(store.heads_dir, verify_keys=load_public_keys(keys["trainer"][1]))
+    with pytest.raises(MisplacedHead, match="re-sign it with `tlserve sign`"):
+        load_head(trusted, "colors", version=2)
