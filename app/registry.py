@@ -20,7 +20,8 @@ Layout (card schema 2)::
 A version folder without ``card.json`` is a training that did not finish (or is still running):
 it is invisible. Every file is checked against the card's ``artifacts`` before it is used, and the
 card's ``name`` and ``version`` (signed with it) against the folder it is in: a version copied to
-another head or another version number is refused (``head_misplaced``).
+another head or another version number is refused (``head_misplaced``). Files are read by
+:func:`app.store.read_regular`: regular files only, never through a link, never past their cap.
 
 :class:`HeadStore` is the layout; :class:`HeadRegistry` holds the heads a service serves (the
 current version of each, verified and loaded), the exception each refused head got, and the
@@ -66,7 +67,7 @@ from app.heads import (
 )
 from app.settings import Settings
 from app.signing import load_private_key, load_public_keys, sign, verify
-from app.store import atomic_write, read_json, write_json
+from app.store import atomic_write, read_json, read_regular, write_json
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -81,6 +82,7 @@ LEGACY_VERSION = 1
 HEAD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _VERSION_DIR = re.compile(r"^[1-9][0-9]{0,8}$")
 _ARTIFACT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_MAX_CURRENT_BYTES = 64
 
 
 def valid_head_name(name: str) -> str:
@@ -124,14 +126,12 @@ class Version:
         expected = self.artifacts.get(file)
         if expected is None or "/" in file or not file:
             raise ArtifactError(f"{where}: card names an invalid or unlisted file {file[:80]!r}")
-        path = self.folder / file
         try:
-            size = path.stat().st_size
-            if size > max_bytes:
-                raise ArtifactError(f"{where}: {file} is {size} bytes, over the limit of {max_bytes}")
-            data = path.read_bytes()
-        except OSError:
-            raise ArtifactError(f"{where}: {file} is missing or unreadable") from None
+            data = read_regular(self.folder / file, max_bytes)
+        except FileNotFoundError:
+            raise ArtifactError(f"{where}: {file} is missing") from None
+        except ArtifactError as exc:
+            raise ArtifactError(f"{where}: {exc.message}") from None
         actual = sha256_bytes(data)
         if actual != expected:
             raise ArtifactError(
@@ -193,11 +193,11 @@ class HeadStore:
         if not versions:
             raise self._unknown(name)
         try:
-            text = (folder / CURRENT).read_text().strip()
+            text = read_regular(folder / CURRENT, _MAX_CURRENT_BYTES).decode("ascii", "replace").strip()
         except FileNotFoundError:
             return versions[-1]
-        except OSError as exc:
-            raise ArtifactError(f"head {name!r}: {CURRENT} is unreadable ({type(exc).__name__})") from None
+        except ArtifactError as exc:
+            raise ArtifactError(f"head {name!r}: {exc.message}") from None
         if not _VERSION_DIR.match(text):
             raise ArtifactError(f"head {name!r}: {CURRENT} holds {text[:20]!r}, not a version id")
         if int(text) not in versions:
@@ -512,6 +512,11 @@ class HeadRegistry:
                     await self.reload(name)
 
     async def watch(self, interval_s: float) -> None:
+        """Poll every ``interval_s`` for as long as the service runs: whatever one poll meets (a store file
+        that is unreadable, a folder that vanished mid-listing), the next poll still comes."""
         while True:
             await asyncio.sleep(interval_s)
-            await self.poll()
+            try:
+                await self.poll()
+            except Exception:  # the poller outlives any one bad look at the store
+                log.exception("head poll failed; polling again in %g s", interval_s)
