@@ -66,7 +66,7 @@ JOBS = ".jobs"
 STALE_BEATS = 5
 JOB_NICE = 10
 STATES = ("queued", "running", "succeeded", "failed")
-_JOB_ID = re.compile(r"^[0-9a-f]{32}$")
+_JOB_ID = re.compile(r"[0-9a-f]{32}")  # fullmatch: "$" would accept a trailing newline
 
 
 def _now() -> datetime:
@@ -169,7 +169,7 @@ class JobStore:
         self.root = heads.root / JOBS
 
     def path(self, job_id: str) -> Path:
-        if not _JOB_ID.match(job_id):
+        if not _JOB_ID.fullmatch(job_id):
             raise JobNotFound(f"no training job {job_id[:40]!r} (job ids are 32 hex digits)")
         return self.root / f"{job_id}.json"
 

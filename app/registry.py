@@ -79,20 +79,20 @@ CURRENT = "current"
 LOCK = ".lock"
 SCHEMA = 2
 LEGACY_VERSION = 1
-HEAD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_VERSION_DIR = re.compile(r"^[1-9][0-9]{0,8}$")
-_ARTIFACT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+HEAD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # every use is fullmatch: '$' would accept "name\n"
+_VERSION_DIR = re.compile(r"[1-9][0-9]{0,8}")
+_ARTIFACT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 _MAX_CURRENT_BYTES = 64
 
 
 def valid_head_name(name: str) -> str:
-    if not HEAD_NAME.match(name) or ".." in name:
+    if not HEAD_NAME.fullmatch(name) or ".." in name:
         raise HeadNotFound(f"invalid head name {name[:80]!r}: use letters, digits, '_', '-', '.' (at most 64)")
     return name
 
 
 def valid_artifact_name(file: str) -> str:
-    if not _ARTIFACT.match(file) or ".." in file or file == CARD:
+    if not _ARTIFACT.fullmatch(file) or ".." in file or file == CARD:
         raise ArtifactError(f"invalid artifact file name {file[:80]!r}")
     return file
 
@@ -164,7 +164,7 @@ class HeadStore:
         """Heads with at least one committed version."""
         if not self.root.is_dir():
             return []
-        return sorted(p.name for p in self.root.iterdir() if HEAD_NAME.match(p.name) and self._has_versions(p))
+        return sorted(p.name for p in self.root.iterdir() if HEAD_NAME.fullmatch(p.name) and self._has_versions(p))
 
     def _has_versions(self, folder: Path) -> bool:
         return (folder / CARD).is_file() or any(True for _ in self._version_dirs(folder))
@@ -172,7 +172,7 @@ class HeadStore:
     def _version_dirs(self, folder: Path) -> Iterator[tuple[int, Path]]:
         with contextlib.suppress(OSError):
             for p in folder.iterdir():
-                if _VERSION_DIR.match(p.name) and (p / CARD).is_file():
+                if _VERSION_DIR.fullmatch(p.name) and (p / CARD).is_file():
                     yield int(p.name), p
 
     def versions(self, name: str) -> list[int]:
@@ -198,7 +198,7 @@ class HeadStore:
             return versions[-1]
         except ArtifactError as exc:
             raise ArtifactError(f"head {name!r}: {exc.message}") from None
-        if not _VERSION_DIR.match(text):
+        if not _VERSION_DIR.fullmatch(text):
             raise ArtifactError(f"head {name!r}: {CURRENT} holds {text[:20]!r}, not a version id")
         if int(text) not in versions:
             raise ArtifactError(f"head {name!r}: {CURRENT} points to version {text}, which is not committed")
@@ -276,7 +276,7 @@ class HeadStore:
         return Version(name, version, target, full)
 
     def _uncommitted(self, folder: Path) -> list[int]:
-        return [int(p.name) for p in folder.iterdir() if _VERSION_DIR.match(p.name) and p.is_dir()]
+        return [int(p.name) for p in folder.iterdir() if _VERSION_DIR.fullmatch(p.name) and p.is_dir()]
 
     def promote(self, name: str, version: int, *, expected: int | None = None) -> None:
         """Make ``version`` current; with ``expected``, only if the current version is still that
