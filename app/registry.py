@@ -37,6 +37,8 @@ import logging
 import os
 import re
 import shutil
+import threading
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -431,13 +433,16 @@ class HeadRegistry:
     """The heads one service serves: the current version of each, loaded and verified, and for each
     head that could not be served, the exception it got (re-raised when a request names it)."""
 
-    def __init__(self, store: HeadStore, feature_space: str) -> None:
+    def __init__(self, store: HeadStore, feature_space: str, *, pinned_cache: int = 4) -> None:
         self.store = store
         self.feature_space = feature_space
         self.heads: dict[str, Head] = {}
         self.errors: dict[str, TlserveError] = {}
         self._stamps: dict[str, tuple[object, ...]] = {}
         self._lock = asyncio.Lock()
+        self.pinned_cache = pinned_cache
+        self._pinned: OrderedDict[tuple[str, int, str], tuple[tuple[int, int, int], Head]] = OrderedDict()
+        self._pinned_lock = threading.Lock()
 
     def load_all(self) -> None:
         for name in self.store.names():
@@ -464,12 +469,47 @@ class HeadRegistry:
         self.store.get(name)  # raises HeadNotFound with the known names
         raise HeadNotFound(f"head {name!r} exists but is not loaded yet; POST /v1/models/{name}/reload")
 
-    def get_version(self, name: str, version: int) -> Head:
-        """A pinned version: the served one when it is current, else loaded and verified for this request."""
-        head = self.get(name) if name in self.heads else None
+    def _card_stamp(self, name: str, version: int) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self.store.version_folder(name, version) / CARD, follow_symlinks=False)
+        except (OSError, TlserveError):
+            return None
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def cached_version(self, name: str, version: int) -> Head | None:
+        """A pinned version without reading a file: the served one when it is current, or one verified
+        earlier whose card is still the same file (one ``stat``); None when it must be loaded."""
+        head = self.heads.get(name)
         if head is not None and head.version == version:
             return head
-        return load_head(self.store, valid_head_name(name), self.feature_space, version)
+        key = (name, version, self.feature_space)
+        with self._pinned_lock:
+            entry = self._pinned.get(key)
+        if entry is None or entry[0] != self._card_stamp(name, version):
+            return None
+        with self._pinned_lock:
+            if key in self._pinned:
+                self._pinned.move_to_end(key)
+        return entry[1]
+
+    def get_version(self, name: str, version: int) -> Head:
+        """A pinned version: the served one when it is current, one verified earlier (the
+        ``pinned_cache`` most recently used are kept, each checked by a ``stat`` of its card), else loaded
+        and verified now. Versions are immutable; a card replaced on disk is loaded and verified again."""
+        name = valid_head_name(name)
+        cached = self.cached_version(name, version)
+        if cached is not None:
+            return cached
+        stamp = self._card_stamp(name, version)
+        head = load_head(self.store, name, self.feature_space, version)
+        if self.pinned_cache > 0 and stamp is not None and stamp == self._card_stamp(name, version):
+            key = (name, version, self.feature_space)
+            with self._pinned_lock:
+                self._pinned[key] = (stamp, head)
+                self._pinned.move_to_end(key)
+                while len(self._pinned) > self.pinned_cache:
+                    self._pinned.popitem(last=False)
+        return head
 
     def error(self, name: str) -> TlserveError | None:
         return self.errors.get(name)

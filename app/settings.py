@@ -100,6 +100,11 @@ class Settings(BaseSettings):
     head_poll_interval_s: float = Field(
         5.0, ge=0, description="How often to look for heads written or changed by `tlserve train` (0 = only POST .../reload)."
     )
+    pinned_versions_cached: int = Field(
+        4,
+        ge=0,
+        description="Non-current head versions kept loaded for requests that pin one (`?version=`), least recently used out first; each use costs one `stat` of its card (0: read, hashed and checked for every such request).",
+    )
 
     # --- dynamic batching
     max_batch_size: int = Field(16, ge=1, description="Most images in one ONNX Runtime run.")

@@ -160,3 +160,30 @@ def test_hostile_head_names_touch_no_file(path: str, tiny_store: ModelStore, ser
     server = server_factory(tiny_store, default_head="colors")
     r = httpx.get(server.url + path)
     assert r.status_code == 404 and "Traceback" not in r.text
+
+
+def test_a_pinned_version_is_verified_once_not_at_every_request(fresh_tiny_store: ModelStore) -> None:
+    """A non-current version pinned by requests is loaded (read, hashed, checked) once and kept while its
+    card is the same file; a card replaced on disk is verified again; pinned_versions_cached=0 keeps none."""
+    from app.registry import CARD, HeadRegistry
+    from app.store import atomic_write
+
+    store = fresh_tiny_store
+    add_version(store, flip=True)
+    space = store.extractor().feature_space
+    registry = HeadRegistry(store.heads, space, pinned_cache=2)
+    registry.load_all()
+    assert registry.get("colors").version == 1
+    first = registry.get_version("colors", 2)
+    assert registry.get_version("colors", 2) is first  # no second load
+    assert registry.get_version("colors", 1) is registry.get("colors")  # the served one
+    card = store.heads.version_folder("colors", 2) / CARD
+    atomic_write(card, card.read_bytes())  # the same bytes in a new file: loaded and verified again
+    again = registry.get_version("colors", 2)
+    assert again is not first and registry.get_version("colors", 2) is again
+    atomic_write(card, card.read_bytes().replace(b'"version": 2', b'"version": 1'))  # now a lie: refused at once
+    with pytest.raises(Exception, match="card is version 1's"):
+        registry.get_version("colors", 2)
+    uncached = HeadRegistry(store.heads, space, pinned_cache=0)
+    atomic_write(card, card.read_bytes().replace(b'"version": 1', b'"version": 2'))
+    assert uncached.get_version("colors", 2) is not uncached.get_version("colors", 2)
