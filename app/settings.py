@@ -159,6 +159,11 @@ class Settings(BaseSettings):
         ge=0,
         description="Training jobs one replica runs at a time; a further `POST /v1/heads/{name}/train` gets 429 + Retry-After (0: this replica trains nothing).",
     )
+    compare_concurrency: int = Field(
+        1,
+        ge=1,
+        description="`GET /v1/heads/{name}/compare` requests one replica scores at a time; a further one gets 429 + Retry-After.",
+    )
     training_batch_images: int = Field(
         1,
         ge=1,
