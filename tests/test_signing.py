@@ -179,3 +179,41 @@ def test_a_signature_that_does_not_cover_name_and_version_is_refused(fresh_tiny_
     trusted = HeadStore(store.heads_dir, verify_keys=load_public_keys(keys["trainer"][1]))
     with pytest.raises(MisplacedHead, match="re-sign it with `tlserve sign`"):
         load_head(trusted, "colors", version=2)
+
+
+def test_sign_checks_what_it_signs(fresh_tiny_store: ModelStore, keys, tmp_path: Path) -> None:
+    """`tlserve sign` loads and checks a version before signing it: a malicious or crafted pickle with a
+    consistent card is refused and nothing is written; a pickle-only head gets its .npy arrays (issue 24, item 7)."""
+    import hashlib
+    import pickle
+
+    from tests.test_safe_heads import _Reduce, save_pickle_only
+
+    store = fresh_tiny_store
+    env = {"TLSERVE_MODEL_STORE": str(store.root), "TLSERVE_HEAD_SIGNING_KEY": str(keys["trainer"][0])}
+    marker = tmp_path / "pwned"
+    genuine = store.heads.get("colors")
+    save_pickle_only(store.heads, "evil", _Reduce(os.system, f"touch {marker}"), genuine.card)
+    r = cli("sign", "evil", env=env)
+    assert r.returncode == 1 and "refers to posix.system" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert store.heads.versions("evil") == [1] and not marker.exists()
+
+    # a new-format version whose interchange pickle is not what it serves (the card is consistent, unsigned)
+    files = {f: genuine.read(f) for f in genuine.artifacts}
+    other = load_head(store.heads, "colors").estimator
+    other.coef_ = -other.coef_
+    files[genuine.card["pickle"]] = blob = pickle.dumps(other, protocol=5)
+    card = {k: v for k, v in genuine.card.items() if k not in ("name", "artifacts", "version", "schema")}
+    store.heads.save("colors", files, {**card, "pickle_sha256": hashlib.sha256(blob).hexdigest()})
+    r = cli("sign", "colors", env=env)
+    assert r.returncode == 1 and "pickle's coef_ differs from head_coef.npy" in r.stderr, r.stderr
+    assert store.heads.versions("colors") == [1, 2]
+
+    # a pickle-only head (the format from before the arrays): checked, signed, and given its arrays
+    save_pickle_only(store.heads, "old", load_head(store.heads, "colors", version=1).estimator, genuine.card)
+    r = cli("sign", "old", env=env)
+    assert r.returncode == 0 and "checked" in r.stdout and "signed as version 2" in r.stdout, r.stderr
+    trusted = HeadStore(store.heads_dir, verify_keys=load_public_keys(keys["trainer"][1]))
+    signed = trusted.get("old")
+    assert signed.card["arrays"] == ARRAY_FILES and set(ARRAY_FILES.values()) <= set(signed.artifacts)
+    assert load_head(trusted, "old", store.extractor().feature_space).version == 2
