@@ -192,6 +192,13 @@ class _HeadUnpickler(pickle._Unpickler):
 
     dispatch[pickle.BUILD[0]] = load_build
 
+    def load_ext(self) -> None:
+        raise ArtifactError("pickle refers to a copyreg extension code, which a head never uses")
+
+    for _op in (pickle.EXT1, pickle.EXT2, pickle.EXT4):  # resolved from a process-wide cache, not find_class
+        dispatch[_op[0]] = load_ext
+    del _op
+
     def persistent_load(self, pid: Any) -> Any:
         raise ArtifactError("pickle refers to a persistent object")
 

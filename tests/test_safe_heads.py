@@ -396,3 +396,16 @@ def test_the_committed_pickle_only_head_still_loads(real_store: ModelStore) -> N
     genuine = pickle.loads(version.read(version.card["pickle"]))
     x = np.random.default_rng(0).normal(size=(8, 512)).astype(np.float32)
     np.testing.assert_array_equal(head.predict_proba(x), genuine.predict_proba(x).astype(np.float32))
+
+
+def test_extension_codes_are_refused_even_when_registered() -> None:
+    """EXT opcodes resolve through copyreg's process-wide registry and cache, past find_class."""
+    import copyreg
+
+    copyreg.add_extension("os", "system", 0x7FFF_0001)
+    try:
+        blob = b"\x80\x02" + b"\x84" + (0x7FFF_0001).to_bytes(4, "little") + b"."  # EXT4 → os.system
+        with pytest.raises(ArtifactError, match="extension code"):
+            safe_unpickle(blob, "x")
+    finally:
+        copyreg.remove_extension("os", "system", 0x7FFF_0001)
