@@ -251,6 +251,9 @@ class ModelStore:
         if not info.path.exists():
             command = "tlserve export" + (" --int8" if info.precision != "fp32" else "")
             raise ArtifactError(f"{info.path} is missing: run `{command}`")
+        mode = info.path.stat().st_mode  # a link to a copy is fine (the sha256 decides); a FIFO or device is not
+        if not stat.S_ISREG(mode):
+            raise ArtifactError(f"{info.path} is not a regular file (mode {stat.filemode(mode)}); the extractor must be one")
         if verify:
             actual = sha256_file(info.path)
             if actual != info.sha256:

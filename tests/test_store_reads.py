@@ -30,6 +30,8 @@ try:
         load_head(store.heads, "colors", store.extractor().feature_space)
     elif what == "artifact":
         store.heads.get("colors").read(sys.argv[3])
+    elif what == "extractor":
+        store.extractor()
     elif what == "job":
         job = sys.argv[3]
         JobStore(store.heads).read(job)
@@ -126,3 +128,11 @@ def test_a_file_over_its_cap_is_refused_without_reading_it(fresh_tiny_store: Mod
     with pytest.raises(ArtifactError, match="over the limit of 99"):
         read_regular(path, 99)
     assert read_regular(path, 100) == b"x" * 100
+
+
+@pytest.mark.parametrize("kind", ["link to /dev/zero", "fifo"])
+def test_an_extractor_that_is_not_a_regular_file_is_refused(kind: str, fresh_tiny_store: ModelStore) -> None:
+    """A link to a real copy is allowed (the sha256 decides); a FIFO or a device never hangs the start."""
+    _replace(fresh_tiny_store.extractor().path, kind)
+    out = _run(fresh_tiny_store, "extractor")
+    assert out.startswith("REFUSED artifact_error") and "not a regular file" in out, out
