@@ -30,6 +30,11 @@ try:
         load_head(store.heads, "colors", store.extractor().feature_space)
     elif what == "artifact":
         store.heads.get("colors").read(sys.argv[3])
+    elif what == "cache":
+        from app.features import FeatureCache
+        cache = FeatureCache(Path(sys.argv[3]), "ab" * 32)
+        print("MISS" if cache.get(sys.argv[4], 8) is None else "HIT")
+        raise SystemExit(0)
     elif what == "extractor":
         store.extractor()
     elif what == "job":
@@ -136,3 +141,22 @@ def test_an_extractor_that_is_not_a_regular_file_is_refused(kind: str, fresh_tin
     _replace(fresh_tiny_store.extractor().path, kind)
     out = _run(fresh_tiny_store, "extractor")
     assert out.startswith("REFUSED artifact_error") and "not a regular file" in out, out
+
+
+@pytest.mark.parametrize("kind", [*KINDS, "a header that lies"])
+def test_a_feature_cache_entry_that_is_not_a_plain_vector_is_a_miss(kind: str, tmp_path: Path) -> None:
+    import numpy as np
+
+    from app.features import FeatureCache
+
+    cache = FeatureCache(tmp_path / "cache", "ab" * 32)
+    key = cache.key("0" * 64, 32, "bilinear")
+    cache.put(key, np.ones(8, np.float32))
+    store = ModelStore(tmp_path / "store")
+    assert _run(store, "cache", str(tmp_path / "cache"), key) == "HIT"
+    path = cache._path(key)
+    if kind == "a header that lies":
+        path.write_bytes(path.read_bytes().replace(b"(8,)", b"(9,)"))  # 9 floats declared, 8 stored
+    else:
+        _replace(path, kind)
+    assert _run(store, "cache", str(tmp_path / "cache"), key) == "MISS"
