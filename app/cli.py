@@ -467,8 +467,10 @@ def _sign(args: argparse.Namespace) -> int:
     if heads.signing_key is None:
         print("error: set TLSERVE_HEAD_SIGNING_KEY to the private key that should sign the head", file=sys.stderr)
         return 2
-    new = copy_version(heads, args.name, args.version)
-    print(f"head {args.name!r}: version {new.card['copied_from']} signed as version {new.version} (now current)")
+    new = copy_version(heads, args.name, args.version)  # check_version first: nothing unchecked is signed
+    print(f"head {args.name!r}: version {new.card['copied_from']} checked (card in its folder, every file's sha256, "
+          f"its pickle unpickled safely and equal to its arrays, the estimator) and signed as version {new.version} "
+          "(now current)")  # fmt: skip
     return 0
 
 
@@ -711,7 +713,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(`tlserve keys --env tlserve.env` is the file docker-compose.yml reads)")  # fmt: skip
     k.set_defaults(func=_keys)
 
-    n = sub.add_parser("sign", help="sign a head: its version copied as a new, signed, current version")
+    n = sub.add_parser("sign", help="sign a head: its version checked, then copied as a new, signed, current version")
     n.add_argument("name", help="head name")
     n.add_argument("--version", type=int, default=None, help="version to sign (default: the current one)")
     n.set_defaults(func=_sign)

@@ -34,6 +34,7 @@
         ├── IncompatibleHead     409  a head trained on another extractor
         ├── IncompatibleFeatures 409  cached features of another extractor (never mixed in)
         ├── UntrustedHead        409  a head that is unsigned or wrongly signed while verify keys are set
+        │   └── MisplacedHead    409  a version whose (signed) card names another head or version than its folder
         ├── VersionConflict      409  a promotion whose expected current version is stale (compare-and-swap)
         ├── NotReady             503  the extractor is not loaded or warmed up yet
         └── InferenceError       500  ONNX Runtime raised while running a batch
@@ -205,6 +206,10 @@ class IncompatibleFeatures(ModelError):
 class UntrustedHead(ModelError):
     status_code = 409
     code = "head_untrusted"
+
+
+class MisplacedHead(UntrustedHead):
+    code = "head_misplaced"
 
 
 class VersionConflict(ModelError):

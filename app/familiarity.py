@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from app.errors import ArtifactError
+from app.heads import from_npy
 
 if TYPE_CHECKING:
     from app.heads import Head
@@ -161,12 +162,7 @@ def _npy(arr: np.ndarray) -> bytes:
 
 def _load_npy(version: Version, file: str) -> np.ndarray:
     data = version.read(file, max_bytes=MAX_BANK_BYTES)  # sha256 against the (signed) card first
-    try:
-        return np.asarray(np.load(io.BytesIO(data), allow_pickle=False))
-    except (ValueError, OSError, EOFError) as exc:
-        raise ArtifactError(
-            f"head {version.name!r} version {version.version}: {file} is not a plain .npy array ({exc})"
-        ) from None
+    return from_npy(data, f"head {version.name!r} version {version.version}", file)  # header checked before any allocation
 
 
 # --- calibration -------------------------------------------------------------------------------

@@ -31,16 +31,18 @@ from pathlib import Path
 
 import numpy as np
 
-from app.errors import DatasetError, IncompatibleFeatures, InputError
+from app.errors import ArtifactError, DatasetError, IncompatibleFeatures, InputError
 from app.extractor import Extractor
 from app.hashing import sha256_bytes
+from app.heads import from_npy
 from app.imaging import is_image_file, load_image
 from app.progress import Meter, ProgressCallback, console, no_progress
 from app.settings import DEFAULT_MAX_IMAGE_PIXELS
-from app.store import atomic_write
+from app.store import atomic_write, read_regular
 
 log = logging.getLogger(__name__)
 
+_MAX_NPY_HEADER = 4096  # np.save writes 128 bytes for a 1-d float32 vector
 SPLIT_NAMES = frozenset({"train", "test", "val", "valid", "validation"})
 """Folder names (any case) that mean "a split of a dataset", not "a class"."""
 
@@ -242,11 +244,14 @@ class FeatureCache:
         return self._path(key).is_file()
 
     def get(self, key: str, dim: int) -> np.ndarray | None:
+        """The cached vector, or None (a miss) for anything else: absent, a link, a FIFO, over the size a
+        ``dim`` float32 vector takes, a header that lies about its shape or dtype."""
         try:
-            vec = np.load(self._path(key), allow_pickle=False)
-        except (OSError, ValueError):
+            data = read_regular(self._path(key), _MAX_NPY_HEADER + 4 * dim)
+            vec = from_npy(data, "feature cache", key[:12], (dim,))
+        except (OSError, ArtifactError):
             return None
-        return vec if vec.shape == (dim,) and vec.dtype == np.float32 else None
+        return vec if vec.dtype == np.float32 else None
 
     def put(self, key: str, vec: np.ndarray) -> None:
         if not (self.dir / self.OWNER).exists():

@@ -49,7 +49,7 @@ import numpy as np
 from app.errors import DatasetError, JobNotFound, NotReady, ShuttingDown, TlserveError, TooManyJobs
 from app.examples import MIN_TRAIN_PER_CLASS, SEED, Example, ExampleStore, Snapshot
 from app.extractor import Extractor
-from app.features import Dataset
+from app.features import Dataset, Extracted
 from app.progress import Progress
 from app.registry import HeadStore, Version
 from app.settings import Settings
@@ -66,7 +66,9 @@ JOBS = ".jobs"
 STALE_BEATS = 5
 JOB_NICE = 10
 STATES = ("queued", "running", "succeeded", "failed")
-_JOB_ID = re.compile(r"^[0-9a-f]{32}$")
+_VALIDATION_SETS_KEPT = 8
+"""Heads whose validation features a replica keeps for ``compare`` (each n_val x D float32: 2 KiB a photo at D=512)."""
+_JOB_ID = re.compile(r"[0-9a-f]{32}")  # fullmatch: "$" would accept a trailing newline
 
 
 def _now() -> datetime:
@@ -169,7 +171,7 @@ class JobStore:
         self.root = heads.root / JOBS
 
     def path(self, job_id: str) -> Path:
-        if not _JOB_ID.match(job_id):
+        if not _JOB_ID.fullmatch(job_id):
             raise JobNotFound(f"no training job {job_id[:40]!r} (job ids are 32 hex digits)")
         return self.root / f"{job_id}.json"
 
@@ -295,6 +297,9 @@ class JobRunner:
         self._reserved = 0
         self._beat: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._compare_lock = threading.Lock()
+        self._comparing = 0
+        self._val_features: dict[str, tuple[tuple[object, ...], Extracted]] = {}
 
     # --- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -475,19 +480,65 @@ class JobRunner:
         log.info("training job %s %s", job.record["id"], state, extra={"head": job.spec.head})
 
     # --- scoring on the fixed validation set -------------------------------------------------
+    @contextlib.contextmanager
+    def comparing(self) -> Iterator[None]:
+        """A place for one more comparison on this replica (429 beyond ``compare_concurrency``)."""
+        limit = self.settings.compare_concurrency
+        with self._compare_lock:
+            if self._comparing >= limit:
+                raise TooManyJobs(
+                    f"this replica already scores {self._comparing} comparison(s), its limit (compare_concurrency="
+                    f"{limit}); retry after the Retry-After seconds, or on another replica"
+                )
+            self._comparing += 1
+        try:
+            yield
+        finally:
+            with self._compare_lock:
+                self._comparing -= 1
+
+    def validation_features(self, examples: ExampleStore, val: list[Example]) -> tuple[Extracted, str]:
+        """The features of a head's validation photos, extracted once: kept (per head, the last set) while
+        the set, the extractor and every photo file (inode, mtime, size: one ``stat`` each) are unchanged,
+        so scoring versions again reads and hashes no photo."""
+        from app.training import Trainer
+
+        paths = [examples.path(e.sha256) for e in val]
+        stats: list[tuple[int, int, int] | None] = []
+        for path in paths:
+            try:
+                st = os.stat(path, follow_symlinks=False)
+                stats.append((st.st_ino, st.st_mtime_ns, st.st_size))
+            except OSError:
+                stats.append(None)
+        info = self.service.info
+        key = (info.sha256 if info is not None else "", tuple(e.sha256 for e in val), tuple(stats))
+        with self._compare_lock:
+            hit = self._val_features.get(examples.head)
+        if hit is not None and hit[0] == key:
+            return hit[1], "cached"
+        trainer = Trainer(self.settings, progress=False, extractor=self.extractor(), feature_batch=self._feature_batch)
+        ext = trainer.features(paths, phase="compare features")
+        with self._compare_lock:
+            self._val_features[examples.head] = (key, ext)
+            while len(self._val_features) > _VALIDATION_SETS_KEPT:
+                self._val_features.pop(next(iter(self._val_features)))
+        return ext, "extracted"
+
     def score(self, head: Head, examples: ExampleStore, val: list[Example]) -> dict[str, Any]:
         """``head`` on the validation photos of its classes (others excluded and counted): a report."""
-        from app.training import Trainer, make_report, sklearn_threads
+        from app.training import make_report, sklearn_threads
 
         classes = list(head.classes)
+        ext, _ = self.validation_features(examples, val)
+        rows = [r for r, i in enumerate(ext.kept) if val[int(i)].label in classes]
         kept = [e for e in val if e.label in classes]
-        trainer = Trainer(self.settings, progress=False, extractor=self.extractor(), feature_batch=self._feature_batch)
-        ext = trainer.features([examples.path(e.sha256) for e in kept], phase="compare features")
-        y = np.asarray([classes.index(kept[int(i)].label) for i in ext.kept], dtype=np.int64)
+        skipped = sum(1 for p, _ in ext.skipped if p in {examples.path(e.sha256) for e in kept})
+        y = np.asarray([classes.index(val[int(ext.kept[r])].label) for r in rows], dtype=np.int64)
         with sklearn_threads(1):
-            pred = head.predict_proba(ext.features).argmax(axis=1) if len(y) else np.zeros(0, np.int64)
+            pred = head.predict_proba(ext.features[rows]).argmax(axis=1) if len(y) else np.zeros(0, np.int64)
         out = report_dict(make_report(y, pred, classes).as_dict(), None) if len(y) else None
-        return {"report": out, "excluded": len(val) - len(kept), "skipped": len(ext.skipped)}
+        return {"report": out, "excluded": len(val) - len(kept), "skipped": skipped}
 
 
 def _report(report: Report, card: dict[str, Any]) -> dict[str, Any]:

@@ -6,17 +6,22 @@ Layout (card schema 2)::
         current                    the served version's id ("3"), replaced atomically; absent: the highest version
         .lock                      flock'ed while a version id is allocated or ``current`` is swapped
         <version>/                 one immutable version; ids 1, 2, 3, … allocated by an atomic mkdir
-            head-<sha12>.pkl       the pickled estimator
+            head-<sha12>.pkl       the pickled estimator (interchange: what scikit-learn users load)
+            head_coef.npy, …       the estimator's arrays (:data:`app.heads.ARRAY_FILES`): what is served;
+                                   a version without them (written before them) is served from its pickle
             confusion_matrix.png   …and any other file of the version
             card.json              written last and atomically: the commit point. ``schema``: 2,
-                                   ``version``, ``artifacts`` {file: sha256} listing every other file
+                                   ``name``, ``version``, ``artifacts`` {file: sha256} listing every other file
         card.json, head-*.pkl      a flat head from before versions: read as version 1, never rewritten
         examples/                  the head's example store (:mod:`app.examples`), not a version
     model_store/heads/.jobs/, .spool/, .cache/   training jobs' records, uploads, features: not heads (a
                                    head name never starts with '.')
 
 A version folder without ``card.json`` is a training that did not finish (or is still running):
-it is invisible. Every file is checked against the card's ``artifacts`` before it is used.
+it is invisible. Every file is checked against the card's ``artifacts`` before it is used, and the
+card's ``name`` and ``version`` (signed with it) against the folder it is in: a version copied to
+another head or another version number is refused (``head_misplaced``). Files are read by
+:func:`app.store.read_regular`: regular files only, never through a link, never past their cap.
 
 :class:`HeadStore` is the layout; :class:`HeadRegistry` holds the heads a service serves (the
 current version of each, verified and loaded), the exception each refused head got, and the
@@ -32,25 +37,39 @@ import logging
 import os
 import re
 import shutil
+import threading
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from app.errors import (
     ArtifactError,
     HeadNotFound,
     IncompatibleHead,
+    MisplacedHead,
     TlserveError,
     VersionConflict,
     VersionNotFound,
 )
 from app.hashing import sha256_bytes
-from app.heads import MAX_PICKLE_BYTES, Head, build_head, dump_estimator
+from app.heads import (
+    ARRAY_FILES,
+    MAX_PICKLE_BYTES,
+    Head,
+    build_head,
+    dump_estimator,
+    estimator_files,
+    from_arrays,
+    from_pickle,
+)
 from app.settings import Settings
 from app.signing import load_private_key, load_public_keys, sign, verify
-from app.store import atomic_write, read_json, write_json
+from app.store import atomic_write, read_json, read_regular, write_json
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -62,19 +81,20 @@ CURRENT = "current"
 LOCK = ".lock"
 SCHEMA = 2
 LEGACY_VERSION = 1
-HEAD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_VERSION_DIR = re.compile(r"^[1-9][0-9]{0,8}$")
-_ARTIFACT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+HEAD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # every use is fullmatch: '$' would accept "name\n"
+_VERSION_DIR = re.compile(r"[1-9][0-9]{0,8}")
+_ARTIFACT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+_MAX_CURRENT_BYTES = 64
 
 
 def valid_head_name(name: str) -> str:
-    if not HEAD_NAME.match(name) or ".." in name:
+    if not HEAD_NAME.fullmatch(name) or ".." in name:
         raise HeadNotFound(f"invalid head name {name[:80]!r}: use letters, digits, '_', '-', '.' (at most 64)")
     return name
 
 
 def valid_artifact_name(file: str) -> str:
-    if not _ARTIFACT.match(file) or ".." in file or file == CARD:
+    if not _ARTIFACT.fullmatch(file) or ".." in file or file == CARD:
         raise ArtifactError(f"invalid artifact file name {file[:80]!r}")
     return file
 
@@ -108,14 +128,12 @@ class Version:
         expected = self.artifacts.get(file)
         if expected is None or "/" in file or not file:
             raise ArtifactError(f"{where}: card names an invalid or unlisted file {file[:80]!r}")
-        path = self.folder / file
         try:
-            size = path.stat().st_size
-            if size > max_bytes:
-                raise ArtifactError(f"{where}: {file} is {size} bytes, over the limit of {max_bytes}")
-            data = path.read_bytes()
-        except OSError:
-            raise ArtifactError(f"{where}: {file} is missing or unreadable") from None
+            data = read_regular(self.folder / file, max_bytes)
+        except FileNotFoundError:
+            raise ArtifactError(f"{where}: {file} is missing") from None
+        except ArtifactError as exc:
+            raise ArtifactError(f"{where}: {exc.message}") from None
         actual = sha256_bytes(data)
         if actual != expected:
             raise ArtifactError(
@@ -148,7 +166,7 @@ class HeadStore:
         """Heads with at least one committed version."""
         if not self.root.is_dir():
             return []
-        return sorted(p.name for p in self.root.iterdir() if HEAD_NAME.match(p.name) and self._has_versions(p))
+        return sorted(p.name for p in self.root.iterdir() if HEAD_NAME.fullmatch(p.name) and self._has_versions(p))
 
     def _has_versions(self, folder: Path) -> bool:
         return (folder / CARD).is_file() or any(True for _ in self._version_dirs(folder))
@@ -156,7 +174,7 @@ class HeadStore:
     def _version_dirs(self, folder: Path) -> Iterator[tuple[int, Path]]:
         with contextlib.suppress(OSError):
             for p in folder.iterdir():
-                if _VERSION_DIR.match(p.name) and (p / CARD).is_file():
+                if _VERSION_DIR.fullmatch(p.name) and (p / CARD).is_file():
                     yield int(p.name), p
 
     def versions(self, name: str) -> list[int]:
@@ -177,12 +195,12 @@ class HeadStore:
         if not versions:
             raise self._unknown(name)
         try:
-            text = (folder / CURRENT).read_text().strip()
+            text = read_regular(folder / CURRENT, _MAX_CURRENT_BYTES).decode("ascii", "replace").strip()
         except FileNotFoundError:
             return versions[-1]
-        except OSError as exc:
-            raise ArtifactError(f"head {name!r}: {CURRENT} is unreadable ({type(exc).__name__})") from None
-        if not _VERSION_DIR.match(text):
+        except ArtifactError as exc:
+            raise ArtifactError(f"head {name!r}: {exc.message}") from None
+        if not _VERSION_DIR.fullmatch(text):
             raise ArtifactError(f"head {name!r}: {CURRENT} holds {text[:20]!r}, not a version id")
         if int(text) not in versions:
             raise ArtifactError(f"head {name!r}: {CURRENT} points to version {text}, which is not committed")
@@ -260,7 +278,7 @@ class HeadStore:
         return Version(name, version, target, full)
 
     def _uncommitted(self, folder: Path) -> list[int]:
-        return [int(p.name) for p in folder.iterdir() if _VERSION_DIR.match(p.name) and p.is_dir()]
+        return [int(p.name) for p in folder.iterdir() if _VERSION_DIR.fullmatch(p.name) and p.is_dir()]
 
     def promote(self, name: str, version: int, *, expected: int | None = None) -> None:
         """Make ``version`` current; with ``expected``, only if the current version is still that
@@ -304,20 +322,45 @@ class HeadStore:
 
 def save_head(heads: HeadStore, name: str, estimator: Any, card: dict[str, Any], files: dict[str, bytes] | None = None,
               *, promote: bool = True) -> Version:  # fmt: skip
-    """A new version holding ``estimator`` (pickled, named by its sha256 prefix) and ``files``."""
+    """A new version holding ``estimator`` (pickled, named by its sha256 prefix, and its arrays as ``.npy``:
+    :data:`app.heads.ARRAY_FILES`, what is served) and ``files``."""
     blob = dump_estimator(estimator)
     sha = sha256_bytes(blob)
     pickle_file = f"head-{sha[:12]}.pkl"
-    card = {**card, "pickle": pickle_file, "pickle_sha256": sha}
-    return heads.save(name, {pickle_file: blob, **(files or {})}, card, promote=promote)
+    arrays = estimator_files(estimator)
+    card = {**{k: v for k, v in card.items() if k != "arrays"}, "pickle": pickle_file, "pickle_sha256": sha}
+    if arrays:
+        card["arrays"] = dict(ARRAY_FILES)
+    return heads.save(name, {pickle_file: blob, **arrays, **(files or {})}, card, promote=promote)
+
+
+def check_version(version: Version) -> Head:
+    """Everything a load checks but the signature and the extractor (what ``tlserve sign`` vouches for):
+    the card in its folder, every artifact's sha256, the estimator; and where the version has arrays,
+    that its pickle (safely unpickled) holds the very same arrays."""
+    head = load_version(version, None, None)
+    if "arrays" in version.card:
+        where = f"head {version.name!r} version {version.version}"
+        pickled = from_pickle(version.read(str(version.card["pickle"])), where)
+        for attr in ARRAY_FILES:
+            if not np.array_equal(getattr(pickled, attr), getattr(head.estimator, attr)):
+                raise ArtifactError(f"{where}: its pickle's {attr} differs from {ARRAY_FILES[attr]}")
+    for file in version.artifacts:
+        version.read(file)
+    return head
 
 
 def copy_version(heads: HeadStore, name: str, version: int | None = None) -> Version:
     """A new current version with the files and card of ``version`` (e.g. to sign a head trained
-    before signing keys existed, or a flat head); the source stays as it is."""
+    before signing keys existed, or a flat head), after :func:`check_version`; the source stays as it is.
+    A source without ``.npy`` arrays (written before them) gets them, from its safely unpickled estimator."""
     source = heads.get(name, version)
+    head = check_version(source)
     files = {f: source.read(f) for f in source.artifacts}
     card = {k: v for k, v in source.card.items() if k not in ("schema", "version", "artifacts", "name", "created_at")}
+    if "arrays" not in card:
+        files.update(estimator_files(head.estimator))
+        card["arrays"] = dict(ARRAY_FILES)
     return heads.save(name, files, {**card, "copied_from": source.version})
 
 
@@ -332,11 +375,27 @@ def _described(card: dict[str, Any]) -> str:
     return f" ({', '.join(parts)})" if parts else ""
 
 
+def check_place(version: Version) -> None:
+    """The card names the head and version of the folder it is in (both are in what is signed), so a
+    version copied to another name (``cp -r heads/toy/1 heads/triage/7``) or replayed as a newer version is
+    refused. A flat card from before versions (no ``schema``) is version 1 and may omit them."""
+    card, where = version.card, f"head {version.name!r} version {version.version}"
+    name, number = card.get("name"), card.get("version")
+    if not version.legacy and (name is None or number is None):
+        raise MisplacedHead(f"{where}: its card does not name its head and version; re-sign it with `tlserve sign`")
+    if name is not None and name != version.name:
+        raise MisplacedHead(f"{where}: its card is head {str(name)[:80]!r}'s; a version is never served under another name")
+    if number is not None and (type(number) is not int or number != version.version):
+        raise MisplacedHead(f"{where}: its card is version {str(number)[:20]}'s; a version is never served under another number")
+
+
 def load_version(version: Version, feature_space: str | None, verify_keys: dict[str, Ed25519PublicKey] | None = None) -> Head:
-    """Verified load of one version: signature → card → extractor fingerprint → artifact sha256 → safe unpickle."""
+    """Verified load of one version: signature → card in its folder → extractor fingerprint → artifact
+    sha256 → the estimator from its ``.npy`` arrays (or, for a version without them, its safely unpickled pickle)."""
     card = version.card
     where = f"head {version.name!r} version {version.version}"
     verify(card, verify_keys or {}, where)
+    check_place(version)
     try:
         pickle_file = str(card["pickle"])
         pickle_sha = str(card["pickle_sha256"])
@@ -353,9 +412,17 @@ def load_version(version: Version, feature_space: str | None, verify_keys: dict[
             f"{where} was trained on extractor {head_extractor[:12]}{_described(card)}, the loaded extractor is "
             f"{feature_space[:12]}: retrain it with `tlserve train` (features differ between extractors)"
         )
-    blob = version.read(pickle_file)
     feature_dim = (card.get("extractor") or {}).get("feature_dim")
-    return build_head(version.name, version.version, classes, blob, card, feature_dim if isinstance(feature_dim, int) else None)
+    arrays = None if version.legacy else card.get("arrays")  # a flat card (from before versions) has only its pickle
+    if arrays is None:
+        estimator = from_pickle(version.read(pickle_file), where)
+    elif arrays != ARRAY_FILES:
+        raise ArtifactError(f"{where}: card's arrays {str(arrays)[:120]} are not {ARRAY_FILES}")
+    else:
+        version.read(pickle_file)  # checked against the card like every file it lists, never parsed here
+        files = {f: version.read(f) for f in ARRAY_FILES.values()}
+        estimator = from_arrays(files, where, c=(card.get("estimator") or {}).get("C"))
+    return build_head(version.name, version.version, classes, estimator, card, feature_dim if type(feature_dim) is int else None)
 
 
 def load_head(heads: HeadStore, name: str, feature_space: str | None = None, version: int | None = None) -> Head:
@@ -366,13 +433,16 @@ class HeadRegistry:
     """The heads one service serves: the current version of each, loaded and verified, and for each
     head that could not be served, the exception it got (re-raised when a request names it)."""
 
-    def __init__(self, store: HeadStore, feature_space: str) -> None:
+    def __init__(self, store: HeadStore, feature_space: str, *, pinned_cache: int = 4) -> None:
         self.store = store
         self.feature_space = feature_space
         self.heads: dict[str, Head] = {}
         self.errors: dict[str, TlserveError] = {}
         self._stamps: dict[str, tuple[object, ...]] = {}
         self._lock = asyncio.Lock()
+        self.pinned_cache = pinned_cache
+        self._pinned: OrderedDict[tuple[str, int, str], tuple[tuple[int, int, int], Head]] = OrderedDict()
+        self._pinned_lock = threading.Lock()
 
     def load_all(self) -> None:
         for name in self.store.names():
@@ -399,12 +469,47 @@ class HeadRegistry:
         self.store.get(name)  # raises HeadNotFound with the known names
         raise HeadNotFound(f"head {name!r} exists but is not loaded yet; POST /v1/models/{name}/reload")
 
-    def get_version(self, name: str, version: int) -> Head:
-        """A pinned version: the served one when it is current, else loaded and verified for this request."""
-        head = self.get(name) if name in self.heads else None
+    def _card_stamp(self, name: str, version: int) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self.store.version_folder(name, version) / CARD, follow_symlinks=False)
+        except (OSError, TlserveError):
+            return None
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def cached_version(self, name: str, version: int) -> Head | None:
+        """A pinned version without reading a file: the served one when it is current, or one verified
+        earlier whose card is still the same file (one ``stat``); None when it must be loaded."""
+        head = self.heads.get(name)
         if head is not None and head.version == version:
             return head
-        return load_head(self.store, valid_head_name(name), self.feature_space, version)
+        key = (name, version, self.feature_space)
+        with self._pinned_lock:
+            entry = self._pinned.get(key)
+        if entry is None or entry[0] != self._card_stamp(name, version):
+            return None
+        with self._pinned_lock:
+            if key in self._pinned:
+                self._pinned.move_to_end(key)
+        return entry[1]
+
+    def get_version(self, name: str, version: int) -> Head:
+        """A pinned version: the served one when it is current, one verified earlier (the
+        ``pinned_cache`` most recently used are kept, each checked by a ``stat`` of its card), else loaded
+        and verified now. Versions are immutable; a card replaced on disk is loaded and verified again."""
+        name = valid_head_name(name)
+        cached = self.cached_version(name, version)
+        if cached is not None:
+            return cached
+        stamp = self._card_stamp(name, version)
+        head = load_head(self.store, name, self.feature_space, version)
+        if self.pinned_cache > 0 and stamp is not None and stamp == self._card_stamp(name, version):
+            key = (name, version, self.feature_space)
+            with self._pinned_lock:
+                self._pinned[key] = (stamp, head)
+                self._pinned.move_to_end(key)
+                while len(self._pinned) > self.pinned_cache:
+                    self._pinned.popitem(last=False)
+        return head
 
     def error(self, name: str) -> TlserveError | None:
         return self.errors.get(name)
@@ -447,6 +552,11 @@ class HeadRegistry:
                     await self.reload(name)
 
     async def watch(self, interval_s: float) -> None:
+        """Poll every ``interval_s`` for as long as the service runs: whatever one poll meets (a store file
+        that is unreadable, a folder that vanished mid-listing), the next poll still comes."""
         while True:
             await asyncio.sleep(interval_s)
-            await self.poll()
+            try:
+                await self.poll()
+            except Exception:  # the poller outlives any one bad look at the store
+                log.exception("head poll failed; polling again in %g s", interval_s)

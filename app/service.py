@@ -29,7 +29,7 @@ from app.imaging import configure, load_image
 from app.inference import Decoded, InferRequest, InferResult, Item
 from app.metrics import Metrics
 from app.quantize import measure_speedup
-from app.registry import HeadRegistry, HeadStore, Version
+from app.registry import HeadRegistry, HeadStore, Version, valid_head_name
 from app.response_cache import ResponseCache
 from app.settings import Settings
 from app.store import ExtractorInfo, ModelStore, int8_speed_verdict
@@ -50,7 +50,8 @@ class Service:
         self.extractor: Extractor | None = None
         self.batcher: Batcher | None = None
         self.cache = ResponseCache(settings.response_cache_size)
-        self.registry = HeadRegistry(HeadStore.from_settings(settings), feature_space="")
+        self.registry = HeadRegistry(HeadStore.from_settings(settings), feature_space="",
+                                     pinned_cache=settings.pinned_versions_cached)  # fmt: skip
         self.decoder = ThreadPoolExecutor(max_workers=settings.decoders, thread_name_prefix="decode")
         self.not_ready_reason: str | None = "starting"
         self.draining = False
@@ -183,6 +184,17 @@ class Service:
         name = name or self.settings.default_head
         return self.registry.get(name) if version is None else self.registry.get_version(name, version)
 
+    async def _head_off_loop(self, name: str | None, version: int | None) -> Head:
+        """:meth:`head`, with a pinned version that is not loaded yet read and verified in a thread, not on
+        the event loop."""
+        if version is not None:
+            self._require_ready()
+            cached = self.registry.cached_version(valid_head_name(name or self.settings.default_head), version)
+            if cached is None:
+                return await asyncio.to_thread(self.head, name, version)
+            return cached
+        return self.head(name, version)
+
     def head_record(self, name: str) -> tuple[Version, Head | None, TlserveError | None]:
         """What the store holds for ``name`` (its current version's card), the served head, its error."""
         version = self.registry.store.get(name)
@@ -246,7 +258,7 @@ class Service:
         """The one inference path: head lookup (before any work) → response cache → decode → batch →
         extractor → head. Images are counted here, once: ``ok`` (inferred), ``cached``, ``error``."""
         info, batcher = self._require_ready()
-        head = self.head(request.head, request.version) if request.classify else None
+        head = await self._head_off_loop(request.head, request.version) if request.classify else None
         items, cache = request.items, self.cache if self.cache.enabled else None
         keys = [cache.key(info.sha256, it.data) if cache is not None and it.error is None else None for it in items]
         hits = {i: v for i, k in enumerate(keys) if k is not None and cache is not None and (v := cache.get(k)) is not None}

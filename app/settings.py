@@ -110,6 +110,11 @@ class Settings(BaseSettings):
     head_poll_interval_s: float = Field(
         5.0, ge=0, description="How often to look for heads written or changed by `tlserve train` (0 = only POST .../reload)."
     )
+    pinned_versions_cached: int = Field(
+        4,
+        ge=0,
+        description="Non-current head versions kept loaded for requests that pin one (`?version=`), least recently used out first; each use costs one `stat` of its card (0: read, hashed and checked for every such request).",
+    )
 
     # --- dynamic batching
     max_batch_size: int = Field(16, ge=1, description="Most images in one ONNX Runtime run.")
@@ -186,6 +191,11 @@ class Settings(BaseSettings):
         1,
         ge=0,
         description="Training jobs one replica runs at a time; a further `POST /v1/heads/{name}/train` gets 429 + Retry-After (0: this replica trains nothing).",
+    )
+    compare_concurrency: int = Field(
+        1,
+        ge=1,
+        description="`GET /v1/heads/{name}/compare` requests one replica scores at a time; a further one gets 429 + Retry-After.",
     )
     training_batch_images: int = Field(
         1,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -26,6 +27,8 @@ if TYPE_CHECKING:
 MANIFEST = "manifest.json"
 CALIBRATION_TABLE = "int8_calibration.json"  # app.quantize.CalibrationTable: the INT8 copy's activation ranges
 PRECISIONS = ("auto", "fp32", "int8")
+MAX_JSON_BYTES = 64 * 1024 * 1024
+"""Largest JSON file of the store read (a card or job record is a few KiB; an example store's labels ~200 B a photo)."""
 
 
 def _umask() -> int:
@@ -61,9 +64,46 @@ def write_json(path: Path, obj: Any) -> None:
     atomic_write(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
-def read_json(path: Path) -> dict[str, Any]:
+def read_regular(path: Path, max_bytes: int) -> bytes:
+    """A file's bytes, never more than ``max_bytes``: opened without following a link (``O_NOFOLLOW``) and
+    without waiting for a writer (``O_NONBLOCK``), read only if it is a regular file, and read to the cap
+    + 1, so a link to ``/dev/zero``, a FIFO or a file growing under us is an :class:`ArtifactError`, never
+    a hang or a MemoryError. FileNotFoundError passes through (callers name what is missing)."""
     try:
-        obj = json.loads(path.read_text())
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        if os.path.islink(path):
+            raise ArtifactError(f"{path} is a symbolic link; the store reads regular files only") from None
+        raise ArtifactError(f"{path} is unreadable: {type(exc).__name__}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ArtifactError(
+                f"{path} is not a regular file (mode {stat.filemode(st.st_mode)}); the store reads regular files only"
+            )
+        if st.st_size > max_bytes:
+            raise ArtifactError(f"{path} is {st.st_size} bytes, over the limit of {max_bytes}")
+        chunks, left = [], max_bytes + 1
+        while left > 0:
+            chunk = os.read(fd, min(left, 1 << 20))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+        if left <= 0:
+            raise ArtifactError(f"{path} grew past the limit of {max_bytes} bytes while it was read")
+        return b"".join(chunks)
+    except OSError as exc:
+        raise ArtifactError(f"{path} is unreadable: {type(exc).__name__}") from None
+    finally:
+        os.close(fd)
+
+
+def read_json(path: Path, max_bytes: int = MAX_JSON_BYTES) -> dict[str, Any]:
+    try:
+        obj = json.loads(read_regular(path, max_bytes))
     except FileNotFoundError:
         raise ArtifactError(f"{path} does not exist") from None
     except (OSError, ValueError) as exc:
@@ -217,6 +257,9 @@ class ModelStore:
         if not info.path.exists():
             command = "tlserve export" + (" --int8" if info.precision != "fp32" else "")
             raise ArtifactError(f"{info.path} is missing: run `{command}`")
+        mode = info.path.stat().st_mode  # a link to a copy is fine (the sha256 decides); a FIFO or device is not
+        if not stat.S_ISREG(mode):
+            raise ArtifactError(f"{info.path} is not a regular file (mode {stat.filemode(mode)}); the extractor must be one")
         if verify:
             actual = sha256_file(info.path)
             if actual != info.sha256:

@@ -110,7 +110,7 @@ class Upload:
 
 def valid_label(label: str, where: str) -> str:
     """A class label is named like a head (it becomes a folder name, a card entry, a metrics label)."""
-    if not HEAD_NAME.match(label) or ".." in label:
+    if not HEAD_NAME.fullmatch(label) or ".." in label:
         raise InvalidLabel(
             f"invalid class label {label[:80]!r} ({where}): use letters, digits, '_', '-', '.' (at most 64, not starting with '.')"
         )

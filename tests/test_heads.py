@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from app.errors import ArtifactError, HeadNotFound, IncompatibleHead
-from app.heads import describe
+from app.heads import ARRAY_FILES, describe
 from app.registry import load_head, save_head
 from app.store import ModelStore
 
@@ -85,7 +85,7 @@ def test_save_adds_a_version_and_keeps_the_old_one(fresh_tiny_store: ModelStore)
     new = card_of(fresh_tiny_store)
     assert new["pickle"] != old["pickle"] and new["version"] == version.version == old["version"] + 1
     assert heads.versions("colors") == [old["version"], new["version"]] and heads.current_version("colors") == new["version"]
-    assert new["schema"] == 2 and set(new["artifacts"]) == {new["pickle"]}
+    assert new["schema"] == 2 and set(new["artifacts"]) == {new["pickle"], *ARRAY_FILES.values()}
     assert sorted(p.name for p in heads.current_folder("colors").glob("*.pkl")) == [new["pickle"]]
     assert not list(heads.current_folder("colors").glob(".*tmp"))
     assert load_head(heads, "colors").sha256 == new["pickle_sha256"]

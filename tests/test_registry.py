@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from app.errors import ArtifactError, HeadNotFound, VersionConflict, VersionNotFound
+from app.heads import ARRAY_FILES
 from app.registry import CARD, CURRENT, HeadStore, load_head, save_head
 from app.store import ModelStore
 from tests.helpers import ADMIN, REPO, ServerProcess, image_bytes
@@ -45,7 +46,7 @@ def test_trained_head_is_version_1_with_artifacts_and_current(tiny_store: ModelS
     card = heads.get("colors").card
     assert card["schema"] == 2 and card["version"] == 1
     assert set(card["artifacts"]) == {card["pickle"], "confusion_matrix.png", "oof_proba.npy", "folds.json", "familiarity_bank.npy",
-                                      "familiarity_labels.npy", "familiarity_center.npy"}  # fmt: skip
+                                      "familiarity_labels.npy", "familiarity_center.npy", *ARRAY_FILES.values()}  # fmt: skip
     for file, sha in card["artifacts"].items():
         assert heads.get("colors").read(file) and len(sha) == 64
 
@@ -206,3 +207,32 @@ def wait_for(check: Callable[[], bool], timeout: float = 15.0) -> None:
             return
         time.sleep(0.1)
     raise AssertionError("condition not met in time")
+
+
+def test_names_are_matched_whole_not_up_to_a_trailing_newline(
+    fresh_tiny_store: ModelStore, server_factory: Callable[..., ServerProcess]
+) -> None:
+    """'$' accepts "name\\n": the issue's look-alike head "cats_vs_dogs\\n" took three photos with 200 (item 7)."""
+    from app.errors import InvalidLabel, JobNotFound
+    from app.jobs import JobStore
+    from app.registry import valid_artifact_name, valid_head_name
+    from app.uploads import valid_label
+
+    heads = fresh_tiny_store.heads
+    for bad in ("colors\n", "colors\n\n"):
+        with pytest.raises(HeadNotFound, match="invalid head name"):
+            valid_head_name(bad)
+        with pytest.raises(InvalidLabel):
+            valid_label(bad, "a form field")
+        with pytest.raises(ArtifactError, match="invalid artifact file name"):
+            valid_artifact_name(bad)
+    with pytest.raises(JobNotFound, match="32 hex digits"):
+        JobStore(heads).path("0" * 32 + "\n")
+    (heads.folder("colors") / CURRENT).write_text(f"{heads.current_version('colors')}\n")  # a newline *around* it is fine
+    assert heads.current_version("colors") == 1
+
+    server = server_factory(fresh_tiny_store, default_head="colors")
+    photo = image_bytes((210, 40, 40), "PNG", size=(32, 32), noise=15)
+    r = httpx.post(f"{server.url}/v1/heads/colors%0A/examples", files=[("red", (f"{i}.png", photo)) for i in range(3)])
+    assert r.status_code == 404 and r.json()["error"]["code"] == "head_not_found", r.text
+    assert sorted(p.name for p in heads.root.iterdir() if not p.name.startswith(".")) == ["colors"]

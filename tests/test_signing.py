@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -13,10 +14,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from app.errors import ArtifactError, UntrustedHead
+from app.errors import ArtifactError, MisplacedHead, UntrustedHead
+from app.heads import ARRAY_FILES
 from app.registry import CARD, HeadStore, copy_version, load_head
 from app.settings import Settings
-from app.signing import generate, load_private_key, load_public_keys
+from app.signing import generate, load_private_key, load_public_keys, sign
 from app.store import ModelStore
 from tests.helpers import ADMIN, REPO, ServerProcess, image_bytes
 
@@ -81,7 +83,7 @@ def test_signature_covers_every_artifact(fresh_tiny_store: ModelStore, keys) -> 
     card = heads.get("colors").card
     assert card["signature"]["alg"] == "ed25519"
     assert set(card["artifacts"]) == {card["pickle"], "confusion_matrix.png", "oof_proba.npy", "folds.json", "familiarity_bank.npy",
-                                      "familiarity_labels.npy", "familiarity_center.npy"}  # fmt: skip
+                                      "familiarity_labels.npy", "familiarity_center.npy", *ARRAY_FILES.values()}  # fmt: skip
 
 
 def test_training_with_a_signing_key_signs(fresh_tiny_store: ModelStore, keys, tmp_path: Path) -> None:
@@ -142,3 +144,76 @@ def test_replica_with_verify_keys_serves_signed_heads_only(
     r = httpx.post(f"{server.url}/v1/classify", content=RED, headers={"content-type": "image/png"})
     assert r.status_code == 200 and r.json()["version"] == 2
     assert httpx.get(f"{server.url}/v1/models/colors").json()["error"].find("not signed") >= 0
+
+
+def test_a_signed_version_copied_to_another_name_or_number_is_refused(fresh_tiny_store: ModelStore, keys) -> None:
+    """Signatures bind name and version: `cp -r heads/colors/2 heads/triage/7` is not head triage v7, and an
+    old signed version copied over a newer number is not that version (issue 24, item 5)."""
+    store = fresh_tiny_store
+    space = store.extractor().feature_space
+    signed = signed_store(store, keys["trainer"][0])
+    trusted = HeadStore(store.heads_dir, verify_keys=load_public_keys(keys["trainer"][1]))
+    assert load_head(trusted, "colors", space).version == 2
+    source = signed.version_folder("colors", 2)
+    shutil.copytree(source, store.heads_dir / "triage" / "7")
+    with pytest.raises(MisplacedHead, match="card is head 'colors'") as refused:
+        load_head(trusted, "triage", space)
+    assert refused.value.code == "head_misplaced" and refused.value.status_code == 409
+    shutil.copytree(source, store.heads_dir / "colors" / "5")  # replayed as a newer version of the same head
+    with pytest.raises(MisplacedHead, match="card is version 2's"):
+        load_head(trusted, "colors", space, version=5)
+    with pytest.raises(MisplacedHead):  # without verify keys the store checks the folder all the same
+        load_head(store.heads, "triage", space)
+
+
+def test_a_signature_that_does_not_cover_name_and_version_is_refused(fresh_tiny_store: ModelStore, keys) -> None:
+    """tlserve has always signed name and version (they are in the card it signs); a signed card without
+    them was not written by it and is refused, to be re-signed with `tlserve sign`."""
+    store = fresh_tiny_store
+    signed_store(store, keys["trainer"][0])
+    card_path = store.heads.version_folder("colors", 2) / CARD
+    card = json.loads(card_path.read_text())
+    assert card["name"] == "colors" and card["version"] == 2 and "signature" in card  # what every signed card holds
+    bare = {k: v for k, v in card.items() if k not in ("name", "version", "signature")}
+    card_path.write_text(json.dumps(sign(bare, load_private_key(str(keys["trainer"][0])))))
+    trusted = HeadStore(store.heads_dir, verify_keys=load_public_keys(keys["trainer"][1]))
+    with pytest.raises(MisplacedHead, match="re-sign it with `tlserve sign`"):
+        load_head(trusted, "colors", version=2)
+
+
+def test_sign_checks_what_it_signs(fresh_tiny_store: ModelStore, keys, tmp_path: Path) -> None:
+    """`tlserve sign` loads and checks a version before signing it: a malicious or crafted pickle with a
+    consistent card is refused and nothing is written; a pickle-only head gets its .npy arrays (issue 24, item 7)."""
+    import hashlib
+    import pickle
+
+    from tests.test_safe_heads import _Reduce, save_pickle_only
+
+    store = fresh_tiny_store
+    env = {"TLSERVE_MODEL_STORE": str(store.root), "TLSERVE_HEAD_SIGNING_KEY": str(keys["trainer"][0])}
+    marker = tmp_path / "pwned"
+    genuine = store.heads.get("colors")
+    save_pickle_only(store.heads, "evil", _Reduce(os.system, f"touch {marker}"), genuine.card)
+    r = cli("sign", "evil", env=env)
+    assert r.returncode == 1 and "refers to posix.system" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert store.heads.versions("evil") == [1] and not marker.exists()
+
+    # a new-format version whose interchange pickle is not what it serves (the card is consistent, unsigned)
+    files = {f: genuine.read(f) for f in genuine.artifacts}
+    other = load_head(store.heads, "colors").estimator
+    other.coef_ = -other.coef_
+    files[genuine.card["pickle"]] = blob = pickle.dumps(other, protocol=5)
+    card = {k: v for k, v in genuine.card.items() if k not in ("name", "artifacts", "version", "schema")}
+    store.heads.save("colors", files, {**card, "pickle_sha256": hashlib.sha256(blob).hexdigest()})
+    r = cli("sign", "colors", env=env)
+    assert r.returncode == 1 and "pickle's coef_ differs from head_coef.npy" in r.stderr, r.stderr
+    assert store.heads.versions("colors") == [1, 2]
+
+    # a pickle-only head (the format from before the arrays): checked, signed, and given its arrays
+    save_pickle_only(store.heads, "old", load_head(store.heads, "colors", version=1).estimator, genuine.card)
+    r = cli("sign", "old", env=env)
+    assert r.returncode == 0 and "checked" in r.stdout and "signed as version 2" in r.stdout, r.stderr
+    trusted = HeadStore(store.heads_dir, verify_keys=load_public_keys(keys["trainer"][1]))
+    signed = trusted.get("old")
+    assert signed.card["arrays"] == ARRAY_FILES and set(ARRAY_FILES.values()) <= set(signed.artifacts)
+    assert load_head(trusted, "old", store.extractor().feature_space).version == 2

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -162,3 +163,88 @@ def test_hostile_head_names_touch_no_file(path: str, tiny_store: ModelStore, ser
     server = server_factory(tiny_store, default_head="colors")
     r = httpx.get(server.url + path)
     assert r.status_code == 404 and "Traceback" not in r.text
+
+
+def test_a_pinned_version_is_verified_once_not_at_every_request(fresh_tiny_store: ModelStore) -> None:
+    """A non-current version pinned by requests is loaded (read, hashed, checked) once and kept while its
+    card is the same file; a card replaced on disk is verified again; pinned_versions_cached=0 keeps none."""
+    from app.registry import CARD, HeadRegistry
+    from app.store import atomic_write
+
+    store = fresh_tiny_store
+    add_version(store, flip=True)
+    space = store.extractor().feature_space
+    registry = HeadRegistry(store.heads, space, pinned_cache=2)
+    registry.load_all()
+    assert registry.get("colors").version == 1
+    first = registry.get_version("colors", 2)
+    assert registry.get_version("colors", 2) is first  # no second load
+    assert registry.get_version("colors", 1) is registry.get("colors")  # the served one
+    card = store.heads.version_folder("colors", 2) / CARD
+    atomic_write(card, card.read_bytes())  # the same bytes in a new file: loaded and verified again
+    again = registry.get_version("colors", 2)
+    assert again is not first and registry.get_version("colors", 2) is again
+    atomic_write(card, card.read_bytes().replace(b'"version": 2', b'"version": 1'))  # now a lie: refused at once
+    with pytest.raises(Exception, match="card is version 1's"):
+        registry.get_version("colors", 2)
+    uncached = HeadRegistry(store.heads, space, pinned_cache=0)
+    atomic_write(card, card.read_bytes().replace(b'"version": 1', b'"version": 2'))
+    assert uncached.get_version("colors", 2) is not uncached.get_version("colors", 2)
+
+
+def _io_read_bytes(pid: int) -> int:
+    """Bytes the process has read by read(2) and friends (files and sockets): /proc/PID/io ``rchar``."""
+    for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    raise AssertionError("no rchar")
+
+
+def test_compare_extracts_the_validation_set_once_and_is_bounded(
+    fresh_tiny_store: ModelStore, server_factory: Callable[..., ServerProcess]
+) -> None:
+    """A second compare reads no validation photo again (measured: the server's read bytes), and answers
+    the same; compare_concurrency bounds how many a replica scores at once (429 beyond it)."""
+    server = server_factory(fresh_tiny_store, default_head="colors", job_heartbeat_s=0.5)
+    photos = {label: [image_bytes(color, "PNG", size=(640, 640), noise=60, seed=i) for i in range(8)]
+              for label, color in (("red", (210, 40, 40)), ("blue", (40, 40, 210)))}  # fmt: skip
+    smallest = min(len(p) for ps in photos.values() for p in ps)  # ~1.2 MB
+    for first, n in ((0, 6), (6, 2)):
+        files = [
+            (label, (f"{label}{i}.png", ps[i], "image/png")) for label, ps in photos.items() for i in range(first, first + n)
+        ]
+        r = httpx.post(f"{server.url}/v1/heads/pets/train", files=files, data={"val_fraction": "0.4"}, timeout=60)
+        assert r.status_code == 202, r.text
+        deadline = time.monotonic() + 120
+        while (job := httpx.get(server.url + r.headers["location"]).json())["state"] not in ("succeeded", "failed"):
+            assert time.monotonic() < deadline, job
+            time.sleep(0.05)
+        assert job["state"] == "succeeded", job
+    assert server.proc is not None
+    url = f"{server.url}/v1/heads/pets/compare?a=1&b=2"
+    before = _io_read_bytes(server.proc.pid)
+    one = httpx.get(url, timeout=60)
+    middle = _io_read_bytes(server.proc.pid)
+    two = httpx.get(url, timeout=60)
+    after = _io_read_bytes(server.proc.pid)
+    assert one.status_code == 200 and two.json() == one.json(), one.text
+    validation = one.json()["validation_images"]
+    assert validation >= 4
+    assert middle - before >= validation * smallest  # the first compare read (and hashed) every validation photo
+    # the second read none of them (what it does read, ~0.5 MB a call here, does not grow with the photos)
+    assert after - middle < smallest, (middle - before, after - middle)
+
+
+def test_compare_concurrency_is_a_named_limit(fresh_tiny_store: ModelStore) -> None:
+    from app.errors import TooManyJobs
+    from app.jobs import JobRunner
+    from app.service import Service
+    from app.settings import Settings
+
+    runner = JobRunner(Service(Settings(model_store=fresh_tiny_store.root, compare_concurrency=1, intra_op_threads=1)))
+    with runner.comparing():
+        with pytest.raises(TooManyJobs, match="compare_concurrency=1") as refused, runner.comparing():
+            pass
+        assert refused.value.status_code == 429
+    with runner.comparing():  # the place is given back
+        pass

@@ -173,5 +173,6 @@ async def compare(
         )
     val = [snap.examples[s] for s in snap.validation if s in snap.examples]
     jobs: JobRunner = request.app.state.jobs
-    scored = {v: await asyncio.to_thread(jobs.score, head, store, val) for v, head in versions.items()}
+    with jobs.comparing():  # 429 beyond compare_concurrency; the validation features are extracted once
+        scored = {v: await asyncio.to_thread(jobs.score, head, store, val) for v, head in versions.items()}
     return Comparison(head=name, validation_images=len(val), a=Scored(version=a, **scored[a]), b=Scored(version=b, **scored[b]))
