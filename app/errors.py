@@ -32,6 +32,7 @@
     └── ModelError (500/503)
         ├── ArtifactError        500  a model file is missing, changed, or fails its checksum
         ├── IncompatibleHead     409  a head trained on another extractor
+        │   └── Int8Mismatch     409  a head whose answers on the INT8 copy fell below the gate (INT8 served)
         ├── IncompatibleFeatures 409  cached features of another extractor (never mixed in)
         ├── UntrustedHead        409  a head that is unsigned or wrongly signed while verify keys are set
         │   └── MisplacedHead    409  a version whose (signed) card names another head or version than its folder
@@ -196,6 +197,10 @@ class ArtifactError(ModelError):
 class IncompatibleHead(ModelError):
     status_code = 409
     code = "incompatible_head"
+
+
+class Int8Mismatch(IncompatibleHead):
+    code = "head_int8_mismatch"
 
 
 class IncompatibleFeatures(ModelError):

@@ -51,6 +51,7 @@ from app.errors import (
     ArtifactError,
     HeadNotFound,
     IncompatibleHead,
+    Int8Mismatch,
     MisplacedHead,
     TlserveError,
     VersionConflict,
@@ -389,7 +390,8 @@ def check_place(version: Version) -> None:
         raise MisplacedHead(f"{where}: its card is version {str(number)[:20]}'s; a version is never served under another number")
 
 
-def load_version(version: Version, feature_space: str | None, verify_keys: dict[str, Ed25519PublicKey] | None = None) -> Head:
+def load_version(version: Version, feature_space: str | None, verify_keys: dict[str, Ed25519PublicKey] | None = None,
+                 *, int8: bool = False) -> Head:  # fmt: skip
     """Verified load of one version: signature → card in its folder → extractor fingerprint → artifact
     sha256 → the estimator from its ``.npy`` arrays (or, for a version without them, its safely unpickled pickle)."""
     card = version.card
@@ -412,6 +414,8 @@ def load_version(version: Version, feature_space: str | None, verify_keys: dict[
             f"{where} was trained on extractor {head_extractor[:12]}{_described(card)}, the loaded extractor is "
             f"{feature_space[:12]}: retrain it with `tlserve train` (features differ between extractors)"
         )
+    if int8:
+        _check_int8(card, where)
     feature_dim = (card.get("extractor") or {}).get("feature_dim")
     arrays = None if version.legacy else card.get("arrays")  # a flat card (from before versions) has only its pickle
     if arrays is None:
@@ -425,8 +429,23 @@ def load_version(version: Version, feature_space: str | None, verify_keys: dict[
     return build_head(version.name, version.version, classes, estimator, card, feature_dim if type(feature_dim) is int else None)
 
 
-def load_head(heads: HeadStore, name: str, feature_space: str | None = None, version: int | None = None) -> Head:
-    return load_version(heads.get(name, version), feature_space, heads.verify_keys)
+def _check_int8(card: dict[str, Any], where: str) -> None:
+    """Served on the INT8 copy: refuse a head whose own check (its card's ``int8``, written when it was trained)
+    found its answers on INT8 features below the gate. Refused rather than served on fp32 features: that would
+    take a second engine (its memory, its own batches, 3.5x the CPU) for one head; the error names the fixes."""
+    check = card.get("int8")
+    if isinstance(check, dict) and check.get("checked") and check.get("passed") is False:
+        raise Int8Mismatch(
+            f"{where} agrees with its fp32 answers on only {float(check.get('agreement', 0)):.1%} of its "
+            f"{check.get('images')} held-out photos on the INT8 extractor (the gate is "
+            f"{float(check.get('min_agreement', 0)):.1%}): serve it with TLSERVE_PRECISION=fp32, or retrain it "
+            "after `tlserve export --calibration-dir DIR` with photos like its own"
+        )
+
+
+def load_head(heads: HeadStore, name: str, feature_space: str | None = None, version: int | None = None,
+              *, int8: bool = False) -> Head:  # fmt: skip
+    return load_version(heads.get(name, version), feature_space, heads.verify_keys, int8=int8)
 
 
 class HeadRegistry:
@@ -436,6 +455,7 @@ class HeadRegistry:
     def __init__(self, store: HeadStore, feature_space: str, *, pinned_cache: int = 4) -> None:
         self.store = store
         self.feature_space = feature_space
+        self.int8 = False  # the served extractor is the INT8 copy (set by the service): heads that fail it are refused
         self.heads: dict[str, Head] = {}
         self.errors: dict[str, TlserveError] = {}
         self._stamps: dict[str, tuple[object, ...]] = {}
@@ -454,7 +474,7 @@ class HeadRegistry:
 
     def _load(self, name: str) -> Head:
         self._stamps[name] = self.store.stamp(name)
-        head = load_head(self.store, name, self.feature_space)
+        head = load_head(self.store, name, self.feature_space, int8=self.int8)
         self.heads[name] = head  # one dict assignment: requests see the old or the new head, never a mix
         self.errors.pop(name, None)
         return head
@@ -501,7 +521,7 @@ class HeadRegistry:
         if cached is not None:
             return cached
         stamp = self._card_stamp(name, version)
-        head = load_head(self.store, name, self.feature_space, version)
+        head = load_head(self.store, name, self.feature_space, version, int8=self.int8)
         if self.pinned_cache > 0 and stamp is not None and stamp == self._card_stamp(name, version):
             key = (name, version, self.feature_space)
             with self._pinned_lock:

@@ -110,6 +110,7 @@ class Service:
         warm = self.extractor.warm_up((1, min(s.max_batch_size, 8)))
         log.info("warm-up done in %.2fs", warm)
         self.registry.feature_space = self.info.feature_space
+        self.registry.int8 = self.info.precision == "int8"
         self.registry.load_all()
         for head in list(self.registry.heads.values()):
             with contextlib.suppress(TlserveError):  # a bad familiarity file is reported when the head is used

@@ -250,3 +250,29 @@ def test_a_head_trained_without_an_int8_copy_says_it_was_not_checked(fresh_tiny_
     data = write_color_dataset(tmp_path / "data", per_class=10)
     trained = Trainer(Settings(model_store=fresh_tiny_store.root, intra_op_threads=1), progress=False).train(data, "later", c=1.0)
     assert trained.card["int8"]["checked"] is False and "no INT8 copy to check against" in trained.card["int8"]["reason"]
+
+
+def test_a_head_that_failed_its_int8_check_is_refused_by_name_where_int8_is_served(
+    int8_store: ModelStore, tmp_path: Path, server_factory
+) -> None:
+    """The card's own check decides (here: recorded as failed, as a head with 97% agreement would be): on the INT8
+    extractor the head is refused with a named error and the fixes; on fp32 it serves; the other heads serve on both."""
+    shutil.copytree(int8_store.root, tmp_path / "store")
+    store = ModelStore(tmp_path / "store")
+    data = write_color_dataset(tmp_path / "data", per_class=10)
+    trained = Trainer(Settings(model_store=store.root, intra_op_threads=1), progress=False).train(data, "fragile", c=1.0)
+    card_path = trained.version.folder / "card.json"
+    card = json.loads(card_path.read_text())
+    card["int8"] = {**card["int8"], "agreement": 0.97, "passed": False}
+    card_path.write_text(json.dumps(card))
+    png = {"content": image_bytes((40, 40, 210), "PNG", size=(32, 32)), "headers": {"content-type": "image/png"}}
+
+    int8 = server_factory(store, default_head="colors", precision="int8")
+    r = httpx.post(int8.url + "/v1/classify", params={"head": "fragile"}, **png)
+    assert r.status_code == 409 and r.json()["error"]["code"] == "head_int8_mismatch", r.text
+    message = r.json()["error"]["message"]
+    assert "97.0% of its" in message and "TLSERVE_PRECISION=fp32" in message
+    assert httpx.post(int8.url + "/v1/classify", params={"head": "colors"}, **png).status_code == 200
+
+    fp32 = server_factory(store, default_head="colors", precision="fp32")
+    assert httpx.post(fp32.url + "/v1/classify", params={"head": "fragile"}, **png).status_code == 200

@@ -233,6 +233,8 @@ def test_names_are_matched_whole_not_up_to_a_trailing_newline(
 
     server = server_factory(fresh_tiny_store, default_head="colors")
     photo = image_bytes((210, 40, 40), "PNG", size=(32, 32), noise=15)
-    r = httpx.post(f"{server.url}/v1/heads/colors%0A/examples", files=[("red", (f"{i}.png", photo)) for i in range(3)])
+    r = httpx.post(
+        f"{server.url}/v1/heads/colors%0A/examples", files=[("red", (f"{i}.png", photo)) for i in range(3)], headers=ADMIN
+    )
     assert r.status_code == 404 and r.json()["error"]["code"] == "head_not_found", r.text
     assert sorted(p.name for p in heads.root.iterdir() if not p.name.startswith(".")) == ["colors"]

@@ -213,7 +213,7 @@ def test_compare_extracts_the_validation_set_once_and_is_bounded(
         files = [
             (label, (f"{label}{i}.png", ps[i], "image/png")) for label, ps in photos.items() for i in range(first, first + n)
         ]
-        r = httpx.post(f"{server.url}/v1/heads/pets/train", files=files, data={"val_fraction": "0.4"}, timeout=60)
+        r = httpx.post(f"{server.url}/v1/heads/pets/train", files=files, data={"val_fraction": "0.4"}, timeout=60, headers=ADMIN)
         assert r.status_code == 202, r.text
         deadline = time.monotonic() + 120
         while (job := httpx.get(server.url + r.headers["location"]).json())["state"] not in ("succeeded", "failed"):
