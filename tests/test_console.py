@@ -16,7 +16,7 @@ import pytest
 
 from app.api.console import ASSETS
 from app.store import ModelStore
-from tests.helpers import REPO, ServerProcess, image_bytes
+from tests.helpers import ADMIN_KEY, REPO, ServerProcess, image_bytes
 from tests.test_versions import add_version
 
 try:
@@ -202,12 +202,36 @@ def test_console_files_carry_a_csp_without_inline_script_and_no_key_is_needed(
 # --- in the browser, against today's routes (tiny store: fast) ----------------------------------------
 
 
+def use_admin_key(page: Page) -> None:
+    """Type the test servers' admin key (tests/helpers.py ADMIN_KEY) as a person would, and keep it for the tab."""
+    page.type("#admin-key", ADMIN_KEY)
+    page.click("#keys-save")
+    page.wait_text("#keys-status", "Keys kept for this tab: admin key")
+
+
+def test_console_asks_for_the_admin_key_when_an_admin_operation_is_refused(
+    page: Page, fresh_tiny_store: ModelStore, server_factory: Callable[..., ServerProcess]
+) -> None:
+    add_version(fresh_tiny_store)
+    server = server_factory(fresh_tiny_store, default_head="colors", admin_keys="")  # no admin key set at all
+    page.open(server)
+    page.wait_text("#heads-list", "Versions of colors")
+    page.click("[data-head='colors'] tr[data-version='2'] button.promote")
+    message = page.wait_text("[data-head='colors'] .head-status", "Error 403 (admin_disabled)")
+    assert "TLSERVE_ADMIN_KEYS" in message
+    field = page.find("#admin-key")
+    assert field.get_attribute("aria-invalid") == "true" and page.driver.switch_to.active_element == field
+    page.shot("admin-disabled")
+    assert page.problems() == []
+
+
 def test_console_classifies_promotes_and_rolls_back_showing_hostile_names_as_text(
     page: Page, fresh_tiny_store: ModelStore, server_factory: Callable[..., ServerProcess], tmp_path: Path
 ) -> None:
     add_version(fresh_tiny_store, flip=True)  # version 2 answers blue for red photos; not promoted
     server = server_factory(fresh_tiny_store, default_head="colors")
     page.open(server)
+    use_admin_key(page)
     page.wait_text("#heads-list", "Versions of colors")
     rows = page.all("[data-head='colors'] table.versions tbody tr")
     assert [r.get_attribute("data-version") for r in rows] == ["1", "2"]
@@ -315,6 +339,7 @@ def test_console_creates_a_head_from_photos_classifies_retrains_compares_and_rol
 ) -> None:
     server = server_factory(empty_real_store)
     page.open(server)
+    use_admin_key(page)
     page.wait_text("#heads-list", "Versions of cats_vs_dogs")
     page.shot("empty-store")
 

@@ -323,7 +323,7 @@ def test_image_and_compose_healthchecks_probe_a_live_server(tiny_store, server_f
         return subprocess.run([sys.executable, *cmd[1:]], env=env, capture_output=True, timeout=30, check=False).returncode
 
     serving = server_factory(tiny_store, default_head="colors")
-    not_ready = server_factory(tiny_store, wait_ready=False, default_head="missing")  # alive, never ready
+    not_ready = server_factory(tiny_store, wait_ready=False, default_head="colors", require_gpu="true")  # alive, never ready here
     assert probe(live, serving.port) == 0 and probe(ready[1:], serving.port) == 0
     assert probe(live, not_ready.port) == 0 and probe(ready[1:], not_ready.port) != 0
     nothing = free_port()

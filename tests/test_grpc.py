@@ -436,7 +436,7 @@ def test_grpc_is_off_and_not_imported_by_default(tiny_store: ModelStore) -> None
         "import sys; from starlette.testclient import TestClient; from app.main import create_app; import app.server; "
         "from app.settings import Settings; "
         f"s = Settings(model_store={str(tiny_store.root)!r}, default_head='colors', intra_op_threads=1, head_poll_interval_s=0); "
-        "c = TestClient(create_app(s)).__enter__(); assert c.get('/readyz').status_code == 200; "
+        "c = TestClient(create_app(s), base_url='http://localhost').__enter__(); assert c.get('/readyz').status_code == 200; "
         "print(sorted({m.split('.')[0] for m in sys.modules if m.split('.')[0] in ('grpc', 'grpc_health')}))"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)

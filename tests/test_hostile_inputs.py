@@ -26,7 +26,7 @@ from PIL import Image
 
 from app.imaging import load_image
 from app.store import ModelStore
-from tests.helpers import REPO, ServerProcess, image_bytes
+from tests.helpers import ADMIN, REPO, ServerProcess, image_bytes
 
 BODY_LIMIT = 1_000_000
 PIXEL_LIMIT = 4_000_000
@@ -424,7 +424,7 @@ REQUEST_KINDS = [
     RequestKind("head-dotdot-path-reload", {}, 404, "not_found", path="/v1/models/..%2F..%2Fetc/reload"),
     RequestKind("head-dotdot-path-card", {}, 404, "head_not_found", path="/v1/models/..colors", method="GET"),
     RequestKind("head-unicode-path", {}, 404, "head_not_found", path="/v1/models/caf%C3%A9%E2%80%AE", method="GET"),
-    RequestKind("head-missing", {}, 404, "head_not_found", path="/v1/models/nope/reload"),
+    RequestKind("head-missing", {"headers": ADMIN}, 404, "head_not_found", path="/v1/models/nope/reload"),
     RequestKind("unknown-path", {}, 404, "not_found", path="/v1/../../etc/passwd", method="GET"),
     RequestKind("wrong-method", {}, 405, "method_not_allowed", method="GET"),
 ]

@@ -302,7 +302,7 @@ def test_off_imports_no_opentelemetry_of_its_own(tiny_store: ModelStore) -> None
         "from app.main import create_app\n"
         "from app.settings import Settings\n"
         f"s = Settings(model_store={str(tiny_store.root)!r}, default_head='colors', intra_op_threads=1, head_poll_interval_s=0)\n"
-        "with TestClient(create_app(s)) as c:\n"
+        "with TestClient(create_app(s), base_url='http://localhost') as c:\n"
         "    r = c.post('/v1/classify', content=open(sys.argv[1], 'rb').read(), headers={'content-type': 'image/png'})\n"
         "    assert r.status_code == 200 and 'traceparent' not in r.headers, r.text\n"
         "print(app.tracing.enabled, sorted({m for m in sys.modules if m.startswith('opentelemetry')} - before))\n"
