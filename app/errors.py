@@ -47,6 +47,8 @@ itself (unknown route, wrong method, its own validation) get the codes in :data:
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 class TlserveError(Exception):
     status_code: int = 500
@@ -235,3 +237,11 @@ HTTP_CODES: dict[int, str] = {404: "not_found", 405: "method_not_allowed"}
 """Codes for errors the web framework raises itself; any other framework status is ``http_error``."""
 HTTP_ERROR = "http_error"
 INTERNAL_ERROR = TlserveError.code
+
+
+def redact(message: str, store_root: Path) -> str:
+    """``message`` without the model store's location on disk (artifact errors name their files)."""
+    for where in sorted({str(store_root.resolve()), str(store_root.absolute()), str(store_root)}, key=len, reverse=True):
+        if where not in ("", ".", "/"):
+            message = message.replace(where + "/", "<model_store>/")
+    return message

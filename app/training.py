@@ -476,9 +476,17 @@ class Trainer:
         try:
             int8 = self.store.extractor(verify=True, precision="int8")
         except TlserveError:  # (its message names server paths, which a card never holds)
-            return {"checked": False, "trained_on": "fp32", "reason": "no INT8 copy to check against (`tlserve export` makes one)"}
+            return {
+                "checked": False,
+                "trained_on": "fp32",
+                "reason": "no INT8 copy to check against (`tlserve export` makes one)",
+            }
         if int8.feature_space != self.info.sha256:
-            return {"checked": False, "trained_on": "fp32", "reason": "the INT8 copy failed its accuracy gate: not served for fp32 heads"}
+            return {
+                "checked": False,
+                "trained_on": "fp32",
+                "reason": "the INT8 copy failed its accuracy gate: not served for fp32 heads",
+            }
         if not held.paths:
             return {"checked": False, "trained_on": "fp32", "reason": "no held-out photos"}
         s = self.settings

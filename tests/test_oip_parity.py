@@ -220,7 +220,7 @@ def test_pinned_versions(server: ServerProcess, stub: Any) -> None:
     asked = both(server, stub, version="2", outputs=[("in_distribution", {})])
     assert asked["error"][0] == "INVALID_ARGUMENT" and "no familiarity data" in asked["error"][1]
     tampered = both(server, stub, version="3")
-    assert tampered["error"][0] == "FAILED_PRECONDITION", tampered
+    assert tampered["error"][0] == "INTERNAL" and "does not match its card" in tampered["error"][1]  # ArtifactError
     missing = both(server, stub, version="9")
     assert missing["error"][0] == "NOT_FOUND" and "versions: 1, 2, 3" in missing["error"][1]
 

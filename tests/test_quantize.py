@@ -122,7 +122,10 @@ def test_precision_chooses_the_served_extractor(
 
 
 def test_precision_int8_without_a_variant_names_it_and_the_command(tiny_store: ModelStore) -> None:
-    with pytest.raises(ArtifactError, match=r"records no int8 variant: run `tlserve export --int8` \(from int8_calibration.json\) or `tlserve export --int8 --calibration-dir DIR`"):
+    with pytest.raises(
+        ArtifactError,
+        match=r"records no int8 variant: run `tlserve export --int8` \(from int8_calibration.json\) or `tlserve export --int8 --calibration-dir DIR`",
+    ):
         tiny_store.extractor(precision="int8")
 
 
