@@ -32,14 +32,13 @@ not know").
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 from app.errors import ArtifactError
-from app.heads import from_npy
+from app.heads import from_npy, to_npy
 
 if TYPE_CHECKING:
     from app.heads import Head
@@ -150,14 +149,8 @@ class Familiarity:
 
     # --- artifacts ---------------------------------------------------------------------------
     def files(self) -> dict[str, bytes]:
-        out = {BANK_FILE: _npy(self.bank.astype(np.float16)), LABELS_FILE: _npy(self.labels.astype(np.int16))}
-        return {**out, CENTER_FILE: _npy(self.center.astype(np.float32))}
-
-
-def _npy(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
-    return buf.getvalue()
+        out = {BANK_FILE: to_npy(self.bank.astype(np.float16)), LABELS_FILE: to_npy(self.labels.astype(np.int16))}
+        return {**out, CENTER_FILE: to_npy(self.center.astype(np.float32))}
 
 
 def _load_npy(version: Version, file: str) -> np.ndarray:

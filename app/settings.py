@@ -291,9 +291,13 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _distinct_ports(self) -> Settings:
+        self.check_ports()
+        return self
+
+    def check_ports(self) -> None:
+        """Refuse (``ValueError``) one port for both fronts; also for a copy whose ``port`` the command line set."""
         if self.grpc_port and self.grpc_port == self.port:
             raise ValueError(f"grpc_port and port are both {self.port}: the gRPC and HTTP fronts need a port each")
-        return self
 
     def redacted(self) -> dict[str, object]:
         """The settings as JSON-ready values with every secret replaced by what it is (``tlserve settings``)."""
