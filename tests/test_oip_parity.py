@@ -9,10 +9,14 @@ uses, so both fronts read the same bytes; gRPC calls go through Triton's own gen
 
 from __future__ import annotations
 
+import ast
 import json
 import shutil
 import struct
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -21,7 +25,7 @@ import pytest
 
 from app.registry import CARD
 from app.store import ModelStore
-from tests.helpers import ServerProcess, free_port, image_bytes
+from tests.helpers import REPO, ServerProcess, free_port, image_bytes
 from tests.test_familiarity import _between
 from tests.test_versions import add_version
 
@@ -310,3 +314,30 @@ def test_store_is_as_described(store: ModelStore) -> None:
     cards = {v: json.loads((store.heads.version_folder("colors", v) / CARD).read_text()) for v in (1, 2, 3)}
     assert "familiarity" in cards[1] and "familiarity" not in cards[2]
     assert store.heads.get("colors").version == 1
+
+
+# --- the layering the two fronts rely on ---------------------------------------------------------
+def _imports(path: Path) -> set[str]:
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+    return found
+
+
+@pytest.mark.parametrize("package", ["grpc", "oip"])
+def test_grpc_and_the_protocol_layer_import_nothing_of_the_http_front(package: str) -> None:
+    files = sorted((REPO / "app" / package).glob("*.py"))
+    assert files
+    for path in files:  # every import, at module level or inside a function
+        bad = {m for m in _imports(path) if m == "app.api" or m.startswith("app.api.")}
+        assert not bad, f"{path.name} imports {bad}"
+    code = (
+        "import sys, app.grpc.server, app.oip.plane; "
+        "print(sorted(m for m in sys.modules if m == 'app.api' or m.startswith('app.api.')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"  # nor through anything they import
