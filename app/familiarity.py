@@ -257,14 +257,10 @@ def for_head(heads: HeadStore, head: Head, feature_dim: int | None) -> Familiari
 
 def auroc(familiar: np.ndarray, unfamiliar: np.ndarray) -> float:
     """Area under the ROC curve of telling ``familiar`` scores (positives) from ``unfamiliar`` ones
-    (the probability that a random familiar photo scores above a random unfamiliar one; ties count half)."""
-    a, b = np.asarray(familiar, np.float64), np.asarray(unfamiliar, np.float64)
-    both = np.concatenate([a, b])
-    order = both.argsort(kind="mergesort")
-    ranks = np.empty(len(both))
-    sorted_vals = both[order]
-    # average ranks of ties
-    _, first, counts = np.unique(sorted_vals, return_index=True, return_counts=True)
-    avg = first + (counts - 1) / 2 + 1
-    ranks[order] = np.repeat(avg, counts)
-    return float((ranks[: len(a)].sum() - len(a) * (len(a) + 1) / 2) / (len(a) * len(b)))
+    (the probability that a random familiar photo scores above a random unfamiliar one; ties count half):
+    scikit-learn's ``roc_auc_score``."""
+    from sklearn.metrics import roc_auc_score  # imported here: settings import this module
+
+    a, b = np.asarray(familiar, np.float64).ravel(), np.asarray(unfamiliar, np.float64).ravel()
+    truth = np.concatenate([np.ones(len(a)), np.zeros(len(b))])
+    return float(roc_auc_score(truth, np.concatenate([a, b])))
