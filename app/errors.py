@@ -7,8 +7,9 @@
     │   ├── ImageTooLarge        422  more pixels than ``max_image_pixels`` (decompression bombs)
     │   ├── EmptyInput           422  0-byte image or a request without images
     │   ├── MalformedRequest     422  bad JSON, bad base64, bad options
-    │   ├── DatasetError         422  a training/evaluation folder laid out wrongly (named class and folder)
     │   │   └── BadRequest       400  a malformed Open Inference Protocol request (the OIP says 400)
+    │   ├── DatasetError         422  a training/evaluation/batch source laid out wrongly, missing or empty (named)
+    │   ├── OutputConflict       409  a batch output that holds something else (other files, another job or run)
     │   ├── InvalidLabel         422  a class label (upload field or archive folder) that is not a valid name
     │   ├── UnsafeArchive        422  an uploaded archive with a path outside it, a link, a device… (named member)
     │   ├── ArchiveTooLarge      413  an archive over its member, uncompressed-bytes or compression-ratio bound
@@ -29,6 +30,7 @@
     │   ├── QueueFull            503  the batch queue is full; retry after ``Retry-After``
     │   ├── ShuttingDown         503  the process is draining
     │   └── TooManyJobs          429  this replica already runs ``training_jobs`` training jobs
+    ├── MissingDependency    500  an optional extra a command needs is not installed (pyarrow, Ray)
     └── ModelError (500/503)
         ├── ArtifactError        500  a model file is missing, changed, or fails its checksum
         ├── IncompatibleHead     409  a head trained on another extractor
@@ -46,6 +48,8 @@ itself (unknown route, wrong method, its own validation) get the codes in :data:
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 
 class TlserveError(Exception):
@@ -100,6 +104,11 @@ class TooManyImages(InputError):
 
 class DatasetError(InputError):
     code = "invalid_dataset"
+
+
+class OutputConflict(InputError):
+    status_code = 409
+    code = "output_conflict"
 
 
 class BadRequest(MalformedRequest):
@@ -185,6 +194,10 @@ class TooManyJobs(CapacityError):
     retry_after_s = 10
 
 
+class MissingDependency(TlserveError):
+    code = "missing_dependency"
+
+
 class ModelError(TlserveError):
     status_code = 500
     code = "model_error"
@@ -235,3 +248,11 @@ HTTP_CODES: dict[int, str] = {404: "not_found", 405: "method_not_allowed"}
 """Codes for errors the web framework raises itself; any other framework status is ``http_error``."""
 HTTP_ERROR = "http_error"
 INTERNAL_ERROR = TlserveError.code
+
+
+def redact(message: str, store_root: Path) -> str:
+    """``message`` without the model store's location on disk (artifact errors name their files)."""
+    for where in sorted({str(store_root.resolve()), str(store_root.absolute()), str(store_root)}, key=len, reverse=True):
+        if where not in ("", ".", "/"):
+            message = message.replace(where + "/", "<model_store>/")
+    return message

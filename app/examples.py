@@ -23,12 +23,11 @@ Layout, in the shared store next to the head's versions (:mod:`app.registry` ign
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import math
 import os
 import shutil
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -38,15 +37,14 @@ import numpy as np
 
 from app.errors import ArtifactError, DatasetError
 from app.hashing import sha256_file
+from app.recipe import MIN_IMAGES_PER_CLASS, SEED
 from app.registry import valid_head_name
-from app.store import atomic_write, read_json, write_json
+from app.store import atomic_write, locked, read_json, write_json
 
 EXAMPLES = "examples"
 OBJECTS = "objects"
 LABELS = "labels.json"
 VALIDATION = "validation.json"
-SEED = 42
-MIN_TRAIN_PER_CLASS = 2  # = app.training.MIN_IMAGES_PER_CLASS (cross-validation needs two a class)
 
 
 @dataclass(frozen=True)
@@ -94,16 +92,8 @@ class ExampleStore:
     def path(self, sha: str) -> Path:
         return self.folder / OBJECTS / sha[:2] / sha
 
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.folder / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
+    def _locked(self) -> contextlib.AbstractContextManager[None]:
+        return locked(self.folder)
 
     # --- reading ---------------------------------------------------------------------------
     def _read_labels(self) -> dict[str, Example]:
@@ -197,7 +187,7 @@ def _move(src: Path, dst: Path) -> None:
 
 
 def stratified_choice(examples: dict[str, Example], fraction: float, seed: int = SEED) -> list[str]:
-    """``fraction`` of each class (at least one), leaving at least :data:`MIN_TRAIN_PER_CLASS` to train on;
+    """``fraction`` of each class (at least one), leaving at least :data:`MIN_IMAGES_PER_CLASS` to train on;
     a class with fewer photos than that plus one gets none. Deterministic: the class's sha256s, sorted,
     permuted by ``seed``."""
     by_label: dict[str, list[str]] = {}
@@ -207,7 +197,7 @@ def stratified_choice(examples: dict[str, Example], fraction: float, seed: int =
     chosen: list[str] = []
     for label in sorted(by_label):
         shas = by_label[label]
-        k = min(max(1, math.ceil(fraction * len(shas))), len(shas) - MIN_TRAIN_PER_CLASS)
+        k = min(max(1, math.ceil(fraction * len(shas))), len(shas) - MIN_IMAGES_PER_CLASS)
         if k > 0:
             chosen += [shas[int(i)] for i in rng.permutation(len(shas))[:k]]
     return sorted(chosen)

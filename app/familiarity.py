@@ -32,14 +32,13 @@ not know").
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 from app.errors import ArtifactError
-from app.heads import from_npy
+from app.heads import from_npy, to_npy
 
 if TYPE_CHECKING:
     from app.heads import Head
@@ -150,14 +149,8 @@ class Familiarity:
 
     # --- artifacts ---------------------------------------------------------------------------
     def files(self) -> dict[str, bytes]:
-        out = {BANK_FILE: _npy(self.bank.astype(np.float16)), LABELS_FILE: _npy(self.labels.astype(np.int16))}
-        return {**out, CENTER_FILE: _npy(self.center.astype(np.float32))}
-
-
-def _npy(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
-    return buf.getvalue()
+        out = {BANK_FILE: to_npy(self.bank.astype(np.float16)), LABELS_FILE: to_npy(self.labels.astype(np.int16))}
+        return {**out, CENTER_FILE: to_npy(self.center.astype(np.float32))}
 
 
 def _load_npy(version: Version, file: str) -> np.ndarray:
@@ -264,14 +257,10 @@ def for_head(heads: HeadStore, head: Head, feature_dim: int | None) -> Familiari
 
 def auroc(familiar: np.ndarray, unfamiliar: np.ndarray) -> float:
     """Area under the ROC curve of telling ``familiar`` scores (positives) from ``unfamiliar`` ones
-    (the probability that a random familiar photo scores above a random unfamiliar one; ties count half)."""
-    a, b = np.asarray(familiar, np.float64), np.asarray(unfamiliar, np.float64)
-    both = np.concatenate([a, b])
-    order = both.argsort(kind="mergesort")
-    ranks = np.empty(len(both))
-    sorted_vals = both[order]
-    # average ranks of ties
-    _, first, counts = np.unique(sorted_vals, return_index=True, return_counts=True)
-    avg = first + (counts - 1) / 2 + 1
-    ranks[order] = np.repeat(avg, counts)
-    return float((ranks[: len(a)].sum() - len(a) * (len(a) + 1) / 2) / (len(a) * len(b)))
+    (the probability that a random familiar photo scores above a random unfamiliar one; ties count half):
+    scikit-learn's ``roc_auc_score``."""
+    from sklearn.metrics import roc_auc_score  # imported here: settings import this module
+
+    a, b = np.asarray(familiar, np.float64).ravel(), np.asarray(unfamiliar, np.float64).ravel()
+    truth = np.concatenate([np.ones(len(a)), np.zeros(len(b))])
+    return float(roc_auc_score(truth, np.concatenate([a, b])))

@@ -9,16 +9,25 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal, cast, get_args
 
 import numpy as np
 
-from app.errors import InputError
+from app.errors import InputError, MalformedRequest
 from app.heads import Head
+from app.settings import OodPolicy as OodPolicy  # re-exported: a request type
 
 Endpoint = Literal["classify", "embed", "infer"]
-OodPolicy = Literal["report", "refuse"]
-OOD_POLICIES: tuple[str, ...] = ("report", "refuse")
+OOD_POLICIES: tuple[str, ...] = get_args(OodPolicy)
+
+
+def parse_ood_policy(value: Any, where: str = "ood_policy", error: type[InputError] = MalformedRequest) -> OodPolicy | None:
+    """A request's ``ood_policy`` (``report`` or ``refuse``), or ``None`` when absent (the setting decides)."""
+    if value is None:
+        return None
+    if value not in OOD_POLICIES:
+        raise error(f"{where} must be one of {', '.join(OOD_POLICIES)}, not {str(value)[:40]!r}")
+    return cast("OodPolicy", value)
 
 
 @dataclass

@@ -47,10 +47,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from app.errors import DatasetError, JobNotFound, NotReady, ShuttingDown, TlserveError, TooManyJobs
-from app.examples import MIN_TRAIN_PER_CLASS, SEED, Example, ExampleStore, Snapshot
+from app.examples import Example, ExampleStore, Snapshot
 from app.extractor import Extractor
 from app.features import Dataset, Extracted
 from app.progress import Progress
+from app.recipe import MIN_IMAGES_PER_CLASS, SEED
 from app.registry import HeadStore, Version
 from app.settings import Settings
 from app.store import read_json, write_json
@@ -132,21 +133,21 @@ def plan(snap: Snapshot, *, use_examples: bool, max_classes: int) -> Plan:
         )
     if len(classes) > max_classes:
         raise DatasetError(f"{len(classes)} classes, over the limit of {max_classes} (max_training_classes)")
-    few = [c for c, n in counts.items() if n < MIN_TRAIN_PER_CLASS]
+    few = [c for c, n in counts.items() if n < MIN_IMAGES_PER_CLASS]
     if few:
         listed = ", ".join(f"{c!r} has {counts[c]} to train on" + (f" and {held_counts[c]} in the validation set" if held_counts.get(c) else "")
                            for c in few)  # fmt: skip
-        first = (f"; a head's first training needs {MIN_TRAIN_PER_CLASS + 1} photos a class (one goes to its fixed validation set)"
+        first = (f"; a head's first training needs {MIN_IMAGES_PER_CLASS + 1} photos a class (one goes to its fixed validation set)"
                  if snap.validation_chosen else "")  # fmt: skip
         raise DatasetError(
-            f"every class needs at least {MIN_TRAIN_PER_CLASS} training photos besides the validation set: {listed}{first}"
+            f"every class needs at least {MIN_IMAGES_PER_CLASS} training photos besides the validation set: {listed}{first}"
         )
     if snap.validation_chosen:  # the first training: every class gets photos in the fixed validation set
         missing = [c for c in classes if not held_counts.get(c)]
         if missing:
             raise DatasetError(
-                f"a head's first training needs at least {MIN_TRAIN_PER_CLASS + 1} photos a class (one for its fixed "
-                f"validation set, {MIN_TRAIN_PER_CLASS} to train on): "
+                f"a head's first training needs at least {MIN_IMAGES_PER_CLASS + 1} photos a class (one for its fixed "
+                f"validation set, {MIN_IMAGES_PER_CLASS} to train on): "
                 + ", ".join(f"{c!r} has {counts[c]} photos" for c in missing)
             )
     val = [snap.examples[s] for s in snap.validation or [] if s in snap.examples]

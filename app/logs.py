@@ -8,10 +8,20 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
+import uuid
 
 from app import tracing
+
+_RID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+def request_id(given: str) -> str:
+    """The client's (or nginx's) request id when it is a sane token, else a new one; every front uses it."""
+    return given if _RID.match(given) else uuid.uuid4().hex
+
 
 _STD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime", "taskName"}
 

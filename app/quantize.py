@@ -49,7 +49,7 @@ from typing import Any
 import numpy as np
 
 from app import __version__
-from app.errors import ArtifactError, InputError
+from app.errors import ArtifactError, DatasetError, InputError
 from app.export import CALIBRATION_IMAGES, CHECK_IMAGES, MIN_AGREEMENT, MIN_COSINE
 from app.extractor import create_session
 from app.hashing import sha256_file
@@ -67,7 +67,7 @@ def image_files(root: Path) -> list[tuple[Path, str | None]]:
     """Image files under ``root`` with their class (first sub-folder) when labelled; classes interleaved."""
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"{root} is not a folder")
+        raise DatasetError(f"{root} is not a folder")
     subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     groups = [[(f, d.name) for f in sorted(d.rglob("*")) if is_image_file(f)] for d in subdirs]
     groups = [g for g in groups if g]
@@ -91,7 +91,7 @@ def load_many(files: list[tuple[Path, str | None]], info: ExtractorInfo) -> tupl
             continue
         labels.append(label)
     if not images:
-        raise ValueError("no readable images")
+        raise DatasetError("no readable images")
     return np.stack(images), labels
 
 
@@ -409,7 +409,7 @@ def quantize_int8(
     files = image_files(calibration_dir)
     calib_files = files[:limit]
     if not calib_files:
-        raise ValueError(f"{calibration_dir} holds no image files to calibrate with")
+        raise DatasetError(f"{calibration_dir} holds no image files to calibrate with")
     t0 = time.perf_counter()
     calib, _ = load_many(calib_files, info)
     listing = hashlib.sha256("\n".join(str(p.relative_to(calibration_dir)) for p, _ in calib_files).encode()).hexdigest()

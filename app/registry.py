@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import logging
 import os
 import re
@@ -70,7 +69,7 @@ from app.heads import (
 )
 from app.settings import Settings
 from app.signing import load_private_key, load_public_keys, sign, verify
-from app.store import atomic_write, read_json, read_regular, write_json
+from app.store import atomic_write, locked, read_json, read_regular, write_json
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -246,14 +245,8 @@ class HeadStore:
     @contextlib.contextmanager
     def _locked(self, name: str) -> Iterator[Path]:
         folder = self.folder(name)
-        folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        with locked(folder, LOCK):
             yield folder
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
 
     def save(self, name: str, files: dict[str, bytes], card: dict[str, Any], *, promote: bool = True) -> Version:
         """Write a new immutable version: its files, then its card (the commit point), then, with

@@ -109,8 +109,10 @@ def serve(host: str | None = None, port: int | None = None, *, generate_admin_ke
               f"        {update['admin_keys']}\n\n    console: http://{shown}:{port}/ui/   "
               "(set TLSERVE_ADMIN_KEYS to keep a key of your own)\n", file=sys.stderr, flush=True)  # fmt: skip
     settings = settings.model_copy(update=update)
-    if settings.grpc_port and settings.grpc_port == port:
-        log.error("grpc_port and the HTTP port are both %d: the two fronts need a port each", port)
+    try:
+        settings.check_ports()  # model_copy does not validate again
+    except ValueError as exc:
+        log.error("cannot start: %s", exc)
         return 2
     try:
         tracing.configure()

@@ -185,7 +185,7 @@ class Service:
         name = name or self.settings.default_head
         return self.registry.get(name) if version is None else self.registry.get_version(name, version)
 
-    async def _head_off_loop(self, name: str | None, version: int | None) -> Head:
+    async def head_off_loop(self, name: str | None, version: int | None) -> Head:
         """:meth:`head`, with a pinned version that is not loaded yet read and verified in a thread, not on
         the event loop."""
         if version is not None:
@@ -259,7 +259,7 @@ class Service:
         """The one inference path: head lookup (before any work) → response cache → decode → batch →
         extractor → head. Images are counted here, once: ``ok`` (inferred), ``cached``, ``error``."""
         info, batcher = self._require_ready()
-        head = await self._head_off_loop(request.head, request.version) if request.classify else None
+        head = await self.head_off_loop(request.head, request.version) if request.classify else None
         items, cache = request.items, self.cache if self.cache.enabled else None
         keys = [cache.key(info.sha256, it.data) if cache is not None and it.error is None else None for it in items]
         hits = {i: v for i, k in enumerate(keys) if k is not None and cache is not None and (v := cache.get(k)) is not None}

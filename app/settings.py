@@ -16,6 +16,11 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from app.cpus import available_cpus
 from app.familiarity import DEFAULT_ACCEPTANCE, DEFAULT_METHOD, Method
 
+OodPolicy = Literal["report", "refuse"]
+"""Below a head's familiarity threshold: answer the class (``report``) or name none (``refuse``)."""
+Precision = Literal["auto", "fp32", "int8"]
+"""Which extractor export serves: ``auto`` (INT8 when its gate passed and it is faster), ``fp32`` or ``int8``."""
+
 DEFAULT_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "HEIF", "AVIF")
 # The limits, defined once (app/imaging.py, app/features.py and the deploy files follow them).
 # 8160 x 6120 (a 50 MP sensor) = 49.9 M and 8064 x 6048 (a 48 MP iPhone HEIC) = 48.8 M fit; decoded
@@ -88,7 +93,7 @@ class Settings(BaseSettings):
         "auto", description="ONNX Runtime execution provider; `auto` uses CUDA only when it really works."
     )
     require_gpu: bool = Field(False, description="Refuse to become ready unless the CUDA provider is active.")
-    precision: Literal["auto", "fp32", "int8"] = Field(
+    precision: Precision = Field(
         "auto",
         description="Extractor served: `fp32`; `int8` (the manifest's int8 variant, made by `tlserve export`); "
         "`auto`: int8 when that variant passed its accuracy gate and the start-up self-check on this CPU measures "
@@ -128,7 +133,7 @@ class Settings(BaseSettings):
     )
 
     # --- familiarity (out-of-distribution verdict, app/familiarity.py)
-    ood_policy: Literal["report", "refuse"] = Field(
+    ood_policy: OodPolicy = Field(
         "report",
         description="Below a head's familiarity threshold: `report` (answer the class, `in_distribution: false`) or `refuse` (no class named); a request's `ood_policy` overrides it.",
     )
@@ -286,9 +291,13 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _distinct_ports(self) -> Settings:
+        self.check_ports()
+        return self
+
+    def check_ports(self) -> None:
+        """Refuse (``ValueError``) one port for both fronts; also for a copy whose ``port`` the command line set."""
         if self.grpc_port and self.grpc_port == self.port:
             raise ValueError(f"grpc_port and port are both {self.port}: the gRPC and HTTP fronts need a port each")
-        return self
 
     def redacted(self) -> dict[str, object]:
         """The settings as JSON-ready values with every secret replaced by what it is (``tlserve settings``)."""

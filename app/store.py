@@ -10,10 +10,13 @@ export, ``variants`` holds what was derived from it (``int8``), and which of the
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import stat
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,10 +26,10 @@ from app.hashing import sha256_file
 
 if TYPE_CHECKING:
     from app.registry import HeadStore
+    from app.settings import Precision  # the one list of precisions (validated where settings are read)
 
 MANIFEST = "manifest.json"
 CALIBRATION_TABLE = "int8_calibration.json"  # app.quantize.CalibrationTable: the INT8 copy's activation ranges
-PRECISIONS = ("auto", "fp32", "int8")
 MAX_JSON_BYTES = 64 * 1024 * 1024
 """Largest JSON file of the store read (a card or job record is a few KiB; an example store's labels ~200 B a photo)."""
 
@@ -38,6 +41,20 @@ def _umask() -> int:
 
 
 _FILE_MODE = 0o666 & ~_umask()  # what open() would give; mkstemp's 0600 would hide artifacts from other users
+
+
+@contextlib.contextmanager
+def locked(folder: Path, name: str = ".lock") -> Iterator[None]:
+    """An exclusive ``flock`` on ``folder/name`` (made, with ``folder``, when missing) for the block: one
+    writer at a time, across the processes and replicas that share the folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / name, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -246,7 +263,7 @@ class ModelStore:
         self.write_manifest({**manifest, "variants": {**manifest["variants"], name: entry}})
 
     # --- which extractor is served ----------------------------------------------------------
-    def extractor(self, verify: bool = True, precision: str = "fp32") -> ExtractorInfo:
+    def extractor(self, verify: bool = True, precision: Precision = "fp32") -> ExtractorInfo:
         """The extractor to run for ``precision`` (``fp32 | int8 | auto``, see :meth:`choose`); with ``verify``
         its sha256 is checked against the manifest."""
         entry, reason = self.choose(self.read_manifest(), precision)
@@ -266,15 +283,13 @@ class ModelStore:
                 raise ArtifactError(f"{info.path} has sha256 {actual[:12]}…, the manifest says {info.sha256[:12]}…")
         return replace(info, precision_reason=reason)
 
-    def choose(self, manifest: dict[str, Any], precision: str) -> tuple[dict[str, Any], str]:
+    def choose(self, manifest: dict[str, Any], precision: Precision) -> tuple[dict[str, Any], str]:
         """The manifest entry to serve and why. ``fp32``: the export. ``int8``: the int8 variant, or an
         ArtifactError naming what is missing. ``auto``: the int8 variant when it passed its accuracy gate
         (so heads trained on fp32 features are served with it) and its file is there, else fp32."""
         fp32 = manifest.get("extractor")
         if not isinstance(fp32, dict) or "sha256" not in fp32:
             raise ArtifactError(f"{self.manifest_path} has no extractor entry: run `tlserve export`")
-        if precision not in PRECISIONS:
-            raise ArtifactError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
         if precision == "fp32":
             return fp32, "precision=fp32: the fp32 export"
         int8 = manifest["variants"].get("int8")

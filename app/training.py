@@ -59,21 +59,19 @@ from app.features import (
     hash_files,
     hidden,
 )
-from app.heads import Head
+from app.heads import Head, to_npy
 from app.imaging import configure
 from app.progress import Meter, ProgressCallback, console, no_progress
+from app.recipe import MIN_IMAGES_PER_CLASS, SEED, VAL_FRACTION
 from app.registry import HeadStore, Version, save_head, valid_head_name
 from app.settings import Settings
 from app.store import ExtractorInfo, ModelStore
 
 log = logging.getLogger(__name__)
 
-SEED = 42
 DEFAULT_C = 0.1  # measured: see benchmarks/RESULTS.md ("choosing the features")
 C_GRID = (0.01, 0.1, 1.0, 10.0)
 FOLDS = 5
-VAL_FRACTION = 0.2
-MIN_IMAGES_PER_CLASS = 2
 OOF_FILE = "oof_proba.npy"
 FOLDS_FILE = "folds.json"
 PARALLEL_MIN_WORK = 25_000_000
@@ -253,7 +251,7 @@ def cross_validate(x: np.ndarray, y: np.ndarray, grid: tuple[float, ...], n_clas
 
 
 def stratified_holdout(y: np.ndarray, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices (train, held out): :data:`VAL_FRACTION` of every class (at least one each), seed 42."""
+    """Indices (train, held out): :data:`VAL_FRACTION` of every class (at least one each), seed :data:`SEED`."""
     from sklearn.model_selection import train_test_split
 
     n_test = max(n_classes, math.ceil(VAL_FRACTION * len(y)))
@@ -458,7 +456,7 @@ class Trainer:
         files = {
             **known.files(),
             "confusion_matrix.png": confusion_png(report, f"{name} ({'val_dir' if val else 'stratified'} split)"),
-            OOF_FILE: _npy(fitted.oof.oof[fitted.c]),
+            OOF_FILE: to_npy(fitted.oof.oof[fitted.c]),
             FOLDS_FILE: json.dumps(_folds_json(data, ext, y, fitted), indent=1).encode(),
         }
         version = save_head(self.heads, name, fitted.head, full, files, promote=promote)
@@ -476,9 +474,17 @@ class Trainer:
         try:
             int8 = self.store.extractor(verify=True, precision="int8")
         except TlserveError:  # (its message names server paths, which a card never holds)
-            return {"checked": False, "trained_on": "fp32", "reason": "no INT8 copy to check against (`tlserve export` makes one)"}
+            return {
+                "checked": False,
+                "trained_on": "fp32",
+                "reason": "no INT8 copy to check against (`tlserve export` makes one)",
+            }
         if int8.feature_space != self.info.sha256:
-            return {"checked": False, "trained_on": "fp32", "reason": "the INT8 copy failed its accuracy gate: not served for fp32 heads"}
+            return {
+                "checked": False,
+                "trained_on": "fp32",
+                "reason": "the INT8 copy failed its accuracy gate: not served for fp32 heads",
+            }
         if not held.paths:
             return {"checked": False, "trained_on": "fp32", "reason": "no held-out photos"}
         s = self.settings
@@ -700,12 +706,6 @@ def _enough_after_extraction(data: Dataset, y: np.ndarray) -> None:
 
 def _counts(y: np.ndarray, classes: list[str]) -> dict[str, int]:
     return dict(zip(classes, np.bincount(y, minlength=len(classes)).tolist(), strict=True))
-
-
-def _npy(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, arr, allow_pickle=False)
-    return buf.getvalue()
 
 
 def _folds_json(data: Dataset, ext: Extracted, y: np.ndarray, fitted: _Fitted) -> dict[str, Any]:

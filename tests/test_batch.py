@@ -22,6 +22,7 @@ import pytest
 from app.batch import BatchJob, run
 from app.batch.parquet import Output, read_features
 from app.cli import main
+from app.errors import DatasetError, OutputConflict
 from app.features import Dataset
 from app.hashing import sha256_file
 from app.settings import Settings, get_settings
@@ -157,19 +158,19 @@ def test_mistakes_are_refused_before_any_work(tiny_store: ModelStore, colors: Pa
     out = tmp_path / "out"
     run(BatchJob(str(colors), str(out), part_rows=100), s, progress=False)
     before = sorted(p.name for p in out.iterdir())
-    with pytest.raises(ValueError, match=r"already holds a batch job.*--resume"):
+    with pytest.raises(OutputConflict, match=r"already holds a batch job.*--resume"):
         run(BatchJob(str(colors), str(out)), s, progress=False)
-    with pytest.raises(ValueError, match=r"cannot resume .*its kind is 'classify', this job's is 'features'"):
+    with pytest.raises(OutputConflict, match=r"cannot resume .*its kind is 'classify', this job's is 'features'"):
         run(BatchJob(str(colors), str(out), features=True, resume=True), s, progress=False)
-    with pytest.raises(ValueError, match=r"cannot resume .*top_k"):
+    with pytest.raises(OutputConflict, match=r"cannot resume .*top_k"):
         run(BatchJob(str(colors), str(out), top_k=1, resume=True), s, progress=False)
     assert sorted(p.name for p in out.iterdir()) == before
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "x.csv").write_text("a,b\n")
-    with pytest.raises(ValueError, match="not empty and holds no tlserve batch job"):
+    with pytest.raises(OutputConflict, match="not empty and holds no tlserve batch job"):
         run(BatchJob(str(colors), str(foreign)), s, progress=False)
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(DatasetError, match="does not exist"):
         run(BatchJob(str(tmp_path / "nope"), str(tmp_path / "o2")), s, progress=False)
     from app.errors import HeadNotFound
 
@@ -472,3 +473,19 @@ def test_ray_features_job_killed_resumed_then_trained(ray_cluster: str, vgg_stor
     x = trainer.features(val).features
     pa_, pb = a.predict_proba(x), b.predict_proba(x)
     assert (pa_.argmax(1) == pb.argmax(1)).all() and np.abs(pa_ - pb).max() < 1e-3
+
+
+def test_jpegmem_follows_the_configured_pixel_limit(tiny_store: ModelStore, colors: Path, tmp_path: Path) -> None:
+    """`tlserve batch` sets libjpeg's memory cap from max_image_pixels, as the service does, not from the default."""
+    import os
+
+    import app.imaging as imaging
+    from app.settings import DEFAULT_MAX_IMAGE_PIXELS
+
+    if imaging._OPERATOR_JPEGMEM is not None:
+        pytest.skip("JPEGMEM set by the environment: an operator's value wins")
+    try:
+        run(BatchJob(str(colors), str(tmp_path / "out")), tiny_settings(tiny_store, max_image_pixels=200_000_000), progress=False)
+        assert os.environ["JPEGMEM"] == "1664M"  # 8 bytes a pixel + 64 MB
+    finally:
+        imaging.configure(DEFAULT_MAX_IMAGE_PIXELS)

@@ -493,12 +493,17 @@ def test_two_replicas_share_compose_head_volume_and_train_over_http(image: str, 
         a, b = (c.start() for c in replicas)
         a.wait_ready()
         b.wait_ready()
-        assert [m["name"] for m in httpx.get(b.url + "/v1/models", timeout=10, headers=admin).json()["models"]] == ["cats_vs_dogs"]
+        assert [m["name"] for m in httpx.get(b.url + "/v1/models", timeout=10, headers=admin).json()["models"]] == [
+            "cats_vs_dogs"
+        ]
         files = [(label, (p.name, p.read_bytes(), "image/jpeg")) for label in ("cat", "dog") for p in photos("train", label, 4)]
         r = httpx.post(a.url + "/v1/heads/pets/train", files=files, timeout=120, headers=admin)
         assert r.status_code == 202, r.text
         deadline = time.monotonic() + 300
-        while (job := httpx.get(b.url + r.headers["location"], timeout=10, headers=admin).json())["state"] not in ("succeeded", "failed"):
+        while (job := httpx.get(b.url + r.headers["location"], timeout=10, headers=admin).json())["state"] not in (
+            "succeeded",
+            "failed",
+        ):
             assert time.monotonic() < deadline, job
             time.sleep(0.5)
         assert job["state"] == "succeeded" and job["version"] == 1 and job["report"]["n_val"] == 2, job

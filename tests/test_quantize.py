@@ -14,7 +14,7 @@ import httpx
 import numpy as np
 import pytest
 
-from app.errors import ArtifactError, IncompatibleHead
+from app.errors import ArtifactError, DatasetError, IncompatibleHead
 from app.export import build_graph, export
 from app.extractor import Extractor
 from app.hashing import sha256_file
@@ -92,7 +92,7 @@ def test_requantizing_replaces_the_variant(fresh_int8_store: ModelStore, calib: 
 
 def test_calibration_dir_without_images_is_refused(fresh_tiny_store: ModelStore, tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="no image files"):
+    with pytest.raises(DatasetError, match="no image files"):
         quantize_int8(fresh_tiny_store, tmp_path / "empty")
 
 
@@ -122,7 +122,10 @@ def test_precision_chooses_the_served_extractor(
 
 
 def test_precision_int8_without_a_variant_names_it_and_the_command(tiny_store: ModelStore) -> None:
-    with pytest.raises(ArtifactError, match=r"records no int8 variant: run `tlserve export --int8` \(from int8_calibration.json\) or `tlserve export --int8 --calibration-dir DIR`"):
+    with pytest.raises(
+        ArtifactError,
+        match=r"records no int8 variant: run `tlserve export --int8` \(from int8_calibration.json\) or `tlserve export --int8 --calibration-dir DIR`",
+    ):
         tiny_store.extractor(precision="int8")
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 
 import httpx
@@ -57,3 +59,14 @@ def test_require_gpu_on_a_cpu_machine_is_not_ready(server_factory, tiny_store: M
     assert httpx.get(f"{srv.url}/livez").status_code == 200
     err = httpx.post(f"{srv.url}/v1/classify", content=b"x", headers={"content-type": "image/png"})
     assert err.status_code == 503 and err.json()["error"]["code"] == "not_ready"
+
+
+def test_one_port_for_both_fronts_is_refused_by_settings_and_by_serve(tiny_store: ModelStore) -> None:
+    with pytest.raises(ValidationError, match="grpc_port and port are both 8123"):
+        Settings(port=8123, grpc_port=8123)
+    # `tlserve serve --port` sets the HTTP port after the settings were read: the same check, the same words
+    env = {**os.environ, "TLSERVE_MODEL_STORE": str(tiny_store.root), "TLSERVE_GRPC_PORT": "8124", "TLSERVE_LOG_FORMAT": "text"}
+    out = subprocess.run([sys.executable, "-m", "app.cli", "serve", "--port", "8124"], env=env, cwd=REPO,
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "grpc_port and port are both 8124" in out.stderr + out.stdout

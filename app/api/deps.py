@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import hmac
 from typing import Annotated
 
 from fastapi import Depends, Request
 
 from app.errors import AdminDisabled, Forbidden, Unauthorized
+from app.keys import given_key, key_matches
 from app.service import Service
 
 
@@ -19,25 +19,13 @@ async def get_service(request: Request) -> Service:
 ServiceDep = Annotated[Service, Depends(get_service)]
 
 
-def _given(request: Request) -> str:
-    auth = request.headers.get("authorization", "")
-    return auth[7:].strip() if auth.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
-
-
-def _matches(given: str, keys: tuple[str, ...]) -> bool:
-    ok = False
-    for key in keys:  # compare against every key so timing does not reveal which one matched
-        ok |= hmac.compare_digest(given.encode(), key.encode())
-    return ok
-
-
 async def require_key(request: Request) -> None:
     """Constant-time check of ``Authorization: Bearer KEY`` or ``X-API-Key`` when API keys are configured
     (``TLSERVE_API_KEYS``; an admin key also serves inference). Without API keys inference is open."""
     settings = request.app.state.service.settings
     if not settings.keys:
         return
-    if not _matches(_given(request), settings.inference_keys):
+    if not key_matches(given_key(request.headers), settings.inference_keys):
         raise Unauthorized("missing or invalid API key (send Authorization: Bearer KEY or X-API-Key)")
 
 
@@ -51,10 +39,10 @@ async def require_admin(request: Request) -> None:
             "admin operations are off: no admin key is set; set TLSERVE_ADMIN_KEYS (or run `make run`, which "
             "makes one for this run and prints it) and send it as Authorization: Bearer KEY or X-API-Key"
         )
-    given = _given(request)
-    if _matches(given, settings.admin_key_list):
+    given = given_key(request.headers)
+    if key_matches(given, settings.admin_key_list):
         return
-    if settings.keys and _matches(given, settings.keys):
+    if settings.keys and key_matches(given, settings.keys):
         raise Forbidden("this operation needs an admin key (TLSERVE_ADMIN_KEYS); an inference key is not enough")
     raise Unauthorized("missing or invalid admin key (send Authorization: Bearer KEY or X-API-Key; TLSERVE_ADMIN_KEYS)")
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -11,7 +10,16 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from app.errors import HTTP_CODES, HTTP_ERROR, INTERNAL_ERROR, CapacityError, ClientDisconnected, MalformedRequest, TlserveError
+from app.errors import (
+    HTTP_CODES,
+    HTTP_ERROR,
+    INTERNAL_ERROR,
+    CapacityError,
+    ClientDisconnected,
+    MalformedRequest,
+    TlserveError,
+    redact,
+)
 
 log = logging.getLogger(__name__)
 
@@ -20,14 +28,6 @@ def is_oip(request: Request) -> bool:
     """Open Inference Protocol paths answer errors in its own shape ``{"error": "..."}``."""
     path = request.url.path
     return path == "/v2" or path.startswith("/v2/")
-
-
-def redact(message: str, store_root: Path) -> str:
-    """``message`` without the model store's location on disk (artifact errors name their files)."""
-    for where in sorted({str(store_root.resolve()), str(store_root.absolute()), str(store_root)}, key=len, reverse=True):
-        if where not in ("", ".", "/"):
-            message = message.replace(where + "/", "<model_store>/")
-    return message
 
 
 def public_message(request: Request, message: str) -> str:

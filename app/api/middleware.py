@@ -4,24 +4,17 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import time
-import uuid
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import tracing
+from app.logs import request_id
 from app.metrics import Metrics
 
 log = logging.getLogger("tlserve.access")
-_RID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 QUIET = frozenset({"/livez", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"})
-
-
-def request_id(given: str) -> str:
-    """The client's (or nginx's) request id when it is a sane token, else a new one; every front uses it."""
-    return given if _RID.match(given) else uuid.uuid4().hex
 
 
 class RequestContext:

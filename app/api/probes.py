@@ -7,8 +7,8 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app.api.deps import ServiceDep, probe_auth
-from app.api.errors import redact
 from app.api.schemas import Probe
+from app.errors import redact
 
 router = APIRouter(dependencies=[Depends(probe_auth)])
 

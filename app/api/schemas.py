@@ -13,6 +13,8 @@ from tlserve_client import FamiliaritySummary as FamiliaritySummary
 from tlserve_client import ModelList as ModelList
 from tlserve_client import ModelSummary as ModelSummary
 
+from app.inference import OOD_POLICIES
+
 
 class ErrorDetail(BaseModel):
     code: str = Field(description="Stable machine-readable code, e.g. `queue_full`, `unsupported_format`")
@@ -67,7 +69,7 @@ IMAGE_BODY: dict[str, Any] = {
                         "head": {"type": "string"},
                         "top_k": {"type": "integer", "minimum": 1},
                         "normalize": {"type": "boolean"},
-                        "ood_policy": {"type": "string", "enum": ["report", "refuse"]},
+                        "ood_policy": {"type": "string", "enum": list(OOD_POLICIES)},
                     },
                 }
             },

@@ -26,11 +26,10 @@ from app.api.schemas import ErrorResponse
 from app.errors import EmptyInput, MalformedRequest, NotReady
 from app.examples import ExampleStore, Incoming, Snapshot
 from app.jobs import JobRunner, JobSpec, Plan, plan
+from app.recipe import VAL_FRACTION
 from app.registry import valid_head_name
 from app.service import Service
 from app.uploads import Upload, receive, spool
-
-DEFAULT_VAL_FRACTION = 0.2
 
 
 @asynccontextmanager
@@ -116,7 +115,7 @@ def _c(value: str | None) -> float | None:
 
 def _fraction(value: str | None) -> float:
     if value is None or value == "":
-        return DEFAULT_VAL_FRACTION
+        return VAL_FRACTION
     try:
         f = float(value)
     except ValueError:

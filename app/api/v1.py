@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from pathlib import PurePath
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 from fastapi import APIRouter, Depends, Query, Request
 
 from app import tracing
 from app.api.deps import ServiceDep, require_admin, require_key
-from app.api.errors import redact
 from app.api.inputs import parse_images
 from app.api.parsing import error_responses, item_error, parse_bool
 from app.api.schemas import (
@@ -23,9 +22,9 @@ from app.api.schemas import (
     ModelList,
     ModelSummary,
 )
-from app.errors import InputError, MalformedRequest, TlserveError
+from app.errors import InputError, MalformedRequest, TlserveError, redact
 from app.heads import describe
-from app.inference import OOD_POLICIES, InferRequest, InferResult, OodPolicy
+from app.inference import InferRequest, InferResult, OodPolicy, parse_ood_policy
 from app.service import Service
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_key)],
@@ -45,12 +44,8 @@ def _int_option(value: Any, name: str, low: int, high: int) -> int | None:
 
 
 def ood_policy(value: Any) -> OodPolicy | None:
-    """A request's ``ood_policy`` option: ``report``, ``refuse`` or absent (the setting decides)."""
-    if value is None or value == "":
-        return None
-    if value not in OOD_POLICIES:
-        raise MalformedRequest(f"ood_policy must be one of {', '.join(OOD_POLICIES)}, not {str(value)[:40]!r}")
-    return cast("OodPolicy", str(value))
+    """A request's ``ood_policy`` option: ``report``, ``refuse`` or absent or empty (the setting decides)."""
+    return parse_ood_policy(None if value == "" else value)
 
 
 def _all_failed(result: InferResult) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from app.batch.job import BatchJob, Plan, Summary, plan
 from app.batch.parquet import need_pyarrow
+from app.imaging import configure
 from app.progress import Mode
 from app.settings import Settings
 
@@ -25,6 +26,7 @@ def run(job: BatchJob, settings: Settings, *, progress: Mode | bool = "auto") ->
     :func:`app.progress.console`'s modes in-process; on Ray, Ray Data's bars (or its progress lines off a
     terminal) unless ``none``/``False``."""
     need_pyarrow("tlserve batch")
+    configure(settings.max_image_pixels)  # libjpeg's memory cap, before decode threads (and Ray's workers) exist
     mode: Mode = ("auto" if progress else "none") if isinstance(progress, bool) else progress
     p = plan(job, settings)
     if not p.todo:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from app.batch.compute import Decoded, Model, decode_file, stack
 from app.batch.job import Plan, Summary, claim
+from app.errors import OutputConflict
 from app.progress import Meter, Mode, console
 
 if TYPE_CHECKING:
@@ -36,7 +37,7 @@ def run(plan: Plan, *, progress: Mode = "auto") -> Summary:
 
         t = time.perf_counter()
         if not plan.output.commit(pa.concat_tables(pending), model.schema, plan.run):
-            raise RuntimeError(f"another run took over {plan.job.output}; this one stops")
+            raise OutputConflict(f"another run took over {plan.job.output}; this one stops")
         stages["write"] += time.perf_counter() - t
         pending.clear()
 

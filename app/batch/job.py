@@ -12,6 +12,7 @@ from app import __version__
 from app.batch.compute import DecodeSpec, ModelSpec
 from app.batch.parquet import FORMAT, JOB_KEYS, Output, new_run
 from app.batch.source import Source, open_source
+from app.errors import OutputConflict
 from app.familiarity import Familiarity, for_head
 from app.registry import HeadStore, load_head
 from app.settings import Settings
@@ -129,15 +130,15 @@ def plan(job: BatchJob, settings: Settings) -> Plan:
     previous = output.read_job()
     parts = output.parts()
     if previous is None and not output.is_empty():
-        raise ValueError(f"output {job.output} is not empty and holds no tlserve batch job: choose another --output")
+        raise OutputConflict(f"output {job.output} is not empty and holds no tlserve batch job: choose another --output")
     if previous is not None and parts and not job.resume:
-        raise ValueError(f"output {job.output} already holds a batch job ({len(parts)} committed part(s)): "
+        raise OutputConflict(f"output {job.output} already holds a batch job ({len(parts)} committed part(s)): "
                          "pass --resume to continue it, or choose another --output")  # fmt: skip
     if previous is not None and parts:
         different = [k for k in JOB_KEYS if previous.get(k) != meta.get(k)]
         if different:
             k = different[0]
-            raise ValueError(f"cannot resume {job.output}: its {k} is {_short(previous.get(k))}, this job's is "
+            raise OutputConflict(f"cannot resume {job.output}: its {k} is {_short(previous.get(k))}, this job's is "
                              f"{_short(meta.get(k))} (a resumed job must be the same job; choose another --output)")  # fmt: skip
     done, rows = output.done_paths() if parts else (set(), 0)
     todo = [rel for rel in source.files if rel not in done]

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from app.errors import DatasetError, IncompatibleFeatures, MissingDependency, OutputConflict
 from app.store import atomic_write
 
 if TYPE_CHECKING:
@@ -74,7 +75,7 @@ def need_pyarrow(command: str) -> None:
     try:
         import pyarrow  # noqa: F401
     except ImportError:
-        raise ValueError(f"`{command}` reads and writes Parquet and needs pyarrow: pip install 'tlserve[ray]' "
+        raise MissingDependency(f"`{command}` reads and writes Parquet and needs pyarrow: pip install 'tlserve[ray]' "
                          "(or pyarrow alone for the in-process engine)") from None  # fmt: skip
 
 
@@ -127,7 +128,7 @@ class Output:
         if info.type == pafs.FileType.NotFound:
             return []
         if info.type != pafs.FileType.Directory:
-            raise ValueError(f"output {self.uri} exists and is not a folder")
+            raise OutputConflict(f"output {self.uri} exists and is not a folder")
         return list(self.fs.get_file_info(pafs.FileSelector(self.root)))
 
     def parts(self) -> list[str]:
@@ -228,25 +229,25 @@ def read_features(uri: str, feature_space: str) -> FeatureSet:
     out = Output.open(uri)
     parts = out.parts()
     if not parts:
-        raise ValueError(f"{uri} holds no committed part files (is it a `tlserve batch --features` output?)")
+        raise DatasetError(f"{uri} holds no committed part files (is it a `tlserve batch --features` output?)")
     metas = [out.part_metadata(p) for p in parts]
     meta = metas[0]
     if meta is None or meta.get("format") != FORMAT:
-        raise ValueError(f"{parts[0]} carries no tlserve batch metadata: not written by `tlserve batch`")
+        raise DatasetError(f"{parts[0]} carries no tlserve batch metadata: not written by `tlserve batch`")
     if any(m is None or any(m.get(k) != meta.get(k) for k in JOB_KEYS) for m in metas[1:]):
-        raise ValueError(f"the parts in {uri} come from different jobs (their metadata differ)")
+        raise DatasetError(f"the parts in {uri} come from different jobs (their metadata differ)")
     if meta["kind"] != "features":
-        raise ValueError(f"{uri} holds {meta['kind']} results, not features: write it with `tlserve batch --features`")
+        raise DatasetError(f"{uri} holds {meta['kind']} results, not features: write it with `tlserve batch --features`")
     theirs = str(meta["extractor"]["feature_space"])
     if theirs != feature_space:
-        raise ValueError(
+        raise IncompatibleFeatures(
             f"features in {uri} were extracted by extractor {theirs[:12]} ({meta['extractor'].get('file')}), "
             f"the model store's extractor is {feature_space[:12]}: features differ between extractors; "
             f"extract them again with `tlserve batch {meta['source']} --features --output DIR`"
         )
     classes = meta.get("classes")
     if not classes:
-        raise ValueError(f"features in {uri} have no classes: their source {meta['source']} is not a labelled folder "
+        raise DatasetError(f"features in {uri} have no classes: their source {meta['source']} is not a labelled folder "
                          "(at least two class sub-folders)")  # fmt: skip
     import pyarrow as pa
 
@@ -254,11 +255,11 @@ def read_features(uri: str, feature_space: str) -> FeatureSet:
     paths = table.column("path").to_pylist()
     split = [c for c in classes if c.lower() in SPLIT_NAMES]
     if len(split) >= 2 or any(p.split("/", 1)[0] in split and p.count("/") > 1 for p in paths):
-        raise ValueError(f"features in {uri} have classes {classes}: their source {meta['source']} looks like a dataset "
+        raise DatasetError(f"features in {uri} have classes {classes}: their source {meta['source']} looks like a dataset "
                          f"split ({split} are split names), not one folder per class; extract the folder that holds "
                          "the class folders")  # fmt: skip
     if len(set(paths)) != len(paths):
-        raise ValueError(f"{uri} holds some paths more than once (parts of two jobs mixed by hand?)")
+        raise DatasetError(f"{uri} holds some paths more than once (parts of two jobs mixed by hand?)")
     errors = table.column("error").to_pylist()
     klass = table.column("class").to_pylist()
     sha = table.column("sha256").to_pylist()

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from app.batch.compute import Model, ModelSpec, decode_batch
 from app.batch.job import Plan, Summary, claim
 from app.batch.parquet import Output, schema
+from app.errors import MalformedRequest, MissingDependency
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -40,7 +41,7 @@ def _import_ray(local: bool) -> Any:
     try:
         import ray
     except ImportError:
-        raise ValueError("--ray needs Ray: pip install 'tlserve[ray]'") from None
+        raise MissingDependency("--ray needs Ray: pip install 'tlserve[ray]'") from None
     return ray
 
 
@@ -139,7 +140,7 @@ def run(plan: Plan, *, progress: bool = True) -> Summary:
     actors = job.actors or (gpus if use_gpus else max(1, int(cpus // 2)))
     reserved = actors * job.actor_cpus
     if reserved >= cpus:
-        raise ValueError(f"--actors {actors} x --actor-cpus {job.actor_cpus:g} = {reserved:g} CPUs leaves none of the "
+        raise MalformedRequest(f"--actors {actors} x --actor-cpus {job.actor_cpus:g} = {reserved:g} CPUs leaves none of the "
                          f"cluster's {cpus:g} for reading and decoding: lower --actor-cpus (e.g. 0.5) or --actors")  # fmt: skip
     spec = ModelSpec(plan.info, plan.model.head, plan.model.familiarity, plan.meta, plan.model.top_k,
                      provider="cuda" if use_gpus else "cpu", threads=max(1, int(job.actor_cpus)))  # fmt: skip

@@ -15,6 +15,8 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from app.errors import DatasetError
+
 if TYPE_CHECKING:
     import pyarrow.fs as pafs
 
@@ -54,9 +56,9 @@ def open_source(uri: str) -> Source:
     fs, root = resolve(uri)
     info = fs.get_file_info(root)
     if info.type == pafs.FileType.NotFound:
-        raise FileNotFoundError(f"source {uri} does not exist")
+        raise DatasetError(f"source {uri} does not exist")
     if info.type != pafs.FileType.Directory:
-        raise ValueError(f"source {uri} is not a folder")
+        raise DatasetError(f"source {uri} is not a folder")
     entries = fs.get_file_info(pafs.FileSelector(root, recursive=True))
     files = []
     for e in entries:
@@ -65,7 +67,7 @@ def open_source(uri: str) -> Source:
             continue  # hidden files and folders (.cache, .git, .DS_Store)
         files.append(rel)
     if not files:
-        raise ValueError(f"source {uri} holds no files")
+        raise DatasetError(f"source {uri} holds no files")
     top_dirs = sorted({rel.split("/", 1)[0] for rel in files if "/" in rel})
     classes = top_dirs if len(top_dirs) >= 2 else None
     if classes is not None:  # Dataset.from_folder's order: class by class, paths sorted by component; loose files last

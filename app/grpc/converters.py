@@ -1,26 +1,22 @@
-"""Protobuf ↔ tlserve types for the gRPC front. The rules are the HTTP ``/v2`` front's, reused, not restated:
+"""Protobuf ↔ the protocol's transport-neutral types (:mod:`app.oip`) for the gRPC front. What the
+tensors mean and how they are checked is :mod:`app.oip.tensors`'s, shared with REST ``/v2``; here only
+bytes move:
 
-- the input is checked and its elements split by :func:`app.api.oip.codec.images` (one BYTES input
-  named ``image``, shape ``[N]`` or ``[N, 1]``, ``max_images_per_request``), whether the elements came
-  in ``raw_input_contents`` (4-byte little-endian length + bytes each, what tritonclient sends) or as
-  ``contents.bytes_contents`` (one entry per image);
-- the outputs asked for are checked by :func:`app.api.oip.codec.requested` (``label``,
-  ``probabilities`` with the classification extension, ``features``) and rendered by
-  :func:`app.api.oip.codec.outputs`, always as ``raw_output_contents`` (as Triton answers; what
-  tritonclient reads).
+- the input's elements come in ``raw_input_contents`` (4-byte little-endian length + bytes each, what
+  tritonclient sends) or as ``contents.bytes_contents`` (one entry per image);
+- request and output ``parameters`` (``InferParameter``) become plain values;
+- outputs go out as ``raw_output_contents`` (as Triton answers; what tritonclient reads).
 """
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Mapping
 from typing import Any
 
-from app.api.oip.codec import INPUT, images, outputs, requested
-from app.api.oip.schemas import InferenceRequest, RequestInput, RequestOutput
 from app.errors import BadRequest
 from app.grpc.stubs import pb
-from app.inference import InferResult
+from app.oip.plane import Answer, Input, ModelMetadata
+from app.oip.tensors import INPUT, frame, unframe
 
 
 def parameter(value: Any) -> Any:
@@ -43,49 +39,41 @@ def version(text: str) -> int | None:
     return int(text)
 
 
-def _blob(request: pb.ModelInferRequest) -> bytes:
-    """The one input's elements, framed as in ``raw_input_contents``."""
+def inputs(request: pb.ModelInferRequest) -> list[Input]:
+    return [Input(t.name, t.datatype, list(t.shape)) for t in request.inputs]
+
+
+def outputs(request: pb.ModelInferRequest) -> list[tuple[str, Mapping[str, Any] | None]] | None:
+    return [(o.name, parameters(o.parameters)) for o in request.outputs] or None
+
+
+def elements(request: pb.ModelInferRequest, n: int) -> list[bytes | memoryview]:
+    """The ``n`` images of the (checked) input, from ``raw_input_contents`` or ``contents.bytes_contents``."""
     tensor = request.inputs[0]
     if request.raw_input_contents:
         if len(request.raw_input_contents) != len(request.inputs):
             raise BadRequest(f"raw_input_contents has {len(request.raw_input_contents)} entries for {len(request.inputs)} inputs")
         if tensor.HasField("contents"):
             raise BadRequest(f"input {INPUT!r} has both contents and raw_input_contents")
-        return bytes(request.raw_input_contents[0])
+        return unframe(request.raw_input_contents[0], n)
     contents = tensor.contents.bytes_contents
     if not contents:
         raise BadRequest(f"input {INPUT!r} has neither raw_input_contents nor contents.bytes_contents")
-    return b"".join(struct.pack("<I", len(b)) + b for b in contents)
+    return unframe(frame(contents), n)  # the count is checked as for the binary form
 
 
-def infer_request(
-    request: pb.ModelInferRequest, max_images: int
-) -> tuple[list[bytes | memoryview], list[tuple[str, bool, int | None]]]:
-    """The images of a ``ModelInferRequest`` and the outputs it wants, checked as ``/v2`` over HTTP checks them."""
-    if len(request.inputs) != 1:
-        raise BadRequest(f"expected one input tensor named {INPUT!r}, got {len(request.inputs)}")
-    wanted = requested(
-        InferenceRequest(
-            inputs=[],
-            outputs=[RequestOutput(name=o.name, parameters=parameters(o.parameters)) for o in request.outputs] or None,
-        )
-    )
-    t = request.inputs[0]
-    blob = _blob(request) if (t.name, t.datatype) == (INPUT, "BYTES") else b""  # else images() names the mistake
-    header = RequestInput(name=t.name, shape=list(t.shape), datatype=t.datatype, parameters={"binary_data_size": len(blob)})
-    return images(InferenceRequest(inputs=[header]), blob, max_images), wanted
-
-
-def infer_response(
-    request: pb.ModelInferRequest, result: InferResult, wanted: list[tuple[str, bool, int | None]]
-) -> pb.ModelInferResponse:
-    assert result.head is not None and result.proba is not None
-    response = pb.ModelInferResponse(model_name=result.head.name, model_version=str(result.head.version), id=request.id)
-    for tensor, blob in outputs(result, [(name, True, k) for name, _, k in wanted]):
-        response.outputs.add(name=tensor["name"], datatype=tensor["datatype"], shape=tensor["shape"])
-        response.raw_output_contents.append(blob)
+def infer_response(request: pb.ModelInferRequest, answer: Answer) -> pb.ModelInferResponse:
+    response = pb.ModelInferResponse(model_name=answer.model_name, model_version=answer.model_version, id=request.id)
+    for t in answer.outputs:
+        response.outputs.add(name=t.name, datatype=t.datatype, shape=t.shape)
+        response.raw_output_contents.append(t.raw())
     return response
 
 
-def tensor(name: str, datatype: str, shape: list[int]) -> pb.ModelMetadataResponse.TensorMetadata:
-    return pb.ModelMetadataResponse.TensorMetadata(name=name, datatype=datatype, shape=shape)
+def metadata_response(meta: ModelMetadata) -> pb.ModelMetadataResponse:
+    def tensors(ts: Any) -> list[pb.ModelMetadataResponse.TensorMetadata]:
+        return [pb.ModelMetadataResponse.TensorMetadata(name=t.name, datatype=t.datatype, shape=t.shape) for t in ts]
+
+    return pb.ModelMetadataResponse(
+        name=meta.name, versions=meta.versions, platform=meta.platform, inputs=tensors(meta.inputs), outputs=tensors(meta.outputs)
+    )

@@ -36,12 +36,11 @@ from google.protobuf import descriptor_pool
 from google.protobuf.descriptor import Descriptor
 
 from app import tracing
-from app.api.deps import _matches as matches
-from app.api.errors import redact
-from app.api.middleware import request_id
-from app.errors import TlserveError, Unauthorized
+from app.errors import TlserveError, Unauthorized, redact
 from app.grpc.status import SERVER_FAULTS, code_for, trailing_metadata
 from app.grpc.wire import check_message
+from app.keys import given_key, key_matches
+from app.logs import request_id
 from app.metrics import Metrics
 from app.settings import Settings
 
@@ -58,11 +57,6 @@ def note(**fields: Any) -> None:
     """Record fields (``images``, ``head``) for the RPC's log line, from inside a servicer."""
     with contextlib.suppress(LookupError):
         _call.get().update(fields)
-
-
-def _given_key(metadata: dict[str, str]) -> str:
-    auth = metadata.get("authorization", "")
-    return auth[7:].strip() if auth.lower().startswith("bearer ") else metadata.get("x-api-key", "")
 
 
 class Refused:
@@ -112,7 +106,7 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         return bounded
 
     def _check_key(self, metadata: dict[str, str]) -> None:
-        if not matches(_given_key(metadata), self.keys):  # HTTP's constant-time check
+        if not key_matches(given_key(metadata), self.keys):  # HTTP's constant-time check
             raise Unauthorized(UNAUTHORIZED)
 
     async def intercept_service(

@@ -3,6 +3,7 @@
     InputError (4xx)                 INVALID_ARGUMENT   bad image, bad tensor, over a per-request limit
     ├── Unauthorized         401     UNAUTHENTICATED
     ├── Forbidden            403     PERMISSION_DENIED
+    ├── OutputConflict       409     FAILED_PRECONDITION (batch outputs; no RPC raises it)
     └── ClientDisconnected   499     CANCELLED
     NotFound (404)                   NOT_FOUND          unknown head, unknown version
     CapacityError (503)
@@ -34,6 +35,7 @@ from app.errors import (
     ModelError,
     NotFound,
     NotReady,
+    OutputConflict,
     QueueFull,
     ShuttingDown,
     TlserveError,
@@ -59,6 +61,7 @@ CODES: dict[type[TlserveError], grpc.StatusCode] = {
     IncompatibleFeatures: grpc.StatusCode.FAILED_PRECONDITION,
     UntrustedHead: grpc.StatusCode.FAILED_PRECONDITION,
     VersionConflict: grpc.StatusCode.FAILED_PRECONDITION,
+    OutputConflict: grpc.StatusCode.FAILED_PRECONDITION,
     NotReady: grpc.StatusCode.UNAVAILABLE,
 }
 SERVER_FAULTS = frozenset({grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN})

@@ -1,26 +1,22 @@
-"""The Open Inference Protocol's wire format: request bodies → image bytes and wanted outputs,
-results → output tensors (JSON, or the binary tensor data extension)."""
+"""The Open Inference Protocol's REST wire format: request bodies (inflated, split, parsed) → the input's
+image bytes; output tensors → response bodies (JSON, or the binary tensor data extension). What the
+tensors mean and how they are checked is :mod:`app.oip.tensors`'s, shared with gRPC."""
 
 from __future__ import annotations
 
 import asyncio
-import struct
+import json
 import zlib
-from typing import Any, cast
+from typing import Any
 
-import numpy as np
 from pydantic import ValidationError
 
 from app.api.oip.schemas import InferenceRequest
-from app.api.parsing import THREAD_BYTES, decode_base64, load_json_bounded, parse_bool
-from app.errors import BadRequest, BodyTooLarge, TooManyImages, UnsupportedMediaType
-from app.inference import OOD_POLICIES, InferResult, OodPolicy
+from app.api.parsing import THREAD_BYTES, decode_base64, load_json_bounded
+from app.errors import BadRequest, BodyTooLarge, UnsupportedMediaType
+from app.oip.plane import Answer
+from app.oip.tensors import INPUT, Wanted, count, unframe
 
-INPUT = "image"
-OUTPUTS = ("label", "probabilities", "features", "familiarity", "in_distribution")
-DEFAULT_OUTPUTS = ("label", "probabilities")
-FAMILIARITY_OUTPUTS = ("familiarity", "in_distribution")
-"""Extra outputs of heads with familiarity data, sent by default with them (absent for other heads)."""
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
 
@@ -98,12 +94,6 @@ def _validate(doc: Any) -> InferenceRequest:
         raise BadRequest("invalid inference request: " + "; ".join(parts)) from None
 
 
-def _count(value: Any, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise BadRequest(f"{what} must be a non-negative integer")
-    return value
-
-
 def _flatten(data: list[Any]) -> list[Any]:
     """Row-major flattening of (possibly nested) JSON tensor data, without recursion."""
     out: list[Any] = []
@@ -119,52 +109,21 @@ def _flatten(data: list[Any]) -> list[Any]:
     return out
 
 
-def _unframe(blob: bytes | bytearray, n: int) -> list[bytes | memoryview]:
-    """BYTES tensor elements from the binary form: each a 4-byte little-endian length, then the bytes
-    (views into the body, not copies)."""
-    view = memoryview(blob)
-    out: list[bytes | memoryview] = []
-    offset = 0
-    while offset < len(blob) and len(out) <= n:
-        if offset + 4 > len(blob):
-            raise BadRequest(f"binary data of input {INPUT!r} is truncated in the length of element {len(out)}")
-        (size,) = struct.unpack_from("<I", blob, offset)
-        offset += 4
-        if offset + size > len(blob):
-            raise BadRequest(f"binary data of input {INPUT!r} is truncated in element {len(out)}")
-        out.append(view[offset : offset + size])
-        offset += size
-    if len(out) != n or offset != len(blob):
-        raise BadRequest(f"input {INPUT!r} has shape [{n}] but its binary data holds a different number of elements")
-    return out
-
-
 def _b64(value: Any, index: int) -> bytes:
     return decode_base64(value, f"input {INPUT!r} element {index}", BadRequest)
 
 
-def images(req: InferenceRequest, blob: bytes | bytearray, limit: int) -> list[bytes | memoryview]:
-    if len(req.inputs) != 1:
-        raise BadRequest(f"expected one input tensor named {INPUT!r}, got {len(req.inputs)}")
+def elements(req: InferenceRequest, blob: bytes | bytearray, n: int) -> list[bytes | memoryview]:
+    """The ``n`` images of the request's (checked) input: after the JSON header in the binary form
+    (``binary_data_size``), or base64 strings in ``data``."""
     t = req.inputs[0]
-    if t.name != INPUT:
-        raise BadRequest(f"unknown input {t.name[:64]!r}: the model takes one BYTES input named {INPUT!r}")
-    if t.datatype != "BYTES":
-        raise BadRequest(f"input {INPUT!r} must have datatype BYTES (encoded image files), not {t.datatype[:16]!r}")
-    if len(t.shape) not in (1, 2) or any(d < 0 for d in t.shape) or (len(t.shape) == 2 and t.shape[1] != 1):
-        raise BadRequest(f"input {INPUT!r} must have shape [N] or [N, 1], not {t.shape[:4]}")
-    n = t.shape[0]
-    if n == 0:
-        raise BadRequest(f"input {INPUT!r} holds no images")
-    if n > limit:
-        raise TooManyImages(f"{n} images in one request, over the limit of {limit} (max_images_per_request)")
     size = (t.parameters or {}).get("binary_data_size")
     if size is not None:
         if t.data is not None:
             raise BadRequest(f"input {INPUT!r} has both data and binary_data_size")
-        if _count(size, "binary_data_size") != len(blob):
+        if count(size, "binary_data_size") != len(blob):
             raise BadRequest(f"binary_data_size is {size}, but {len(blob)} bytes follow the JSON header")
-        return _unframe(blob, n)
+        return unframe(blob, n)
     if blob:
         raise BadRequest(f"{len(blob)} bytes follow the JSON header, but no input has binary_data_size")
     if t.data is None:
@@ -175,94 +134,23 @@ def images(req: InferenceRequest, blob: bytes | bytearray, limit: int) -> list[b
     return [_b64(v, i) for i, v in enumerate(flat)]
 
 
-def _bool_param(params: dict[str, Any] | None, key: str, default: bool) -> bool:
-    return parse_bool((params or {}).get(key, default), f"parameter {key!r}", strings=False, error=BadRequest)
-
-
-def ood_policy(req: InferenceRequest) -> OodPolicy | None:
-    """The request's ``ood_policy`` parameter (``report`` or ``refuse``), or ``None`` for the setting."""
-    value = (req.parameters or {}).get("ood_policy")
-    if value is not None and value not in OOD_POLICIES:
-        raise BadRequest(f"parameter 'ood_policy' must be one of {', '.join(OOD_POLICIES)}, not {str(value)[:40]!r}")
-    return cast("OodPolicy | None", value)
-
-
-def requested(req: InferenceRequest, familiar: bool = False) -> list[tuple[str, bool, int | None]]:
-    """(output name, binary?, classification k or None) for each output to send, in order; without
-    ``outputs`` the defaults, plus the familiarity outputs when the head has them (``familiar``)."""
-    default = _bool_param(req.parameters, "binary_data_output", False)
-    if not req.outputs:
-        names = DEFAULT_OUTPUTS + (FAMILIARITY_OUTPUTS if familiar else ())
-        return [(name, default, None) for name in names]
-    out, seen = [], set()
-    for o in req.outputs:
-        if o.name not in OUTPUTS:
-            raise BadRequest(f"unknown output {o.name[:64]!r}: the outputs are {', '.join(OUTPUTS)}")
-        if o.name in seen:
-            raise BadRequest(f"output {o.name!r} is requested twice")
-        seen.add(o.name)
-        k = (o.parameters or {}).get("classification")
-        if k is not None:
-            if o.name != "probabilities":
-                raise BadRequest("the classification parameter applies to the probabilities output only")
-            if _count(k, "classification") == 0:
-                raise BadRequest("classification must be at least 1")
-        out.append((o.name, _bool_param(o.parameters, "binary_data", default), k))
-    return out
-
-
-def _tensor(
-    name: str, datatype: str, values: np.ndarray | list[str], shape: list[int], binary: bool
-) -> tuple[dict[str, Any], bytes]:
-    out: dict[str, Any] = {"name": name, "datatype": datatype, "shape": shape}
-    if datatype == "BOOL":
-        flags = np.ascontiguousarray(values, dtype=np.bool_)
-        if binary:
-            blob = flags.tobytes()
+def encode(answer: Answer, request_id: str | None, wanted: list[Wanted]) -> tuple[bytes, int | None]:
+    """The response body: the JSON header with the ``outputs``, each JSON or (``binary``) after the JSON
+    header; and the header's length when any output is binary (else ``None``)."""
+    blobs, outs = [], []
+    for t, w in zip(answer.outputs, wanted, strict=True):
+        out: dict[str, Any] = {"name": t.name, "datatype": t.datatype, "shape": t.shape}
+        if w.binary:
+            blob = t.raw()
             out["parameters"] = {"binary_data_size": len(blob)}
-            return out, blob
-        out["data"] = [bool(v) for v in flags.ravel()]
-        return out, b""
-    if datatype == "BYTES":
-        strings = [str(s).encode() for s in values]
-        if binary:
-            blob = b"".join(struct.pack("<I", len(s)) + s for s in strings)
-            out["parameters"] = {"binary_data_size": len(blob)}
-            return out, blob
-        out["data"] = list(values)
-        return out, b""
-    array = np.ascontiguousarray(values, dtype="<f4")
-    if binary:
-        blob = array.tobytes()
-        out["parameters"] = {"binary_data_size": len(blob)}
-        return out, blob
-    out["data"] = array.ravel().tolist()
-    return out, b""
-
-
-def outputs(res: InferResult, wanted: list[tuple[str, bool, int | None]]) -> list[tuple[dict[str, Any], bytes]]:
-    """The output tensors of ``res``; a refused answer (``ood_policy=refuse``) has the label ``""``."""
-    assert res.head is not None and res.proba is not None
-    head, proba, feats = res.head, res.proba, res.features
-    n = len(proba)
-    result = []
-    for name, binary, k in wanted:
-        if name in FAMILIARITY_OUTPUTS and (res.familiarity is None or res.in_distribution is None):
-            raise BadRequest(f"output {name!r}: head {head.name!r} has no familiarity data (retrain it to add it)")
-        if name == "label":
-            labels = [head.classes[int(i)] if res.named(r) else "" for r, i in enumerate(np.argmax(proba, axis=1))]
-            result.append(_tensor(name, "BYTES", labels, [n], binary))
-        elif name == "familiarity":
-            result.append(_tensor(name, "FP32", res.familiarity, [n], binary))  # type: ignore[arg-type]
-        elif name == "in_distribution":
-            result.append(_tensor(name, "BOOL", res.in_distribution, [n], binary))  # type: ignore[arg-type]
-        elif name == "probabilities" and k is not None:
-            k = min(k, len(head.classes))
-            order = np.argsort(-proba, axis=1, kind="stable")[:, :k]
-            top = [f"{proba[r, c]:.6f}:{c}:{head.classes[c]}" for r in range(n) for c in order[r]]
-            result.append(_tensor(name, "BYTES", top, [n, k], binary))
-        elif name == "probabilities":
-            result.append(_tensor(name, "FP32", proba, [n, proba.shape[1]], binary))
+            blobs.append(blob)
         else:
-            result.append(_tensor(name, "FP32", feats, [n, feats.shape[1]], binary))
-    return result
+            out["data"] = t.data()
+        outs.append(out)
+    doc: dict[str, Any] = {"model_name": answer.model_name, "model_version": answer.model_version, "outputs": outs}
+    if request_id is not None:
+        doc["id"] = request_id
+    text = json.dumps(doc, separators=(",", ":")).encode()
+    if not blobs:
+        return text, None
+    return b"".join([text, *blobs]), len(text)

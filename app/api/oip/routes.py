@@ -32,34 +32,20 @@ as ``/v1``; a gzip or deflate body is inflated as it arrives, up to ``max_decomp
 
 from __future__ import annotations
 
-import json
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import JSONResponse, Response
 
-from app import __version__, tracing
+from app import tracing
 from app.api.deps import ServiceDep, probe_auth, require_key
 from app.api.inputs import read_body
-from app.api.oip.codec import HEADER_LENGTH, INPUT, images, inflater, ood_policy, outputs, parse, requested, split
-from app.api.oip.schemas import (
-    INFER_BODY,
-    InferenceResponse,
-    Live,
-    ModelMetadata,
-    ModelReady,
-    OipError,
-    Ready,
-    ServerMetadata,
-    TensorMetadata,
-)
+from app.api.oip.codec import HEADER_LENGTH, elements, encode, inflater, parse, split
+from app.api.oip.schemas import INFER_BODY, InferenceResponse, Live, ModelMetadata, ModelReady, OipError, Ready, ServerMetadata
 from app.api.parsing import error_responses
-from app.errors import TlserveError
-from app.inference import InferRequest, Item
+from app.oip import plane
 from app.service import Service
 
-EXTENSIONS = ["binary_tensor_data", "classification"]
-PLATFORM = "onnxruntime_sklearn"
 router = APIRouter(
     prefix="/v2",
     tags=["Open Inference Protocol (v2)"],
@@ -71,7 +57,7 @@ KeyDep = [Depends(require_key)]
 # --- health and metadata -------------------------------------------------------------------------
 @router.get("", name="oip_server_metadata", response_model=ServerMetadata, dependencies=KeyDep, summary="Server metadata")
 async def oip_server_metadata() -> ServerMetadata:
-    return ServerMetadata(name="tlserve", version=__version__, extensions=EXTENSIONS)
+    return plane.server_metadata()
 
 
 @router.get("/health/live", name="oip_server_live", response_model=Live, dependencies=[Depends(probe_auth)],
@@ -83,81 +69,37 @@ async def oip_server_live() -> Live:
 @router.get("/health/ready", name="oip_server_ready", response_model=Ready, dependencies=[Depends(probe_auth)],
             responses={400: {"model": Ready}}, summary="Readiness: 200 when ready, 400 (the spec's 4xx = false) otherwise")  # fmt: skip
 async def oip_server_ready(service: ServiceDep) -> JSONResponse:
-    ok, reason = service.ready
-    return JSONResponse(
-        Ready(ready=ok, reason=None if ok else reason).model_dump(exclude_none=True), status_code=200 if ok else 400
-    )
-
-
-def _classes(service: Service, name: str, version: int | None) -> tuple[str, ...]:
-    if version is not None:  # VersionNotFound → 404 listing the versions that exist
-        return tuple(str(c) for c in service.registry.store.get(name, version).card.get("classes", []))
-    current, head, _ = service.head_record(name)  # HeadNotFound → 404
-    return head.classes if head is not None else tuple(str(c) for c in current.card.get("classes", []))
+    ok, reason = plane.server_ready(service)
+    return JSONResponse(Ready(ready=ok, reason=reason).model_dump(exclude_none=True), status_code=200 if ok else 400)
 
 
 @router.get("/models/{name}", name="oip_model_metadata", response_model=ModelMetadata, dependencies=KeyDep,
             summary="Model metadata: the input and outputs with datatypes and shapes")  # fmt: skip
 async def oip_model_metadata(name: str, service: ServiceDep) -> ModelMetadata:
-    return model_metadata(service, name, None)
+    return plane.model_metadata(service, name, None)
 
 
 @router.get("/models/{name}/versions/{version}", name="oip_model_version_metadata", response_model=ModelMetadata,
             dependencies=KeyDep, summary="Metadata of one version of a model")  # fmt: skip
 async def oip_model_version_metadata(name: str, version: int, service: ServiceDep) -> ModelMetadata:
-    return model_metadata(service, name, version)
-
-
-def model_metadata(service: Service, name: str, version: int | None) -> ModelMetadata:
-    n_classes = len(_classes(service, name, version))
-    familiar = "familiarity" in (service.registry.store.get(name, version).card)
-    dim = service.info.feature_dim if service.info else -1
-    return ModelMetadata(
-        name=name,
-        versions=[str(v) for v in service.registry.store.versions(name)],
-        platform=PLATFORM,
-        inputs=[TensorMetadata(name=INPUT, datatype="BYTES", shape=[-1])],
-        outputs=[
-            TensorMetadata(name="label", datatype="BYTES", shape=[-1]),
-            TensorMetadata(name="probabilities", datatype="FP32", shape=[-1, n_classes]),
-            TensorMetadata(name="features", datatype="FP32", shape=[-1, dim]),
-            *(
-                [
-                    TensorMetadata(name="familiarity", datatype="FP32", shape=[-1]),
-                    TensorMetadata(name="in_distribution", datatype="BOOL", shape=[-1]),
-                ]
-                if familiar
-                else []
-            ),
-        ],
-    )
+    return plane.model_metadata(service, name, version)
 
 
 @router.get("/models/{name}/ready", name="oip_model_ready", response_model=ModelReady, dependencies=KeyDep,
             responses={400: {"model": ModelReady}}, summary="Model readiness: 200 when it can serve, 400 otherwise")  # fmt: skip
 async def oip_model_ready(name: str, service: ServiceDep) -> JSONResponse:
-    return _ready(service, name, None)
+    return await _ready(service, name, None)
 
 
 @router.get("/models/{name}/versions/{version}/ready", name="oip_model_version_ready", response_model=ModelReady,
             dependencies=KeyDep, responses={400: {"model": ModelReady}}, summary="Readiness of one version of a model")  # fmt: skip
 async def oip_model_version_ready(name: str, version: int, service: ServiceDep) -> JSONResponse:
-    return _ready(service, name, version)
+    return await _ready(service, name, version)
 
 
-def _ready(service: Service, name: str, version: int | None) -> JSONResponse:
-    _, head, error = service.head_record(name)  # 404 for an unknown model
-    ok, reason = service.ready
-    if ok and version is not None:
-        try:
-            service.head(name, version)
-        except TlserveError as exc:
-            if exc.status_code == 404:
-                raise
-            ok, reason = False, exc.message
-    elif ok and head is None:
-        ok, reason = False, error.message if error else "not loaded"
-    body = ModelReady(name=name, ready=ok, reason=None if ok else reason).model_dump(exclude_none=True)
+async def _ready(service: Service, name: str, version: int | None) -> JSONResponse:
+    ok, reason = await plane.model_ready(service, name, version)
+    body = ModelReady(name=name, ready=ok, reason=reason).model_dump(exclude_none=True)
     return JSONResponse(body, status_code=200 if ok else 400)
 
 
@@ -192,32 +134,20 @@ async def oip_model_version_infer(name: str, version: int, request: Request, ser
 
 async def _infer(service: Service, request: Request, name: str, version: int | None, header_length: str | None,
                  content_encoding: str | None) -> Response:  # fmt: skip
-    head = service.head(name, version)  # 404 before reading the body
+    head = await plane.head(service, name, version)  # 404 before reading the body
+    request.state.head = head.name
     s = service.settings
     with tracing.span("receive"):
         body = await read_body(request, s.max_body_bytes, inflater(content_encoding, s.max_decompressed_bytes))
         header, blob = split(body, header_length)
         req = await parse(header, s.max_request_elements, s.max_json_depth)
-        wanted = requested(req, familiar="familiarity" in head.card)
-        policy = ood_policy(req)
-        data = images(req, blob, service.settings.max_images_per_request)
-    request.state.images = len(data)
-    items = [Item(d, f"{INPUT}[{i}]") for i, d in enumerate(data)]
-    result = await service.infer(InferRequest(items, "infer", head=name, version=version, all_or_nothing=True, ood_policy=policy))
-    assert result.head is not None and result.proba is not None
-    request.state.head = result.head.name
-    if result.failed:
-        i, err = result.failed[0]
-        raise type(err)(f"input {INPUT!r} element {i}: {err.message}")
-
+        inputs = [plane.Input(t.name, t.datatype, t.shape) for t in req.inputs]
+        outputs = [(o.name, o.parameters) for o in req.outputs] if req.outputs else None
+        call = plane.translate(service, head, version, inputs, lambda n: elements(req, blob, n), outputs, req.parameters)
+    request.state.images = len(call.request.items)
+    result = await plane.run(service, call)
     with tracing.span("encode"):
-        tensors = outputs(result, wanted)
-        doc: dict[str, Any] = {"model_name": result.head.name, "model_version": str(result.head.version),
-                               "outputs": [t for t, _ in tensors]}  # fmt: skip
-        if req.id is not None:
-            doc["id"] = req.id
-        text = json.dumps(doc, separators=(",", ":")).encode()
-        if not any(binary for _, binary, _ in wanted):
-            return Response(text, media_type="application/json")
-        answer = b"".join([text, *(blob for _, blob in tensors)])  # JSON outputs add b""
-        return Response(answer, media_type="application/octet-stream", headers={HEADER_LENGTH: str(len(text))})
+        answer, header_size = encode(plane.answer(call, result), req.id, call.wanted)
+        if header_size is None:
+            return Response(answer, media_type="application/json")
+        return Response(answer, media_type="application/octet-stream", headers={HEADER_LENGTH: str(header_size)})

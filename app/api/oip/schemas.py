@@ -1,4 +1,5 @@
-"""The Open Inference Protocol's JSON objects (KServe v2 REST), as pydantic models."""
+"""The Open Inference Protocol's JSON objects (KServe v2 REST), as pydantic models; the metadata ones are
+:mod:`app.oip.plane`'s, shared with gRPC."""
 
 from __future__ import annotations
 
@@ -6,15 +7,11 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from app.oip.plane import ModelMetadata, ServerMetadata, TensorMetadata
+
 
 class OipError(BaseModel):
     error: str
-
-
-class ServerMetadata(BaseModel):
-    name: str
-    version: str
-    extensions: list[str]
 
 
 class Live(BaseModel):
@@ -30,20 +27,6 @@ class ModelReady(BaseModel):
     name: str
     ready: bool
     reason: str | None = None
-
-
-class TensorMetadata(BaseModel):
-    name: str
-    datatype: str
-    shape: list[int] = Field(description="-1 marks a variable dimension")
-
-
-class ModelMetadata(BaseModel):
-    name: str
-    versions: list[str] = Field(default_factory=list, description="The head's versions (model_version)")
-    platform: str
-    inputs: list[TensorMetadata]
-    outputs: list[TensorMetadata]
 
 
 class RequestInput(BaseModel):
@@ -114,3 +97,8 @@ INFER_BODY: dict[str, Any] = {
         },
     }
 }
+
+__all__ = [
+    "INFER_BODY", "InferenceRequest", "InferenceResponse", "Live", "ModelMetadata", "ModelReady", "OipError", "Ready",
+    "RequestInput", "RequestOutput", "ResponseOutput", "ServerMetadata", "TensorMetadata",
+]  # fmt: skip
