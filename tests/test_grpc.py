@@ -165,7 +165,8 @@ def test_infer_equals_http_v2(client: tg.InferenceServerClient, server: ServerPr
 
 def test_default_outputs_and_pinned_version(client: tg.InferenceServerClient) -> None:
     result = client.infer("colors", [grpc_input(IMAGES[:2])], model_version="1")
-    assert [o.name for o in result.get_response().outputs] == ["label", "probabilities"]
+    names = [o.name for o in result.get_response().outputs]
+    assert names == ["label", "probabilities", "familiarity", "in_distribution"]  # as over HTTP: the head has familiarity data
     assert result.as_numpy("features") is None and result.get_response().model_version == "1"
     with pytest.raises(InferenceServerException) as err:
         client.infer("colors", [grpc_input(IMAGES[:1])], model_version="3")
@@ -436,7 +437,7 @@ def test_grpc_is_off_and_not_imported_by_default(tiny_store: ModelStore) -> None
         "import sys; from starlette.testclient import TestClient; from app.main import create_app; import app.server; "
         "from app.settings import Settings; "
         f"s = Settings(model_store={str(tiny_store.root)!r}, default_head='colors', intra_op_threads=1, head_poll_interval_s=0); "
-        "c = TestClient(create_app(s), base_url='http://localhost').__enter__(); assert c.get('/readyz').status_code == 200; "
+        "c = TestClient(create_app(s), base_url='http://127.0.0.1').__enter__(); assert c.get('/readyz').status_code == 200; "
         "print(sorted({m.split('.')[0] for m in sys.modules if m.split('.')[0] in ('grpc', 'grpc_health')}))"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)

@@ -203,7 +203,7 @@ def test_http_request_span_tree(server: ServerProcess, receiver: Receiver) -> No
 
 def test_grpc_request_span_tree(server: ServerProcess, receiver: Receiver) -> None:
     response, metadata = grpc_infer(server, IMAGES, {"x-request-id": "grpc-abc"})
-    assert len(response.outputs) == 2 and metadata["x-request-id"] == "grpc-abc"
+    assert len(response.outputs) == 4 and metadata["x-request-id"] == "grpc-abc"  # the head has familiarity data
     trace_id, span_id = parse_traceparent(metadata["traceparent"])
     spans = assert_request_tree(receiver, trace_id, span_id, "inference.GRPCInferenceService/ModelInfer")
     root = next(s for s in spans if s.span_id == span_id)
@@ -302,7 +302,7 @@ def test_off_imports_no_opentelemetry_of_its_own(tiny_store: ModelStore) -> None
         "from app.main import create_app\n"
         "from app.settings import Settings\n"
         f"s = Settings(model_store={str(tiny_store.root)!r}, default_head='colors', intra_op_threads=1, head_poll_interval_s=0)\n"
-        "with TestClient(create_app(s), base_url='http://localhost') as c:\n"
+        "with TestClient(create_app(s), base_url='http://127.0.0.1') as c:\n"
         "    r = c.post('/v1/classify', content=open(sys.argv[1], 'rb').read(), headers={'content-type': 'image/png'})\n"
         "    assert r.status_code == 200 and 'traceparent' not in r.headers, r.text\n"
         "print(app.tracing.enabled, sorted({m for m in sys.modules if m.startswith('opentelemetry')} - before))\n"
