@@ -336,6 +336,18 @@ def measure_speedup(
     return {"fp32_ms": round(best[0] * 1000, 2), "int8_ms": round(best[1] * 1000, 2), "speedup": round(best[0] / best[1], 3)}
 
 
+def agreement_upper(agree: int, n: int, z: float = 1.96) -> float:
+    """The Wilson score upper bound (95% by default) of an agreement rate seen as ``agree`` of ``n``: a head's own
+    INT8 check refuses it only when even this bound is below the gate's bar, since on a small held-out set one
+    flipped photo is noise (1 of 154 is 99.35%, under a 99.5% bar, while the true rate may well be above it)."""
+    if n <= 0:
+        return 1.0
+    p, z2 = agree / n, z * z
+    centre = p + z2 / (2 * n)
+    margin = z * np.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
+    return float(min(1.0, (centre + margin) / (1 + z2 / n)))
+
+
 def features_of(path: Path, images: np.ndarray, batch: int = 16) -> np.ndarray:
     sess = create_session(path, threads=0, spinning=False)
     return np.concatenate([sess.run(["features"], {"images": images[i : i + batch]})[0] for i in range(0, len(images), batch)])

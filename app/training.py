@@ -465,8 +465,10 @@ class Trainer:
     def _int8_check(self, fitted: _Fitted, held: _Held) -> dict[str, Any]:
         """The card's ``int8`` entry: does this head answer the same on the store's INT8 copy as on the fp32 features
         it was fitted on? Agreement of the report head's answers on the held-out photos, fp32 vs INT8 features, against
-        the extractor gate's bar (``MIN_AGREEMENT``); a head below it is refused where INT8 is served (named error)."""
+        the extractor gate's bar (``MIN_AGREEMENT``): a head whose agreement is below it even at its 95% upper bound
+        (:func:`app.quantize.agreement_upper`) is refused where INT8 is served (named error)."""
         from app.export import MIN_AGREEMENT
+        from app.quantize import agreement_upper
 
         if self.info.precision != "fp32":
             return {"checked": False, "trained_on": self.info.precision,
@@ -499,16 +501,21 @@ class Trainer:
         with sklearn_threads(1):
             p32 = head.predict(held.x[got.kept])
             p8 = head.predict(got.features)
-        agreement = float((p32 == p8).mean())
+        agree, n, truth = int((p32 == p8).sum()), len(p8), held.y[got.kept]
+        upper = agreement_upper(agree, n)
         return {
             "checked": True,
             "trained_on": "fp32",
             "int8_sha256": int8.sha256,
-            "images": len(p8),
-            "agreement": round(agreement, 4),
+            "images": n,
+            "agreement": round(agree / n, 4),
+            "agreement_upper_95": round(upper, 4),
+            "accuracy_fp32": round(float((p32 == truth).mean()), 4),
+            "accuracy_int8": round(float((p8 == truth).mean()), 4),
             "min_agreement": MIN_AGREEMENT,
-            "passed": agreement >= MIN_AGREEMENT,
-            "how": "the held-out photos' answers on INT8 features vs the fp32 features the head was fitted on",
+            "passed": upper >= MIN_AGREEMENT,
+            "how": "the held-out photos' answers on INT8 features vs the fp32 features the head was fitted on; "
+            "refused only when the agreement's 95% upper bound (Wilson) is below min_agreement",
         }
 
     def _fit(self, x: np.ndarray, y: np.ndarray, held: _Held, n_classes: int, c: float | None) -> _Fitted:
