@@ -105,8 +105,8 @@ def _export(args: argparse.Namespace) -> int:
         log.info("fp32 only (--no-int8)")
         print(json.dumps(entry, indent=2))
         return 0
-    entry = _export_int8(args, store, entry)
-    if entry.get("precision") == "int8":
+    entry, missing = _export_int8(args, store, entry)
+    if missing is None:
         passed, gate = int8_gate(entry, entry["parent_sha256"])
         if args.int8 and not passed:  # required: a copy that failed its gate is not what was asked for
             print(json.dumps(entry, indent=2))
@@ -114,17 +114,17 @@ def _export(args: argparse.Namespace) -> int:
                   "TLSERVE_PRECISION=auto serves fp32", file=sys.stderr)  # fmt: skip
             return 1
     elif args.int8:
-        print(f"error: --int8: no INT8 copy: {entry['int8_missing']}", file=sys.stderr)
+        print(f"error: --int8: no INT8 copy: {missing}", file=sys.stderr)
         return 1
-    print(json.dumps({k: v for k, v in entry.items() if k != "int8_missing"}, indent=2))
+    print(json.dumps(entry, indent=2))
     return 0
 
 
-def _export_int8(args: argparse.Namespace, store: ModelStore, fp32: dict[str, Any]) -> dict[str, Any]:
+def _export_int8(args: argparse.Namespace, store: ModelStore, fp32: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
     """The INT8 copy after an export: calibrated on ``--calibration-dir`` (a new table), else made from the
     store's calibration table with no photos (gated on ``--check-dir``, else the default head's validation
-    photos when they are here, else by the gate the table recorded). Returns its entry, or the fp32 ``entry``
-    with ``int8_missing`` saying why there is none."""
+    photos when they are here, else by the gate the table recorded). Returns its entry and None, or the fp32
+    entry and why there is no copy."""
     from app.errors import ArtifactError
     from app.quantize import default_check_dir, quantize_from_table, quantize_int8, read_table
     from app.settings import get_settings
@@ -135,7 +135,7 @@ def _export_int8(args: argparse.Namespace, store: ModelStore, fp32: dict[str, An
             "INT8 copy: calibrating on %s%s", args.calibration_dir, f", checking on {args.check_dir}" if args.check_dir else ""
         )
         return quantize_int8(store, args.calibration_dir, args.calibration_images, check_dir=args.check_dir,
-                             reduce_range=(args.weight_bits or 7) == 7, **gate)  # fmt: skip
+                             reduce_range=(args.weight_bits or 7) == 7, **gate), None  # fmt: skip
     table = read_table(store)
     if table is not None and table.fp32_sha256 != fp32["sha256"] and _is_default_export(args):
         made = ", ".join(f"{k} {v}" for k, v in sorted(table.made_with.items())) or "unrecorded versions"
@@ -149,10 +149,10 @@ def _export_int8(args: argparse.Namespace, store: ModelStore, fp32: dict[str, An
                f"{store.calibration_path.name} was made for the fp32 export {table.fp32_sha256[:12]}…, not this one "
                f"({fp32['file']}, {fp32['sha256'][:12]}…)")  # fmt: skip
         log.warning("fp32 only, no INT8 copy: %s; pass --calibration-dir DIR (photos like those served) to make one", why)
-        return {**fp32, "int8_missing": f"{why}; pass --calibration-dir DIR"}
+        return fp32, f"{why}; pass --calibration-dir DIR"
     check = args.check_dir or default_check_dir(store, get_settings().default_head)
     log.info("INT8 copy: from %s (no photos needed)%s", store.calibration_path, f", checking on {check}" if check else "")
-    return quantize_from_table(store, table, check_dir=check, **gate)
+    return quantize_from_table(store, table, check_dir=check, **gate), None
 
 
 def _is_default_export(args: argparse.Namespace) -> bool:
