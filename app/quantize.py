@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import tempfile
 import time
 from collections.abc import Iterator
@@ -471,10 +472,11 @@ def _make_variant(
     """Quantize with ``table``, check the file against its pin, gate it, record it as the int8 variant."""
     fp32 = info.raw
     dst = store.root / (Path(fp32["file"]).stem + ".int8.onnx")
-    how = quantize_file(info.path, dst, table)
-    actual = sha256_file(dst)
+    new = dst.with_name(f".{dst.name}.new")  # checked against the pin before it replaces the copy being served
+    how = quantize_file(info.path, new, table)
+    actual = sha256_file(new)
     if table.int8_sha256 is not None and actual != table.int8_sha256:
-        dst.unlink(missing_ok=True)
+        new.unlink(missing_ok=True)
         made = ", ".join(f"{k} {v}" for k, v in sorted(table.made_with.items())) or "unrecorded versions"
         here = ", ".join(f"{k} {v}" for k, v in sorted(_versions().items()))
         raise ArtifactError(
@@ -482,6 +484,7 @@ def _make_variant(
             f"{table.int8_sha256} (pinned with {made}; made here with {here}): install the pinned versions "
             f"(deploy/requirements/) or {_REMAKE}"
         )
+    os.replace(new, dst)
     entry: dict[str, Any] = {k: fp32[k] for k in _INHERITED if k in fp32}
     entry.update({
         "file": dst.name,
