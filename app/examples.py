@@ -1,6 +1,6 @@
 """A head's example store: every labelled photo uploaded for it, content-addressed, and its fixed validation set.
 
-Layout, in the shared store next to the head's versions (:mod:`app.registry` ignores it)::
+Layout, in the shared store next to the head's versions (where: :meth:`app.registry.HeadStore.examples_dir`)::
 
     model_store/heads/<name>/examples/
         objects/<sha[:2]>/<sha256>   the photo's bytes, named by their sha256 (the same bytes are stored once)
@@ -36,12 +36,11 @@ from typing import Any
 import numpy as np
 
 from app.errors import ArtifactError, DatasetError
+from app.files import atomic_write, locked, read_json, write_json
 from app.hashing import sha256_file
 from app.recipe import MIN_IMAGES_PER_CLASS, SEED
-from app.registry import valid_head_name
-from app.store import atomic_write, locked, read_json, write_json
+from app.registry import HeadStore, valid_head_name
 
-EXAMPLES = "examples"
 OBJECTS = "objects"
 LABELS = "labels.json"
 VALIDATION = "validation.json"
@@ -85,9 +84,9 @@ class Snapshot:
 class ExampleStore:
     """The example store of one head (see the module docstring)."""
 
-    def __init__(self, heads_root: Path, head: str) -> None:
+    def __init__(self, heads: HeadStore, head: str) -> None:
         self.head = valid_head_name(head)
-        self.folder = heads_root / head / EXAMPLES
+        self.folder = heads.examples_dir(self.head)
 
     def path(self, sha: str) -> Path:
         return self.folder / OBJECTS / sha[:2] / sha

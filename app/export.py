@@ -22,8 +22,9 @@ import numpy as np
 
 from app import __version__
 from app.errors import ArtifactError
+from app.files import atomic_write
 from app.hashing import sha256_bytes
-from app.store import ModelStore, atomic_write
+from app.store import ModelStore
 from app.weights import IMAGENET_WEIGHTS_SHA256, LAYERS, POOL_AFTER, Weights, weights_sha256
 
 log = logging.getLogger(__name__)

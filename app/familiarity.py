@@ -218,7 +218,7 @@ def card_section(model: Familiarity, oof_scores: np.ndarray, labels: np.ndarray,
 
 def load(version: Version, classes: int, feature_dim: int | None) -> Familiarity | None:
     """A version's familiarity model, checked; ``None`` when its card has none (trained before it existed)."""
-    section = version.card.get("familiarity")
+    section = version.info.familiarity
     if section is None:
         return None
     where = f"head {version.name!r} version {version.version}"

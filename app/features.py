@@ -33,12 +33,12 @@ import numpy as np
 
 from app.errors import ArtifactError, DatasetError, IncompatibleFeatures, InputError
 from app.extractor import Extractor
+from app.files import atomic_write, read_regular
 from app.hashing import sha256_bytes
 from app.heads import from_npy
 from app.imaging import is_image_file, load_image
 from app.progress import Meter, ProgressCallback, console, no_progress
 from app.settings import DEFAULT_MAX_IMAGE_PIXELS
-from app.store import atomic_write, read_regular
 
 log = logging.getLogger(__name__)
 

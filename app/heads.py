@@ -34,6 +34,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from app.card import Card
 from app.errors import ArtifactError
 
 MAX_PICKLE_BYTES = 64 * 1024 * 1024
@@ -271,11 +272,17 @@ class Head:
     version: int
     classes: tuple[str, ...]
     estimator: Any
-    card: dict[str, Any]
+    card: dict[str, Any]  # as written and verified (what a signature covers)
+    info: Card | None = None  # the same card, typed (set by build_head)
 
     @property
     def sha256(self) -> str:
-        return str(self.card["pickle_sha256"])
+        return self.info.pickle_sha256 if self.info is not None else str(self.card.get("pickle_sha256", ""))
+
+    @property
+    def familiarity(self) -> dict[str, Any] | None:
+        """The card's familiarity section (:mod:`app.familiarity` reads it); None: trained before it existed."""
+        return self.info.familiarity if self.info is not None else None
 
     def predict_proba(self, features: np.ndarray) -> np.ndarray:
         """``[N, D]`` features → ``[N, classes]`` probabilities, columns in ``classes`` order."""
@@ -314,8 +321,9 @@ def build_head(name: str, version: int, classes: tuple[str, ...], estimator: Any
                feature_dim: int | None) -> Head:  # fmt: skip
     """A :class:`Head` around an estimator from :func:`from_arrays` or :func:`from_pickle`, once it passes
     :func:`check_estimator`."""
-    check_estimator(estimator, classes, feature_dim, f"head {name!r} version {version}")
-    return Head(name=name, version=version, classes=classes, estimator=estimator, card=card)
+    where = f"head {name!r} version {version}"
+    check_estimator(estimator, classes, feature_dim, where)
+    return Head(name=name, version=version, classes=classes, estimator=estimator, card=card, info=Card.parse(card, where))
 
 
 def dump_estimator(estimator: Any) -> bytes:

@@ -46,15 +46,16 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from app.card import Card
 from app.errors import DatasetError, JobNotFound, NotReady, ShuttingDown, TlserveError, TooManyJobs
 from app.examples import Example, ExampleStore, Snapshot
 from app.extractor import Extractor
 from app.features import Dataset, Extracted
+from app.files import read_json, write_json
 from app.progress import Progress
 from app.recipe import MIN_IMAGES_PER_CLASS, SEED
 from app.registry import HeadStore, Version
 from app.settings import Settings
-from app.store import read_json, write_json
 
 if TYPE_CHECKING:
     from app.heads import Head
@@ -63,7 +64,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-JOBS = ".jobs"
 STALE_BEATS = 5
 JOB_NICE = 10
 STATES = ("queued", "running", "succeeded", "failed")
@@ -93,18 +93,11 @@ def report_dict(metrics: dict[str, Any], n_train: int | None) -> dict[str, Any]:
             "n_train": n_train, "n_val": int(metrics.get("n", 0))}  # fmt: skip
 
 
-def card_report(card: dict[str, Any]) -> dict[str, Any] | None:
+def card_report(card: Card) -> dict[str, Any] | None:
     """A version's validation report, from its card (None for a card without metrics)."""
-    metrics = card.get("metrics")
-    if not isinstance(metrics, dict) or "accuracy" not in metrics:
+    if card.metrics is None or card.metrics.accuracy is None:
         return None
-    train = (card.get("training") or {}).get("train_per_class")
-    return report_dict(metrics, sum(int(v) for v in train.values()) if isinstance(train, dict) else None)
-
-
-def card_job_id(card: dict[str, Any]) -> str | None:
-    job = card.get("job")
-    return str(job["id"]) if isinstance(job, dict) and "id" in job else None
+    return report_dict(card.metrics.model_dump(), card.training.n_train)
 
 
 # --- what a job trains on --------------------------------------------------------------------
@@ -169,7 +162,7 @@ class JobStore:
 
     def __init__(self, heads: HeadStore) -> None:
         self.heads = heads
-        self.root = heads.root / JOBS
+        self.root = heads.jobs_dir
 
     def path(self, job_id: str) -> Path:
         if not _JOB_ID.fullmatch(job_id):
@@ -214,7 +207,7 @@ class JobStore:
         record = dict(record)
         committed = self._committed(record)
         if committed is not None:
-            record.update(state="succeeded", version=committed.version, report=card_report(committed.card), error=None,
+            record.update(state="succeeded", version=committed.version, report=card_report(committed.info), error=None,
                           promoted=self._is_current(committed))  # fmt: skip
         else:
             record.update(state="failed", error={"code": "replica_lost", "message": (
@@ -230,7 +223,7 @@ class JobStore:
         with contextlib.suppress(TlserveError, OSError):
             for v in reversed(self.heads.versions(str(record["head"]))):
                 version = self.heads.get(str(record["head"]), v)
-                if card_job_id(version.card) == record["id"]:
+                if version.info.job_id == record["id"]:
                     return version
         return None
 
@@ -411,7 +404,7 @@ class JobRunner:
         try:
             trainer = Trainer(self.settings, progress=lambda p: self._progress(job, p), extractor=self.extractor(job.cancel.is_set),
                               feature_batch=self._feature_batch)  # fmt: skip
-            examples = ExampleStore(self.store.heads.root, spec.head)
+            examples = ExampleStore(self.store.heads, spec.head)
             train = dataset(examples, spec.plan.train, spec.plan.classes)
             val = dataset(examples, spec.plan.val, spec.plan.classes)
             trained = trainer.fit_datasets(train, spec.head, val=val, c=spec.c, promote=spec.promote,
@@ -431,7 +424,7 @@ class JobRunner:
             names = {examples.path(e.sha256): (e.label, e.name) for e in spec.plan.train + spec.plan.val}
             skipped = [{"label": names.get(p, ("", p.name))[0], "file": names.get(p, ("", p.name))[1], "reason": why}
                        for p, why in trained.skipped]  # fmt: skip
-            self._finish(job, "succeeded", version=trained.version.version, report=_report(trained.report, trained.card),
+            self._finish(job, "succeeded", version=trained.version.version, report=_report(trained.report, trained.version.info),
                          promoted=spec.promote, skipped=skipped)  # fmt: skip
 
     def _reload(self, head: str) -> None:
@@ -542,9 +535,8 @@ class JobRunner:
         return {"report": out, "excluded": len(val) - len(kept), "skipped": skipped}
 
 
-def _report(report: Report, card: dict[str, Any]) -> dict[str, Any]:
-    train = (card.get("training") or {}).get("train_per_class") or {}
-    return report_dict(report.as_dict(), sum(int(v) for v in train.values()))
+def _report(report: Report, card: Card) -> dict[str, Any]:
+    return report_dict(report.as_dict(), card.training.n_train or 0)
 
 
 def _stopped() -> dict[str, str]:

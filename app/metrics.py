@@ -114,6 +114,6 @@ class Metrics:
             fam.observe(float(v))
         self.checked.labels(h).inc(len(verdicts))
         self.unfamiliar.labels(h).inc(int((~verdicts).sum()))
-        acceptance = (head.card.get("familiarity") or {}).get("acceptance")
+        acceptance = (head.familiarity or {}).get("acceptance")
         if isinstance(acceptance, float):
             self.expected_unfamiliar.labels(h).set(1 - acceptance)

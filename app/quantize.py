@@ -53,9 +53,10 @@ from app import __version__
 from app.errors import ArtifactError, DatasetError, InputError
 from app.export import CALIBRATION_IMAGES, CHECK_IMAGES, MIN_AGREEMENT, MIN_COSINE
 from app.extractor import create_session
+from app.files import atomic_write, read_json, write_json
 from app.hashing import sha256_file
 from app.imaging import is_image_file, load_image
-from app.store import ExtractorInfo, ModelStore, atomic_write, read_json, write_json
+from app.store import ExtractorInfo, ModelStore
 
 log = logging.getLogger(__name__)
 
@@ -129,10 +130,10 @@ def default_check_dir(store: ModelStore, head: str) -> Path | None:
     """The accuracy gate's check photos when ``tlserve export`` is given none: the default ``head``'s validation
     folder (its card's ``training.split.val_dir``) while it exists here, else None."""
     try:
-        card = store.heads.get(head).card
+        card = store.heads.get(head).info
     except Exception:  # noqa: BLE001 - no store, no head, a broken card: no default check folder
         return None
-    check = _existing(((card.get("training") or {}).get("split") or {}).get("val_dir"), store)
+    check = _existing(card.training.val_dir, store)
     return check if check is not None and image_files(check) else None
 
 

@@ -12,10 +12,15 @@ Layout (card schema 2)::
             confusion_matrix.png   …and any other file of the version
             card.json              written last and atomically: the commit point. ``schema``: 2,
                                    ``name``, ``version``, ``artifacts`` {file: sha256} listing every other file
-        card.json, head-*.pkl      a flat head from before versions: read as version 1, never rewritten
+        card.json, head-*.pkl      a flat head from before versions: read as version 1 (by :meth:`HeadStore.get`
+                                   alone), never rewritten; ``tlserve heads migrate`` moves it to ``1/``
         examples/                  the head's example store (:mod:`app.examples`), not a version
-    model_store/heads/.jobs/, .spool/, .cache/   training jobs' records, uploads, features: not heads (a
-                                   head name never starts with '.')
+    model_store/heads/.jobs/, .spool/   training jobs' records (:mod:`app.jobs`) and uploads being checked
+                                   (:mod:`app.uploads`): not heads (a head name never starts with '.')
+
+:class:`HeadStore` owns this tree: every path under ``heads/`` is one of its properties or methods, and
+product code gets it in one way only, ``ModelStore.open(settings).heads`` (:mod:`app.store`), so a store
+never reads heads without the verify keys that are configured.
 
 A version folder without ``card.json`` is a training that did not finish (or is still running):
 it is invisible. Every file is checked against the card's ``artifacts`` before it is used, and the
@@ -23,7 +28,7 @@ card's ``name`` and ``version`` (signed with it) against the folder it is in: a 
 another head or another version number is refused (``head_misplaced``). Files are read by
 :func:`app.store.read_regular`: regular files only, never through a link, never past their cap.
 
-:class:`HeadStore` is the layout; :class:`HeadRegistry` holds the heads a service serves (the
+:class:`HeadRegistry` holds the heads a service serves (the
 current version of each, verified and loaded), the exception each refused head got, and the
 poller that picks up new, promoted and deleted versions.
 """
@@ -39,13 +44,15 @@ import shutil
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from app.card import Card
 from app.errors import (
     ArtifactError,
     HeadNotFound,
@@ -56,6 +63,7 @@ from app.errors import (
     VersionConflict,
     VersionNotFound,
 )
+from app.files import atomic_write, locked, read_json, read_regular, write_json
 from app.hashing import sha256_bytes
 from app.heads import (
     ARRAY_FILES,
@@ -69,22 +77,26 @@ from app.heads import (
 )
 from app.settings import Settings
 from app.signing import load_private_key, load_public_keys, sign, verify
-from app.store import atomic_write, locked, read_json, read_regular, write_json
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 log = logging.getLogger(__name__)
 
+HEADS = "heads"
 CARD = "card.json"
 CURRENT = "current"
 LOCK = ".lock"
+EXAMPLES = "examples"
+JOBS = ".jobs"
+SPOOL = ".spool"
 SCHEMA = 2
 LEGACY_VERSION = 1
 HEAD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # every use is fullmatch: '$' would accept "name\n"
 _VERSION_DIR = re.compile(r"[1-9][0-9]{0,8}")
 _ARTIFACT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 _MAX_CURRENT_BYTES = 64
+_MAX_CARD_BYTES = 64 * 1024 * 1024
 
 
 def valid_head_name(name: str) -> str:
@@ -101,7 +113,8 @@ def valid_artifact_name(file: str) -> str:
 
 @dataclass(frozen=True)
 class Version:
-    """One committed version of a head: where it lives and what its card says."""
+    """One committed version of a head: where it lives and what its card says. ``card`` is the JSON
+    object as written (what a signature covers); :attr:`info` is the same card, typed."""
 
     name: str
     version: int
@@ -109,22 +122,31 @@ class Version:
     card: dict[str, Any]
 
     @property
+    def where(self) -> str:
+        return f"head {self.name!r} version {self.version}"
+
+    @cached_property
+    def info(self) -> Card:
+        """The typed card (an :class:`ArtifactError` naming the field when it does not parse)."""
+        return Card.parse(self.card, self.where)
+
+    @property
     def legacy(self) -> bool:
-        return "schema" not in self.card
+        return self.info.legacy
 
     @property
     def artifacts(self) -> dict[str, str]:
         """file → sha256 of every file of this version (a flat head's card lists only its pickle)."""
-        if self.legacy:
-            return {str(self.card.get("pickle", "")): str(self.card.get("pickle_sha256", ""))}
-        listed = self.card.get("artifacts")
-        if not isinstance(listed, dict):
-            raise ArtifactError(f"head {self.name!r} version {self.version}: card has no artifacts map")
-        return {str(k): str(v) for k, v in listed.items()}
+        info = self.info
+        if info.legacy:
+            return {info.pickle: info.pickle_sha256}
+        if info.artifacts is None:
+            raise ArtifactError(f"{self.where}: card has no artifacts map")
+        return dict(info.artifacts)
 
     def read(self, file: str, max_bytes: int = MAX_PICKLE_BYTES) -> bytes:
         """An artifact's bytes, checked against the card before they are used."""
-        where = f"head {self.name!r} version {self.version}"
+        where = self.where
         expected = self.artifacts.get(file)
         if expected is None or "/" in file or not file:
             raise ArtifactError(f"{where}: card names an invalid or unlisted file {file[:80]!r}")
@@ -143,20 +165,44 @@ class Version:
         return data
 
 
-class HeadStore:
-    """The versioned head layout under one ``heads/`` folder (see the module docstring). With a
-    ``signing_key`` every version written is signed; with ``verify_keys`` every load checks it."""
+@dataclass(frozen=True)
+class HeadKeys:
+    """The keys a head store signs with (trainers) and verifies with (every replica that loads heads)."""
 
-    def __init__(self, root: Path, *, signing_key: Ed25519PrivateKey | None = None,
-                 verify_keys: dict[str, Ed25519PublicKey] | None = None) -> None:  # fmt: skip
-        self.root = root
-        self.signing_key = signing_key
-        self.verify_keys = verify_keys or {}
+    signing: Ed25519PrivateKey | None = None
+    verify: dict[str, Ed25519PublicKey] = field(default_factory=dict)
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> HeadStore:
-        key = load_private_key(settings.head_signing_key) if settings.head_signing_key else None
-        return cls(settings.model_store / "heads", signing_key=key, verify_keys=load_public_keys(settings.head_verify_keys))
+    def from_settings(cls, settings: Settings) -> HeadKeys:
+        signing = load_private_key(settings.head_signing_key) if settings.head_signing_key else None
+        return cls(signing, load_public_keys(settings.head_verify_keys))
+
+
+class HeadStore:
+    """The tree under one ``heads/`` folder (see the module docstring). With a signing key every version
+    written is signed; with verify keys every load checks it."""
+
+    def __init__(self, root: Path, keys: HeadKeys, *, spool: Path | None = None) -> None:
+        self.root = root
+        self.keys = keys
+        self.spool = spool or root / SPOOL
+
+    @property
+    def signing_key(self) -> Ed25519PrivateKey | None:
+        return self.keys.signing
+
+    @property
+    def verify_keys(self) -> dict[str, Ed25519PublicKey]:
+        return self.keys.verify
+
+    @property
+    def jobs_dir(self) -> Path:
+        """Training jobs' records (:class:`app.jobs.JobStore`)."""
+        return self.root / JOBS
+
+    def examples_dir(self, name: str) -> Path:
+        """``name``'s example store (:class:`app.examples.ExampleStore`)."""
+        return self.folder(name) / EXAMPLES
 
     # --- reading -----------------------------------------------------------------------------
     def folder(self, name: str) -> Path:
@@ -169,7 +215,7 @@ class HeadStore:
         return sorted(p.name for p in self.root.iterdir() if HEAD_NAME.fullmatch(p.name) and self._has_versions(p))
 
     def _has_versions(self, folder: Path) -> bool:
-        return (folder / CARD).is_file() or any(True for _ in self._version_dirs(folder))
+        return self._flat(folder) or any(True for _ in self._version_dirs(folder))
 
     def _version_dirs(self, folder: Path) -> Iterator[tuple[int, Path]]:
         with contextlib.suppress(OSError):
@@ -181,9 +227,48 @@ class HeadStore:
         """Committed version ids of ``name``, ascending (a flat head is version 1)."""
         folder = self.folder(name)
         found = {v for v, _ in self._version_dirs(folder)}
-        if (folder / CARD).is_file():
+        if self._flat(folder):
             found.add(LEGACY_VERSION)
         return sorted(found)
+
+    # --- flat heads (from before versions): the one place that knows them ---------------------------
+    @staticmethod
+    def _flat(folder: Path) -> bool:
+        """A card in the head's own folder: a head from before versions, read as version 1 (its ``1/``
+        wins once there is one: :meth:`migrate` writes it)."""
+        return (folder / CARD).is_file()
+
+    def _flat_folder(self, name: str, version: int) -> Path | None:
+        folder = self.folder(name)
+        if version == LEGACY_VERSION and self._flat(folder) and not (folder / str(version) / CARD).is_file():
+            return folder
+        return None
+
+    def migrate(self, name: str) -> bool:
+        """Move a flat head into ``1/`` (its files and card as they are, so a signature still holds):
+        the files first, the card last (the commit point: readers see the flat head or ``1/``, never
+        neither), then the flat copies go. False when ``name`` is not flat."""
+        with self._locked(name) as folder:
+            if not self._flat(folder):
+                return False
+            target = folder / str(LEGACY_VERSION)
+            card = read_regular(folder / CARD, _MAX_CARD_BYTES)
+            if (target / CARD).is_file():
+                if read_regular(target / CARD, _MAX_CARD_BYTES) != card:
+                    raise VersionConflict(f"head {name!r} has a flat card and a version 1 that differ; remove one by hand")
+            else:
+                files = [p for p in folder.iterdir() if p.is_file() and not p.is_symlink()
+                         and p.name not in (CARD, CURRENT, LOCK)]  # fmt: skip
+                target.mkdir(exist_ok=True)
+                for p in files:
+                    atomic_write(target / p.name, read_regular(p, MAX_PICKLE_BYTES))
+                atomic_write(target / CARD, card)
+            if not (folder / CURRENT).exists():
+                atomic_write(folder / CURRENT, f"{LEGACY_VERSION}\n".encode())
+            for p in [p for p in folder.iterdir() if p.is_file() and p.name not in (CURRENT, LOCK)]:
+                if (target / p.name).is_file():
+                    p.unlink()
+        return True
 
     def _unknown(self, name: str) -> HeadNotFound:
         return HeadNotFound(f"no head named {name!r} (known: {', '.join(self.names()) or 'none'})")
@@ -207,10 +292,7 @@ class HeadStore:
         return int(text)
 
     def version_folder(self, name: str, version: int) -> Path:
-        folder = self.folder(name)
-        if version == LEGACY_VERSION and (folder / CARD).is_file() and not (folder / str(version) / CARD).is_file():
-            return folder
-        return folder / str(version)
+        return self._flat_folder(name, version) or self.folder(name) / str(version)
 
     def current_folder(self, name: str) -> Path:
         return self.version_folder(name, self.current_version(name))
@@ -232,7 +314,7 @@ class HeadStore:
         """Changes whenever what ``get(name)`` returns may have changed (for polling)."""
         folder = self.folder(name)
         parts: list[object] = []
-        for path in (folder / CURRENT, folder / CARD):
+        for path in (folder / CURRENT, folder / CARD):  # CARD: a flat head's
             try:
                 st = path.stat()
                 parts.append((st.st_mtime_ns, st.st_size, st.st_ino))
@@ -253,7 +335,11 @@ class HeadStore:
         ``promote``, make it current. Version ids never collide, even across replicas sharing the store."""
         for file in files:
             valid_artifact_name(file)
+        Card.parse({**card, "schema": SCHEMA}, f"head {name!r}'s new version")  # nothing that would not load is written
         with self._locked(name) as folder:
+            served = self.versions(name) and self.current_version(name)
+            if not promote and served and not (folder / CURRENT).exists():
+                atomic_write(folder / CURRENT, f"{served}\n".encode())  # "no pointer: the highest" must not move
             version = max([0, *self.versions(name), *self._uncommitted(folder)]) + 1
             target = folder / str(version)
             target.mkdir()  # under the lock; an id already on disk (even uncommitted) is never reused
@@ -301,9 +387,10 @@ class HeadStore:
                 raise VersionNotFound(f"head {name!r} has no version {version}")
             if version == self.current_version(name):
                 raise VersionConflict(f"head {name!r}: version {version} is current; promote another one first")
+            if self._flat_folder(name, version) is not None:
+                raise VersionConflict(f"head {name!r}: version 1 is a flat head from before versions; delete the head "
+                                      "instead, or move it to 1/ with `tlserve heads migrate` first")  # fmt: skip
             folder = self.version_folder(name, version)
-            if folder == self.folder(name):
-                raise VersionConflict(f"head {name!r}: version 1 is a flat head from before versions; delete the head instead")
             (folder / CARD).unlink()  # uncommit first: readers stop seeing it at once
             shutil.rmtree(folder, ignore_errors=True)
 
@@ -333,49 +420,38 @@ def check_version(version: Version) -> Head:
     the card in its folder, every artifact's sha256, the estimator; and where the version has arrays,
     that its pickle (safely unpickled) holds the very same arrays."""
     head = load_version(version, None, None)
-    if "arrays" in version.card:
-        where = f"head {version.name!r} version {version.version}"
-        pickled = from_pickle(version.read(str(version.card["pickle"])), where)
+    if version.info.arrays is not None:
+        pickled = from_pickle(version.read(version.info.pickle), version.where)
         for attr in ARRAY_FILES:
             if not np.array_equal(getattr(pickled, attr), getattr(head.estimator, attr)):
-                raise ArtifactError(f"{where}: its pickle's {attr} differs from {ARRAY_FILES[attr]}")
+                raise ArtifactError(f"{version.where}: its pickle's {attr} differs from {ARRAY_FILES[attr]}")
     for file in version.artifacts:
         version.read(file)
     return head
 
 
-def copy_version(heads: HeadStore, name: str, version: int | None = None) -> Version:
-    """A new current version with the files and card of ``version`` (e.g. to sign a head trained
-    before signing keys existed, or a flat head), after :func:`check_version`; the source stays as it is.
-    A source without ``.npy`` arrays (written before them) gets them, from its safely unpickled estimator."""
+def copy_version(heads: HeadStore, name: str, version: int | None = None, *, promote: bool = True,
+                 note: dict[str, Any] | None = None) -> Version:  # fmt: skip
+    """A new version with the files and card of ``version`` (e.g. to sign a head trained before signing
+    keys existed, or a flat head), after :func:`check_version`; the source stays as it is. A source
+    without ``.npy`` arrays (written before them) gets them, from its safely unpickled estimator."""
     source = heads.get(name, version)
     head = check_version(source)
     files = {f: source.read(f) for f in source.artifacts}
     card = {k: v for k, v in source.card.items() if k not in ("schema", "version", "artifacts", "name", "created_at")}
-    if "arrays" not in card:
+    if source.info.arrays is None:
         files.update(estimator_files(head.estimator))
         card["arrays"] = dict(ARRAY_FILES)
-    return heads.save(name, files, {**card, "copied_from": source.version})
-
-
-def _described(card: dict[str, Any]) -> str:
-    """`` (vgg16_256_avg.onnx, 256x256, avg pooling)`` from a card's extractor entry, or nothing."""
-    e = card.get("extractor") or {}
-    parts = [str(e["file"])[:80]] if isinstance(e.get("file"), str) else []
-    if isinstance(e.get("input_size"), int):
-        parts.append(f"{e['input_size']}x{e['input_size']}")
-    if isinstance(e.get("pooling"), str):
-        parts.append(f"{e['pooling'][:20]} pooling")
-    return f" ({', '.join(parts)})" if parts else ""
+    return heads.save(name, files, {**card, **(note or {"copied_from": source.version})}, promote=promote)
 
 
 def check_place(version: Version) -> None:
     """The card names the head and version of the folder it is in (both are in what is signed), so a
     version copied to another name (``cp -r heads/toy/1 heads/triage/7``) or replayed as a newer version is
     refused. A flat card from before versions (no ``schema``) is version 1 and may omit them."""
-    card, where = version.card, f"head {version.name!r} version {version.version}"
-    name, number = card.get("name"), card.get("version")
-    if not version.legacy and (name is None or number is None):
+    info, where = version.info, version.where
+    name, number = info.name, info.version
+    if not info.legacy and (name is None or number is None):
         raise MisplacedHead(f"{where}: its card does not name its head and version; re-sign it with `tlserve sign`")
     if name is not None and name != version.name:
         raise MisplacedHead(f"{where}: its card is head {str(name)[:80]!r}'s; a version is never served under another name")
@@ -387,52 +463,43 @@ def load_version(version: Version, feature_space: str | None, verify_keys: dict[
                  *, int8: bool = False) -> Head:  # fmt: skip
     """Verified load of one version: signature → card in its folder → extractor fingerprint → artifact
     sha256 → the estimator from its ``.npy`` arrays (or, for a version without them, its safely unpickled pickle)."""
-    card = version.card
-    where = f"head {version.name!r} version {version.version}"
-    verify(card, verify_keys or {}, where)
+    where = version.where
+    verify(version.card, verify_keys or {}, where)
+    info = version.info
     check_place(version)
-    try:
-        pickle_file = str(card["pickle"])
-        pickle_sha = str(card["pickle_sha256"])
-        classes = tuple(str(c) for c in card["classes"])
-        head_extractor = str(card["extractor"]["sha256"])
-    except (KeyError, TypeError) as exc:
-        raise ArtifactError(f"{where}: card lacks {exc}") from None
-    if "/" in pickle_file or not pickle_file.endswith(".pkl"):
+    if "/" in info.pickle or not info.pickle.endswith(".pkl"):
         raise ArtifactError(f"{where}: card names an invalid pickle file")
-    if version.artifacts.get(pickle_file) != pickle_sha:
+    if version.artifacts.get(info.pickle) != info.pickle_sha256:
         raise ArtifactError(f"{where}: the card's pickle_sha256 and its artifacts map disagree")
-    if feature_space is not None and head_extractor != feature_space:
+    if feature_space is not None and info.extractor.sha256 != feature_space:
         raise IncompatibleHead(
-            f"{where} was trained on extractor {head_extractor[:12]}{_described(card)}, the loaded extractor is "
-            f"{feature_space[:12]}: retrain it with `tlserve train` (features differ between extractors)"
+            f"{where} was trained on extractor {info.extractor.sha256[:12]}{info.extractor.described()}, the loaded "
+            f"extractor is {feature_space[:12]}: retrain it with `tlserve train` (features differ between extractors)"
         )
     if int8:
-        _check_int8(card, where)
-    feature_dim = (card.get("extractor") or {}).get("feature_dim")
-    arrays = None if version.legacy else card.get("arrays")  # a flat card (from before versions) has only its pickle
+        _check_int8(info, where)
+    arrays = None if info.legacy else info.arrays  # a flat card (from before versions) has only its pickle
     if arrays is None:
-        estimator = from_pickle(version.read(pickle_file), where)
+        estimator = from_pickle(version.read(info.pickle), where)
     elif arrays != ARRAY_FILES:
         raise ArtifactError(f"{where}: card's arrays {str(arrays)[:120]} are not {ARRAY_FILES}")
     else:
-        version.read(pickle_file)  # checked against the card like every file it lists, never parsed here
+        version.read(info.pickle)  # checked against the card like every file it lists, never parsed here
         files = {f: version.read(f) for f in ARRAY_FILES.values()}
-        estimator = from_arrays(files, where, c=(card.get("estimator") or {}).get("C"))
-    return build_head(version.name, version.version, classes, estimator, card, feature_dim if type(feature_dim) is int else None)
+        estimator = from_arrays(files, where, c=info.estimator.C)
+    return build_head(version.name, version.version, info.classes, estimator, version.card, info.extractor.feature_dim)
 
 
-def _check_int8(card: dict[str, Any], where: str) -> None:
+def _check_int8(info: Card, where: str) -> None:
     """Served on the INT8 copy: refuse a head whose own check (its card's ``int8``, written when it was trained)
     found its answers on INT8 features below the gate. Refused rather than served on fp32 features: that would
     take a second engine (its memory, its own batches, 3.5x the CPU) for one head; the error names the fixes."""
-    check = card.get("int8")
-    if isinstance(check, dict) and check.get("checked") and check.get("passed") is False:
+    check = info.int8
+    if check is not None and check.checked and check.passed is False:
         raise Int8Mismatch(
-            f"{where} agrees with its fp32 answers on only {float(check.get('agreement', 0)):.1%} of its "
-            f"{check.get('images')} held-out photos on the INT8 extractor (the gate is "
-            f"{float(check.get('min_agreement', 0)):.1%}): serve it with TLSERVE_PRECISION=fp32, or retrain it "
-            "after `tlserve export --calibration-dir DIR` with photos like its own"
+            f"{where} agrees with its fp32 answers on only {check.agreement:.1%} of its {check.images} held-out "
+            f"photos on the INT8 extractor (the gate is {check.min_agreement:.1%}): serve it with "
+            "TLSERVE_PRECISION=fp32, or retrain it after `tlserve export --calibration-dir DIR` with photos like its own"
         )
 
 

@@ -21,6 +21,7 @@ import numpy as np
 
 from app import __version__, tracing
 from app.batching import Batcher
+from app.control import HeadControl
 from app.errors import HeadNotFound, InputError, NotReady, TlserveError
 from app.extractor import CUDA, Extractor, choose_providers
 from app.familiarity import Familiarity, for_head
@@ -29,7 +30,7 @@ from app.imaging import configure, load_image
 from app.inference import Decoded, InferRequest, InferResult, Item
 from app.metrics import Metrics
 from app.quantize import measure_speedup
-from app.registry import HeadRegistry, HeadStore, Version, valid_head_name
+from app.registry import HeadRegistry, Version, valid_head_name
 from app.response_cache import ResponseCache
 from app.settings import Settings
 from app.store import ExtractorInfo, ModelStore, int8_speed_verdict
@@ -44,14 +45,15 @@ class Service:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         configure(settings.max_image_pixels)  # libjpeg's memory cap, before the decode threads exist
-        self.store = ModelStore(settings.model_store)
+        self.store = ModelStore.open(settings)
         self.metrics = Metrics(settings.metrics_max_heads, settings.metrics_max_classes, settings.metrics_class_answers)
         self.info: ExtractorInfo | None = None
         self.extractor: Extractor | None = None
         self.batcher: Batcher | None = None
         self.cache = ResponseCache(settings.response_cache_size)
-        self.registry = HeadRegistry(HeadStore.from_settings(settings), feature_space="",
+        self.registry = HeadRegistry(self.store.heads, feature_space="",
                                      pinned_cache=settings.pinned_versions_cached)  # fmt: skip
+        self.control = HeadControl(self.store.heads, settings.default_head)
         self.decoder = ThreadPoolExecutor(max_workers=settings.decoders, thread_name_prefix="decode")
         self.not_ready_reason: str | None = "starting"
         self.draining = False
@@ -200,6 +202,15 @@ class Service:
         """What the store holds for ``name`` (its current version's card), the served head, its error."""
         version = self.registry.store.get(name)
         return version, self.registry.heads.get(name), self.registry.error(name)
+
+    def served(self, name: str) -> tuple[Head | None, TlserveError | None]:
+        """The version of ``name`` this replica serves (None until it loads one) and why it refuses the
+        current one, if it does."""
+        return self.registry.heads.get(name), self.registry.error(name)
+
+    async def forget_deleted(self) -> None:
+        """Stop serving heads deleted from the store (the next poll would; a deleting request needs it now)."""
+        await self.registry.poll()
 
     def head_names(self) -> list[str]:
         return sorted(set(self.registry.store.names()) | set(self.registry.heads))

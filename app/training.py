@@ -63,7 +63,7 @@ from app.heads import Head, to_npy
 from app.imaging import configure
 from app.progress import Meter, ProgressCallback, console, no_progress
 from app.recipe import MIN_IMAGES_PER_CLASS, SEED, VAL_FRACTION
-from app.registry import HeadStore, Version, save_head, valid_head_name
+from app.registry import Version, save_head, valid_head_name
 from app.settings import Settings
 from app.store import ExtractorInfo, ModelStore
 
@@ -266,12 +266,16 @@ class Trained:
     """What one training run produced (the card is the version's, as written)."""
 
     report: Report
-    card: dict[str, Any]
     version: Version
     skipped: list[tuple[Path, str]] = field(default_factory=list)
     duplicates: list[Duplicate] = field(default_factory=list)
     nested: dict[str, int] = field(default_factory=dict)
     loose: int = 0  # files directly in DATA_DIR, outside any class folder: ignored
+
+    @property
+    def card(self) -> dict[str, Any]:
+        """The version's card as written (typed: ``version.info``)."""
+        return self.version.card
 
 
 @dataclass
@@ -322,7 +326,7 @@ def out_of_fold(version: Version) -> tuple[np.ndarray, dict[str, Any]]:
     labels and folds in the same order), both checked against the card's artifacts map."""
     proba = np.load(io.BytesIO(version.read(OOF_FILE)), allow_pickle=False)
     folds = json.loads(version.read(FOLDS_FILE))
-    if proba.shape != (len(folds["files"]), len(version.card["classes"])):
+    if proba.shape != (len(folds["files"]), len(version.info.classes)):
         raise DatasetError(f"head {version.name!r} version {version.version}: {OOF_FILE} and {FOLDS_FILE} disagree")
     return proba, folds
 
@@ -337,8 +341,8 @@ class Trainer:
     ) -> None:  # fmt: skip
         self.settings = settings
         self.feature_batch = feature_batch  # images an extractor run gets (and progress counts); a job's are small
-        self.store = ModelStore(settings.model_store)
-        self.heads = HeadStore.from_settings(settings)
+        self.store = ModelStore.open(settings)
+        self.heads = self.store.heads
         self.progress: ProgressCallback = progress if callable(progress) else (console() if progress else no_progress)
         if extractor is None:  # a command of its own (not a job inside a running service, which configured it)
             configure(settings.max_image_pixels)  # libjpeg's memory cap, before any decode thread exists
@@ -460,7 +464,7 @@ class Trainer:
             FOLDS_FILE: json.dumps(_folds_json(data, ext, y, fitted), indent=1).encode(),
         }
         version = save_head(self.heads, name, fitted.head, full, files, promote=promote)
-        return Trained(report, version.card, version, skipped, duplicates, dict(data.nested), data.loose)
+        return Trained(report, version, skipped, duplicates, dict(data.nested), data.loose)
 
     def _int8_check(self, fitted: _Fitted, held: _Held) -> dict[str, Any]:
         """The card's ``int8`` entry: does this head answer the same on the store's INT8 copy as on the fp32 features

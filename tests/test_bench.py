@@ -19,8 +19,9 @@ import pytest
 from app.batching import Batcher
 from app.cli import build_parser
 from app.export import build_graph
+from app.files import atomic_write
 from app.quantize import quantize_int8
-from app.store import ModelStore, atomic_write
+from app.store import ModelStore
 from benchmarks.bench import model_gflops, percentile
 from benchmarks.int8_speed import run as int8_speed
 from tests.helpers import REPO, TINY_CHANNELS, image_bytes, tiny_weights, write_color_dataset

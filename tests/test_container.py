@@ -44,7 +44,7 @@ SCRIPT = REPO / ".ci" / "container"
 ENV = {**os.environ, "CONTAINERS_CONF": os.environ.get("CONTAINERS_CONF", str(REPO / ".ci" / "containers.conf"))}
 IMAGE = "localhost/tlserve:cpu"  # what `make image` builds
 INT8_IMAGE, INT8_STORE = "localhost/tlserve-test:int8", "localhost/tlserve-test:int8-store"
-HEAD_CARD = REPO / "model_store" / "heads" / "cats_vs_dogs" / "card.json"
+HEAD_CARD = REPO / "model_store" / "heads" / "cats_vs_dogs" / "1" / "card.json"
 
 
 def podman(*args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess[str]:

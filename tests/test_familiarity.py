@@ -23,7 +23,7 @@ from app.errors import ArtifactError
 from app.familiarity import Familiarity, calibrate
 from app.heads import Head
 from app.metrics import OTHER, Metrics
-from app.registry import HeadStore
+from app.registry import HeadKeys, HeadStore
 from app.store import ModelStore
 from tests.helpers import REPO, image_bytes
 
@@ -112,7 +112,7 @@ def test_margin_only_lowers_the_score() -> None:
 
 
 def test_trained_head_stores_plain_arrays_covered_by_the_card(tiny_store: ModelStore, fresh_tiny_store: ModelStore) -> None:
-    heads = HeadStore(tiny_store.root / "heads")
+    heads = HeadStore(tiny_store.root / "heads", HeadKeys())
     version = heads.get("colors")
     section = version.card["familiarity"]
     assert section["acceptance"] == 0.95 and section["calibration"]["folds"] == 5
@@ -123,7 +123,7 @@ def test_trained_head_stores_plain_arrays_covered_by_the_card(tiny_store: ModelS
     model = familiarity.load(version, 2, 8)
     assert model is not None and model.bank.shape == (24, 8) and model.threshold == section["threshold"]
     # a changed bank is refused by its sha256, before it is used
-    bad = HeadStore(fresh_tiny_store.root / "heads").get("colors")
+    bad = HeadStore(fresh_tiny_store.root / "heads", HeadKeys()).get("colors")
     bank = np.load(bad.folder / familiarity.BANK_FILE)
     bank[0, 0] += 1
     np.save(bad.folder / familiarity.BANK_FILE, bank)
@@ -145,7 +145,7 @@ def _between() -> bytes:
 
 def _add_head_without_familiarity(store: ModelStore) -> None:
     """``plain``: the colors head as a head trained before familiarity existed (no section, no arrays)."""
-    heads = HeadStore(store.root / "heads")
+    heads = HeadStore(store.root / "heads", HeadKeys())
     source = heads.get("colors")
     keep = [f for f in source.artifacts if not f.startswith("familiarity_")]
     card = {k: v for k, v in source.card.items() if k not in ("schema", "version", "artifacts", "name", "familiarity")}

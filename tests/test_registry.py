@@ -16,7 +16,7 @@ import pytest
 
 from app.errors import ArtifactError, HeadNotFound, VersionConflict, VersionNotFound
 from app.heads import ARRAY_FILES
-from app.registry import CARD, CURRENT, HeadStore, load_head, save_head
+from app.registry import CARD, CURRENT, HeadKeys, HeadStore, load_head, save_head
 from app.store import ModelStore
 from tests.helpers import ADMIN, REPO, ServerProcess, image_bytes
 
@@ -67,10 +67,53 @@ def test_flat_head_reads_as_version_1_and_is_never_rewritten(fresh_tiny_store: M
     assert heads.rollback("legacy") == 1 and load_head(heads, "legacy").card.get("schema") is None
 
 
-def test_repository_default_head_is_a_flat_version_1(real_store: ModelStore) -> None:
-    heads = real_store.heads
-    assert heads.versions("cats_vs_dogs")[0] == 1
-    assert load_head(heads, "cats_vs_dogs", real_store.extractor(verify=False).feature_space).classes == ("cat", "dog")
+def test_repository_default_head_is_version_1_with_current() -> None:
+    folder = REPO / "model_store" / "heads" / "cats_vs_dogs"
+    assert (folder / CURRENT).read_text() == "1\n" and (folder / "1" / CARD).is_file()
+    assert not (folder / CARD).exists()  # the shipped head is in the versioned layout, not flat
+    heads = ModelStore(REPO / "model_store").heads
+    assert heads.versions("cats_vs_dogs") == [1] and heads.current_version("cats_vs_dogs") == 1
+    head = load_head(heads, "cats_vs_dogs", heads.get("cats_vs_dogs").info.extractor.sha256)
+    assert head.classes == ("cat", "dog") and head.info is not None and head.info.name == "cats_vs_dogs"
+
+
+def test_migrate_moves_a_flat_head_into_1_keeping_its_card_bytes(fresh_tiny_store: ModelStore) -> None:
+    store, heads = fresh_tiny_store, fresh_tiny_store.heads
+    flat = make_flat(store, "legacy")
+    card = (flat / CARD).read_bytes()
+    before = load_head(heads, "legacy", store.extractor().feature_space)
+    assert heads.migrate("legacy") is True
+    assert (flat / "1" / CARD).read_bytes() == card and not (flat / CARD).exists()  # same bytes: a signature holds
+    assert sorted(p.name for p in flat.iterdir() if p.is_file()) == [".lock", CURRENT]
+    after = load_head(heads, "legacy", store.extractor().feature_space)
+    assert after.version == 1 and after.sha256 == before.sha256 and heads.versions("legacy") == [1]
+    assert heads.migrate("legacy") is False  # nothing flat left
+    assert heads.migrate("colors") is False  # a versioned head is left as it is
+
+
+def test_saving_without_promotion_keeps_serving_the_highest_version_when_there_is_no_pointer(
+    fresh_tiny_store: ModelStore,
+) -> None:
+    """"No ``current``: the highest version" must not make an unpromoted version current."""
+    store, heads = fresh_tiny_store, fresh_tiny_store.heads
+    make_flat(store, "legacy")
+    head = load_head(heads, "legacy", store.extractor().feature_space)
+    assert not (heads.folder("legacy") / CURRENT).exists()
+    v2 = save_head(heads, "legacy", head.estimator, {k: v for k, v in head.card.items() if k != "name"}, promote=False)
+    assert v2.version == 2 and heads.current_version("legacy") == 1
+
+
+def test_a_card_that_does_not_parse_is_refused_naming_its_field(fresh_tiny_store: ModelStore) -> None:
+    heads = fresh_tiny_store.heads
+    version = heads.get("colors")
+    broken = {**version.card, "classes": "blue,red"}
+    (version.folder / CARD).write_text(json.dumps(broken))
+    with pytest.raises(ArtifactError, match=r"card field 'classes'"):
+        load_head(heads, "colors")
+    broken = {k: v for k, v in version.card.items() if k != "pickle"}
+    (version.folder / CARD).write_text(json.dumps(broken))
+    with pytest.raises(ArtifactError, match=r"card lacks 'pickle'"):
+        heads.get("colors").info  # noqa: B018
 
 
 def test_promote_is_compare_and_swap_and_rollback_moves_back(fresh_tiny_store: ModelStore) -> None:
@@ -116,7 +159,7 @@ def test_unfinished_version_is_invisible_and_its_id_never_reused(fresh_tiny_stor
         ).version
         == 3
     )
-    assert HeadStore(heads.root / "nope").names() == []
+    assert HeadStore(heads.root / "nope", HeadKeys()).names() == []
 
 
 def test_version_ids_never_collide_across_processes(fresh_tiny_store: ModelStore) -> None:

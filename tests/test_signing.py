@@ -16,7 +16,7 @@ import pytest
 
 from app.errors import ArtifactError, MisplacedHead, UntrustedHead
 from app.heads import ARRAY_FILES
-from app.registry import CARD, HeadStore, copy_version, load_head
+from app.registry import CARD, HeadKeys, HeadStore, copy_version, load_head
 from app.settings import Settings
 from app.signing import generate, load_private_key, load_public_keys, sign
 from app.store import ModelStore
@@ -46,7 +46,7 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, str]
 
 
 def signed_store(store: ModelStore, key: Path) -> HeadStore:
-    heads = HeadStore(store.heads_dir, signing_key=load_private_key(str(key)))
+    heads = HeadStore(store.heads_dir, HeadKeys(signing=load_private_key(str(key))))
     copy_version(heads, "colors")  # version 2: version 1 signed
     return heads
 
@@ -55,14 +55,14 @@ def test_signed_unsigned_other_key_and_tampered(fresh_tiny_store: ModelStore, ke
     store = fresh_tiny_store
     space = store.extractor().feature_space
     signed_store(store, keys["trainer"][0])
-    trusted = HeadStore(store.heads_dir, verify_keys=load_public_keys(keys["trainer"][1]))
+    trusted = HeadStore(store.heads_dir, HeadKeys(verify=load_public_keys(keys["trainer"][1])))
     assert load_head(trusted, "colors", space).version == 2  # signed: served
     with pytest.raises(UntrustedHead, match="not signed"):
         load_head(trusted, "colors", space, version=1)  # the unsigned original
-    other = HeadStore(store.heads_dir, verify_keys=load_public_keys(keys["other"][1]))
+    other = HeadStore(store.heads_dir, HeadKeys(verify=load_public_keys(keys["other"][1])))
     with pytest.raises(UntrustedHead, match="not a verify key"):
         load_head(other, "colors", space)
-    rotating = HeadStore(store.heads_dir, verify_keys=load_public_keys(f"{keys['other'][1]},{keys['trainer'][1]}"))
+    rotating = HeadStore(store.heads_dir, HeadKeys(verify=load_public_keys(f"{keys['other'][1]},{keys['trainer'][1]}")))
     assert load_head(rotating, "colors", space).version == 2  # rotation: either key is accepted
     assert load_head(store.heads, "colors", space, version=1).version == 1  # no verify keys: no check
 
@@ -93,7 +93,7 @@ def test_training_with_a_signing_key_signs(fresh_tiny_store: ModelStore, keys, t
     settings = Settings(model_store=fresh_tiny_store.root, intra_op_threads=1, head_signing_key=str(keys["trainer"][0]))
     card = Trainer(settings, progress=False).train(write_color_dataset(tmp_path / "d", 6), "colors", c=1.0).card
     assert card["signature"]["key_id"] and card["version"] == 2
-    trusted = HeadStore(fresh_tiny_store.heads_dir, verify_keys=load_public_keys(keys["trainer"][1]))
+    trusted = HeadStore(fresh_tiny_store.heads_dir, HeadKeys(verify=load_public_keys(keys["trainer"][1])))
     assert load_head(trusted, "colors").version == 2
 
 
@@ -152,7 +152,7 @@ def test_a_signed_version_copied_to_another_name_or_number_is_refused(fresh_tiny
     store = fresh_tiny_store
     space = store.extractor().feature_space
     signed = signed_store(store, keys["trainer"][0])
-    trusted = HeadStore(store.heads_dir, verify_keys=load_public_keys(keys["trainer"][1]))
+    trusted = HeadStore(store.heads_dir, HeadKeys(verify=load_public_keys(keys["trainer"][1])))
     assert load_head(trusted, "colors", space).version == 2
     source = signed.version_folder("colors", 2)
     shutil.copytree(source, store.heads_dir / "triage" / "7")
@@ -176,7 +176,7 @@ def test_a_signature_that_does_not_cover_name_and_version_is_refused(fresh_tiny_
     assert card["name"] == "colors" and card["version"] == 2 and "signature" in card  # what every signed card holds
     bare = {k: v for k, v in card.items() if k not in ("name", "version", "signature")}
     card_path.write_text(json.dumps(sign(bare, load_private_key(str(keys["trainer"][0])))))
-    trusted = HeadStore(store.heads_dir, verify_keys=load_public_keys(keys["trainer"][1]))
+    trusted = HeadStore(store.heads_dir, HeadKeys(verify=load_public_keys(keys["trainer"][1])))
     with pytest.raises(MisplacedHead, match="re-sign it with `tlserve sign`"):
         load_head(trusted, "colors", version=2)
 
@@ -213,7 +213,7 @@ def test_sign_checks_what_it_signs(fresh_tiny_store: ModelStore, keys, tmp_path:
     save_pickle_only(store.heads, "old", load_head(store.heads, "colors", version=1).estimator, genuine.card)
     r = cli("sign", "old", env=env)
     assert r.returncode == 0 and "checked" in r.stdout and "signed as version 2" in r.stdout, r.stderr
-    trusted = HeadStore(store.heads_dir, verify_keys=load_public_keys(keys["trainer"][1]))
+    trusted = HeadStore(store.heads_dir, HeadKeys(verify=load_public_keys(keys["trainer"][1])))
     signed = trusted.get("old")
     assert signed.card["arrays"] == ARRAY_FILES and set(ARRAY_FILES.values()) <= set(signed.artifacts)
     assert load_head(trusted, "old", store.extractor().feature_space).version == 2

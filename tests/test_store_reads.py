@@ -122,7 +122,7 @@ def test_a_job_record_that_is_not_a_regular_file_is_refused(kind: str, fresh_tin
 
 def test_a_file_over_its_cap_is_refused_without_reading_it(fresh_tiny_store: ModelStore) -> None:
     from app.errors import ArtifactError
-    from app.store import read_json, read_regular
+    from app.files import read_json, read_regular
 
     path = fresh_tiny_store.root / "big.json"
     with path.open("wb") as f:

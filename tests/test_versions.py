@@ -168,8 +168,8 @@ def test_hostile_head_names_touch_no_file(path: str, tiny_store: ModelStore, ser
 def test_a_pinned_version_is_verified_once_not_at_every_request(fresh_tiny_store: ModelStore) -> None:
     """A non-current version pinned by requests is loaded (read, hashed, checked) once and kept while its
     card is the same file; a card replaced on disk is verified again; pinned_versions_cached=0 keeps none."""
+    from app.files import atomic_write
     from app.registry import CARD, HeadRegistry
-    from app.store import atomic_write
 
     store = fresh_tiny_store
     add_version(store, flip=True)

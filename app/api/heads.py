@@ -17,9 +17,9 @@ from pydantic import BaseModel, Field
 from app.api.deps import ServiceDep, require_admin, require_key
 from app.api.parsing import error_responses
 from app.api.schemas import ErrorResponse
-from app.errors import ArtifactError, DatasetError, HeadNotFound, TlserveError, VersionConflict
+from app.errors import DatasetError, HeadNotFound, TlserveError
 from app.examples import ExampleStore
-from app.jobs import JobRunner, card_job_id, card_report
+from app.jobs import JobRunner, card_report
 from app.registry import Version, valid_head_name
 from app.service import Service
 
@@ -54,29 +54,20 @@ class Promote(BaseModel):
 
 
 def _summary(v: Version, current: int) -> VersionSummary:
-    card = v.card
-    accuracy = (card.get("metrics") or {}).get("accuracy")
+    info = v.info
     return VersionSummary(
-        version=v.version, current=v.version == current, created_at=card.get("created_at"),
-        classes=[str(c) for c in card.get("classes", [])], accuracy=accuracy if isinstance(accuracy, int | float) else None,
-        signed=isinstance(card.get("signature"), dict), copied_from=card.get("copied_from"),
-        report=card_report(card), job_id=card_job_id(card),
+        version=v.version, current=v.version == current, created_at=info.created_at, classes=list(info.classes),
+        accuracy=info.accuracy, signed=info.signed, copied_from=info.copied_from, report=card_report(info),
+        job_id=info.job_id,
     )  # fmt: skip
 
 
 def _list(service: Service, name: str) -> VersionList:
-    heads = service.registry.store
-    current = heads.current_version(name)
-    versions: list[VersionSummary] = []
-    for number in heads.versions(name):
-        try:
-            versions.append(_summary(heads.get(name, number), current))
-        except TlserveError:
-            continue  # an unreadable card is reported by /v1/models when it is current
-    served = service.registry.heads.get(name)
-    error = service.registry.error(name)
-    return VersionList(name=name, current=current, served=served.version if served else None,
-                       error=error.message if error else None, versions=versions)  # fmt: skip
+    listing = service.control.listing(name)
+    served, error = service.served(name)
+    return VersionList(name=name, current=listing.current, served=served.version if served else None,
+                       error=error.message if error else None,
+                       versions=[_summary(v, listing.current) for v in listing.versions])  # fmt: skip
 
 
 async def _changed(service: Service, name: str) -> VersionList:
@@ -90,10 +81,6 @@ async def _changed(service: Service, name: str) -> VersionList:
     return _list(service, name)
 
 
-def _writing(what: str) -> ArtifactError:
-    return ArtifactError(f"cannot {what}: the model store is not writable here")
-
-
 @router.get("/{name}/versions", response_model=VersionList, summary="A head's versions with their metrics")
 async def list_versions(name: str, service: ServiceDep) -> VersionList:
     return _list(service, name)
@@ -101,42 +88,28 @@ async def list_versions(name: str, service: ServiceDep) -> VersionList:
 
 @router.post("/{name}/promote", response_model=VersionList, dependencies=Admin, summary="Serve a version (admin)")
 async def promote(name: str, body: Promote, service: ServiceDep) -> VersionList:
-    try:
-        service.registry.store.promote(name, body.version, expected=body.expected)
-    except OSError:
-        raise _writing("promote") from None
+    service.control.promote(name, body.version, expected=body.expected)
     return await _changed(service, name)
 
 
 @router.post("/{name}/rollback", response_model=VersionList, dependencies=Admin,
              summary="Serve the version before the current one (admin)")  # fmt: skip
 async def rollback(name: str, service: ServiceDep) -> VersionList:
-    try:
-        service.registry.store.rollback(name)
-    except OSError:
-        raise _writing("roll back") from None
+    service.control.rollback(name)
     return await _changed(service, name)
 
 
 @router.delete("/{name}/versions/{version}", response_model=VersionList, dependencies=Admin,
                summary="Delete a version that is not current (admin)")  # fmt: skip
 async def delete_version(name: str, version: int, service: ServiceDep) -> VersionList:
-    try:
-        service.registry.store.delete_version(name, version)
-    except OSError:
-        raise _writing("delete") from None
+    service.control.delete_version(name, version)
     return _list(service, name)
 
 
 @router.delete("/{name}", dependencies=Admin, summary="Delete a head and all its versions (admin)")
 async def delete_head(name: str, service: ServiceDep) -> dict[str, Any]:
-    if name == service.settings.default_head:
-        raise VersionConflict(f"head {name!r} is the default head (TLSERVE_DEFAULT_HEAD); it cannot be deleted")
-    try:
-        service.registry.store.delete(name)
-    except OSError:
-        raise _writing("delete") from None
-    await service.registry.poll()
+    service.control.delete(name)
+    await service.forget_deleted()
     return {"deleted": name}
 
 
@@ -162,10 +135,9 @@ async def compare(
     a: int = Query(ge=1, description="A version"),
     b: int = Query(ge=1, description="Another version"),
 ) -> Comparison:
-    heads = service.registry.store
-    store = ExampleStore(heads.root, valid_head_name(name))
+    store = ExampleStore(service.store.heads, valid_head_name(name))
     snap = await asyncio.to_thread(store.snapshot)
-    versions = {v: await asyncio.to_thread(service.registry.get_version, name, v) for v in dict.fromkeys((a, b))}  # 404s first
+    versions = {v: await asyncio.to_thread(service.head, name, v) for v in dict.fromkeys((a, b))}  # 404s first
     if not snap.validation:
         raise DatasetError(
             f"head {name!r} has no fixed validation set yet: it is chosen at the head's first training over HTTP "

@@ -156,7 +156,7 @@ async def train(name: str, request: Request, response: Response, service: Servic
             _too_many_classes(upload, settings.max_training_classes)
             if not upload.photos and not use_examples:
                 raise EmptyInput("no photos: send file parts named by their class label, or an archive of class folders")
-            store = ExampleStore(service.registry.store.root, name)
+            store = ExampleStore(service.registry.store, name)
             planned: list[Plan] = []
 
             def check(snap: Snapshot) -> None:
@@ -191,7 +191,7 @@ async def add_examples(name: str, request: Request, service: ServiceDep) -> Exam
         if not upload.photos:
             raise EmptyInput("no photos: send file parts named by their class label, or an archive of class folders")
         _too_many_classes(upload, settings.max_training_classes)
-        store = ExampleStore(service.registry.store.root, name)
+        store = ExampleStore(service.registry.store, name)
         snap = await asyncio.to_thread(store.add, _incoming(upload))
     return ExamplesAdded(head=name, added=snap.added, duplicates=snap.duplicates, relabelled=snap.relabelled,
                          examples=snap.counts())  # fmt: skip
@@ -199,7 +199,7 @@ async def add_examples(name: str, request: Request, service: ServiceDep) -> Exam
 
 @router.get("/heads/{name}/examples", response_model=ExamplesSummary, summary="A head's example store: photos per label")
 async def list_examples(name: str, service: ServiceDep) -> ExamplesSummary:
-    store = ExampleStore(service.registry.store.root, valid_head_name(name))
+    store = ExampleStore(service.registry.store, valid_head_name(name))
     snap = await asyncio.to_thread(store.snapshot)
     if not snap.examples and not service.registry.store.versions(name):
         service.registry.store.get(name)  # 404 naming the known heads

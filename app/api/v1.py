@@ -22,6 +22,7 @@ from app.api.schemas import (
     ModelList,
     ModelSummary,
 )
+from app.card import Card
 from app.errors import InputError, MalformedRequest, TlserveError, redact
 from app.heads import describe
 from app.inference import InferRequest, InferResult, OodPolicy, parse_ood_policy
@@ -165,9 +166,9 @@ NO_FAMILIARITY = ("no familiarity data (trained before tlserve stored it): answe
                   "verdict and are never refused; retrain the head to add it")  # fmt: skip
 
 
-def familiarity_summary(card: dict[str, Any]) -> FamiliaritySummary:
-    section = card.get("familiarity")
-    if not isinstance(section, dict):
+def familiarity_summary(card: Card) -> FamiliaritySummary:
+    section = card.familiarity
+    if section is None:
         return FamiliaritySummary(available=False, note=NO_FAMILIARITY)
     calibration = section.get("calibration") or {}
     held = section.get("held_out") or {}
@@ -179,20 +180,20 @@ def familiarity_summary(card: dict[str, Any]) -> FamiliaritySummary:
 def _summary(service: Service, name: str) -> ModelSummary:
     try:
         version, head, error = service.head_record(name)
+        card = version.info
     except TlserveError as exc:
         return ModelSummary(name=name, version=None, classes=[], loaded=False, error=_redacted(service, exc), error_code=exc.code)
-    card = version.card
     return ModelSummary(
         name=name,
         version=head.version if head else version.version,
-        classes=[str(c) for c in card.get("classes", [])],
+        classes=list(card.classes),
         loaded=head is not None,
         error=_redacted(service, error),
         error_code=error.code if error else None,
-        accuracy=(card.get("metrics") or {}).get("accuracy"),
-        extractor_sha256=(card.get("extractor") or {}).get("sha256"),
-        pickle_sha256=card.get("pickle_sha256"),
-        created_at=card.get("created_at"),
+        accuracy=card.accuracy,
+        extractor_sha256=card.extractor.sha256,
+        pickle_sha256=card.pickle_sha256,
+        created_at=card.created_at,
         familiarity=familiarity_summary(card),
     )
 

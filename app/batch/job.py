@@ -14,7 +14,7 @@ from app.batch.parquet import FORMAT, JOB_KEYS, Output, new_run
 from app.batch.source import Source, open_source
 from app.errors import OutputConflict
 from app.familiarity import Familiarity, for_head
-from app.registry import HeadStore, load_head
+from app.registry import load_head
 from app.settings import Settings
 from app.store import ExtractorInfo, ModelStore
 
@@ -118,10 +118,11 @@ def metadata(job: BatchJob, source: Source, info: ExtractorInfo, head: Any, know
 
 def plan(job: BatchJob, settings: Settings) -> Plan:
     """Every check a user's mistake can fail, before any image is read: source, extractor, head, output."""
-    info = ModelStore(settings.model_store).extractor(verify=True)
+    store = ModelStore.open(settings)
+    info = store.extractor(verify=True)
     head = known = None
     if not job.features:
-        heads = HeadStore.from_settings(settings)
+        heads = store.heads
         head = load_head(heads, job.head or settings.default_head, info.feature_space)
         known = for_head(heads, head, info.feature_dim)  # as `tlserve predict` and the service load it
     source = open_source(job.source)

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from app.errors import DatasetError, IncompatibleFeatures, MissingDependency, OutputConflict
-from app.store import atomic_write
+from app.files import atomic_write
 
 if TYPE_CHECKING:
     import pyarrow as pa

@@ -68,14 +68,14 @@ async def head(service: Service, name: str, version: int | None) -> Head:
 
 def _classes(service: Service, name: str, version: int | None) -> tuple[str, ...]:
     if version is not None:  # VersionNotFound → 404 listing the versions that exist
-        return tuple(str(c) for c in service.registry.store.get(name, version).card.get("classes", []))
+        return service.store.heads.get(name, version).info.classes
     current, loaded, _ = service.head_record(name)  # HeadNotFound → 404
-    return loaded.classes if loaded is not None else tuple(str(c) for c in current.card.get("classes", []))
+    return loaded.classes if loaded is not None else current.info.classes
 
 
 def model_metadata(service: Service, name: str, version: int | None) -> ModelMetadata:
     n_classes = len(_classes(service, name, version))
-    familiar = "familiarity" in service.registry.store.get(name, version).card
+    familiar = service.store.heads.get(name, version).info.familiarity is not None
     dim = service.info.feature_dim if service.info else -1
     tensor = TensorMetadata
     return ModelMetadata(
@@ -157,7 +157,7 @@ def translate(
     before its request is read) as a :class:`Call`, checked in this order: the outputs wanted (without
     ``outputs``, the familiarity outputs too for a head that has them), ``ood_policy``, the input (one
     BYTES ``image`` tensor, at most ``max_images_per_request``), its elements."""
-    wanted = requested(outputs, parameters, familiar="familiarity" in chosen.card)
+    wanted = requested(outputs, parameters, familiar=chosen.familiarity is not None)
     policy = ood_policy(parameters)
     first = inputs[0] if inputs else Input("", "", ())
     n = check_input(len(inputs), first.name, first.datatype, first.shape, service.settings.max_images_per_request)
