@@ -22,8 +22,8 @@ from sklearn.preprocessing import StandardScaler
 from app.export import build_graph
 from app.extractor import Extractor
 from app.features import Dataset, FeatureCache, extract_paths
+from app.files import atomic_write
 from app.hashing import sha256_bytes
-from app.store import atomic_write
 from app.weights import from_pypi
 
 
