@@ -162,7 +162,7 @@ WORKDIR /opt/tlserve
 USER 10001:10001
 # As the user that serves: the extractor's checksum verifies and the default head loads against it
 # (a head trained on another export, or an unreadable file, fails the build, not the deployment).
-RUN python -c 'from app.registry import HeadStore, load_head; from app.settings import get_settings; from app.store import ModelStore; s = get_settings(); store = ModelStore(s.model_store); info = store.extractor(verify=True); head = load_head(HeadStore.from_settings(s), s.default_head, info.feature_space); print("model store ok:", info.path.name, info.sha256[:12], "default head", s.default_head, head.classes)'
+RUN python -c 'from app.registry import load_head; from app.settings import get_settings; from app.store import ModelStore; s = get_settings(); store = ModelStore.open(s); info = store.extractor(verify=True); head = load_head(store.heads, s.default_head, info.feature_space); print("model store ok:", info.path.name, info.sha256[:12], "default head", s.default_head, head.classes)'
 EXPOSE 8000
 STOPSIGNAL SIGTERM
 HEALTHCHECK --interval=15s --timeout=3s --start-period=120s --retries=3 \
@@ -196,7 +196,7 @@ WORKDIR /opt/tlserve
 USER 10001:10001
 # As the user that serves: the extractor's checksum verifies and the default head loads against it
 # (a head trained on another export, or an unreadable file, fails the build, not the deployment).
-RUN python -c 'from app.registry import HeadStore, load_head; from app.settings import get_settings; from app.store import ModelStore; s = get_settings(); store = ModelStore(s.model_store); info = store.extractor(verify=True); head = load_head(HeadStore.from_settings(s), s.default_head, info.feature_space); print("model store ok:", info.path.name, info.sha256[:12], "default head", s.default_head, head.classes)'
+RUN python -c 'from app.registry import load_head; from app.settings import get_settings; from app.store import ModelStore; s = get_settings(); store = ModelStore.open(s); info = store.extractor(verify=True); head = load_head(store.heads, s.default_head, info.feature_space); print("model store ok:", info.path.name, info.sha256[:12], "default head", s.default_head, head.classes)'
 EXPOSE 8000
 STOPSIGNAL SIGTERM
 HEALTHCHECK --interval=15s --timeout=3s --start-period=120s --retries=3 \

@@ -1,4 +1,5 @@
-"""The app factory: ``create_app(settings)`` → a FastAPI app holding one :class:`Service`."""
+"""The app factory: ``create_app(settings)`` → a FastAPI app holding one :class:`Service` and the
+:class:`~app.jobs.JobRunner` that trains on it (started after the service, stopped before it drains)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from fastapi.routing import APIRoute
 from app import __version__
 from app.api import console, errors, heads, oip, probes, training, v1
 from app.api.middleware import RequestContext, TrustedHosts
+from app.jobs import JobRunner
 from app.service import Service
 from app.settings import Settings, get_settings
 
@@ -27,9 +29,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await service.start()
+        jobs = JobRunner(service)
+        app.state.jobs = jobs
+        jobs.start()
         try:
             yield
         finally:
+            await jobs.stop(settings.drain_timeout_s)
             await service.stop()
 
     app = FastAPI(

@@ -29,7 +29,7 @@ from app.batch import BatchJob, run
 from app.cpus import available_cpus
 from app.extractor import Extractor
 from app.imaging import load_image
-from app.registry import HeadStore, load_head
+from app.registry import load_head
 from app.settings import Settings
 from app.store import ModelStore
 
@@ -50,7 +50,8 @@ def stages_alone(src: Path, settings: Settings) -> dict[str, float]:
     import pyarrow.parquet as pq
 
     files = sorted(p for p in src.rglob("*") if p.is_file())
-    info = ModelStore(settings.model_store).extractor()
+    store = ModelStore.open(settings)
+    info = store.extractor()
     t0 = time.perf_counter()
     blobs = [p.read_bytes() for p in files]
     t1 = time.perf_counter()
@@ -58,7 +59,7 @@ def stages_alone(src: Path, settings: Settings) -> dict[str, float]:
     t2 = time.perf_counter()
     ex = Extractor(info, provider="cpu", threads=settings.threads)
     ex.warm_up((16,))
-    head = load_head(HeadStore.from_settings(settings), settings.default_head, info.feature_space)
+    head = load_head(store.heads, settings.default_head, info.feature_space)
     head.predict_proba(np.zeros((1, info.feature_dim), np.float32))
     t3 = time.perf_counter()
     feats = np.concatenate([ex.run(np.stack(images[i : i + 16])) for i in range(0, len(images), 16)])

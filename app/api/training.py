@@ -5,19 +5,18 @@ extraction), the photos go into the head's example store (:mod:`app.examples`), 
 :mod:`app.jobs`'. Every check — name, labels, sizes, counts, options, the planned training and
 validation sets — happens before the 202, and a refused upload stores nothing.
 
-The router's lifespan owns this replica's :class:`~app.jobs.JobRunner` (``app.state.jobs``): it starts
-after the service and stops (cancelling running jobs) before the service drains its batch queue.
+This replica's :class:`~app.jobs.JobRunner` is the app factory's (:func:`app.main.create_app`, at
+``app.state.jobs``): it starts after the service and stops (cancelling running jobs) before the service
+drains its batch queue.
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import BaseModel, Field
 
 from app.api.deps import ServiceDep, require_admin, require_key
@@ -31,20 +30,7 @@ from app.registry import valid_head_name
 from app.service import Service
 from app.uploads import Upload, receive, spool
 
-
-@asynccontextmanager
-async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    service: Service = app.state.service
-    runner = JobRunner(service)
-    app.state.jobs = runner
-    runner.start()
-    try:
-        yield
-    finally:
-        await runner.stop(service.settings.drain_timeout_s)
-
-
-router = APIRouter(prefix="/v1", tags=["training"], dependencies=[Depends(require_key)], lifespan=lifespan,
+router = APIRouter(prefix="/v1", tags=["training"], dependencies=[Depends(require_key)],
                    responses=error_responses(ErrorResponse, (401, 403, 404, 413, 415, 422, 429, 503)))  # fmt: skip
 Admin = [Depends(require_admin)]
 
