@@ -20,11 +20,11 @@ from app.store import ModelStore
 from tests.helpers import REPO, write_color_dataset
 
 
-def _tlserve(store: ModelStore, *args: str) -> subprocess.CompletedProcess[str]:
+def _tlserve(store: ModelStore, *args: str, default_head: str = "colors") -> subprocess.CompletedProcess[str]:
     env = {
         **os.environ,
         "TLSERVE_MODEL_STORE": str(store.root),
-        "TLSERVE_DEFAULT_HEAD": "colors",
+        "TLSERVE_DEFAULT_HEAD": default_head,
         "TLSERVE_INTRA_OP_THREADS": "1",
     }
     return subprocess.run([sys.executable, "-m", "app.cli", *args], cwd=REPO, env=env, capture_output=True, text=True,
@@ -107,13 +107,16 @@ def test_heads_delete_asks_on_a_terminal(fresh_tiny_store: ModelStore, answer: s
 
 def test_heads_delete_without_a_terminal_needs_yes(fresh_tiny_store: ModelStore) -> None:
     store = fresh_tiny_store
-    proc = _tlserve(store, "heads", "delete", "colors")
+    proc = _tlserve(store, "heads", "delete", "colors", default_head="other")
     assert (
         proc.returncode == 2
         and "refusing to delete head 'colors' and all its versions without confirmation: pass --yes" in proc.stderr
     )
     assert "colors" in store.heads.names()
-    assert _tlserve(store, "heads", "delete", "colors", "--yes").returncode == 0 and "colors" not in store.heads.names()
+    refused = _tlserve(store, "heads", "delete", "colors", "--yes")  # the default head: as over HTTP, never deleted
+    assert refused.returncode != 0 and "is the default head (TLSERVE_DEFAULT_HEAD)" in refused.stderr
+    deleted = _tlserve(store, "heads", "delete", "colors", "--yes", default_head="other")
+    assert deleted.returncode == 0 and "colors" not in store.heads.names()
 
 
 def test_settings_are_printed_with_every_secret_redacted(tmp_path: Path) -> None:
