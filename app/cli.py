@@ -295,33 +295,28 @@ def _predict(args: argparse.Namespace) -> int:
 
     from app.errors import InputError
     from app.familiarity import for_head
-    from app.heads import describe
-    from app.imaging import load_image
+    from app.imaging import DecodeLimits
+    from app.predict import answer_images
     from app.registry import load_head
 
     trainer = _trainer(args)
-    s = trainer.settings
-    head = load_head(trainer.heads, args.head or s.default_head, trainer.info.feature_space)
+    s, info = trainer.settings, trainer.info
+    head = load_head(trainer.heads, args.head or s.default_head, info.feature_space)
     if args.top_k is not None and args.top_k > len(head.classes):
         print(f"error: --top-k {args.top_k} is more than head {head.name!r}'s {len(head.classes)} classes", file=sys.stderr)
         return 2
-    known = for_head(trainer.heads, head, trainer.info.feature_dim)
+    known = for_head(trainer.heads, head, info.feature_dim)
+    limits = DecodeLimits.from_settings(s)
     results, failed = [], 0
     for path in args.images:
         try:
-            img = load_image(Path(path), trainer.info.size, resample=trainer.info.resample,
-                             max_pixels=s.max_image_pixels, formats=s.formats)  # fmt: skip
+            img = limits.load(Path(path), info.size, info.resample)
         except (InputError, OSError) as exc:
             failed += 1
             results.append({"file": str(path), "error": getattr(exc, "message", None) or str(exc)})
             continue
-        features = trainer.extractor.run(img[np.newaxis])
-        proba = head.predict_proba(features)
-        entry = {"file": str(path), **describe(head, proba[0], args.top_k)}
-        if known is not None:
-            score = known.score(features, proba)
-            entry.update(familiarity=round(float(score[0]), 6), in_distribution=bool(known.verdict(score)[0]))
-        results.append(entry)
+        answers = answer_images(trainer.extractor, head, img[np.newaxis], known)  # one image a run: the core, as served
+        results.append({"file": str(path), **answers.row(0, args.top_k)})
     _print_results(results, head.name, args.json)
     return 1 if failed else 0
 

@@ -35,9 +35,8 @@ from app.errors import ArtifactError, DatasetError, IncompatibleFeatures, InputE
 from app.extractor import Extractor
 from app.hashing import sha256_bytes
 from app.heads import from_npy
-from app.imaging import is_image_file, load_image
+from app.imaging import DEFAULT_LIMITS, DecodeLimits, is_image_file
 from app.progress import Meter, ProgressCallback, console, no_progress
-from app.settings import DEFAULT_MAX_IMAGE_PIXELS
 from app.store import atomic_write, read_regular
 
 log = logging.getLogger(__name__)
@@ -271,9 +270,9 @@ class Extracted:
     hashes: list[str | None] = field(default_factory=list)  # sha256 of each input file's bytes
 
 
-def _decode(path: Path, size: int, resample: str, max_pixels: int) -> np.ndarray | str:
+def _decode(path: Path, size: int, resample: str, limits: DecodeLimits) -> np.ndarray | str:
     try:
-        return load_image(path.read_bytes(), size, resample=resample, max_pixels=max_pixels)
+        return limits.load(path.read_bytes(), size, resample)
     except OSError as exc:
         return f"unreadable: {exc.strerror or type(exc).__name__}"
     except InputError as exc:
@@ -281,7 +280,7 @@ def _decode(path: Path, size: int, resample: str, max_pixels: int) -> np.ndarray
 
 
 def check_readable(data: Dataset, hashes: Sequence[str | None], read_errors: dict[int, str], cache: FeatureCache | None,
-                   size: int, resample: str, *, minimum: int = 2, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+                   size: int, resample: str, *, minimum: int = 2, limits: DecodeLimits = DEFAULT_LIMITS,
                    what: str = "DATA_DIR") -> None:  # fmt: skip
     """Every class has ``minimum`` readable images, checked before extraction: a cached file counts
     without decoding, others are decoded until ``minimum`` succeed (a few decodes per class)."""
@@ -297,7 +296,7 @@ def check_readable(data: Dataset, hashes: Sequence[str | None], read_errors: dic
                 continue
             if cache is not None and cache.has(cache.key(h, size, resample)):
                 ok += 1
-            elif isinstance(reason := _decode(data.paths[i], size, resample, max_pixels), str):
+            elif isinstance(reason := _decode(data.paths[i], size, resample, limits), str):
                 bad.append(f"{data.relative(i)}: {reason}")
             else:
                 ok += 1
@@ -318,7 +317,7 @@ def extract_paths(
     cache: FeatureCache | None = None,
     batch_size: int = 32,
     decode_threads: int = 2,
-    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    limits: DecodeLimits = DEFAULT_LIMITS,
     progress: ProgressCallback | bool = True,
     phase: str = "features",
     hashes: tuple[list[str | None], dict[int, str]] | None = None,
@@ -353,7 +352,7 @@ def extract_paths(
                 cache.put(cache.key(keys[i] or "", size, resample), vec)
         meter.advance(len(batch))
 
-    _pipeline(misses, lambda i: _decode(paths[i], size, resample, max_pixels), run, reasons, meter,
+    _pipeline(misses, lambda i: _decode(paths[i], size, resample, limits), run, reasons, meter,
               batch_size=batch_size, threads=decode_threads)  # fmt: skip
     meter.finish()
     kept = np.array(sorted(feats), dtype=np.int64)
