@@ -31,19 +31,18 @@ from pathlib import Path
 
 import numpy as np
 
+from app import labelled
 from app.errors import ArtifactError, DatasetError, IncompatibleFeatures, InputError
 from app.extractor import Extractor
 from app.hashing import sha256_bytes
 from app.heads import from_npy
-from app.imaging import DEFAULT_LIMITS, DecodeLimits, is_image_file
+from app.imaging import DEFAULT_LIMITS, DecodeLimits
 from app.progress import Meter, ProgressCallback, console, no_progress
 from app.store import atomic_write, read_regular
 
 log = logging.getLogger(__name__)
 
 _MAX_NPY_HEADER = 4096  # np.save writes 128 bytes for a 1-d float32 vector
-SPLIT_NAMES = frozenset({"train", "test", "val", "valid", "validation"})
-"""Folder names (any case) that mean "a split of a dataset", not "a class"."""
 
 
 @dataclass
@@ -60,16 +59,21 @@ class Dataset:
     @classmethod
     def from_folder(cls, root: Path, classes: Sequence[str] | None = None, *, allow_subset: bool = False,
                     min_per_class: int = 1, what: str = "DATA_DIR") -> Dataset:  # fmt: skip
-        """Scan ``root``. With ``classes`` (a head's), the class folders must be exactly those
-        (``allow_subset``: some may be missing); ``what`` names the folder in messages."""
+        """Scan ``root`` by the labelled-folder rule (:mod:`app.labelled`). With ``classes`` (a head's), the
+        class folders must be exactly those (``allow_subset``: some may be missing); ``what`` names the
+        folder in messages."""
         root = Path(root)
         if not root.exists():
             raise DatasetError(f"{what} {root} does not exist")
         if not root.is_dir():
             raise DatasetError(f"{what} {root} is not a folder")
-        found = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-        loose = sum(1 for p in root.iterdir() if is_image_file(p))
-        _refuse_split(root, found, what)
+        found = sorted(p.name for p in root.iterdir() if p.is_dir() and not labelled.ignored((p.name,)))
+        walk = [p for p in root.iterdir() if p.is_file()] + [p for d in found for p in (root / d).rglob("*") if p.is_file()]
+        files = labelled.group(walk, lambda p: p.relative_to(root).parts)  # a class folder may be a link: walked
+        loose = len(files.loose)
+        labelled.refuse_split(f"{what} {root}", found, lambda f: _holds_folders(root / f), lambda train, val: (
+            f"Point at the folder that holds the class folders, e.g. `tlserve train {root / train}"
+            + (f" --val-dir {root / val}`" if val else "`")))  # fmt: skip
         if classes is None:
             if len(found) < 2:
                 hint = f"; it holds {loose} file(s) directly: put each class's images in its own sub-folder" if loose else ""
@@ -80,20 +84,18 @@ class Dataset:
             present = _match_classes(root, found, classes, allow_subset, what)
         paths: list[Path] = []
         labels: list[int] = []
-        nested: dict[str, int] = {}
         for name in present:
             folder = root / name
-            files = sorted(p for p in folder.rglob("*") if is_image_file(p) and not hidden(p, folder))
-            if not files:
+            in_class = sorted(files.by_class.get(name, []))
+            if not in_class:
                 raise DatasetError(f"class {name!r} has no files (folder {folder})")
-            if len(files) < min_per_class:
+            if len(in_class) < min_per_class:
                 raise DatasetError(
-                    f"class {name!r} has {len(files)} file(s) (folder {folder}); every class needs at least {min_per_class}"
+                    f"class {name!r} has {len(in_class)} file(s) (folder {folder}); every class needs at least {min_per_class}"
                 )
-            if deep := sum(1 for p in files if p.parent != folder):
-                nested[name] = deep
-            paths += files
-            labels += [classes.index(name)] * len(files)
+            paths += in_class
+            labels += [classes.index(name)] * len(in_class)
+        nested = {name: files.nested[name] for name in present if name in files.nested}
         return cls(root, classes, paths, np.asarray(labels, dtype=np.int64), nested, loose)
 
     def subset(self, idx: np.ndarray) -> Dataset:
@@ -110,22 +112,13 @@ class Dataset:
 
 
 def hidden(path: Path, base: Path) -> bool:
-    """A dot-file or anything in a dot-folder under ``base`` (the parts above ``base``, such as ``..``, do not count)."""
-    return any(part.startswith(".") for part in path.relative_to(base).parts)
+    """A dot-file, junk, or anything in a dot-folder under ``base`` (the parts above ``base``, such as ``..``, do
+    not count): :func:`app.labelled.ignored`."""
+    return labelled.ignored(path.relative_to(base).parts)
 
 
-def _refuse_split(root: Path, found: list[str], what: str) -> None:
-    """Sub-folders named like a split (two of them, or one holding class folders) are a mistake."""
-    split = [f for f in found if f.lower() in SPLIT_NAMES]
-    holds_classes = [f for f in split if any(p.is_dir() and not p.name.startswith(".") for p in (root / f).iterdir())]
-    if len(split) >= 2 or holds_classes:
-        train = next((f for f in split if f.lower() == "train"), split[0])
-        val = next((f for f in split if f.lower() != train.lower()), None)
-        fix = f"`tlserve train {root / train}" + (f" --val-dir {root / val}`" if val else "`")
-        raise DatasetError(
-            f"{what} {root} looks like a dataset split, not one folder per class: its sub-folders {split} are split "
-            f"names. Point at the folder that holds the class folders, e.g. {fix}"
-        )
+def _holds_folders(folder: Path) -> bool:
+    return any(p.is_dir() and not labelled.ignored((p.name,)) for p in folder.iterdir())
 
 
 def _match_classes(root: Path, found: list[str], classes: list[str], allow_subset: bool, what: str) -> list[str]:

@@ -24,9 +24,11 @@ what was spooled.
    sizes before ``tarfile`` reads them (a 939-byte ``.tar.bz2`` declaring a 1 GiB name is refused
    without inflating it), and GNU sparse members are refused. Extraction then writes each member's bytes to a spool file of *our* naming
    (``a<k>-<n>``), never to the member's path, and stops at the size its header declared.
-3. **Layout**: ``<class>/<photo>`` (deeper files count for their class folder; one folder wrapping
-   all class folders is unwrapped); hidden files, ``__MACOSX/``, ``Thumbs.db``, ``desktop.ini`` are
-   ignored; a file outside any class folder is refused (422 ``invalid_dataset``). Class labels are
+3. **Layout**, by the labelled-folder rule of folders and batch sources (:mod:`app.labelled`):
+   ``<class>/<photo>`` (deeper files count for their class folder; one folder wrapping all class
+   folders is unwrapped); hidden files, ``__MACOSX/``, ``Thumbs.db``, ``desktop.ini`` are ignored; a
+   file outside any class folder, or split folders (``train/``, ``val/``…) in place of classes, are
+   refused (422 ``invalid_dataset``). Class labels are
    validated like head names (letters, digits, ``_ - .``, at most 64).
 4. **Photos**: each must be a non-empty file whose bytes Pillow recognises as an allowed format
    (sniffed from the header, nothing decoded: 415 ``unsupported_format`` / 422 ``empty_input``
@@ -57,6 +59,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from app import labelled
 from app.errors import (
     ArchiveTooLarge,
     DatasetError,
@@ -79,7 +82,6 @@ RATIO_FLOOR_BYTES = 1024 * 1024
 (a small PNG or a tar's headers may legitimately compress far)."""
 SPOOL_MAX_AGE_S = 3600.0
 """A spool folder this old belongs to no request still running (a process killed mid-upload): swept."""
-JUNK_NAMES = frozenset({"__MACOSX", "Thumbs.db", "desktop.ini"})
 _DRIVE = re.compile(r"^[A-Za-z]:")
 _CHUNK = 1024 * 1024
 _CORRUPT = (tarfile.TarError, zipfile.BadZipFile, OSError, EOFError, zlib.error, lzma.LZMAError, ValueError,
@@ -195,10 +197,6 @@ def _member_parts(name: str, archive: str) -> tuple[str, ...]:
     if ".." in parts:
         raise UnsafeArchive(f"{where} climbs out of the archive ('..'); members must stay inside it")
     return parts
-
-
-def _junk(parts: tuple[str, ...]) -> bool:
-    return any(p.startswith(".") or p in JUNK_NAMES for p in parts)
 
 
 _EXTENDED = frozenset({tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE,
@@ -337,7 +335,7 @@ def _check_zip(path: Path, archive: str, settings: Settings, budget: list[int], 
         _ratio_check(info.file_size, info.compress_size, where, settings)
         _spend(budget, info.file_size, archive, settings)
         total += info.file_size
-        if _junk(parts):
+        if labelled.ignored(parts):
             ignored += 1
             continue
         files.append(Member(parts, info.file_size, info))
@@ -370,7 +368,7 @@ def _check_tar(tar: tarfile.TarFile, archive: str, settings: Settings, budget: l
             raise UnsafeArchive(f"{where} is not a regular file (tar type {info.type!r}); only files and folders are accepted")
         _spend(budget, info.size, archive, settings)
         total += info.size
-        if _junk(parts):
+        if labelled.ignored(parts):
             ignored += 1
             continue
         files.append(Member(parts, info.size, info))
@@ -379,20 +377,22 @@ def _check_tar(tar: tarfile.TarFile, archive: str, settings: Settings, budget: l
 
 
 def _layout(files: list[Member], archive: str) -> list[tuple[str, Member]]:
-    """(label, member) for each file: ``class/photo`` (deeper files count for the class); one folder
-    wrapping every class folder is unwrapped."""
+    """(label, member) for each file, in archive order, by the labelled-folder rule (:mod:`app.labelled`):
+    ``class/photo`` (deeper files count for the class); one folder wrapping every class folder is unwrapped;
+    no file outside a class folder; no split folders (train/test/val) in place of classes."""
     strip = 0
     if files and all(len(m.parts) >= 3 for m in files) and len({m.parts[0] for m in files}) == 1:
         strip = 1
-    out = []
-    for m in files:
-        parts = m.parts[strip:]
-        if len(parts) < 2:
-            raise DatasetError(
-                f"archive {archive!r}: {m.name!r} is not inside a class folder; lay the archive out as class/photo.jpg"
-            )
-        out.append((valid_label(parts[0], f"folder of {m.name[:80]!r} in archive {archive!r}"), m))
-    return out
+    grouped = labelled.group(files, lambda m: m.parts[strip:])
+    if grouped.loose:
+        m = grouped.loose[0]
+        raise DatasetError(
+            f"archive {archive!r}: {m.name!r} is not inside a class folder; lay the archive out as class/photo.jpg"
+        )
+    deep = {c for c, n in grouped.nested.items() if n}
+    labelled.refuse_split(f"archive {archive!r}", grouped.classes, deep.__contains__, lambda train, _: (
+        f"Send the class folders of one split (those in {train}/) as the archive"))  # fmt: skip
+    return [(valid_label(m.parts[strip], f"folder of {m.name[:80]!r} in archive {archive!r}"), m) for m in files]
 
 
 def _copy(src: IO[bytes], dst: Path, limit: int, what: str) -> None:
@@ -426,9 +426,9 @@ def _unpack_all(upload: Upload, archives: list[tuple[Path, str]], settings: Sett
         )
     for k, (path, name, kind, files, ignored) in enumerate(checked):
         upload.ignored += ignored
-        labelled = _layout(files, name)
+        photos = _layout(files, name)
         with _members(kind, path, name, settings) as open_member:
-            for n, (label, m) in enumerate(labelled):
+            for n, (label, m) in enumerate(photos):
                 target = upload.folder / f"a{k}-{n}"
                 try:
                     member = open_member(m)
