@@ -1,8 +1,9 @@
 """Labelled image folders and their features: checked before any work, cached by the file's bytes.
 
-1. :meth:`Dataset.from_folder` walks ``DATA_DIR/<class>/…`` and refuses, before any image is read,
-   a folder that is not one sub-folder per class: a missing folder, an empty class folder, a class
-   with too few files, sub-folders that look like a split (``train``/``test``/``val``…), and (for
+1. :meth:`Dataset.from_folder` walks ``DATA_DIR/<class>/…`` by the labelled-folder rule
+   (:mod:`app.labelled`, shared with batch sources and upload archives) and refuses, before any image
+   is read, a folder that is not one sub-folder per class: a missing folder, an empty class folder, a
+   class with too few files, sub-folders that look like a split (``train``/``test``/``val``…), and (for
    evaluation) class folders that differ from the head's classes. Images in sub-folders of a class
    folder belong to that class; they are counted per class (``nested``) so nothing is silent.
 2. :func:`hash_files` reads every file once for its sha256 (content identity: duplicates across
