@@ -10,11 +10,14 @@ from pathlib import Path
 
 import pytest
 
+from app.batch import BatchJob, run
+from app.batch.parquet import read_features
 from app.batch.source import open_source
 from app.errors import DatasetError
 from app.features import Dataset
 from app.labelled import group, ignored, order
 from app.settings import Settings
+from app.store import ModelStore
 from app.uploads import Upload, admit
 from tests.helpers import image_bytes
 
@@ -57,13 +60,19 @@ def test_a_folder_a_source_and_an_archive_read_the_same_photos(tmp_path: Path) -
     assert source.files == [data.relative(i) for i in range(len(data.paths))]  # one order: class by class, by component
 
 
-def test_a_split_is_refused_alike_in_a_folder_and_an_archive(tmp_path: Path) -> None:
+def test_a_split_is_refused_alike_in_a_folder_an_archive_and_features(tiny_store: ModelStore, tmp_path: Path) -> None:
     split = {f"{s}/{c}/x.png": PNG for s in ("train", "val") for c in ("red", "blue")}
     words = r"looks like a dataset split, not one folder per class: its sub-folders \['train', 'val'\] are split names"
+    root = write(tmp_path / "data", split)
     with pytest.raises(DatasetError, match=words):
-        Dataset.from_folder(write(tmp_path / "data", split))
+        Dataset.from_folder(root)
     with pytest.raises(DatasetError, match=words):
         upload_of(tmp_path, split)
+    pytest.importorskip("pyarrow")
+    settings = Settings(model_store=tiny_store.root, default_head="colors", intra_op_threads=1)
+    run(BatchJob(str(root), str(tmp_path / "features"), features=True), settings, progress=False)  # classifying a split is fine
+    with pytest.raises(DatasetError, match=words):  # training on its classes is not
+        read_features(str(tmp_path / "features"), tiny_store.extractor().feature_space)
 
 
 def test_the_rule_itself() -> None:
