@@ -33,23 +33,22 @@ not know").
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from app.errors import ArtifactError
 from app.heads import from_npy, to_npy
+from app.settings import DEFAULT_ACCEPTANCE as DEFAULT_ACCEPTANCE  # the settings' defaults, defined there
+from app.settings import DEFAULT_METHOD as DEFAULT_METHOD
+from app.settings import METHODS as METHODS
+from app.settings import Method as Method
 
 if TYPE_CHECKING:
     from app.heads import Head
     from app.registry import HeadStore, Version
 
-Method = Literal["knn", "knn_centered", "knn_class", "knn_margin", "knn_class_margin"]
-METHODS: tuple[str, ...] = ("knn", "knn_centered", "knn_class", "knn_margin", "knn_class_margin")
-DEFAULT_METHOD: Method = "knn_class_margin"
-"""Chosen by measurement (benchmarks/ood.py): best near-case AUROC and flagged rate, far case unchanged."""
 DEFAULT_K = 10
-DEFAULT_ACCEPTANCE = 0.95
 BANK_FILE = "familiarity_bank.npy"
 LABELS_FILE = "familiarity_labels.npy"
 CENTER_FILE = "familiarity_center.npy"

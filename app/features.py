@@ -1,8 +1,9 @@
 """Labelled image folders and their features: checked before any work, cached by the file's bytes.
 
-1. :meth:`Dataset.from_folder` walks ``DATA_DIR/<class>/…`` and refuses, before any image is read,
-   a folder that is not one sub-folder per class: a missing folder, an empty class folder, a class
-   with too few files, sub-folders that look like a split (``train``/``test``/``val``…), and (for
+1. :meth:`Dataset.from_folder` walks ``DATA_DIR/<class>/…`` by the labelled-folder rule
+   (:mod:`app.labelled`, shared with batch sources and upload archives) and refuses, before any image
+   is read, a folder that is not one sub-folder per class: a missing folder, an empty class folder, a
+   class with too few files, sub-folders that look like a split (``train``/``test``/``val``…), and (for
    evaluation) class folders that differ from the head's classes. Images in sub-folders of a class
    folder belong to that class; they are counted per class (``nested``) so nothing is silent.
 2. :func:`hash_files` reads every file once for its sha256 (content identity: duplicates across
@@ -31,20 +32,18 @@ from pathlib import Path
 
 import numpy as np
 
+from app import labelled
 from app.errors import ArtifactError, DatasetError, IncompatibleFeatures, InputError
 from app.extractor import Extractor
 from app.files import atomic_write, read_regular
 from app.hashing import sha256_bytes
 from app.heads import from_npy
-from app.imaging import is_image_file, load_image
+from app.imaging import DEFAULT_LIMITS, DecodeLimits
 from app.progress import Meter, ProgressCallback, console, no_progress
-from app.settings import DEFAULT_MAX_IMAGE_PIXELS
 
 log = logging.getLogger(__name__)
 
 _MAX_NPY_HEADER = 4096  # np.save writes 128 bytes for a 1-d float32 vector
-SPLIT_NAMES = frozenset({"train", "test", "val", "valid", "validation"})
-"""Folder names (any case) that mean "a split of a dataset", not "a class"."""
 
 
 @dataclass
@@ -61,16 +60,21 @@ class Dataset:
     @classmethod
     def from_folder(cls, root: Path, classes: Sequence[str] | None = None, *, allow_subset: bool = False,
                     min_per_class: int = 1, what: str = "DATA_DIR") -> Dataset:  # fmt: skip
-        """Scan ``root``. With ``classes`` (a head's), the class folders must be exactly those
-        (``allow_subset``: some may be missing); ``what`` names the folder in messages."""
+        """Scan ``root`` by the labelled-folder rule (:mod:`app.labelled`). With ``classes`` (a head's), the
+        class folders must be exactly those (``allow_subset``: some may be missing); ``what`` names the
+        folder in messages."""
         root = Path(root)
         if not root.exists():
             raise DatasetError(f"{what} {root} does not exist")
         if not root.is_dir():
             raise DatasetError(f"{what} {root} is not a folder")
-        found = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-        loose = sum(1 for p in root.iterdir() if is_image_file(p))
-        _refuse_split(root, found, what)
+        found = sorted(p.name for p in root.iterdir() if p.is_dir() and not labelled.ignored((p.name,)))
+        walk = [p for p in root.iterdir() if p.is_file()] + [p for d in found for p in (root / d).rglob("*") if p.is_file()]
+        files = labelled.group(walk, lambda p: p.relative_to(root).parts)  # a class folder may be a link: walked
+        loose = len(files.loose)
+        labelled.refuse_split(f"{what} {root}", found, lambda f: _holds_folders(root / f), lambda train, val: (
+            f"Point at the folder that holds the class folders, e.g. `tlserve train {root / train}"
+            + (f" --val-dir {root / val}`" if val else "`")))  # fmt: skip
         if classes is None:
             if len(found) < 2:
                 hint = f"; it holds {loose} file(s) directly: put each class's images in its own sub-folder" if loose else ""
@@ -81,20 +85,18 @@ class Dataset:
             present = _match_classes(root, found, classes, allow_subset, what)
         paths: list[Path] = []
         labels: list[int] = []
-        nested: dict[str, int] = {}
         for name in present:
             folder = root / name
-            files = sorted(p for p in folder.rglob("*") if is_image_file(p) and not hidden(p, folder))
-            if not files:
+            in_class = sorted(files.by_class.get(name, []))
+            if not in_class:
                 raise DatasetError(f"class {name!r} has no files (folder {folder})")
-            if len(files) < min_per_class:
+            if len(in_class) < min_per_class:
                 raise DatasetError(
-                    f"class {name!r} has {len(files)} file(s) (folder {folder}); every class needs at least {min_per_class}"
+                    f"class {name!r} has {len(in_class)} file(s) (folder {folder}); every class needs at least {min_per_class}"
                 )
-            if deep := sum(1 for p in files if p.parent != folder):
-                nested[name] = deep
-            paths += files
-            labels += [classes.index(name)] * len(files)
+            paths += in_class
+            labels += [classes.index(name)] * len(in_class)
+        nested = {name: files.nested[name] for name in present if name in files.nested}
         return cls(root, classes, paths, np.asarray(labels, dtype=np.int64), nested, loose)
 
     def subset(self, idx: np.ndarray) -> Dataset:
@@ -111,22 +113,13 @@ class Dataset:
 
 
 def hidden(path: Path, base: Path) -> bool:
-    """A dot-file or anything in a dot-folder under ``base`` (the parts above ``base``, such as ``..``, do not count)."""
-    return any(part.startswith(".") for part in path.relative_to(base).parts)
+    """A dot-file, junk, or anything in a dot-folder under ``base`` (the parts above ``base``, such as ``..``, do
+    not count): :func:`app.labelled.ignored`."""
+    return labelled.ignored(path.relative_to(base).parts)
 
 
-def _refuse_split(root: Path, found: list[str], what: str) -> None:
-    """Sub-folders named like a split (two of them, or one holding class folders) are a mistake."""
-    split = [f for f in found if f.lower() in SPLIT_NAMES]
-    holds_classes = [f for f in split if any(p.is_dir() and not p.name.startswith(".") for p in (root / f).iterdir())]
-    if len(split) >= 2 or holds_classes:
-        train = next((f for f in split if f.lower() == "train"), split[0])
-        val = next((f for f in split if f.lower() != train.lower()), None)
-        fix = f"`tlserve train {root / train}" + (f" --val-dir {root / val}`" if val else "`")
-        raise DatasetError(
-            f"{what} {root} looks like a dataset split, not one folder per class: its sub-folders {split} are split "
-            f"names. Point at the folder that holds the class folders, e.g. {fix}"
-        )
+def _holds_folders(folder: Path) -> bool:
+    return any(p.is_dir() and not labelled.ignored((p.name,)) for p in folder.iterdir())
 
 
 def _match_classes(root: Path, found: list[str], classes: list[str], allow_subset: bool, what: str) -> list[str]:
@@ -271,9 +264,9 @@ class Extracted:
     hashes: list[str | None] = field(default_factory=list)  # sha256 of each input file's bytes
 
 
-def _decode(path: Path, size: int, resample: str, max_pixels: int) -> np.ndarray | str:
+def _decode(path: Path, size: int, resample: str, limits: DecodeLimits) -> np.ndarray | str:
     try:
-        return load_image(path.read_bytes(), size, resample=resample, max_pixels=max_pixels)
+        return limits.load(path.read_bytes(), size, resample)
     except OSError as exc:
         return f"unreadable: {exc.strerror or type(exc).__name__}"
     except InputError as exc:
@@ -281,7 +274,7 @@ def _decode(path: Path, size: int, resample: str, max_pixels: int) -> np.ndarray
 
 
 def check_readable(data: Dataset, hashes: Sequence[str | None], read_errors: dict[int, str], cache: FeatureCache | None,
-                   size: int, resample: str, *, minimum: int = 2, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+                   size: int, resample: str, *, minimum: int = 2, limits: DecodeLimits = DEFAULT_LIMITS,
                    what: str = "DATA_DIR") -> None:  # fmt: skip
     """Every class has ``minimum`` readable images, checked before extraction: a cached file counts
     without decoding, others are decoded until ``minimum`` succeed (a few decodes per class)."""
@@ -297,7 +290,7 @@ def check_readable(data: Dataset, hashes: Sequence[str | None], read_errors: dic
                 continue
             if cache is not None and cache.has(cache.key(h, size, resample)):
                 ok += 1
-            elif isinstance(reason := _decode(data.paths[i], size, resample, max_pixels), str):
+            elif isinstance(reason := _decode(data.paths[i], size, resample, limits), str):
                 bad.append(f"{data.relative(i)}: {reason}")
             else:
                 ok += 1
@@ -318,7 +311,7 @@ def extract_paths(
     cache: FeatureCache | None = None,
     batch_size: int = 32,
     decode_threads: int = 2,
-    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    limits: DecodeLimits = DEFAULT_LIMITS,
     progress: ProgressCallback | bool = True,
     phase: str = "features",
     hashes: tuple[list[str | None], dict[int, str]] | None = None,
@@ -353,7 +346,7 @@ def extract_paths(
                 cache.put(cache.key(keys[i] or "", size, resample), vec)
         meter.advance(len(batch))
 
-    _pipeline(misses, lambda i: _decode(paths[i], size, resample, max_pixels), run, reasons, meter,
+    _pipeline(misses, lambda i: _decode(paths[i], size, resample, limits), run, reasons, meter,
               batch_size=batch_size, threads=decode_threads)  # fmt: skip
     meter.finish()
     kept = np.array(sorted(feats), dtype=np.int64)

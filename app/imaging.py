@@ -44,7 +44,7 @@ import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, cast
+from typing import TYPE_CHECKING, BinaryIO, cast
 
 import numpy as np
 import pillow_heif
@@ -52,6 +52,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from app.errors import EmptyInput, ImageDecodeError, ImageTooLarge, UnsupportedFormat
 from app.settings import DEFAULT_FORMATS, DEFAULT_MAX_IMAGE_PIXELS
+
+if TYPE_CHECKING:
+    from app.settings import Settings
 
 # Our own ``max_pixels`` check replaces Pillow's global bomb guard (which warns, then raises
 # at 2x): it is explicit, configurable and raises our documented exception.
@@ -163,6 +166,28 @@ def load_image(
                 raise
             except Exception as exc:  # noqa: BLE001 - truncated/corrupt data of any kind
                 raise ImageDecodeError(f"cannot decode {img.format} image: {_reason(exc)}") from None
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    """The limits every decode runs under, turned from the settings into :func:`load_image` arguments in this
+    one place (:meth:`from_settings`): the pixel limit (``max_image_pixels``) and the allowed formats
+    (``allowed_formats``). Picklable: a Ray decode task receives it."""
+
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    formats: tuple[str, ...] = tuple(sorted(DEFAULT_FORMATS))
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> DecodeLimits:
+        return cls(settings.max_image_pixels, tuple(sorted(settings.formats)))
+
+    def load(self, source: Buffer | str | Path, size: int, resample: str) -> np.ndarray:
+        """:func:`load_image` of ``source`` within these limits."""
+        return load_image(source, size, resample=resample, max_pixels=self.max_pixels, formats=self.formats)
+
+
+DEFAULT_LIMITS = DecodeLimits()
+"""The settings' defaults (a caller without settings: tests, benchmarks)."""
 
 
 def open_image(fp: BinaryIO | Path, allowed: Iterable[str]) -> Image.Image:

@@ -15,6 +15,7 @@ import numpy as np
 
 from app.errors import InputError, MalformedRequest
 from app.heads import Head
+from app.predict import Answers
 from app.settings import OodPolicy as OodPolicy  # re-exported: a request type
 
 Endpoint = Literal["classify", "embed", "infer"]
@@ -77,6 +78,12 @@ class InferResult:
     """``[n_ok]`` bool verdicts at the head's calibrated threshold, with ``familiarity``."""
     refuse: bool = False
     """The policy was ``refuse``: a front names no class for a row whose verdict is ``False``."""
+
+    @property
+    def answers(self) -> Answers:
+        """The head's answers as :mod:`app.predict` renders them (the same rows as ``tlserve predict``)."""
+        assert self.head is not None and self.proba is not None, "the head ran"
+        return Answers(self.head, self.proba, self.familiarity, self.in_distribution)
 
     def named(self, row: int) -> bool:
         """Whether the answer for ``row`` names a class (``False`` only when refused)."""

@@ -26,9 +26,10 @@ from app.errors import HeadNotFound, InputError, NotReady, TlserveError
 from app.extractor import CUDA, Extractor, choose_providers
 from app.familiarity import Familiarity, for_head
 from app.heads import Head
-from app.imaging import configure, load_image
+from app.imaging import DecodeLimits, configure
 from app.inference import Decoded, InferRequest, InferResult, Item
 from app.metrics import Metrics
+from app.predict import judge, probabilities
 from app.quantize import measure_speedup
 from app.registry import HeadRegistry, Version, valid_head_name
 from app.response_cache import ResponseCache
@@ -45,6 +46,7 @@ class Service:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         configure(settings.max_image_pixels)  # libjpeg's memory cap, before the decode threads exist
+        self.limits = DecodeLimits.from_settings(settings)
         self.store = ModelStore.open(settings)
         self.metrics = Metrics(settings.metrics_max_heads, settings.metrics_max_classes, settings.metrics_class_answers)
         self.info: ExtractorInfo | None = None
@@ -242,11 +244,10 @@ class Service:
     def _decode_one(self, item: Item, size: int, resample: str, index: int = 0) -> Decoded:
         if item.error is not None:
             return Decoded(item, None, item.error)
-        s = self.settings
         with tracing.span("decode", {"tlserve.image.index": index, "tlserve.image.bytes": len(item.data)}) as span:
             t0 = time.perf_counter()
             try:
-                image = load_image(item.data, size, resample=resample, max_pixels=s.max_image_pixels, formats=s.formats)
+                image = self.limits.load(item.data, size, resample)
             except InputError as exc:
                 self.metrics.rejections.labels(exc.code).inc()
                 if span is not None:
@@ -294,11 +295,10 @@ class Service:
             if cache is not None and (key := keys[i]) is not None:
                 cache.put(key, inferred[row])
         features = np.stack([by_index[i] for i in sorted(by_index)]).astype(np.float32, copy=False)
+        answers = None
         if head:
             with tracing.span("head", {"tlserve.head": head.name, "tlserve.head.version": head.version}):
-                proba = head.predict_proba(features)
-        else:
-            proba = None
+                answers = probabilities(head, features)  # the offline core's steps (app/predict.py)
         if todo:
             counter.labels(request.endpoint, label, "ok").inc(len(todo))
         if cache is not None:
@@ -306,8 +306,8 @@ class Service:
             self.metrics.cache.labels("miss").inc(len(todo))
             if hits:
                 counter.labels(request.endpoint, label, "cached").inc(len(hits))
-        result = InferResult(decoded, features, head, proba, failed)
-        if head is not None and proba is not None:
+        result = InferResult(decoded, features, head, answers.proba if answers else None, failed)
+        if head is not None and answers is not None:
             version_key = (head.name, head.version, head.sha256)
             if version_key in self._familiar:
                 known = self._familiar[version_key]
@@ -315,12 +315,12 @@ class Service:
                 known = await asyncio.get_running_loop().run_in_executor(None, self.familiarity, head)
             if known is not None:
                 if len(known.labels) >= OFFLOAD_BANK_ROWS:  # measured ~12 ms/image at 10,000 rows on a busy CPU
-                    result.familiarity = await asyncio.get_running_loop().run_in_executor(None, known.score, features, proba)
+                    answers = await asyncio.get_running_loop().run_in_executor(None, judge, answers, known, features)
                 else:
-                    result.familiarity = known.score(features, proba)
-                result.in_distribution = known.verdict(np.asarray(result.familiarity))
+                    answers = judge(answers, known, features)
+                result.familiarity, result.in_distribution = answers.familiarity, answers.in_distribution
                 result.refuse = (request.ood_policy or self.settings.ood_policy) == "refuse"
-            self.metrics.observe_predictions(head, proba, result.familiarity, result.in_distribution, known)
+            self.metrics.observe_predictions(head, answers.proba, result.familiarity, result.in_distribution, known)
         return result
 
     def describe_info(self) -> dict[str, Any]:

@@ -60,7 +60,8 @@ from app.features import (
     hidden,
 )
 from app.heads import Head, to_npy
-from app.imaging import configure
+from app.imaging import DecodeLimits, configure
+from app.predict import answer
 from app.progress import Meter, ProgressCallback, console, no_progress
 from app.recipe import MIN_IMAGES_PER_CLASS, SEED, VAL_FRACTION
 from app.registry import Version, save_head, valid_head_name
@@ -373,7 +374,7 @@ class Trainer:
             resample=self.info.resample,
             cache=self.cache,
             decode_threads=self.settings.decoders,
-            max_pixels=self.settings.max_image_pixels,
+            limits=DecodeLimits.from_settings(self.settings),
             progress=self.progress,
             phase=phase,
             hashes=hashes,
@@ -383,7 +384,7 @@ class Trainer:
     def _prepare(self, data: Dataset, minimum: int, what: str) -> tuple[list[str | None], dict[int, str]]:
         hashes = hash_files(data.paths, self.settings.decoders)
         check_readable(data, *hashes, self.cache, self.info.size, self.info.resample, minimum=minimum,
-                       max_pixels=self.settings.max_image_pixels, what=what)  # fmt: skip
+                       limits=DecodeLimits.from_settings(self.settings), what=what)  # fmt: skip
         return hashes
 
     def train(self, data_dir: Path, name: str, *, val_dir: Path | None = None, c: float | None = None, limit: int = 0,
@@ -496,7 +497,7 @@ class Trainer:
         s = self.settings
         other = Extractor(int8, provider=s.provider, threads=s.intra_op_threads, spinning=s.ort_spinning)
         got = extract_paths(held.paths, other, resample=int8.resample, cache=FeatureCache(s.cache_dir, int8.sha256),
-                            decode_threads=s.decoders, max_pixels=s.max_image_pixels, progress=self.progress,
+                            decode_threads=s.decoders, limits=DecodeLimits.from_settings(s), progress=self.progress,
                             phase="INT8 check", batch_size=self.feature_batch)  # fmt: skip
         if not len(got.kept):
             return {"checked": False, "trained_on": "fp32",
@@ -651,7 +652,8 @@ class Trainer:
         if not len(ext.kept):
             raise DatasetError(f"evaluation folder {data.root}: none of its {len(data.paths)} files is a readable image")
         with sklearn_threads(1):
-            proba = head.predict_proba(ext.features)
+            answers = answer(head, ext.features, known)  # the one core (app/predict.py), as predict and the service
+        proba = answers.proba
         y, pred = data.labels[ext.kept], proba.argmax(axis=1)
         classes = list(head.classes)
         mistakes = [
@@ -661,9 +663,7 @@ class Trainer:
         ]
         mistakes.sort(key=lambda m: (-m.probability, m.file))
         ev = Evaluation(make_report(y, pred, classes), ext.skipped, mistakes)
-        if known is not None:
-            ev.familiarity = known.score(ext.features, proba)
-            ev.in_distribution = known.verdict(ev.familiarity)
+        ev.familiarity, ev.in_distribution = answers.familiarity, answers.in_distribution
         if ood_dir is not None and known is not None and ev.familiarity is not None:
             ev.ood = self._ood(head, known, ood_dir, ev.familiarity)
         return ev
@@ -674,10 +674,10 @@ class Trainer:
         if not len(ext.kept):
             raise DatasetError(f"--ood {ood_dir}: none of its {len(paths)} files is a readable image")
         with sklearn_threads(1):
-            proba = head.predict_proba(ext.features)
-        other = known.score(ext.features, proba)
-        return OodReport(str(ood_dir), len(ext.kept), float((~known.verdict(other)).mean()),
-                         float(known.verdict(scores).mean()), familiarity.auroc(scores, other), len(ext.skipped))  # fmt: skip
+            got = answer(head, ext.features, known)
+        assert got.familiarity is not None and got.in_distribution is not None
+        return OodReport(str(ood_dir), len(ext.kept), float((~got.in_distribution).mean()), float(known.verdict(scores).mean()),
+                         familiarity.auroc(scores, got.familiarity), len(ext.skipped))  # fmt: skip
 
 
 @dataclass

@@ -2,7 +2,10 @@
 
 ``POST /v1/heads/{name}/train`` and ``/examples`` send ``multipart/form-data``: every file part's field
 name is its class label, a file part named ``archive`` is a zip or tar (``.tar``, ``.tar.gz``, ``.tgz``,
-bz2, xz) of class folders, and a few text fields are options. :func:`receive` handles one body:
+bz2, xz) of class folders, and a few text fields are options. The HTTP side, step 1, is
+:func:`app.api.uploads.receive` (it parses the body and spools each part through :meth:`Upload.photo` /
+:meth:`Upload.archive`); this module holds the rest, and knows no HTTP: :func:`admit` runs steps 2-4 on
+what was spooled.
 
 1. **Streamed to disk**, never held in memory: each file part is written to ``<spool>/<upload id>/``
    as it arrives. Bounded while it streams: ``max_training_bytes`` of body (413 ``body_too_large``),
@@ -21,9 +24,11 @@ bz2, xz) of class folders, and a few text fields are options. :func:`receive` ha
    sizes before ``tarfile`` reads them (a 939-byte ``.tar.bz2`` declaring a 1 GiB name is refused
    without inflating it), and GNU sparse members are refused. Extraction then writes each member's bytes to a spool file of *our* naming
    (``a<k>-<n>``), never to the member's path, and stops at the size its header declared.
-3. **Layout**: ``<class>/<photo>`` (deeper files count for their class folder; one folder wrapping
-   all class folders is unwrapped); hidden files, ``__MACOSX/``, ``Thumbs.db``, ``desktop.ini`` are
-   ignored; a file outside any class folder is refused (422 ``invalid_dataset``). Class labels are
+3. **Layout**, by the labelled-folder rule of folders and batch sources (:mod:`app.labelled`):
+   ``<class>/<photo>`` (deeper files count for their class folder; one folder wrapping all class
+   folders is unwrapped); hidden files, ``__MACOSX/``, ``Thumbs.db``, ``desktop.ini`` are ignored; a
+   file outside any class folder, or split folders (``train/``, ``val/``…) in place of classes, are
+   refused (422 ``invalid_dataset``). Class labels are
    validated like head names (letters, digits, ``_ - .``, at most 64).
 4. **Photos**: each must be a non-empty file whose bytes Pillow recognises as an allowed format
    (sniffed from the header, nothing decoded: 415 ``unsupported_format`` / 422 ``empty_input``
@@ -52,15 +57,11 @@ import zlib
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, BinaryIO
+from typing import IO
 
-from python_multipart.exceptions import FormParserError
-from starlette.requests import Request
-
-from app.api.multipart import PartHeaders, boundary_of
+from app import labelled
 from app.errors import (
     ArchiveTooLarge,
-    BodyTooLarge,
     DatasetError,
     EmptyInput,
     InvalidLabel,
@@ -68,7 +69,6 @@ from app.errors import (
     TooManyImages,
     UnsafeArchive,
     UnsupportedFormat,
-    UnsupportedMediaType,
 )
 from app.registry import HEAD_NAME
 from app.settings import Settings
@@ -82,7 +82,6 @@ RATIO_FLOOR_BYTES = 1024 * 1024
 (a small PNG or a tar's headers may legitimately compress far)."""
 SPOOL_MAX_AGE_S = 3600.0
 """A spool folder this old belongs to no request still running (a process killed mid-upload): swept."""
-JUNK_NAMES = frozenset({"__MACOSX", "Thumbs.db", "desktop.ini"})
 _DRIVE = re.compile(r"^[A-Za-z]:")
 _CHUNK = 1024 * 1024
 _CORRUPT = (tarfile.TarError, zipfile.BadZipFile, OSError, EOFError, zlib.error, lzma.LZMAError, ValueError,
@@ -101,11 +100,42 @@ class Photo:
 
 @dataclass
 class Upload:
+    """One upload being spooled into ``folder``: its photos, archives (``(path, name)``, unpacked by
+    :func:`admit`) and options; the spool's files are named by us, never by the client."""
+
     folder: Path
     photos: list[Photo] = field(default_factory=list)
     options: dict[str, str] = field(default_factory=dict)
     bytes: int = 0
     ignored: int = 0  # hidden or junk archive members
+    archives: list[tuple[Path, str]] = field(default_factory=list)
+
+    def photo(self, label: str, filename: str, settings: Settings) -> Path:
+        """Where a photo part labelled ``label`` is spooled: the label and ``max_training_images`` checked first."""
+        valid_label(label, f"field name of file {filename[:80]!r}")
+        limit = settings.max_training_images
+        if len(self.photos) >= limit:
+            raise TooManyImages(f"more than {limit} photos in one upload (max_training_images)")
+        path = self.folder / f"p-{len(self.photos)}"
+        self.photos.append(Photo(path, label, filename or label))
+        return path
+
+    def archive(self, filename: str) -> Path:
+        """Where an archive part is spooled (at most :data:`MAX_ARCHIVES` an upload)."""
+        if len(self.archives) >= MAX_ARCHIVES:
+            raise TooManyImages(f"more than {MAX_ARCHIVES} archives in one upload")
+        path = self.folder / f"archive-{len(self.archives)}"
+        self.archives.append((path, filename))
+        return path
+
+
+def admit(upload: Upload, settings: Settings) -> Upload:
+    """Steps 2-4 on a spooled upload: its archives checked from their headers and unpacked, then every photo
+    checked by its header. Blocking (file I/O): a request runs it in a worker thread."""
+    if upload.archives:
+        _unpack_all(upload, upload.archives, settings)
+    check_photos(upload.photos, settings.formats)
+    return upload
 
 
 def valid_label(label: str, where: str) -> str:
@@ -143,116 +173,6 @@ def sweep(root: Path, max_age_s: float = SPOOL_MAX_AGE_S) -> int:
     return removed
 
 
-# --- the multipart body, streamed to disk ----------------------------------------------------
-class _Spooler(PartHeaders):
-    """Writes each file part into the spool folder as it arrives."""
-
-    def __init__(self, upload: Upload, settings: Settings) -> None:
-        super().__init__()
-        self.upload, self.settings = upload, settings
-        self.kind: str | None = None  # "photo", "archive", "option"
-        self.name = ""
-        self.filename = ""
-        self.file: BinaryIO | None = None
-        self.path: Path | None = None
-        self.value = bytearray()
-        self.archives: list[tuple[Path, str]] = []
-        self.parts = 0
-
-    def begin_part(self) -> None:
-        self.kind, self.value = None, bytearray()
-
-    def start_part(self, options: dict[bytes, bytes]) -> None:
-        self.name = options[b"name"].decode("utf-8", "replace")
-        self.parts += 1
-        if b"filename" not in options:
-            if self.name not in OPTION_FIELDS:
-                raise MalformedRequest(
-                    f"text field {self.name[:64]!r} is not an option ({', '.join(OPTION_FIELDS)}): send photos as file "
-                    f"parts named by their class label, archives as a file part named {ARCHIVE_FIELD!r}"
-                )
-            self.kind = "option"
-            return
-        self.filename = options[b"filename"].decode("utf-8", "replace")
-        if self.name == ARCHIVE_FIELD:
-            if len(self.archives) >= MAX_ARCHIVES:
-                raise TooManyImages(f"more than {MAX_ARCHIVES} archives in one upload")
-            self.kind, self.path = "archive", self.upload.folder / f"archive-{len(self.archives)}"
-            self.archives.append((self.path, self.filename))
-        else:
-            valid_label(self.name, f"field name of file {self.filename[:80]!r}")
-            limit = self.settings.max_training_images
-            if len(self.upload.photos) >= limit:
-                raise TooManyImages(f"more than {limit} photos in one upload (max_training_images)")
-            self.kind, self.path = "photo", self.upload.folder / f"p-{len(self.upload.photos)}"
-            self.upload.photos.append(Photo(self.path, self.name, self.filename or self.name))
-        self.file = self.path.open("wb")
-
-    def on_part_data(self, data: bytes, start: int, end: int) -> None:
-        if self.kind == "option":
-            self.value += data[start:end]
-            if len(self.value) > MAX_OPTION_BYTES:
-                raise MalformedRequest(f"option {self.name!r} is over {MAX_OPTION_BYTES} bytes")
-        elif self.file is not None:
-            self.file.write(data[start:end])
-
-    def on_part_end(self) -> None:
-        if self.kind == "option":
-            self.upload.options[self.name] = self.value.decode("utf-8", "replace").strip()
-        if self.file is not None:
-            empty = self.file.tell() == 0
-            self.file.close()
-            self.file = None
-            if empty and not self.filename and self.path is not None:  # a browser's empty file input: no file chosen
-                self.path.unlink()
-                if self.kind == "photo":
-                    self.upload.photos.pop()
-                else:
-                    self.archives.pop()
-        self.kind = None
-
-    def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
-            self.file = None
-
-
-async def receive(request: Request, settings: Settings, folder: Path) -> Upload:
-    """The upload of one request, spooled under ``folder`` and checked (see the module docstring)."""
-    ctype = request.headers.get("content-type", "")
-    if ctype.split(";")[0].strip().lower() != "multipart/form-data":
-        raise UnsupportedMediaType(
-            f"content type {ctype.split(';')[0] or '(none)'!r} is not accepted here: send multipart/form-data "
-            "(a file part per photo named by its class label, and/or an archive part)"
-        )
-    boundary, _charset = boundary_of(ctype)
-    limit = settings.max_training_bytes
-    announced = request.headers.get("content-length")
-    if announced is not None and announced.isdigit() and int(announced) > limit:
-        raise BodyTooLarge(f"upload of {announced} bytes is over the limit of {limit} bytes (max_training_bytes)")
-    upload = Upload(folder)
-    spooler = _Spooler(upload, settings)
-    parser = spooler.parser(boundary)
-    try:
-        async for chunk in request.stream():
-            upload.bytes += len(chunk)
-            if upload.bytes > limit:
-                raise BodyTooLarge(f"upload is over the limit of {limit} bytes (max_training_bytes)")
-            if chunk:
-                await asyncio.to_thread(parser.write, chunk)
-        parser.finalize()
-    except FormParserError:
-        raise MalformedRequest("malformed multipart body: Invalid multipart data.") from None
-    finally:
-        spooler.close()
-    if spooler.kind is not None or spooler.file is not None:
-        raise MalformedRequest("malformed multipart body: it ended inside a part")
-    if spooler.archives:
-        await asyncio.to_thread(_unpack_all, upload, spooler.archives, settings)
-    await asyncio.to_thread(check_photos, upload.photos, settings.formats)
-    return upload
-
-
 # --- archives --------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Member:
@@ -277,10 +197,6 @@ def _member_parts(name: str, archive: str) -> tuple[str, ...]:
     if ".." in parts:
         raise UnsafeArchive(f"{where} climbs out of the archive ('..'); members must stay inside it")
     return parts
-
-
-def _junk(parts: tuple[str, ...]) -> bool:
-    return any(p.startswith(".") or p in JUNK_NAMES for p in parts)
 
 
 _EXTENDED = frozenset({tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE,
@@ -419,7 +335,7 @@ def _check_zip(path: Path, archive: str, settings: Settings, budget: list[int], 
         _ratio_check(info.file_size, info.compress_size, where, settings)
         _spend(budget, info.file_size, archive, settings)
         total += info.file_size
-        if _junk(parts):
+        if labelled.ignored(parts):
             ignored += 1
             continue
         files.append(Member(parts, info.file_size, info))
@@ -452,7 +368,7 @@ def _check_tar(tar: tarfile.TarFile, archive: str, settings: Settings, budget: l
             raise UnsafeArchive(f"{where} is not a regular file (tar type {info.type!r}); only files and folders are accepted")
         _spend(budget, info.size, archive, settings)
         total += info.size
-        if _junk(parts):
+        if labelled.ignored(parts):
             ignored += 1
             continue
         files.append(Member(parts, info.size, info))
@@ -461,20 +377,22 @@ def _check_tar(tar: tarfile.TarFile, archive: str, settings: Settings, budget: l
 
 
 def _layout(files: list[Member], archive: str) -> list[tuple[str, Member]]:
-    """(label, member) for each file: ``class/photo`` (deeper files count for the class); one folder
-    wrapping every class folder is unwrapped."""
+    """(label, member) for each file, in archive order, by the labelled-folder rule (:mod:`app.labelled`):
+    ``class/photo`` (deeper files count for the class); one folder wrapping every class folder is unwrapped;
+    no file outside a class folder; no split folders (train/test/val) in place of classes."""
     strip = 0
     if files and all(len(m.parts) >= 3 for m in files) and len({m.parts[0] for m in files}) == 1:
         strip = 1
-    out = []
-    for m in files:
-        parts = m.parts[strip:]
-        if len(parts) < 2:
-            raise DatasetError(
-                f"archive {archive!r}: {m.name!r} is not inside a class folder; lay the archive out as class/photo.jpg"
-            )
-        out.append((valid_label(parts[0], f"folder of {m.name[:80]!r} in archive {archive!r}"), m))
-    return out
+    grouped = labelled.group(files, lambda m: m.parts[strip:])
+    if grouped.loose:
+        m = grouped.loose[0]
+        raise DatasetError(
+            f"archive {archive!r}: {m.name!r} is not inside a class folder; lay the archive out as class/photo.jpg"
+        )
+    deep = {c for c, n in grouped.nested.items() if n}
+    labelled.refuse_split(f"archive {archive!r}", grouped.classes, deep.__contains__, lambda train, _: (
+        f"Send the class folders of one split (those in {train}/) as the archive"))  # fmt: skip
+    return [(valid_label(m.parts[strip], f"folder of {m.name[:80]!r} in archive {archive!r}"), m) for m in files]
 
 
 def _copy(src: IO[bytes], dst: Path, limit: int, what: str) -> None:
@@ -508,9 +426,9 @@ def _unpack_all(upload: Upload, archives: list[tuple[Path, str]], settings: Sett
         )
     for k, (path, name, kind, files, ignored) in enumerate(checked):
         upload.ignored += ignored
-        labelled = _layout(files, name)
+        photos = _layout(files, name)
         with _members(kind, path, name, settings) as open_member:
-            for n, (label, m) in enumerate(labelled):
+            for n, (label, m) in enumerate(photos):
                 target = upload.folder / f"a{k}-{n}"
                 try:
                     member = open_member(m)

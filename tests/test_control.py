@@ -99,5 +99,7 @@ def test_card_keeps_fields_it_does_not_type_and_types_the_ones_it_reads(tiny_sto
     card = Card.parse({**raw, "written_by_a_newer_tlserve": {"x": 1}}, "test")
     assert card.model_dump(by_alias=True, exclude_unset=True)["written_by_a_newer_tlserve"] == {"x": 1}
     assert card.classes == ("blue", "red") and card.extractor.sha256 == raw["extractor"]["sha256"]
-    assert card.accuracy == raw["metrics"]["accuracy"] and card.training.n_train == sum(raw["training"]["train_per_class"].values())
+    assert card.accuracy == raw["metrics"]["accuracy"] and card.training.n_train == sum(
+        raw["training"]["train_per_class"].values()
+    )
     assert HeadStore(tiny_store.heads_dir, HeadKeys()).get("colors").info == Card.parse(raw, "test")

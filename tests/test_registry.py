@@ -94,7 +94,7 @@ def test_migrate_moves_a_flat_head_into_1_keeping_its_card_bytes(fresh_tiny_stor
 def test_saving_without_promotion_keeps_serving_the_highest_version_when_there_is_no_pointer(
     fresh_tiny_store: ModelStore,
 ) -> None:
-    """"No ``current``: the highest version" must not make an unpromoted version current."""
+    """ "No ``current``: the highest version" must not make an unpromoted version current."""
     store, heads = fresh_tiny_store, fresh_tiny_store.heads
     make_flat(store, "legacy")
     head = load_head(heads, "legacy", store.extractor().feature_space)

@@ -70,3 +70,21 @@ def test_one_port_for_both_fronts_is_refused_by_settings_and_by_serve(tiny_store
                          capture_output=True, text=True, timeout=120)  # fmt: skip
     assert out.returncode == 2, out.stderr[-2000:]
     assert "grpc_port and port are both 8124" in out.stderr + out.stdout
+
+
+def _loaded_by(module: str) -> set[str]:
+    """The modules a fresh interpreter holds after importing ``module`` (nothing imported before it)."""
+    code = f"import sys, {module}; print(' '.join(sorted(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60, check=True)
+    return set(out.stdout.split())
+
+
+def test_settings_import_nothing_of_ours_but_the_cpu_count_leaf() -> None:
+    ours = {m for m in _loaded_by("app.settings") if m == "app" or m.startswith("app.")}
+    assert ours == {"app", "app.settings", "app.cpus"}  # app.cpus itself imports only the standard library
+    assert {m for m in _loaded_by("app.cpus") if m.startswith("app.")} == {"app.cpus"}
+
+
+def test_uploads_know_no_http() -> None:
+    loaded = _loaded_by("app.uploads")
+    assert not {m for m in loaded if m.split(".")[0] in ("starlette", "fastapi") or m.startswith("app.api")}

@@ -235,6 +235,8 @@ HOSTILE = {
     "tar.gz bomb ratio": (lambda: tar_of({**GOOD, "red/bomb.png": b"\0" * 2_000_000}), "archive_too_large", "max_archive_ratio"),
     "uncompressed bytes": (lambda: tar_of({**GOOD, "red/big.png": bytes(range(256)) * 12_000}, mode="w"), "archive_too_large", "max_archive_bytes"),
     "loose file": (lambda: zip_of({**GOOD, "x.png": PNG}), "invalid_dataset", "not inside a class folder"),
+    "split folders": (lambda: zip_of({f"{split}/{k}": PNG for split in ("train", "val") for k in GOOD}), "invalid_dataset",
+                      "looks like a dataset split"),
     "bad folder label": (lambda: zip_of({**GOOD, "r ed/x.png": PNG}), "invalid_label", "'r ed'"),
     "not an archive": (lambda: b"just some bytes, neither zip nor tar", "malformed_request", "neither a zip nor a tar"),
 }  # fmt: skip

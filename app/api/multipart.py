@@ -8,7 +8,7 @@ written to disk. The limits and messages are Starlette's: ``max_files``, ``max_f
 field of at most ``max_field_bytes``, the part's ``name`` required, the ``charset`` parameter honoured.
 
 :class:`PartHeaders` (each part's ``Content-Disposition``) and :func:`boundary_of` are shared with the
-training uploads (:mod:`app.uploads`), which stream their parts to disk instead.
+training uploads (:mod:`app.api.uploads`), which stream their parts to disk instead.
 """
 
 from __future__ import annotations

@@ -22,13 +22,14 @@ from pydantic import BaseModel, Field
 from app.api.deps import ServiceDep, require_admin, require_key
 from app.api.parsing import error_responses, parse_bool
 from app.api.schemas import ErrorResponse
+from app.api.uploads import receive
 from app.errors import EmptyInput, MalformedRequest, NotReady
 from app.examples import ExampleStore, Incoming, Snapshot
 from app.jobs import JobRunner, JobSpec, Plan, plan
 from app.recipe import VAL_FRACTION
 from app.registry import valid_head_name
 from app.service import Service
-from app.uploads import Upload, receive, spool
+from app.uploads import Upload, spool
 
 router = APIRouter(prefix="/v1", tags=["training"], dependencies=[Depends(require_key)],
                    responses=error_responses(ErrorResponse, (401, 403, 404, 413, 415, 422, 429, 503)))  # fmt: skip

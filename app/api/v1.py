@@ -24,7 +24,6 @@ from app.api.schemas import (
 )
 from app.card import Card
 from app.errors import InputError, MalformedRequest, TlserveError, redact
-from app.heads import describe
 from app.inference import InferRequest, InferResult, OodPolicy, parse_ood_policy
 from app.service import Service
 
@@ -88,7 +87,7 @@ async def classify(
     request.state.head = h.name
     _all_failed(result)
     k = min(k, len(h.classes)) if k is not None else None
-    results = []
+    answers, results = result.answers, []
     for i, d, row in result.rows():
         entry: dict[str, Any] = {"index": i}
         if d.item.name is not None:
@@ -96,13 +95,8 @@ async def classify(
         if row is None:
             assert d.error is not None
             entry["error"] = item_error(d.error)
-        else:
-            if result.named(row):
-                entry.update(describe(h, result.proba[row], k))
-            # else refused (below the familiarity threshold): no label, confidence or probabilities
-            if result.familiarity is not None and result.in_distribution is not None:
-                entry["familiarity"] = round(float(result.familiarity[row]), 6)
-                entry["in_distribution"] = bool(result.in_distribution[row])
+        else:  # refused (below the familiarity threshold): no label, confidence or probabilities
+            entry.update(answers.row(row, k, named=result.named(row)))
         results.append(entry)
     return {"head": h.name, "version": h.version, "model": service.info.fingerprint if service.info else "",
             "request_id": request.state.request_id, "results": results}  # fmt: skip

@@ -1,11 +1,10 @@
 """The work of a batch job, the same in-process and on Ray: decode a batch of files, then run the
 extractor and the head on it and give back Arrow rows.
 
-Decoding is :func:`app.imaging.load_image` (the one loader, with the settings' pixel limit and
-formats); features come from :class:`app.extractor.Extractor` over the exported model whose sha256
-the manifest names; labels are :func:`app.heads.describe` of the head's ``predict_proba``, and the
-familiarity score and verdict are :meth:`app.familiarity.Familiarity.score` / ``verdict`` of the
-head's familiarity data (when it has some) — exactly what ``tlserve predict`` and the service run. A
+Decoding is :func:`app.imaging.load_image` (the one loader) within the settings' limits
+(:class:`app.imaging.DecodeLimits`); features come from :class:`app.extractor.Extractor` over the
+exported model whose sha256 the manifest names; the labels, probabilities, familiarity score and
+verdict are :func:`app.predict.answer`'s, the one core that ``tlserve predict`` and the service run. A
 file that does not decode becomes a row with an ``error``; it never fails the batch.
 """
 
@@ -26,8 +25,9 @@ from app.errors import ArtifactError, InputError
 from app.extractor import Extractor
 from app.familiarity import Familiarity
 from app.hashing import sha256_bytes, sha256_file
-from app.heads import Head, describe
-from app.imaging import load_image
+from app.heads import Head
+from app.imaging import DecodeLimits
+from app.predict import answer
 from app.store import ExtractorInfo
 
 if TYPE_CHECKING:
@@ -41,15 +41,14 @@ class DecodeSpec:
     root: str
     size: int
     resample: str
-    max_pixels: int
-    formats: tuple[str, ...]
+    limits: DecodeLimits
     labelled: bool
 
 
 def decode_one(data: bytes, spec: DecodeSpec) -> tuple[np.ndarray | None, str, str]:
     """``(image, "", "")``, or ``(None, code, message)`` for bytes that are not a usable image."""
     try:
-        return load_image(data, spec.size, resample=spec.resample, max_pixels=spec.max_pixels, formats=spec.formats), "", ""
+        return spec.limits.load(data, spec.size, spec.resample), "", ""
     except InputError as exc:
         return None, exc.code, exc.message
 
@@ -152,19 +151,20 @@ class Model:
             columns["features"] = features_column(features, ok, self.extractor.feature_dim)
             columns["sha256"] = pa.array([str(h) or None for h in batch["sha256"]], pa.string())
         else:
-            answers: list[dict[str, Any] | None] = [None] * len(ok)
-            proba = head.predict_proba(features) if len(features) else np.zeros((0, len(head.classes)), np.float32)
-            for row, p in zip(np.flatnonzero(ok), proba, strict=True):
-                answers[row] = describe(head, p, self.spec.top_k)
-            columns["label"] = pa.array([a and a["label"] for a in answers], pa.string())
-            columns["probability"] = pa.array([a and a["confidence"] for a in answers], pa.float32())
-            columns["top_k"] = pa.array([a and a["top_k"] for a in answers], self.schema.field("top_k").type)
-            known = self.spec.familiarity
-            if known is not None:
+            answers = answer(head, features, self.spec.familiarity)
+            rows: list[dict[str, Any] | None] = [None] * len(ok)
+            for i, row in enumerate(np.flatnonzero(ok)):
+                rows[row] = answers.row(i, self.spec.top_k)
+            columns["label"] = pa.array([a and a["label"] for a in rows], pa.string())
+            columns["probability"] = pa.array([a and a["confidence"] for a in rows], pa.float32())
+            columns["top_k"] = pa.array([a and a["top_k"] for a in rows], self.schema.field("top_k").type)
+            if answers.familiarity is not None and answers.in_distribution is not None:
                 score = np.full(len(ok), np.nan)
-                score[ok] = known.score(features, proba) if len(features) else []
+                score[ok] = answers.familiarity  # the column keeps every digit (the row rounds to 6 places)
+                verdict = np.zeros(len(ok), bool)
+                verdict[ok] = answers.in_distribution
                 columns["familiarity"] = pa.array(score, pa.float64(), mask=~ok)
-                columns["in_distribution"] = pa.array(known.verdict(score), pa.bool_(), mask=~ok)
+                columns["in_distribution"] = pa.array(verdict, pa.bool_(), mask=~ok)
             self.seconds["head"] += time.perf_counter() - t1
         columns["error"] = error_column(codes, messages)
         return pa.table(columns, schema=self.schema)

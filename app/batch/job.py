@@ -14,6 +14,7 @@ from app.batch.parquet import FORMAT, JOB_KEYS, Output, new_run
 from app.batch.source import Source, open_source
 from app.errors import OutputConflict
 from app.familiarity import Familiarity, for_head
+from app.imaging import DecodeLimits
 from app.registry import load_head
 from app.settings import Settings
 from app.store import ExtractorInfo, ModelStore
@@ -147,9 +148,7 @@ def plan(job: BatchJob, settings: Settings) -> Plan:
         log.info("resuming %s: %d of %d images already written, %d to do", job.output, len(source.files) - len(todo),
                  len(source.files), len(todo))  # fmt: skip
     s = settings
-    decode = DecodeSpec(
-        source.root, info.size, info.resample, s.max_image_pixels, tuple(sorted(s.formats)), source.classes is not None
-    )
+    decode = DecodeSpec(source.root, info.size, info.resample, DecodeLimits.from_settings(s), source.classes is not None)
     model = ModelSpec(info, head, known, meta, meta["top_k"] or 0, s.provider, s.threads)
     return Plan(job, settings, source, output, info, meta, new_run(), todo, rows, decode, model, previous)
 

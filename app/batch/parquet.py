@@ -223,7 +223,8 @@ def read_features(uri: str, feature_space: str) -> FeatureSet:
     from collections import Counter
     from pathlib import Path
 
-    from app.features import SPLIT_NAMES, Dataset, Extracted
+    from app.features import Dataset, Extracted
+    from app.labelled import refuse_split
 
     need_pyarrow("tlserve train --features")
     out = Output.open(uri)
@@ -253,11 +254,9 @@ def read_features(uri: str, feature_space: str) -> FeatureSet:
 
     table = pa.concat_tables([out.read_part(p) for p in parts])
     paths = table.column("path").to_pylist()
-    split = [c for c in classes if c.lower() in SPLIT_NAMES]
-    if len(split) >= 2 or any(p.split("/", 1)[0] in split and p.count("/") > 1 for p in paths):
-        raise DatasetError(f"features in {uri} have classes {classes}: their source {meta['source']} looks like a dataset "
-                         f"split ({split} are split names), not one folder per class; extract the folder that holds "
-                         "the class folders")  # fmt: skip
+    deep = {p.split("/", 1)[0] for p in paths if p.count("/") > 1}  # class folders that hold folders
+    refuse_split(f"the source {meta['source']} of the features in {uri}", classes, deep.__contains__, lambda train, _: (
+        f"Extract the folder that holds the class folders, e.g. `tlserve batch {meta['source']}/{train} --features`"))  # fmt: skip
     if len(set(paths)) != len(paths):
         raise DatasetError(f"{uri} holds some paths more than once (parts of two jobs mixed by hand?)")
     errors = table.column("error").to_pylist()

@@ -2,11 +2,11 @@
 
 ``s3://bucket/prefix`` (credentials from the environment, as pyarrow's ``S3FileSystem`` reads them),
 ``gs://…``, ``hdfs://…`` and local paths all become a ``(FileSystem, path)`` pair; only local folders
-are tested here. A *labelled* source follows :meth:`app.features.Dataset.from_folder`'s rule: at
-least two class sub-folders (not hidden); every file under a class folder is one image of that class
-(nothing hidden: no name on the way starting with "."). Files directly in a labelled source are
-classified too but have no class (training from the features ignores and counts them, as training
-from the folder does). Any other folder is a flat collection.
+are tested here. A *labelled* source follows the labelled-folder rule (:mod:`app.labelled`, as
+:meth:`app.features.Dataset.from_folder` does): at least two class sub-folders; every file under a class
+folder is one image of that class (nothing hidden or junk on the way). Files directly in a labelled
+source are classified too but have no class (training from the features ignores and counts them, as
+training from the folder does). Any other folder is a flat collection.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from app import labelled
 from app.errors import DatasetError
 
 if TYPE_CHECKING:
@@ -60,19 +61,17 @@ def open_source(uri: str) -> Source:
     if info.type != pafs.FileType.Directory:
         raise DatasetError(f"source {uri} is not a folder")
     entries = fs.get_file_info(pafs.FileSelector(root, recursive=True))
-    files = []
-    for e in entries:
-        rel = e.path[len(root) + 1 :]
-        if e.type != pafs.FileType.File or any(part.startswith(".") for part in rel.split("/")):
-            continue  # hidden files and folders (.cache, .git, .DS_Store)
-        files.append(rel)
+    rels = [e.path[len(root) + 1 :] for e in entries if e.type == pafs.FileType.File]
+    grouped = labelled.group(rels, _parts)  # hidden and junk files left out (.cache, .git, .DS_Store, __MACOSX)
+    classes = grouped.classes if len(grouped.classes) >= 2 else None
+    if classes is not None:  # Dataset.from_folder's order: class by class, paths sorted by component; loose files last
+        files = labelled.order(grouped, _parts)
+    else:
+        files = sorted([rel for c in grouped.classes for rel in grouped.by_class[c]] + grouped.loose, key=_parts)
     if not files:
         raise DatasetError(f"source {uri} holds no files")
-    top_dirs = sorted({rel.split("/", 1)[0] for rel in files if "/" in rel})
-    classes = top_dirs if len(top_dirs) >= 2 else None
-    if classes is not None:  # Dataset.from_folder's order: class by class, paths sorted by component; loose files last
-        order = {c: i for i, c in enumerate(classes)}
-        files.sort(key=lambda rel: (order[rel.split("/", 1)[0]] if "/" in rel else len(order), rel.split("/")))
-    else:
-        files.sort(key=lambda rel: rel.split("/"))
     return Source(uri, fs, root, files, classes)
+
+
+def _parts(rel: str) -> list[str]:
+    return rel.split("/")
