@@ -43,7 +43,9 @@ def _cell(text: object) -> str:
 
 
 # --- CLI -------------------------------------------------------------------------------------------------------------
-def _subcommands(parser: argparse.ArgumentParser, path: tuple[str, ...]) -> Iterator[tuple[tuple[str, ...], argparse.ArgumentParser, str]]:
+def _subcommands(
+    parser: argparse.ArgumentParser, path: tuple[str, ...]
+) -> Iterator[tuple[tuple[str, ...], argparse.ArgumentParser, str]]:
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             helps = {a.dest: a.help for a in action._choices_actions}
@@ -182,7 +184,12 @@ def grpc_status_markdown() -> str:
     for cls in error_classes():
         code = next(CODES[c] for c in cls.__mro__ if c in CODES)  # looked up along the class tree, as the front does
         rows.append(f"| `{cls.code}` | {cls.status_code} | `{code.name}` |")
-    return HEADER.format(source="`app/grpc/status.py`") + "| tlserve code | HTTP status | gRPC status |\n|---|---|---|\n" + "\n".join(rows) + "\n"
+    return (
+        HEADER.format(source="`app/grpc/status.py`")
+        + "| tlserve code | HTTP status | gRPC status |\n|---|---|---|\n"
+        + "\n".join(rows)
+        + "\n"
+    )
 
 
 # --- the module map --------------------------------------------------------------------------------------------------
@@ -230,9 +237,13 @@ def stale() -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m docs.gen", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m docs.gen", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--check", action="store_true", help="write nothing; exit 1 naming every stale fragment")
-    p.add_argument("--screenshots", type=Path, metavar="DIR", help="copy the console screenshots from DIR (tests/artifacts/console)")
+    p.add_argument(
+        "--screenshots", type=Path, metavar="DIR", help="copy the console screenshots from DIR (tests/artifacts/console)"
+    )
     args = p.parse_args(argv)
     if args.check:
         names = stale()
