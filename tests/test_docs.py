@@ -36,6 +36,7 @@ MARKER = re.compile(r"<!--\s*test:\s*(\S+)\s*(.*?)\s*-->")
 FENCE = re.compile(r"^```(\S*)[^\n]*\n(.*?)^```\s*$", re.S | re.M)
 WILD = "…"
 BIN = Path(sys.executable).parent
+SHELL_VARS = "^(BASH|PIPESTATUS|FUNCNAME|COMP|HIST|LINENO|RANDOM|SECONDS|OPT|PPID|EUID|UID|GROUPS|SHELLOPTS|SRANDOM|EPOCH)"
 
 
 @dataclass
@@ -180,7 +181,8 @@ class Page:
         self.port = free_port()
         self.server: ServerProcess | None = None
         self.env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "TLSERVE_MODEL_STORE": str(store),
-                    "TLSERVE_LOG_FORMAT": "text", "TLSERVE_INTRA_OP_THREADS": "1", "PYTHONPATH": str(REPO)}  # fmt: skip
+                    "TLSERVE_LOG_FORMAT": "text", "TLSERVE_INTRA_OP_THREADS": "1", "PYTHONPATH": str(REPO),
+                    "SHELL_VARS": SHELL_VARS}  # fmt: skip
         for k in ("TLSERVE_ADMIN_KEYS", "TLSERVE_API_KEYS"):
             self.env.pop(k, None)
 
@@ -199,8 +201,12 @@ class Page:
     def run(self, block: Block) -> str:
         code = block.code.replace("127.0.0.1:8000", f"127.0.0.1:{self.port}")
         # one shell per block, the page's variables carried from block to block (JOB=…)
-        script = ("set -euo pipefail\n[ -f .docs-state ] && . ./.docs-state\ncompgen -v | sort > .docs-vars\n"
-                  f"trap 'declare -p $(compgen -v | sort | comm -13 .docs-vars -) >> .docs-state 2>/dev/null || true' EXIT\n{code}")  # fmt: skip
+        script = (
+            "set -euo pipefail\n[ -f .docs-state ] && . ./.docs-state\ncompgen -v | sort > .docs-vars\n"
+            "__save() { local n; n=$(compgen -v | sort | comm -13 .docs-vars - | grep -E '^[A-Z][A-Z0-9_]*$' | grep -Ev \"$SHELL_VARS\" || true)\n"
+            "  if [ -n \"$n\" ]; then declare -p $n >> .docs-state; fi; }\ntrap __save EXIT\n"
+            f"{code}"
+        )
         done = subprocess.run(["bash", "-c", script], cwd=self.work, env=self.env, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, (
             f"{block} exited {done.returncode}:\n{code}\nstdout:\n{done.stdout[-3000:]}\nstderr:\n{done.stderr[-3000:]}"
