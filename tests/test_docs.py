@@ -204,7 +204,7 @@ class Page:
         script = (
             "set -euo pipefail\n[ -f .docs-state ] && . ./.docs-state\ncompgen -v | sort > .docs-vars\n"
             "__save() { local n; n=$(compgen -v | sort | comm -13 .docs-vars - | grep -E '^[A-Z][A-Z0-9_]*$' | grep -Ev \"$SHELL_VARS\" || true)\n"
-            "  if [ -n \"$n\" ]; then declare -p $n >> .docs-state; fi; }\ntrap __save EXIT\n"
+            '  if [ -n "$n" ]; then declare -p $n >> .docs-state; fi; }\ntrap __save EXIT\n'
             f"{code}"
         )
         done = subprocess.run(["bash", "-c", script], cwd=self.work, env=self.env, capture_output=True, text=True, timeout=600)
