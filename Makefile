@@ -9,12 +9,12 @@ HOST ?=
 PORT ?=
 IMAGE ?= localhost/tlserve:cpu
 
-.PHONY: run test setup export lint fmt bench bench-quick clean image test-container lock
+.PHONY: run test setup export lint fmt docs bench bench-quick clean image test-container lock
 
 $(STAMP): pyproject.toml setup.py app/grpc/predict_v2.proto
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev,ray]'
+	$(BIN)/pip install -q -e '.[dev,ray,docs]'
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -31,9 +31,17 @@ run: $(STAMP) $(MANIFEST)
 	$(BIN)/tlserve serve --generate-admin-key $(if $(HOST),--host $(HOST)) $(if $(PORT),--port $(PORT))
 
 test: $(STAMP) $(MANIFEST)
-	$(BIN)/ruff check app client tests benchmarks deploy
+	$(BIN)/ruff check app client tests benchmarks deploy docs
+	$(BIN)/ruff format --check app client tests benchmarks deploy docs
 	$(BIN)/mypy
+	$(MAKE) -s docs
 	$(BIN)/python -m pytest -q
+
+# The docs site, strict (warnings are errors) and offline; the generated reference fragments must be current
+# (`python -m docs.gen` rewrites them). Open docs/_build/html/index.html.
+docs: $(STAMP)
+	$(BIN)/python -m docs.gen --check
+	$(BIN)/sphinx-build -W --keep-going -n -q docs docs/_build/html
 
 # The container image with podman and no Docker Hub (.ci/container: debootstrap base, `podman build
 # --format docker`); `make test` runs its tests too whenever podman is installed.
