@@ -17,7 +17,7 @@ from app.familiarity import for_head
 from app.heads import describe
 from app.imaging import DEFAULT_LIMITS, DecodeLimits
 from app.predict import answer
-from app.registry import HeadStore, load_head
+from app.registry import load_head
 from app.settings import Settings
 from app.store import ModelStore
 from tests.helpers import ServerProcess, image_bytes
@@ -66,7 +66,7 @@ def test_predict_batch_and_http_answer_a_photo_alike(tiny_store: ModelStore, tmp
 
 
 def test_the_core_rows_are_describe_plus_familiarity(tiny_store: ModelStore) -> None:
-    heads = HeadStore(tiny_store.root / "heads")
+    heads = tiny_store.heads
     info = tiny_store.extractor()
     head = load_head(heads, "colors", info.feature_space)
     known = for_head(heads, head, info.feature_dim)
