@@ -136,3 +136,24 @@ class Extractor:
         for n in batch_sizes:
             self.run(np.zeros((n, self.size, self.size, 3), np.uint8))
         return time.perf_counter() - t0
+
+
+SELF_CHECK_ROUNDS = 3  # fp32/int8 pairs the start-up self-check times (after one warm-up pair)
+
+
+def measure_speedup(
+    fp32: Path, int8: Path, size: int, *, threads: int, spinning: bool, rounds: int = SELF_CHECK_ROUNDS
+) -> dict[str, float]:
+    """The start-up self-check: the int8 over the fp32 extractor's speed on this CPU, one image per run,
+    fp32 and int8 alternating for ``rounds`` after one warm-up run each; each side's fastest run counts
+    (the least disturbed by other processes on a shared machine)."""
+    sessions = [create_session(p, threads=threads, spinning=spinning) for p in (fp32, int8)]
+    x = np.random.default_rng(0).integers(0, 256, (1, size, size, 3), dtype=np.uint8)
+    best = [float("inf"), float("inf")]
+    for r in range(rounds + 1):
+        for i, sess in enumerate(sessions):
+            t0 = time.perf_counter()
+            sess.run(["features"], {"images": x})
+            if r:  # round 0 warms up
+                best[i] = min(best[i], time.perf_counter() - t0)
+    return {"fp32_ms": round(best[0] * 1000, 2), "int8_ms": round(best[1] * 1000, 2), "speedup": round(best[0] / best[1], 3)}

@@ -31,7 +31,7 @@ writes it (pinning its own result) and gates the copy on ``--check-dir`` or DIR'
 The entry is recorded as ``variants.int8`` of the manifest; ``extractor`` stays the fp32 export.
 Which one is served is the ``precision`` setting (``TLSERVE_PRECISION=auto|fp32|int8``, see
 :meth:`app.store.ModelStore.choose`); with ``auto`` the service also times both on its own CPU at start-up
-(:func:`measure_speedup`, the rule is :func:`app.store.int8_speed_verdict`). Benchmarks live in ``benchmarks/``.
+(:func:`app.extractor.measure_speedup`, the rule is :func:`app.store.int8_speed_verdict`). Benchmarks live in ``benchmarks/``.
 """
 
 from __future__ import annotations
@@ -61,7 +61,6 @@ from app.store import ExtractorInfo, ModelStore
 log = logging.getLogger(__name__)
 
 CALIBRATION_BATCH = 8
-SELF_CHECK_ROUNDS = 3  # fp32/int8 pairs the start-up self-check times (after one warm-up pair)
 
 
 # --- images ------------------------------------------------------------------------------------
@@ -318,24 +317,6 @@ def quantize_file(src: Path, dst: Path, table: CalibrationTable) -> dict[str, An
         "reduce_range": table.reduce_range,
         "quantized_on_cpu": sorted(cpu_flags() & {"avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8"}),
     }
-
-
-def measure_speedup(
-    fp32: Path, int8: Path, size: int, *, threads: int, spinning: bool, rounds: int = SELF_CHECK_ROUNDS
-) -> dict[str, float]:
-    """The start-up self-check: the int8 over the fp32 extractor's speed on this CPU, one image per run,
-    fp32 and int8 alternating for ``rounds`` after one warm-up run each; each side's fastest run counts
-    (the least disturbed by other processes on a shared machine)."""
-    sessions = [create_session(p, threads=threads, spinning=spinning) for p in (fp32, int8)]
-    x = np.random.default_rng(0).integers(0, 256, (1, size, size, 3), dtype=np.uint8)
-    best = [float("inf"), float("inf")]
-    for r in range(rounds + 1):
-        for i, sess in enumerate(sessions):
-            t0 = time.perf_counter()
-            sess.run(["features"], {"images": x})
-            if r:  # round 0 warms up
-                best[i] = min(best[i], time.perf_counter() - t0)
-    return {"fp32_ms": round(best[0] * 1000, 2), "int8_ms": round(best[1] * 1000, 2), "speedup": round(best[0] / best[1], 3)}
 
 
 def agreement_upper(agree: int, n: int, z: float = 1.96) -> float:

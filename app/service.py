@@ -23,14 +23,13 @@ from app import __version__, tracing
 from app.batching import Batcher
 from app.control import HeadControl
 from app.errors import HeadNotFound, InputError, NotReady, TlserveError
-from app.extractor import CUDA, Extractor, choose_providers
+from app.extractor import CUDA, Extractor, choose_providers, measure_speedup
 from app.familiarity import Familiarity, for_head
 from app.heads import Head
 from app.imaging import DecodeLimits, configure
 from app.inference import Decoded, InferRequest, InferResult, Item
 from app.metrics import Metrics
 from app.predict import judge, probabilities
-from app.quantize import measure_speedup
 from app.registry import HeadRegistry, Version, valid_head_name
 from app.response_cache import ResponseCache
 from app.settings import Settings

@@ -86,7 +86,7 @@ def int8_gate(entry: dict[str, Any], fp32_sha256: str) -> tuple[bool, str]:
 
 def int8_speed_verdict(*, on_gpu: bool, speed: dict[str, float] | None, min_speedup: float) -> tuple[bool, str]:
     """``precision=auto`` once the int8 variant passed its accuracy gate: serve it (True) or fp32, and why.
-    ``speed`` is the start-up self-check (:func:`app.quantize.measure_speedup`), None when it is off."""
+    ``speed`` is the start-up self-check (:func:`app.extractor.measure_speedup`), None when it is off."""
     if on_gpu:
         return False, "the CUDA provider serves the fp32 export (the int8 QDQ kernels are for CPUs)"
     if speed is None:
