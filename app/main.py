@@ -1,5 +1,5 @@
 """The app factory: ``create_app(settings)`` → a FastAPI app holding one :class:`Service` and the
-:class:`~app.jobs.JobRunner` that trains on it (started after the service, stopped before it drains)."""
+:class:`~app.learning.jobs.JobRunner` that trains on it (started after the service, stopped before it drains)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from fastapi.routing import APIRoute
 from app import __version__
 from app.api import console, errors, heads, oip, probes, training, v1
 from app.api.middleware import RequestContext, TrustedHosts
-from app.jobs import JobRunner
-from app.service import Service
-from app.settings import Settings, get_settings
+from app.core.settings import Settings, get_settings
+from app.learning.jobs import JobRunner
+from app.serving.service import Service
 
 
 def _operation_id(route: APIRoute) -> str:
@@ -45,7 +45,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
         generate_unique_id_function=_operation_id,
         # FastAPI >= 0.16x would add its own server spans once a tracer provider exists; tlserve's
-        # middleware makes the one HTTP server span (app/tracing.py). Older FastAPI ignores this.
+        # middleware makes the one HTTP server span (app/core/tracing.py). Older FastAPI ignores this.
         telemetry={"tracing": False},
         # Swagger UI and ReDoc pages load their scripts from a CDN: off unless the operator asks (``docs``).
         docs_url="/docs" if settings.docs else None,

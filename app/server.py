@@ -1,6 +1,6 @@
 """``tlserve serve``: uvicorn (HTTP) and, with ``grpc_port``, the gRPC front, with a drain-first shutdown.
 
-Both fronts share one event loop and one :class:`~app.service.Service` (one batcher, one set of
+Both fronts share one event loop and one :class:`~app.serving.service.Service` (one batcher, one set of
 metrics). Start-up: the gRPC port is claimed first (a port in use fails at once, before the model
 loads), the service starts (the app's lifespan), then both fronts serve.
 
@@ -26,10 +26,10 @@ from typing import TYPE_CHECKING
 import uvicorn
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app import tracing
+from app.core import tracing
+from app.core.settings import get_settings
 from app.main import create_app
-from app.service import Service
-from app.settings import get_settings
+from app.serving.service import Service
 
 if TYPE_CHECKING:
     from app.grpc.server import GrpcFront

@@ -26,12 +26,12 @@ from pathlib import Path
 import numpy as np
 
 from app.batch import BatchJob, run
-from app.cpus import available_cpus
-from app.extractor import Extractor
-from app.imaging import load_image
-from app.registry import load_head
-from app.settings import Settings
-from app.store import ModelStore
+from app.core.cpus import available_cpus
+from app.core.imaging import load_image
+from app.core.settings import Settings
+from app.serving.extractor import Extractor
+from app.storage.registry import load_head
+from app.storage.store import ModelStore
 
 
 def scratch_source(data: Path, n: int, root: Path) -> Path:

@@ -7,7 +7,7 @@ One run measures, side by side on the same machine and the same exported model:
 1. the FLOP ceiling: a large float32 sgemm through numpy's BLAS on every core, and the model's
    GFLOP per image (2 x multiply-adds of every Conv, from the graph's own shapes), so the
    fraction of the ceiling the engine reaches is printed;
-2. the reference: a bare ONNX Runtime session on the served model (:func:`app.extractor.create_session`
+2. the reference: a bare ONNX Runtime session on the served model (:func:`app.serving.extractor.create_session`
    with ONNX Runtime's defaults: spinning threads, one intra-op thread per usable CPU), batch 1/8/32
    of real decoded images;
 3. ``Extractor`` + head in process (no HTTP, images already decoded) and the decode cost;
@@ -42,7 +42,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from app.errors import TlserveError
+from app.core.errors import TlserveError
 from tests.helpers import server_pool
 
 DEFAULT_DATA = Path("../shared/data/cats_vs_dogs/val")
@@ -68,7 +68,7 @@ class BenchConfig:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> BenchConfig:
-        from app.settings import Settings
+        from app.core.settings import Settings
 
         store = args.model_store or Settings().model_store
         cfg = cls(store=Path(store), out=args.out, data=args.data, quick=args.quick, sweep=args.sweep)
@@ -140,7 +140,7 @@ def process_cpu_seconds(pid: int) -> float | None:
 
 # --- machine and model --------------------------------------------------------------------------
 def machine() -> dict[str, Any]:
-    from app.cpus import available_cpus
+    from app.core.cpus import available_cpus
 
     info: dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version(), "cpus": available_cpus()}
     with contextlib.suppress(OSError, subprocess.SubprocessError):
@@ -254,7 +254,7 @@ def synthetic_jpeg(seed: int, size: tuple[int, int] = (500, 375)) -> bytes:
 def decode_all(payloads: list[bytes], size: int, resample: str) -> Any:
     import numpy as np
 
-    from app.imaging import load_image
+    from app.core.imaging import load_image
 
     return np.stack([load_image(p, size, resample=resample) for p in payloads])
 
@@ -271,7 +271,7 @@ class Bare:
     """The reference: a bare ONNX Runtime session (its defaults, one intra-op thread per usable CPU)."""
 
     def __init__(self, path: Path, images: Any, threads: int) -> None:
-        from app.extractor import create_session
+        from app.serving.extractor import create_session
 
         self.session = create_session(path, threads=threads, spinning=True)  # spinning: ONNX Runtime's default
         self.input = self.session.get_inputs()[0].name
@@ -298,10 +298,10 @@ def _rate_row(batch: int, timing: tuple[list[float], float]) -> dict[str, Any]:
 
 def in_process(store: Path, images: Any, payloads: list[bytes], cfg: BenchConfig, settings: Any) -> dict[str, Any]:
     """``Extractor`` (the service's settings) + head on decoded images; decode cost per image."""
-    from app.extractor import Extractor
-    from app.imaging import load_image
-    from app.registry import load_head
-    from app.store import ModelStore
+    from app.core.imaging import load_image
+    from app.serving.extractor import Extractor
+    from app.storage.registry import load_head
+    from app.storage.store import ModelStore
 
     ms = ModelStore(store)
     info = ms.extractor(precision=settings.precision)
@@ -464,9 +464,9 @@ def server_settings(cfg: BenchConfig, head: str | None, settings: Any) -> dict[s
 
 # --- the run ------------------------------------------------------------------------------------
 def run(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
-    from app.cpus import available_cpus
-    from app.settings import Settings
-    from app.store import ModelStore
+    from app.core.cpus import available_cpus
+    from app.core.settings import Settings
+    from app.storage.store import ModelStore
 
     store = ModelStore(cfg.store)
     env_settings = {k[len("TLSERVE_") :].lower(): v for k, v in cfg.server_env.items()}

@@ -19,12 +19,12 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from app.export import build_graph
-from app.extractor import Extractor
-from app.features import Dataset, FeatureCache, extract_paths
-from app.files import atomic_write
-from app.hashing import sha256_bytes
-from app.weights import from_pypi
+from app.core.hashing import sha256_bytes
+from app.learning.export import build_graph
+from app.learning.features import Dataset, FeatureCache, extract_paths
+from app.learning.weights import from_pypi
+from app.serving.extractor import Extractor
+from app.storage.files import atomic_write
 
 
 def main() -> None:

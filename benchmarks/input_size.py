@@ -7,16 +7,16 @@ For each size S, exported into its own store ``<stores>/<S>`` with
 ``TLSERVE_MODEL_STORE=<stores>/<S> tlserve export --size S`` (run here when the store is absent):
 
 1. features of ``cats_vs_dogs/train`` (2,000), ``cats_vs_dogs/val`` (1,000) and ``weather/train``
-   (766) through the product path (:func:`app.features.extract_paths`, the one loader), cached by
+   (766) through the product path (:func:`app.learning.features.extract_paths`, the one loader), cached by
    extractor + image content under ``--cache``: a rerun does no model work;
-2. the default recipe (:func:`app.training.cross_validate` + :func:`app.training.fit`: plain L2
+2. the default recipe (:func:`app.learning.training.cross_validate` + :func:`app.learning.training.fit`: plain L2
    logistic regression, C by 5-fold CV on train) scored on val; weather: 5-fold CV accuracy with C
    chosen by the same 5-fold CV inside each outer fold's training part (nested, so not optimistic);
-3. INT8 with the project's quantization (:func:`app.quantize.quantize_file`; 200 calibration photos
+3. INT8 with the project's quantization (:func:`app.learning.quantize.quantize_file`; 200 calibration photos
    from ``cats_vs_dogs/train``, classes interleaved, as ``tlserve export --int8`` picks them), its val
    accuracy with the fp32 head, and its agreement with the fp32 predictions.
 
-Then images/s of the bare engine as the service runs it (:class:`app.extractor.Extractor`: one
+Then images/s of the bare engine as the service runs it (:class:`app.serving.extractor.Extractor`: one
 intra-op thread per usable CPU, spinning off, so CPU time is work, not waiting) for every size in
 fp32 and INT8 on one fixed sample: ``--speed-images`` val photos (64, cats and dogs alternating)
 decoded once per size, run in batches of 8; the eight models take turns, round after round
@@ -50,16 +50,16 @@ from typing import Any
 
 import numpy as np
 
-from app.cpus import available_cpus
-from app.errors import ArtifactError, InputError
-from app.extractor import Extractor
-from app.features import Dataset, Extracted, FeatureCache, extract_paths
-from app.hashing import sha256_file
-from app.imaging import load_image
-from app.quantize import image_files, load_many, quantize_file
-from app.store import ExtractorInfo, ModelStore
-from app.training import C_GRID, SEED, cross_validate, fit
-from app.weights import PYPI_WHEEL
+from app.core.cpus import available_cpus
+from app.core.errors import ArtifactError, InputError
+from app.core.hashing import sha256_file
+from app.core.imaging import load_image
+from app.learning.features import Dataset, Extracted, FeatureCache, extract_paths
+from app.learning.quantize import image_files, load_many, quantize_file
+from app.learning.training import C_GRID, SEED, cross_validate, fit
+from app.learning.weights import PYPI_WHEEL
+from app.serving.extractor import Extractor
+from app.storage.store import ExtractorInfo, ModelStore
 from benchmarks.bench import machine, model_gflops
 
 SIZES = (224, 256, 288, 320)
@@ -118,12 +118,12 @@ def product_features(
 
 def load_geometry(data: bytes, size: int, mode: str) -> np.ndarray:
     """The loader's decode (draft, first frame, EXIF, RGB) with another geometry; ``squash`` equals
-    :func:`app.imaging.load_image` (checked at run time), ``crop`` is shorter side to ``size`` then
+    :func:`app.core.imaging.load_image` (checked at run time), ``crop`` is shorter side to ``size`` then
     centre crop, ``letterbox`` is longer side to ``size`` and bars of the ImageNet mean colour;
     ``flip`` is ``squash`` mirrored left-right."""
     from PIL import Image, ImageOps
 
-    from app.imaging import RESAMPLE, _to_rgb
+    from app.core.imaging import RESAMPLE, _to_rgb
 
     if mode == "flip":
         return np.ascontiguousarray(load_image(data, size)[:, ::-1])
@@ -148,14 +148,14 @@ def check_geometry_matches_loader(paths: Sequence[Path], size: int) -> int:
     for p in paths:
         data = p.read_bytes()
         if not np.array_equal(load_geometry(data, size, "squash"), load_image(data, size)):
-            raise AssertionError(f"load_geometry(squash) differs from app.imaging.load_image on {p}")
+            raise AssertionError(f"load_geometry(squash) differs from app.core.imaging.load_image on {p}")
     return len(paths)
 
 
 def variant_features(
     paths: Sequence[Path], extractor: Extractor, info: ExtractorInfo, mode: str, cache_root: Path
 ) -> tuple[Extracted, float]:
-    """Like :func:`app.features.extract_paths`, with :func:`load_geometry` ``mode``; cached under ``cache_root/mode``."""
+    """Like :func:`app.learning.features.extract_paths`, with :func:`load_geometry` ``mode``; cached under ``cache_root/mode``."""
     cache = FeatureCache(cache_root / mode, info.sha256)
 
     def load(path: Path) -> tuple[str, np.ndarray | None, np.ndarray | None]:
@@ -474,7 +474,7 @@ def render(result: dict[str, Any]) -> str:
         f"(C chosen inside each fold) on {base['weather']['n']} photos. Speed: the bare engine on "
         f"{result['speed']['images']} val photos in batches of {result['speed']['batch']}, the 8 models in turn, median of "
         f"{result['speed']['rounds']} rounds (a small sample: compare rows, not absolute figures). "
-        f"INT8: `app.quantize` (static QDQ, 7-bit per-channel weights), {base['int8']['calibration_images']} calibration "
+        f"INT8: `app.learning.quantize` (static QDQ, 7-bit per-channel weights), {base['int8']['calibration_images']} calibration "
         "photos from train, scored with the fp32 head.",
         "",
         f"| input size | GFLOP/image | FLOPs vs {base['size']} | C | val accuracy | weather 5-fold CV "

@@ -3,7 +3,7 @@
     python -m benchmarks.int8_speed [--model-store DIR] [--data DIR] [--batch 8] [--seconds 12]
 
 Needs an int8 variant (``tlserve export --int8 --calibration-dir DIR``). Both sessions come from
-:func:`app.extractor.create_session` with ONNX Runtime's defaults (as the bench's bare engine) and
+:func:`app.serving.extractor.create_session` with ONNX Runtime's defaults (as the bench's bare engine) and
 run the same batch of real decoded images, alternating in ``rounds`` because the speed of a shared
 machine drifts. Prints one JSON object: images/s and CPU ms per image of each, and the speed-ups.
 """
@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from app.errors import TlserveError
-from app.extractor import create_session
-from app.store import ModelStore
+from app.core.errors import TlserveError
+from app.serving.extractor import create_session
+from app.storage.store import ModelStore
 from benchmarks.bench import DEFAULT_DATA, decode_all, load_payloads
 
 
@@ -68,7 +68,7 @@ def run(store: ModelStore, data: Path, *, images: int = 16, batch: int = 8, seco
 
 
 def main(argv: list[str] | None = None) -> int:
-    from app.settings import Settings
+    from app.core.settings import Settings
 
     p = argparse.ArgumentParser(prog="python -m benchmarks.int8_speed", description=__doc__.split("\n\n")[0])
     p.add_argument("--model-store", type=Path, default=None, help="default: TLSERVE_MODEL_STORE")

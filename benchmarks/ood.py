@@ -1,6 +1,6 @@
 """Out-of-distribution scores on ../shared photos: which familiarity score to ship (issue 15).
 
-Every score's threshold is calibrated the way :mod:`app.familiarity` does it: out of fold on the
+Every score's threshold is calibrated the way :mod:`app.serving.familiarity` does it: out of fold on the
 training photos (5 stratified folds, the trainer's seed), at 95% acceptance. Then:
 
 - **far**: the cats_vs_dogs head (2,000 train photos) on the 1,000 val photos (accepted) against
@@ -12,7 +12,7 @@ training photos (5 stratified folds, the trainer's seed), at 95% acceptance. The
 
 Scores tried: max softmax probability, Mahalanobis (shared covariance, class means), kNN mean cosine
 k=10 on raw L2-normalised features (Sun et al. 2022, the baseline), and every method of
-:data:`app.familiarity.METHODS`. Features come from the trainer's feature cache (extract once; a
+:data:`app.serving.familiarity.METHODS`. Features come from the trainer's feature cache (extract once; a
 cold run on 2 busy cores takes long): ``nice -n 10 python -m benchmarks.ood [--json out.json]``.
 """
 
@@ -26,11 +26,11 @@ from pathlib import Path
 
 import numpy as np
 
-from app import familiarity
-from app.familiarity import Familiarity, auroc, calibrate
-from app.features import Dataset, hash_files
-from app.settings import Settings
-from app.training import SEED, Trainer, cross_validate, fit, sklearn_threads, stratified_holdout
+from app.core.settings import Settings
+from app.learning.features import Dataset, hash_files
+from app.learning.training import SEED, Trainer, cross_validate, fit, sklearn_threads, stratified_holdout
+from app.serving import familiarity
+from app.serving.familiarity import Familiarity, auroc, calibrate
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 ACCEPTANCE = 0.95
@@ -115,7 +115,7 @@ def cost(trainer: Trainer, photos: np.ndarray, n: int = 10_000) -> dict[str, flo
         trainer.extractor.run(imgs)
     extract = (time.perf_counter() - t0) / (runs * len(imgs))
     timings = {}
-    with sklearn_threads(1):  # as served: app/service.py limits BLAS to one thread at start
+    with sklearn_threads(1):  # as served: app/serving/service.py limits BLAS to one thread at start
         for batch in (1, 16):
             reps = 200 if batch == 1 else 50
             model.score(q[:batch], proba[:batch])

@@ -7,7 +7,7 @@ Each peer gets its own virtualenv under ``--cache`` (default ``~/.cache/tlserve-
 ``pip`` from the package index: the peer at a pinned version plus the onnxruntime, numpy, pillow,
 scikit-learn and pydantic-settings versions of this environment. Every peer serves the manifest's fp32
 export (first table) and then the *same* int8 file (second table), through ``benchmarks/peers/peer_model.py``:
-``app.extractor.create_session`` (same session options), ``app.imaging.load_image``, the ``cats_vs_dogs`` head.
+``app.serving.extractor.create_session`` (same session options), ``app.core.imaging.load_image``, the ``cats_vs_dogs`` head.
 Every server gets one JSON request per image, the photo's base64 inside (tlserve: ``/v1/classify``), and
 answers label + probabilities. tlserve runs with its defaults, the response cache off.
 
@@ -53,14 +53,14 @@ from typing import Any
 
 import httpx
 
-from app.settings import Settings
-from app.store import ModelStore
+from app.core.settings import Settings
+from app.storage.store import ModelStore
 from benchmarks.bench import DEFAULT_DATA, batch_of, decode_all, load_payloads, percentile, timed
 from tests.helpers import REPO, free_port, server_pool
 
 PEERS_DIR = Path(__file__).resolve().parent / "peers"
 PINNED = {"bentoml": "bentoml==1.4.40", "litserve": "litserve==0.2.19"}
-SHARED_PKGS = ("numpy", "pillow", "pillow-heif", "scikit-learn", "pydantic-settings")  # what app.imaging imports
+SHARED_PKGS = ("numpy", "pillow", "pillow-heif", "scikit-learn", "pydantic-settings")  # what app.core.imaging imports
 GRIDS: dict[str, list[dict[str, Any]]] = {
     "tlserve": [{}],  # its defaults (max_batch_size 16, max_queue_delay_ms 0)
     # BentoML's max_latency_ms is a deadline: requests that would wait longer are refused (503), so it is set
@@ -291,8 +291,8 @@ class Bare:
     decoded photos, ``decode_engine_b1`` decodes the same JPEG bytes and runs them one at a time."""
 
     def __init__(self, model: Path, payloads: list[bytes], size: int, resample: str) -> None:
-        from app.extractor import create_session
-        from app.imaging import load_image
+        from app.core.imaging import load_image
+        from app.serving.extractor import create_session
 
         self.session = create_session(model, threads=0, spinning=True)
         name = self.session.get_inputs()[0].name
@@ -357,7 +357,7 @@ def _median(values: Any) -> float | None:
 
 
 def cpu_flags() -> str:
-    from app.quantize import cpu_flags as flags
+    from app.learning.quantize import cpu_flags as flags
 
     keep = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "amx_bf16", "avx512_bf16")
     return " ".join(f for f in keep if f in flags())

@@ -3,7 +3,7 @@
 Three real servers on the real export (one JPEG per request, real photos from ../shared when present):
 
 - ``baseline``: the code before tracing existed (``--baseline REF``, default the parent of the commit
-  that added ``app/tracing.py``), extracted with ``git archive`` and run on the same model store;
+  that added ``app/core/tracing.py``), extracted with ``git archive`` and run on the same model store;
 - ``off``: this tree, no OTLP endpoint (the default): the hooks are there, OpenTelemetry's SDK is not;
 - ``on``: this tree with ``OTEL_EXPORTER_OTLP_ENDPOINT`` pointing at an OTLP/HTTP receiver on loopback
   in this process and ``OTEL_TRACES_SAMPLER=always_on``: every request traced and exported.
@@ -117,7 +117,7 @@ def baseline_tree(ref: str, into: Path) -> Path:
 
 def hook_cost_us(n: int = 200_000) -> float:
     """Microseconds the tracing hooks of one 1-image request cost when tracing is off (in process)."""
-    from app import tracing
+    from app.core import tracing
 
     assert not tracing.enabled
 
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--baseline",
         default="auto",
-        help="git ref of the code before tracing ('auto': the parent of the commit adding app/tracing.py; 'none')",
+        help="git ref of the code before tracing ('auto': the parent of the commit adding app/core/tracing.py; 'none')",
     )
     p.add_argument("--out", type=Path, default=OUT)
     args = p.parse_args(argv)
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     otel = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_TRACES_SAMPLER": "always_on"}
     ref = args.baseline
     if ref == "auto":
-        git = ["git", "log", "--diff-filter=A", "--format=%H", "--", "app/tracing.py"]
+        git = ["git", "log", "--diff-filter=A", "--format=%H", "--", "app/core/tracing.py"]
         added = subprocess.run(git, cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
         ref = f"{added[-1]}^"
     args.out.mkdir(parents=True, exist_ok=True)

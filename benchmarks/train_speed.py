@@ -41,10 +41,10 @@ MEASURE = r"""
 import json, sys, time
 from pathlib import Path
 import numpy as np
-from app.settings import Settings
-from app.training import Trainer
-from app.features import Dataset
-from app.imaging import load_image
+from app.core.settings import Settings
+from app.learning.training import Trainer
+from app.learning.features import Dataset
+from app.core.imaging import load_image
 
 store, data, seconds = Path(sys.argv[1]), Path(sys.argv[2]), float(sys.argv[3])
 first_limit, first_cache, retrain_limit, retrain_cache = int(sys.argv[4]), Path(sys.argv[5]), int(sys.argv[6]), Path(sys.argv[7])
@@ -116,8 +116,8 @@ def seed_main_cache(store: Path, data: Path, limit: int, ours: Path, theirs: Pat
     """Copy our cached vectors of ``data`` into main's cache layout (``<sha16>/<file sha[:2]>/<file sha>.npy``):
     the same extractor and loader give the same vectors, so main's re-train runs on the same features without
     a second extraction of every photo. Returns how many were copied."""
-    from app.features import Dataset, FeatureCache, hash_files
-    from app.training import _per_class_subset
+    from app.learning.features import Dataset, FeatureCache, hash_files
+    from app.learning.training import _per_class_subset
 
     info = json.loads((store / "manifest.json").read_text())["extractor"]
     ds = Dataset.from_folder(data)
@@ -140,9 +140,9 @@ def accuracy_vs_reference(store: Path, weather: Path, cache: Path) -> dict:
     from sklearn.linear_model import LogisticRegressionCV
     from sklearn.model_selection import StratifiedKFold
 
-    from app.features import Dataset
-    from app.settings import Settings
-    from app.training import C_GRID, SEED, Trainer, cross_validate, sklearn_threads
+    from app.core.settings import Settings
+    from app.learning.features import Dataset
+    from app.learning.training import C_GRID, SEED, Trainer, cross_validate, sklearn_threads
 
     t = Trainer(Settings(model_store=store, feature_cache_dir=cache), progress=False)
     done = t.train(weather, "weather")
@@ -184,9 +184,9 @@ def accuracy_vs_reference(store: Path, weather: Path, cache: Path) -> dict:
 
 def fit_threads(store: Path, data: Path, limit: int, cache: Path) -> dict:
     """One fit at C=0.01 on the cached features: BLAS threads limited to 1 vs scikit-learn's default."""
-    from app.features import Dataset
-    from app.settings import Settings
-    from app.training import Trainer, _per_class_subset, make_estimator, sklearn_threads
+    from app.core.settings import Settings
+    from app.learning.features import Dataset
+    from app.learning.training import Trainer, _per_class_subset, make_estimator, sklearn_threads
 
     t = Trainer(Settings(model_store=store, feature_cache_dir=cache), progress=False)
     ds = Dataset.from_folder(data)

@@ -108,7 +108,7 @@ def load(url: str, pid: int, payloads: list[bytes], concurrency: int, seconds: f
 
 
 def run(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
-    from app.settings import Settings
+    from app.core.settings import Settings
 
     settings = Settings(model_store=args.model_store) if args.model_store else Settings()
     seconds = args.seconds or (3.0 if args.quick else 20.0)

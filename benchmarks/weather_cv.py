@@ -29,8 +29,8 @@ from benchmarks.input_size import DATA, ensure_export, nested_cv, product_featur
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from threadpoolctl import threadpool_limits
 
-    from app.extractor import Extractor
-    from app.features import Dataset
+    from app.learning.features import Dataset
+    from app.serving.extractor import Extractor
 
     threadpool_limits(1, user_api="blas")
     weather = Dataset.from_folder(args.data / "weather" / "train")

@@ -3,9 +3,9 @@
 Each fragment is one file under ``docs/_generated/``, included by a hand-written page, and owned by one piece of code:
 
     cli.md         ``app.cli.build_parser()``, every subcommand and option
-    settings.md    ``app.settings.settings_markdown()`` (the same table ``tlserve settings --markdown`` prints)
+    settings.md    ``app.core.settings.settings_markdown()`` (the same table ``tlserve settings --markdown`` prints)
     routes.md      the app's OpenAPI document (``create_app(...).openapi()``): method, path, operation id, summary
-    errors.md      the error tree in ``app.errors`` (its classes, and the tree its docstring draws) + ``HTTP_CODES``
+    errors.md      the error tree in ``app.core.errors`` (its classes, and the tree its docstring draws) + ``HTTP_CODES``
     grpc-status.md ``app.grpc.status``'s table: error code → gRPC status
     modules.md     the module map: the first sentence of every module's and package's docstring under ``app/``
 
@@ -103,15 +103,15 @@ def cli_names() -> tuple[set[str], set[tuple[str, str]]]:
 
 # --- settings --------------------------------------------------------------------------------------------------------
 def settings_markdown() -> str:
-    from app.settings import settings_markdown as table
+    from app.core.settings import settings_markdown as table
 
-    return HEADER.format(source="`app.settings.Settings` (`tlserve settings --markdown`)") + table().rstrip() + "\n"
+    return HEADER.format(source="`app.core.settings.Settings` (`tlserve settings --markdown`)") + table().rstrip() + "\n"
 
 
 # --- HTTP ------------------------------------------------------------------------------------------------------------
 def openapi() -> dict:
+    from app.core.settings import Settings
     from app.main import create_app
-    from app.settings import Settings
 
     return create_app(Settings(model_store=REPO / "model_store")).openapi()  # nothing is loaded before its lifespan
 
@@ -130,7 +130,7 @@ def routes_markdown() -> str:
 
 
 def error_classes() -> list[type]:
-    from app import errors
+    from app.core import errors
 
     seen: list[type] = []
 
@@ -146,7 +146,7 @@ def error_classes() -> list[type]:
 
 def error_codes() -> dict[str, int]:
     """Every ``code`` tlserve answers with, and its HTTP status."""
-    from app import errors
+    from app.core import errors
 
     codes = {cls.code: cls.status_code for cls in error_classes()}
     codes |= {code: status for status, code in errors.HTTP_CODES.items()}
@@ -155,7 +155,7 @@ def error_codes() -> dict[str, int]:
 
 
 def errors_markdown() -> str:
-    from app import errors
+    from app.core import errors
 
     described = {}
     for line in (errors.__doc__ or "").splitlines():
@@ -170,7 +170,7 @@ def errors_markdown() -> str:
         rows.append(f"| (the web framework) | {status} | `{code}` | {_cell(errors.HTTP_CODES.__doc__ or '')} |")
     rows.append(f"| (the web framework) | other 4xx | `{errors.HTTP_ERROR}` | any other status the framework answers itself |")
     return (
-        HEADER.format(source="the error tree in `app/errors.py`")
+        HEADER.format(source="the error tree in `app/core/errors.py`")
         + "| error (class tree) | HTTP status | `code` | when |\n|---|---|---|---|\n"
         + "\n".join(rows)
         + "\n"

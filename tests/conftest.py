@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from app.export import export
-from app.settings import Settings
-from app.store import ModelStore
-from app.training import Trainer
+from app.core.settings import Settings
+from app.learning.export import export
+from app.learning.training import Trainer
+from app.storage.store import ModelStore
 from tests.helpers import REPO, SHARED_DATA, ServerProcess, server_pool, tiny_weights, write_color_dataset
 
 TINY_SIZE = 32
@@ -42,7 +42,7 @@ def fresh_tiny_store(tmp_path: Path, tiny_store: ModelStore) -> ModelStore:
 
 
 def _quantized(tiny_store: ModelStore, root: Path, calib: Path, **kwargs: float) -> ModelStore:
-    from app.quantize import quantize_int8
+    from app.learning.quantize import quantize_int8
 
     store = ModelStore(root / "store")
     shutil.copytree(tiny_store.root, store.root)

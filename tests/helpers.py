@@ -18,7 +18,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from app.weights import LAYERS, Weights
+from app.learning.weights import LAYERS, Weights
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("TLSERVE_SHARED_DATA", REPO.parent / "shared" / "data" / "cats_vs_dogs"))

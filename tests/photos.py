@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-import app.imaging  # noqa: F401  # registers the HEIF plugin, as the loader does
-from app.settings import DEFAULT_FORMATS
+import app.core.imaging  # noqa: F401  # registers the HEIF plugin, as the loader does
+from app.core.settings import DEFAULT_FORMATS
 
 Image.MAX_IMAGE_PIXELS = None  # the generators below make images larger than Pillow's own guard
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from app.weights import LAYERS, POOL_AFTER, Weights
+from app.learning.weights import LAYERS, POOL_AFTER, Weights
 
 CAFFE_MEAN_BGR = np.array([103.939, 116.779, 123.68])
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from app.store import ModelStore
+from app.storage.store import ModelStore
 from tests.helpers import ADMIN, ServerProcess, image_bytes
 
 RED, BLUE = (210, 40, 40), (40, 40, 210)
@@ -177,8 +177,8 @@ def test_json_access_log_carries_request_fields(client: httpx.Client, server: Se
 
 
 def test_reload_picks_up_a_retrained_head(server_factory, fresh_tiny_store: ModelStore, tmp_path: Path) -> None:
-    from app.settings import Settings
-    from app.training import Trainer
+    from app.core.settings import Settings
+    from app.learning.training import Trainer
     from tests.helpers import write_color_dataset
 
     srv = server_factory(fresh_tiny_store, default_head="colors")
@@ -200,8 +200,8 @@ def test_reload_picks_up_a_retrained_head(server_factory, fresh_tiny_store: Mode
 def test_head_written_by_train_is_picked_up_by_polling(server_factory, fresh_tiny_store: ModelStore, tmp_path: Path) -> None:
     import time
 
-    from app.settings import Settings
-    from app.training import Trainer
+    from app.core.settings import Settings
+    from app.learning.training import Trainer
     from tests.helpers import write_color_dataset
 
     srv = server_factory(fresh_tiny_store, default_head="colors", head_poll_interval_s="0.2")
@@ -219,9 +219,9 @@ def test_an_incompatible_default_head_leaves_the_others_served_and_names_itself(
                                                                                 tmp_path: Path) -> None:  # fmt: skip
     """Re-exported with other pooling, the default head no longer loads: the server is ready with the heads that do,
     and a request for the default head gets its named error (with the command that fixes it), never a silent 503."""
-    from app.export import export
-    from app.settings import Settings
-    from app.training import Trainer
+    from app.core.settings import Settings
+    from app.learning.export import export
+    from app.learning.training import Trainer
     from tests.helpers import tiny_weights, write_color_dataset
 
     store = fresh_tiny_store

@@ -22,11 +22,11 @@ import pytest
 from app.batch import BatchJob, run
 from app.batch.parquet import Output, read_features
 from app.cli import main
-from app.errors import DatasetError, OutputConflict
-from app.features import Dataset
-from app.hashing import sha256_file
-from app.settings import Settings, get_settings
-from app.store import ModelStore
+from app.core.errors import DatasetError, OutputConflict
+from app.core.hashing import sha256_file
+from app.core.settings import Settings, get_settings
+from app.learning.features import Dataset
+from app.storage.store import ModelStore
 from tests.conftest import make_tiny_store
 from tests.helpers import REPO, image_bytes, write_color_dataset
 from tests.test_familiarity import _add_head_without_familiarity, _between
@@ -172,7 +172,7 @@ def test_mistakes_are_refused_before_any_work(tiny_store: ModelStore, colors: Pa
         run(BatchJob(str(colors), str(foreign)), s, progress=False)
     with pytest.raises(DatasetError, match="does not exist"):
         run(BatchJob(str(tmp_path / "nope"), str(tmp_path / "o2")), s, progress=False)
-    from app.errors import HeadNotFound
+    from app.core.errors import HeadNotFound
 
     with pytest.raises(HeadNotFound, match="no head named 'nope'"):
         run(BatchJob(str(colors), str(tmp_path / "o3"), head="nope"), s, progress=False)
@@ -210,7 +210,7 @@ def test_actors_check_the_extractor_bytes_they_receive(tiny_store: ModelStore, t
     import tempfile
 
     from app.batch.compute import materialise
-    from app.errors import ArtifactError
+    from app.core.errors import ArtifactError
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     info = tiny_store.extractor()
@@ -254,8 +254,8 @@ def test_train_from_features_refuses_another_extractor(
 def test_train_features_equals_training_on_the_folder(fresh_tiny_store: ModelStore, colors: Path, tmp_path: Path) -> None:
     """The same trainer path from the features as from the photos: split, C by CV, out-of-fold artifacts,
     familiarity data, card; only where the features came from differs."""
-    from app.registry import load_head
-    from app.training import Trainer
+    from app.learning.training import Trainer
+    from app.storage.registry import load_head
 
     s = tiny_settings(fresh_tiny_store)
     (colors / "loose.png").write_bytes(image_bytes((40, 40, 210)))  # outside the class folders: ignored, counted
@@ -305,7 +305,7 @@ def test_cli_batch_then_train_features(fresh_tiny_store: ModelStore, colors: Pat
 
 def test_serving_imports_neither_ray_nor_pyarrow(tiny_store: ModelStore) -> None:
     code = (
-        "import sys; from app.main import create_app; from app.settings import Settings; "
+        "import sys; from app.main import create_app; from app.core.settings import Settings; "
         f"create_app(Settings(model_store={str(tiny_store.root)!r}, default_head='colors')); "
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('ray', 'pyarrow')); print(bad); sys.exit(1 if bad else 0)"
     )
@@ -387,7 +387,7 @@ def vgg_settings(store: ModelStore) -> Settings:
 @pytest.fixture(scope="module")
 def folder_head(vgg_store: ModelStore, photos: Path) -> str:
     """A head trained on the photos folder by `tlserve train`'s path (it has familiarity data)."""
-    from app.training import Trainer
+    from app.learning.training import Trainer
 
     Trainer(vgg_settings(vgg_store), progress=False).train(photos, "from_folder")
     return "from_folder"
@@ -460,8 +460,8 @@ def test_ray_features_job_killed_resumed_then_trained(ray_cluster: str, vgg_stor
     store = vgg_store.root
     code, _, _ = cli(["train", "--features", str(out), "--name", "from_features"], store, capsys, monkeypatch, "cats_vs_dogs")
     assert code == 0
-    from app.registry import load_head
-    from app.training import Trainer
+    from app.learning.training import Trainer
+    from app.storage.registry import load_head
 
     trainer = Trainer(vgg_settings(vgg_store), progress=False)
     a, b = (load_head(trainer.heads, n, trainer.info.feature_space) for n in ("from_features", folder_head))
@@ -479,8 +479,8 @@ def test_jpegmem_follows_the_configured_pixel_limit(tiny_store: ModelStore, colo
     """`tlserve batch` sets libjpeg's memory cap from max_image_pixels, as the service does, not from the default."""
     import os
 
-    import app.imaging as imaging
-    from app.settings import DEFAULT_MAX_IMAGE_PIXELS
+    import app.core.imaging as imaging
+    from app.core.settings import DEFAULT_MAX_IMAGE_PIXELS
 
     if imaging._OPERATOR_JPEGMEM is not None:
         pytest.skip("JPEGMEM set by the environment: an operator's value wins")

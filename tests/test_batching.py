@@ -9,8 +9,8 @@ import time
 import numpy as np
 import pytest
 
-from app.batching import Batcher
-from app.errors import InferenceError, QueueFull, ShuttingDown
+from app.core.errors import InferenceError, QueueFull, ShuttingDown
+from app.serving.batching import Batcher
 
 
 class Engine:
@@ -207,7 +207,7 @@ class TimedEngine(Engine):
 
 
 async def _serve_while_training(share: float, seconds: float = 1.2) -> tuple[float, int]:
-    """A closed loop of one-image requests beside a job that hands one image at a time (as app.jobs does);
+    """A closed loop of one-image requests beside a job that hands one image at a time (as app.learning.jobs does);
     returns background work's part of the engine's images, and the job's images once the requests stopped."""
     b = await started(TimedEngine(), max_queue_delay_ms=0, training_share=share)
     stop_requests = time.perf_counter() + seconds

@@ -16,12 +16,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from app.batching import Batcher
 from app.cli import build_parser
-from app.export import build_graph
-from app.files import atomic_write
-from app.quantize import quantize_int8
-from app.store import ModelStore
+from app.learning.export import build_graph
+from app.learning.quantize import quantize_int8
+from app.serving.batching import Batcher
+from app.storage.files import atomic_write
+from app.storage.store import ModelStore
 from benchmarks.bench import model_gflops, percentile
 from benchmarks.int8_speed import run as int8_speed
 from tests.helpers import REPO, TINY_CHANNELS, image_bytes, tiny_weights, write_color_dataset
@@ -112,7 +112,7 @@ def test_int8_speed_measures_both_variants(tiny_store: ModelStore, tmp_path: Pat
 
 
 def test_int8_speed_without_a_variant_says_so(tiny_store: ModelStore, tmp_path: Path) -> None:
-    from app.errors import ArtifactError
+    from app.core.errors import ArtifactError
 
     with pytest.raises(ArtifactError, match="no int8 variant"):
         int8_speed(tiny_store, tmp_path, seconds=0.1)

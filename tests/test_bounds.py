@@ -25,10 +25,10 @@ import pytest
 from PIL import Image
 from starlette.requests import Request
 
-from app.errors import ArchiveTooLarge, UnsafeArchive
-from app.settings import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_IMAGE_PIXELS, Settings
-from app.store import ModelStore
-from app.uploads import check_archive
+from app.core.errors import ArchiveTooLarge, UnsafeArchive
+from app.core.settings import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_IMAGE_PIXELS, Settings
+from app.learning.uploads import check_archive
+from app.storage.store import ModelStore
 from tests.helpers import ServerProcess, free_port, image_bytes
 
 MiB = 1024 * 1024
@@ -381,7 +381,7 @@ def test_deflate_float_tiff_decodes_within_the_budget(server: ServerProcess) -> 
 )  # fmt: skip
 def test_the_documented_photos_fit_the_decode_budget(fmt: str, mode: str, size: tuple[int, int]) -> None:
     """The settings promise that a 50 MP photo and a 48 MP iPhone HEIC fit: the budget keeps that promise."""
-    from app.imaging import BUDGET_BYTES_PER_PIXEL, decode_cost
+    from app.core.imaging import BUDGET_BYTES_PER_PIXEL, decode_cost
     from tests import photos
 
     small = Image.new(mode, (16, 16)) if mode != "RGB" else Image.new("RGB", (16, 16), (10, 20, 30))
@@ -392,8 +392,8 @@ def test_the_documented_photos_fit_the_decode_budget(fmt: str, mode: str, size: 
 
 def test_image_open_tries_only_the_allowed_plugins(monkeypatch: pytest.MonkeyPatch) -> None:
     """A PPM sent where only PNG and JPEG are allowed never reaches Pillow's PPM parser."""
-    from app.errors import UnsupportedFormat
-    from app.imaging import load_image
+    from app.core.errors import UnsupportedFormat
+    from app.core.imaging import load_image
 
     Image.init()
     factory, accept = Image.OPEN["PPM"]
@@ -414,8 +414,8 @@ def test_image_open_tries_only_the_allowed_plugins(monkeypatch: pytest.MonkeyPat
 
 
 def test_jpegmem_follows_the_configured_pixel_limit(tiny_settings: Settings) -> None:
-    import app.imaging as imaging
-    from app.service import Service
+    import app.core.imaging as imaging
+    from app.serving.service import Service
 
     if imaging._OPERATOR_JPEGMEM is not None:
         pytest.skip("JPEGMEM set by the environment: an operator's value wins")

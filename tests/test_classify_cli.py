@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from app.store import ModelStore
+from app.storage.store import ModelStore
 from tests.helpers import REPO, ServerProcess, free_port, image_bytes
 
 RED, BLUE = (210, 40, 40), (40, 40, 210)

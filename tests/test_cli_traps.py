@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import pytest
 
 from app.cli import build_parser
-from app.store import ModelStore
+from app.storage.store import ModelStore
 from tests.helpers import REPO, write_color_dataset
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from tlserve_client import AsyncClient, Client, ClientError
 
-from app.store import ModelStore
+from app.storage.store import ModelStore
 from tests.helpers import ServerProcess, image_bytes
 
 RED, BLUE = (210, 40, 40), (40, 40, 210)

@@ -21,7 +21,7 @@ import tlserve_client
 
 import app
 from app.api import schemas
-from app.store import ModelStore
+from app.storage.store import ModelStore
 from tests.helpers import REPO, image_bytes
 
 CLIENT = REPO / "client"

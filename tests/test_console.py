@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from app.api.console import ASSETS
-from app.store import ModelStore
+from app.storage.store import ModelStore
 from tests.helpers import ADMIN_KEY, REPO, ServerProcess, image_bytes
 from tests.test_versions import add_version
 

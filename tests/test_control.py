@@ -1,4 +1,4 @@
-"""The control plane (app/control.py) and the one owner of the store tree: every product path opens the
+"""The control plane (app/storage/control.py) and the one owner of the store tree: every product path opens the
 store with its keys, and the CLI and HTTP share one set of rules."""
 
 from __future__ import annotations
@@ -12,15 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from app.card import Card
-from app.control import HeadControl
-from app.errors import ArtifactError, VersionConflict
-from app.registry import CARD, HeadKeys, HeadStore
-from app.settings import Settings
-from app.store import ModelStore
+from app.core.errors import ArtifactError, VersionConflict
+from app.core.settings import Settings
+from app.storage.card import Card
+from app.storage.control import HeadControl
+from app.storage.registry import CARD, HeadKeys, HeadStore
+from app.storage.store import ModelStore
 from tests.helpers import REPO
 
-OWNERS = {"app/store.py", "app/registry.py"}
+OWNERS = {"app/storage/store.py", "app/storage/registry.py"}
 
 
 def _constructor_calls(name: str) -> list[str]:

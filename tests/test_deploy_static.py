@@ -22,12 +22,12 @@ from typing import Any
 import pytest
 
 from app.cli import build_parser
-from app.export import export
+from app.core.settings import Settings
+from app.learning.export import export
+from app.learning.weights import PYPI_REQUIREMENT
 from app.main import create_app
-from app.metrics import Metrics
-from app.settings import Settings
-from app.store import ModelStore
-from app.weights import PYPI_REQUIREMENT
+from app.serving.metrics import Metrics
+from app.storage.store import ModelStore
 from deploy.nginx.render import CONF, apply_limits, body_limits, command, render, write_standalone
 from deploy.requirements.lock import EXPORT as LOCK_EXPORT
 from deploy.requirements.lock import SERVE as LOCK_SERVE

@@ -261,7 +261,7 @@ def _generated_text() -> str:
 
 
 def test_every_setting_named_in_the_docs_exists_and_every_setting_is_documented() -> None:
-    from app.settings import Settings
+    from app.core.settings import Settings
 
     real = {f"TLSERVE_{name.upper()}" for name in Settings.model_fields}
     named = set(re.findall(r"\bTLSERVE_[A-Z0-9_]+\b", _docs_text() + (REPO / "SECURITY.md").read_text()))

@@ -14,12 +14,12 @@ import httpx
 import numpy as np
 import pytest
 
-from app.extractor import Extractor
-from app.heads import describe
-from app.imaging import load_image
-from app.registry import load_head
-from app.store import ModelStore
-from app.weights import PYPI_WHEEL
+from app.core.imaging import load_image
+from app.learning.weights import PYPI_WHEEL
+from app.serving.extractor import Extractor
+from app.storage.heads import describe
+from app.storage.registry import load_head
+from app.storage.store import ModelStore
 from tests.helpers import REPO
 
 pytestmark = pytest.mark.e2e

@@ -1,11 +1,11 @@
-"""The error tree drawn in app/errors.py's docstring is the tree of its classes: every class, its parent
+"""The error tree drawn in app/core/errors.py's docstring is the tree of its classes: every class, its parent
 and its HTTP status, no more and no fewer."""
 
 from __future__ import annotations
 
 import re
 
-import app.errors as errors
+import app.core.errors as errors
 
 LINE = re.compile(r"^(?P<lead>[ │├└─]*)(?P<name>[A-Z]\w+)(?:\s+\((?P<group>[^)]*)\)|\s+(?P<status>\d{3})\b)?")
 

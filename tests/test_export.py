@@ -12,10 +12,9 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from app.errors import ArtifactError
-from app.export import build_graph, export
-from app.store import ModelStore
-from app.weights import (
+from app.core.errors import ArtifactError
+from app.learning.export import build_graph, export
+from app.learning.weights import (
     IMAGENET_WEIGHTS_SHA256,
     LAYERS,
     PYPI_MEMBER,
@@ -25,6 +24,7 @@ from app.weights import (
     from_onnx_bytes,
     weights_sha256,
 )
+from app.storage.store import ModelStore
 from tests.helpers import REPO, tiny_weights
 from tests.reference import caffe_preprocess, vgg_features
 

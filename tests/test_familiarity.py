@@ -1,4 +1,4 @@
-"""Familiarity (app/familiarity.py): the score against a brute-force reference, out-of-fold
+"""Familiarity (app/serving/familiarity.py): the score against a brute-force reference, out-of-fold
 calibration, the arrays a trained head stores, the verdict over /v1 and /v2 under both policies,
 heads without the data, prediction monitoring in /metrics and the alert rules (promtool)."""
 
@@ -18,13 +18,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app import familiarity
-from app.errors import ArtifactError
-from app.familiarity import Familiarity, calibrate
-from app.heads import Head
-from app.metrics import OTHER, Metrics
-from app.registry import HeadKeys, HeadStore
-from app.store import ModelStore
+from app.core.errors import ArtifactError
+from app.serving import familiarity
+from app.serving.familiarity import Familiarity, calibrate
+from app.serving.metrics import OTHER, Metrics
+from app.storage.heads import Head
+from app.storage.registry import HeadKeys, HeadStore
+from app.storage.store import ModelStore
 from tests.helpers import REPO, image_bytes
 
 RULES = REPO / "deploy" / "prometheus" / "rules.yml"

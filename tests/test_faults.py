@@ -31,10 +31,10 @@ import pytest
 from onnx import TensorProto, helper
 from PIL import Image
 
-from app.files import write_json
-from app.hashing import sha256_file
-from app.registry import load_head
-from app.store import ModelStore
+from app.core.hashing import sha256_file
+from app.storage.files import write_json
+from app.storage.registry import load_head
+from app.storage.store import ModelStore
 from tests.helpers import ADMIN, REPO, ServerProcess, image_bytes, write_color_dataset
 
 RED = (210, 40, 40)
@@ -362,7 +362,7 @@ def test_train_killed_mid_write_or_out_of_space_never_leaves_a_half_written_head
     # 5. the card itself, the commit point, interrupted half-way: the old card stays whole
     card_text = (folder / "card.json").read_text()
     code = (
-        "import pathlib, signal; signal.signal(signal.SIGXFSZ, signal.SIG_DFL); from app.files import write_json; "
+        "import pathlib, signal; signal.signal(signal.SIGXFSZ, signal.SIG_DFL); from app.storage.files import write_json; "
         f"write_json(pathlib.Path({str(folder / 'card.json')!r}), {{'x': 'y' * 100000}})"
     )
     killed = run_limited(["-c", code], env, len(card_text) // 2)

@@ -7,12 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from app.errors import DatasetError, IncompatibleFeatures
-from app.features import Dataset, FeatureCache, extract_paths, hash_files
-from app.registry import load_head
-from app.settings import Settings
-from app.store import ModelStore
-from app.training import Trainer
+from app.core.errors import DatasetError, IncompatibleFeatures
+from app.core.settings import Settings
+from app.learning.features import Dataset, FeatureCache, extract_paths, hash_files
+from app.learning.training import Trainer
+from app.storage.registry import load_head
+from app.storage.store import ModelStore
 from tests.helpers import image_bytes, write_color_dataset
 
 

@@ -38,11 +38,11 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from app.errors import EmptyInput, ImageDecodeError, ImageTooLarge, UnsupportedFormat
-from app.imaging import load_image
+from app.core.errors import EmptyInput, ImageDecodeError, ImageTooLarge, UnsupportedFormat
+from app.core.imaging import load_image
+from app.core.settings import Settings
 from app.main import create_app
-from app.settings import Settings
-from app.store import ModelStore
+from app.storage.store import ModelStore
 from tests.helpers import ServerProcess, image_bytes
 
 API_EXAMPLES = int(os.environ.get("TLSERVE_FUZZ_EXAMPLES", "60"))

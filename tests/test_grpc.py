@@ -18,7 +18,7 @@ import httpx
 import numpy as np
 import pytest
 
-from app.store import ModelStore
+from app.storage.store import ModelStore
 from deploy.nginx.render import command, write_standalone
 from tests.helpers import REPO, ServerProcess, free_port, image_bytes
 
@@ -435,7 +435,7 @@ def test_grpc_port_in_use_fails_before_the_model_loads(server_factory, tiny_stor
 def test_grpc_is_off_and_not_imported_by_default(tiny_store: ModelStore) -> None:
     code = (
         "import sys; from starlette.testclient import TestClient; from app.main import create_app; import app.server; "
-        "from app.settings import Settings; "
+        "from app.core.settings import Settings; "
         f"s = Settings(model_store={str(tiny_store.root)!r}, default_head='colors', intra_op_threads=1, head_poll_interval_s=0); "
         "c = TestClient(create_app(s), base_url='http://127.0.0.1').__enter__(); assert c.get('/readyz').status_code == 200; "
         "print(sorted({m.split('.')[0] for m in sys.modules if m.split('.')[0] in ('grpc', 'grpc_health')}))"
@@ -446,7 +446,7 @@ def test_grpc_is_off_and_not_imported_by_default(tiny_store: ModelStore) -> None
 
 
 def test_every_error_class_has_a_grpc_code() -> None:
-    import app.errors as errors
+    import app.core.errors as errors
     from app.grpc.status import CODES, code_for
 
     classes = [c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, errors.TlserveError)]

@@ -8,10 +8,10 @@ import pickle
 import numpy as np
 import pytest
 
-from app.errors import ArtifactError, HeadNotFound, IncompatibleHead
-from app.heads import ARRAY_FILES, describe
-from app.registry import load_head, save_head
-from app.store import ModelStore
+from app.core.errors import ArtifactError, HeadNotFound, IncompatibleHead
+from app.storage.heads import ARRAY_FILES, describe
+from app.storage.registry import load_head, save_head
+from app.storage.store import ModelStore
 
 
 def card_of(store: ModelStore, name: str = "colors") -> dict:

@@ -24,8 +24,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app.imaging import load_image
-from app.store import ModelStore
+from app.core.imaging import load_image
+from app.storage.store import ModelStore
 from tests.helpers import ADMIN, REPO, ServerProcess, image_bytes
 
 BODY_LIMIT = 1_000_000

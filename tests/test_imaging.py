@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app.errors import EmptyInput, ImageDecodeError, ImageTooLarge, UnsupportedFormat
-from app.imaging import JPEG_WORK_MEMORY_BYTES, JpegLayout, jpeg_layout, load_image
-from app.settings import DEFAULT_FORMATS, DEFAULT_MAX_IMAGE_PIXELS
+from app.core.errors import EmptyInput, ImageDecodeError, ImageTooLarge, UnsupportedFormat
+from app.core.imaging import JPEG_WORK_MEMORY_BYTES, JpegLayout, jpeg_layout, load_image
+from app.core.settings import DEFAULT_FORMATS, DEFAULT_MAX_IMAGE_PIXELS
 from tests import photos
 from tests.helpers import image_bytes
 
@@ -207,7 +207,7 @@ def test_multi_scan_baseline_jpeg_bomb_is_refused_before_decoding() -> None:
 
 
 def test_libjpeg_memory_is_capped_even_past_the_header_check() -> None:
-    """The backstop: libjpeg itself refuses a coefficient buffer over JPEGMEM (set by app.imaging)."""
+    """The backstop: libjpeg itself refuses a coefficient buffer over JPEGMEM (set by app.core.imaging)."""
     assert os.environ["JPEGMEM"] == f"{JPEG_WORK_MEMORY_BYTES // 1_000_000}M"
     small = Image.open(io.BytesIO(photos.flat_jpeg(64, 64, interleaved=False)))
     small.load()  # multi-scan decoding itself works

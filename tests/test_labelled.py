@@ -1,4 +1,4 @@
-"""The labelled-folder rule (app/labelled.py): a folder on disk, the same tree as a batch source and as a zip
+"""The labelled-folder rule (app/core/labelled.py): a folder on disk, the same tree as a batch source and as a zip
 upload read the same classes and photos, leave out the same hidden and junk files, and refuse a dataset split
 with the same words."""
 
@@ -13,12 +13,12 @@ import pytest
 from app.batch import BatchJob, run
 from app.batch.parquet import read_features
 from app.batch.source import open_source
-from app.errors import DatasetError
-from app.features import Dataset
-from app.labelled import group, ignored, order
-from app.settings import Settings
-from app.store import ModelStore
-from app.uploads import Upload, admit
+from app.core.errors import DatasetError
+from app.core.labelled import group, ignored, order
+from app.core.settings import Settings
+from app.learning.features import Dataset
+from app.learning.uploads import Upload, admit
+from app.storage.store import ModelStore
 from tests.helpers import image_bytes
 
 PNG = image_bytes(size=(16, 16))

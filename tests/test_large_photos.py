@@ -19,8 +19,8 @@ import httpx
 import pytest
 from PIL import Image
 
-from app.settings import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_IMAGE_PIXELS, Settings
-from app.store import ModelStore
+from app.core.settings import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_IMAGE_PIXELS, Settings
+from app.storage.store import ModelStore
 from tests import photos
 from tests.helpers import ServerProcess, settings_env
 

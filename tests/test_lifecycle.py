@@ -10,7 +10,7 @@ import time
 import httpx
 import pytest
 
-from app.store import ModelStore
+from app.storage.store import ModelStore
 from tests.helpers import image_bytes
 
 pytestmark = pytest.mark.e2e

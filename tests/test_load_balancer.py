@@ -24,7 +24,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from app.settings import DEFAULT_MAX_BODY_BYTES
+from app.core.settings import DEFAULT_MAX_BODY_BYTES
 from deploy.nginx.render import command, write_standalone
 from tests.helpers import ServerProcess, free_port, image_bytes
 

@@ -8,8 +8,8 @@ import httpx
 import pytest
 
 from app.api.multipart import parse_multipart
-from app.errors import MalformedRequest, TooManyImages
-from app.store import ModelStore
+from app.core.errors import MalformedRequest, TooManyImages
+from app.storage.store import ModelStore
 from tests.helpers import ServerProcess, image_bytes, settings_env
 
 

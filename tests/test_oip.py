@@ -14,8 +14,8 @@ import httpx
 import numpy as np
 import pytest
 
-from app.settings import DEFAULT_MAX_BODY_BYTES
-from app.store import ModelStore
+from app.core.settings import DEFAULT_MAX_BODY_BYTES
+from app.storage.store import ModelStore
 from tests.helpers import ServerProcess, image_bytes
 
 th = pytest.importorskip("tritonclient.http")

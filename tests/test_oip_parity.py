@@ -23,8 +23,8 @@ import httpx
 import numpy as np
 import pytest
 
-from app.registry import CARD
-from app.store import ModelStore
+from app.storage.registry import CARD
+from app.storage.store import ModelStore
 from tests.helpers import REPO, ServerProcess, free_port, image_bytes
 from tests.test_familiarity import _between
 from tests.test_versions import add_version
@@ -335,7 +335,7 @@ def test_grpc_and_the_protocol_layer_import_nothing_of_the_http_front(package: s
         bad = {m for m in _imports(path) if m == "app.api" or m.startswith("app.api.")}
         assert not bad, f"{path.name} imports {bad}"
     code = (
-        "import sys, app.grpc.server, app.oip.plane; "
+        "import sys, app.grpc.server, app.serving.oip.plane; "
         "print(sorted(m for m in sys.modules if m == 'app.api' or m.startswith('app.api.')))"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)

@@ -14,15 +14,15 @@ from pathlib import Path
 import httpx
 import pytest
 
-from app.export import build_graph
-from app.extractor import Extractor
-from app.familiarity import for_head
-from app.features import extract_paths
-from app.quantize import CalibrationTable
-from app.registry import load_head
-from app.settings import Settings
-from app.store import ModelStore, int8_speed_verdict
-from app.training import Trainer
+from app.core.settings import Settings
+from app.learning.export import build_graph
+from app.learning.features import extract_paths
+from app.learning.quantize import CalibrationTable
+from app.learning.training import Trainer
+from app.serving.extractor import Extractor
+from app.serving.familiarity import for_head
+from app.storage.registry import load_head
+from app.storage.store import ModelStore, int8_speed_verdict
 from tests.helpers import REPO, image_bytes, settings_env, tiny_weights, write_color_dataset
 
 
@@ -251,7 +251,7 @@ def test_a_head_trained_on_fp32_features_records_its_int8_agreement_in_its_card(
 def test_one_flipped_photo_of_a_small_held_out_set_does_not_fail_a_head() -> None:
     """Measured: a weather head (../shared weather/train, 154 held-out photos) flipped 1 answer on INT8, 99.35%
     under the 99.5% bar; its 95% upper bound clears it. A head that flips 5% of them does not."""
-    from app.quantize import agreement_upper
+    from app.learning.quantize import agreement_upper
 
     assert agreement_upper(153, 154) > 0.995 and agreement_upper(154, 154) == pytest.approx(1.0)
     assert agreement_upper(146, 154) < 0.995  # 94.8%: refused

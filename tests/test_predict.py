@@ -1,4 +1,4 @@
-"""The one offline inference core (app/predict.py): `tlserve predict`, `tlserve batch` and `/v1/classify` give
+"""The one offline inference core (app/serving/predict.py): `tlserve predict`, `tlserve batch` and `/v1/classify` give
 the same answer for the same photo, field by field, on the tiny real model and a real server; and the core's
 own rows (familiarity present or not, refused rows, empty batches)."""
 
@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 
 from app.batch import BatchJob, run
-from app.familiarity import for_head
-from app.heads import describe
-from app.imaging import DEFAULT_LIMITS, DecodeLimits
-from app.predict import answer
-from app.registry import load_head
-from app.settings import Settings
-from app.store import ModelStore
+from app.core.imaging import DEFAULT_LIMITS, DecodeLimits
+from app.core.settings import Settings
+from app.serving.familiarity import for_head
+from app.serving.predict import answer
+from app.storage.heads import describe
+from app.storage.registry import load_head
+from app.storage.store import ModelStore
 from tests.helpers import ServerProcess, image_bytes
 from tests.test_batch import cli
 from tests.test_familiarity import _between
@@ -91,7 +91,7 @@ def test_decode_limits_come_from_the_settings(tmp_path: Path) -> None:
     s = Settings(model_store=tmp_path, max_image_pixels=1234, allowed_formats="PNG,JPEG")
     assert DecodeLimits.from_settings(s) == DecodeLimits(1234, ("JPEG", "PNG"))
     assert DecodeLimits.from_settings(Settings(model_store=tmp_path)) == DEFAULT_LIMITS
-    from app.errors import ImageTooLarge, UnsupportedFormat
+    from app.core.errors import ImageTooLarge, UnsupportedFormat
 
     with pytest.raises(ImageTooLarge, match="1234"):
         DecodeLimits.from_settings(s).load(image_bytes(size=(64, 48)), 32, "bilinear")

@@ -14,14 +14,14 @@ import httpx
 import numpy as np
 import pytest
 
-from app.errors import ArtifactError, DatasetError, IncompatibleHead
-from app.export import build_graph, export
-from app.extractor import Extractor
-from app.hashing import sha256_file
-from app.imaging import load_image
-from app.quantize import image_files, quantize_int8
-from app.registry import load_head
-from app.store import ModelStore
+from app.core.errors import ArtifactError, DatasetError, IncompatibleHead
+from app.core.hashing import sha256_file
+from app.core.imaging import load_image
+from app.learning.export import build_graph, export
+from app.learning.quantize import image_files, quantize_int8
+from app.serving.extractor import Extractor
+from app.storage.registry import load_head
+from app.storage.store import ModelStore
 from tests.helpers import REPO, image_bytes, settings_env, tiny_weights
 
 
@@ -211,7 +211,7 @@ def test_export_usage_errors_exit_2_before_any_work(
     message: str,
 ) -> None:
     from app.cli import main
-    from app.settings import get_settings
+    from app.core.settings import get_settings
 
     (tmp_path / "empty").mkdir()
     store = tmp_path / "store"

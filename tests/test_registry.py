@@ -1,4 +1,4 @@
-"""The versioned head store (app/registry.py): layout, legacy flat heads, version ids, promotion, and
+"""The versioned head store (app/storage/registry.py): layout, legacy flat heads, version ids, promotion, and
 the serving registry's errors (stored as exceptions), polling and deletion."""
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from app.errors import ArtifactError, HeadNotFound, VersionConflict, VersionNotFound
-from app.heads import ARRAY_FILES
-from app.registry import CARD, CURRENT, HeadKeys, HeadStore, load_head, save_head
-from app.store import ModelStore
+from app.core.errors import ArtifactError, HeadNotFound, VersionConflict, VersionNotFound
+from app.storage.heads import ARRAY_FILES
+from app.storage.registry import CARD, CURRENT, HeadKeys, HeadStore, load_head, save_head
+from app.storage.store import ModelStore
 from tests.helpers import ADMIN, REPO, ServerProcess, image_bytes
 
 RED = image_bytes((210, 40, 40), "PNG", size=(32, 32), noise=15)
@@ -165,7 +165,7 @@ def test_unfinished_version_is_invisible_and_its_id_never_reused(fresh_tiny_stor
 def test_version_ids_never_collide_across_processes(fresh_tiny_store: ModelStore) -> None:
     """Two writers (as two replicas training at once) each add 8 versions of one head."""
     code = (
-        "import sys; from app.store import ModelStore; from app.registry import load_head, save_head\n"
+        "import sys; from app.storage.store import ModelStore; from app.storage.registry import load_head, save_head\n"
         "heads = ModelStore(__import__('pathlib').Path(sys.argv[1])).heads\n"
         "head = load_head(heads, 'colors', version=1)\n"
         "card = {k: v for k, v in head.card.items() if k not in ('name', 'familiarity')}\n"
@@ -256,10 +256,10 @@ def test_names_are_matched_whole_not_up_to_a_trailing_newline(
     fresh_tiny_store: ModelStore, server_factory: Callable[..., ServerProcess]
 ) -> None:
     """'$' accepts "name\\n": the issue's look-alike head "cats_vs_dogs\\n" took three photos with 200 (item 7)."""
-    from app.errors import InvalidLabel, JobNotFound
-    from app.jobs import JobStore
-    from app.registry import valid_artifact_name, valid_head_name
-    from app.uploads import valid_label
+    from app.core.errors import InvalidLabel, JobNotFound
+    from app.learning.jobs import JobStore
+    from app.learning.uploads import valid_label
+    from app.storage.registry import valid_artifact_name, valid_head_name
 
     heads = fresh_tiny_store.heads
     for bad in ("colors\n", "colors\n\n"):

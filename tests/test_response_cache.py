@@ -9,8 +9,8 @@ from collections.abc import Callable
 import httpx
 import numpy as np
 
-from app.response_cache import ResponseCache
-from app.store import ModelStore
+from app.serving.response_cache import ResponseCache
+from app.storage.store import ModelStore
 from tests.helpers import ServerProcess, image_bytes
 
 RED = image_bytes((210, 40, 40), "PNG", size=(32, 32), noise=15)

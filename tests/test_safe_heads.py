@@ -19,10 +19,10 @@ import httpx
 import numpy as np
 import pytest
 
-from app.errors import ArtifactError
-from app.heads import ALLOWED_GLOBALS, ARRAY_FILES, safe_unpickle, to_npy
-from app.registry import HeadStore, check_version, load_head, save_head
-from app.store import ModelStore
+from app.core.errors import ArtifactError
+from app.storage.heads import ALLOWED_GLOBALS, ARRAY_FILES, safe_unpickle, to_npy
+from app.storage.registry import HeadStore, check_version, load_head, save_head
+from app.storage.store import ModelStore
 from tests.helpers import ADMIN, REPO, ServerProcess, image_bytes
 
 RED = image_bytes((210, 40, 40), "PNG", size=(32, 32), noise=15)
@@ -186,7 +186,7 @@ def test_estimator_without_predict_proba_is_refused(fresh_tiny_store: ModelStore
     with pytest.raises(ArtifactError, match=r"refers to builtins\.dict"):
         safe_unpickle(pickle.dumps(dict, protocol=5), "x")
     estimator = _fitted(fresh_tiny_store)
-    from app.heads import check_estimator
+    from app.storage.heads import check_estimator
 
     class NoProba:
         pass
@@ -198,7 +198,7 @@ def test_estimator_without_predict_proba_is_refused(fresh_tiny_store: ModelStore
 
 @pytest.mark.parametrize("layout", ["npy arrays", "pickle only"])
 def test_oversized_artifact_is_refused_before_it_is_read(layout: str, fresh_tiny_store: ModelStore) -> None:
-    from app.heads import MAX_PICKLE_BYTES
+    from app.storage.heads import MAX_PICKLE_BYTES
 
     heads = fresh_tiny_store.heads
     if layout == "pickle only":
@@ -212,7 +212,7 @@ def test_oversized_artifact_is_refused_before_it_is_read(layout: str, fresh_tiny
 
 
 def test_nothing_but_the_loader_unpickles() -> None:
-    """``pickle.load``/``loads``/``Unpickler`` (and numpy's allow_pickle) appear only in app/heads.py."""
+    """``pickle.load``/``loads``/``Unpickler`` (and numpy's allow_pickle) appear only in app/storage/heads.py."""
     offenders = []
     for path in sorted((REPO / "app").rglob("*.py")):
         tree = ast.parse(path.read_text())
@@ -238,8 +238,8 @@ def test_nothing_but_the_loader_unpickles() -> None:
                 name = "allow_pickle"
             if name:
                 offenders.append(f"{path.relative_to(REPO)}:{node.lineno}: {name}")
-    assert [o for o in offenders if not o.startswith("app/heads.py:")] == []
-    assert any(o.startswith("app/heads.py") for o in offenders), "the loader itself was not found: the scan is broken"
+    assert [o for o in offenders if not o.startswith("app/storage/heads.py:")] == []
+    assert any(o.startswith("app/storage/heads.py") for o in offenders), "the loader itself was not found: the scan is broken"
 
 
 # --- memory safety: a head file cannot crash the loader (issue 24, item 1) ----------------------
@@ -273,9 +273,9 @@ _CRAFTED = {
 
 _LOAD = """
 import sys
-from app.errors import TlserveError
-from app.registry import load_head
-from app.store import ModelStore
+from app.core.errors import TlserveError
+from app.storage.registry import load_head
+from app.storage.store import ModelStore
 store = ModelStore(__import__("pathlib").Path(sys.argv[1]))
 try:
     head = load_head(store.heads, "crafted", store.extractor().feature_space)

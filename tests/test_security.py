@@ -13,8 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from app.hashing import sha256_bytes
-from app.store import ModelStore
+from app.core.hashing import sha256_bytes
+from app.storage.store import ModelStore
 from tests.helpers import ADMIN, ADMIN_KEY, REPO, ServerProcess, image_bytes
 
 GOOD = image_bytes((210, 40, 40), "PNG", size=(32, 32))

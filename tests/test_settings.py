@@ -11,9 +11,9 @@ import httpx
 import pytest
 from pydantic import ValidationError
 
-from app.cpus import available_cpus
-from app.settings import Settings, settings_markdown
-from app.store import ModelStore
+from app.core.cpus import available_cpus
+from app.core.settings import Settings, settings_markdown
+from app.storage.store import ModelStore
 from tests.helpers import REPO
 
 
@@ -82,11 +82,11 @@ def _loaded_by(module: str) -> set[str]:
 
 
 def test_settings_import_nothing_of_ours_but_the_cpu_count_leaf() -> None:
-    ours = {m for m in _loaded_by("app.settings") if m == "app" or m.startswith("app.")}
-    assert ours == {"app", "app.settings", "app.cpus"}  # app.cpus itself imports only the standard library
-    assert {m for m in _loaded_by("app.cpus") if m.startswith("app.")} == {"app.cpus"}
+    ours = {m for m in _loaded_by("app.core.settings") if m == "app" or m.startswith("app.")}
+    assert ours == {"app", "app.core.settings", "app.core.cpus"}  # app.core.cpus itself imports only the standard library
+    assert {m for m in _loaded_by("app.core.cpus") if m.startswith("app.")} == {"app.core.cpus"}
 
 
 def test_uploads_know_no_http() -> None:
-    loaded = _loaded_by("app.uploads")
+    loaded = _loaded_by("app.learning.uploads")
     assert not {m for m in loaded if m.split(".")[0] in ("starlette", "fastapi") or m.startswith("app.api")}

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from app.store import ModelStore
+from app.storage.store import ModelStore
 from tests.helpers import REPO, ServerProcess, free_port, image_bytes, settings_env
 
 pytestmark = pytest.mark.e2e

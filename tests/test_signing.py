@@ -14,12 +14,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from app.errors import ArtifactError, MisplacedHead, UntrustedHead
-from app.heads import ARRAY_FILES
-from app.registry import CARD, HeadKeys, HeadStore, copy_version, load_head
-from app.settings import Settings
-from app.signing import generate, load_private_key, load_public_keys, sign
-from app.store import ModelStore
+from app.core.errors import ArtifactError, MisplacedHead, UntrustedHead
+from app.core.settings import Settings
+from app.core.signing import generate, load_private_key, load_public_keys, sign
+from app.storage.heads import ARRAY_FILES
+from app.storage.registry import CARD, HeadKeys, HeadStore, copy_version, load_head
+from app.storage.store import ModelStore
 from tests.helpers import ADMIN, REPO, ServerProcess, image_bytes
 
 RED = image_bytes((210, 40, 40), "PNG", size=(32, 32), noise=15)
@@ -87,7 +87,7 @@ def test_signature_covers_every_artifact(fresh_tiny_store: ModelStore, keys) -> 
 
 
 def test_training_with_a_signing_key_signs(fresh_tiny_store: ModelStore, keys, tmp_path: Path) -> None:
-    from app.training import Trainer
+    from app.learning.training import Trainer
     from tests.helpers import write_color_dataset
 
     settings = Settings(model_store=fresh_tiny_store.root, intra_op_threads=1, head_signing_key=str(keys["trainer"][0]))

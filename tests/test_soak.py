@@ -17,7 +17,7 @@ from dataclasses import asdict
 import httpx
 import pytest
 
-from app.store import ModelStore
+from app.storage.store import ModelStore
 from benchmarks.soak import BODY_LIMIT, Payloads, disconnect_mid_batch, disconnect_mid_upload, gauges, soak
 from tests.helpers import ServerProcess
 

@@ -13,17 +13,17 @@ from pathlib import Path
 
 import pytest
 
-from app.store import ModelStore
+from app.storage.store import ModelStore
 from tests.helpers import REPO
 
 _RUN = """
 import asyncio, resource, sys
 resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))
 from pathlib import Path
-from app.errors import TlserveError
-from app.jobs import JobStore
-from app.registry import HeadRegistry, load_head
-from app.store import ModelStore
+from app.core.errors import TlserveError
+from app.learning.jobs import JobStore
+from app.storage.registry import HeadRegistry, load_head
+from app.storage.store import ModelStore
 store, what = ModelStore(Path(sys.argv[1])), sys.argv[2]
 try:
     if what == "head":
@@ -31,7 +31,7 @@ try:
     elif what == "artifact":
         store.heads.get("colors").read(sys.argv[3])
     elif what == "cache":
-        from app.features import FeatureCache
+        from app.learning.features import FeatureCache
         cache = FeatureCache(Path(sys.argv[3]), "ab" * 32)
         print("MISS" if cache.get(sys.argv[4], 8) is None else "HIT")
         raise SystemExit(0)
@@ -121,8 +121,8 @@ def test_a_job_record_that_is_not_a_regular_file_is_refused(kind: str, fresh_tin
 
 
 def test_a_file_over_its_cap_is_refused_without_reading_it(fresh_tiny_store: ModelStore) -> None:
-    from app.errors import ArtifactError
-    from app.files import read_json, read_regular
+    from app.core.errors import ArtifactError
+    from app.storage.files import read_json, read_regular
 
     path = fresh_tiny_store.root / "big.json"
     with path.open("wb") as f:
@@ -147,7 +147,7 @@ def test_an_extractor_that_is_not_a_regular_file_is_refused(kind: str, fresh_tin
 def test_a_feature_cache_entry_that_is_not_a_plain_vector_is_a_miss(kind: str, tmp_path: Path) -> None:
     import numpy as np
 
-    from app.features import FeatureCache
+    from app.learning.features import FeatureCache
 
     cache = FeatureCache(tmp_path / "cache", "ab" * 32)
     key = cache.key("0" * 64, 32, "bilinear")

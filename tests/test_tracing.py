@@ -18,8 +18,8 @@ import httpx
 import numpy as np
 import pytest
 
-from app import tracing
-from app.store import ModelStore
+from app.core import tracing
+from app.storage.store import ModelStore
 from tests.helpers import REPO, ServerProcess, free_port, image_bytes
 
 trace_service = pytest.importorskip("opentelemetry.proto.collector.trace.v1.trace_service_pb2")
@@ -298,14 +298,14 @@ def test_off_imports_no_opentelemetry_of_its_own(tiny_store: ModelStore) -> None
         "import sys, fastapi\n"
         "before = {m for m in sys.modules if m.startswith('opentelemetry')}\n"
         "from starlette.testclient import TestClient\n"
-        "import app.server, app.tracing\n"
+        "import app.server, app.core.tracing\n"
         "from app.main import create_app\n"
-        "from app.settings import Settings\n"
+        "from app.core.settings import Settings\n"
         f"s = Settings(model_store={str(tiny_store.root)!r}, default_head='colors', intra_op_threads=1, head_poll_interval_s=0)\n"
         "with TestClient(create_app(s), base_url='http://127.0.0.1') as c:\n"
         "    r = c.post('/v1/classify', content=open(sys.argv[1], 'rb').read(), headers={'content-type': 'image/png'})\n"
         "    assert r.status_code == 200 and 'traceparent' not in r.headers, r.text\n"
-        "print(app.tracing.enabled, sorted({m for m in sys.modules if m.startswith('opentelemetry')} - before))\n"
+        "print(app.core.tracing.enabled, sorted({m for m in sys.modules if m.startswith('opentelemetry')} - before))\n"
     )
     png = tiny_store.root.parent / "off.png"
     png.write_bytes(IMAGES[0])

@@ -24,7 +24,7 @@ from typing import Any
 import httpx
 import pytest
 
-from app.store import ModelStore
+from app.storage.store import ModelStore
 from tests.helpers import ADMIN as DEFAULT_ADMIN
 from tests.helpers import SHARED_DATA, ServerProcess, image_bytes
 

@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from app.features import Dataset
-from app.progress import Progress
-from app.registry import load_head
-from app.settings import Settings
-from app.store import ModelStore
-from app.training import C_GRID, Trainer, cross_validate, make_report, out_of_fold, sklearn_threads
+from app.core.progress import Progress
+from app.core.settings import Settings
+from app.learning.features import Dataset
+from app.learning.training import C_GRID, Trainer, cross_validate, make_report, out_of_fold, sklearn_threads
+from app.storage.registry import load_head
+from app.storage.store import ModelStore
 from tests.helpers import image_bytes, write_color_dataset
 
 
@@ -125,7 +125,7 @@ def test_out_of_fold_predictions_and_folds_are_artifacts_of_the_version(fresh_ti
     assert folds["n_splits"] == 5 and sorted({f["fold"] for f in files}) == [0, 1, 2, 3, 4]
     ds = Dataset.from_folder(data)
     assert [f["path"] for f in files] == [p.relative_to(data).as_posix() for p in ds.paths]
-    from app.hashing import sha256_file
+    from app.core.hashing import sha256_file
 
     assert all(f["sha256"] == sha256_file(data / f["path"]) for f in files)
     # each photo's probabilities come from a head that never saw it: refit fold 0 independently
@@ -140,7 +140,7 @@ def test_out_of_fold_predictions_and_folds_are_artifacts_of_the_version(fresh_ti
     )
     # the artifacts are covered by the card: a changed file is refused
     (version.folder / "oof_proba.npy").write_bytes((version.folder / "oof_proba.npy").read_bytes()[:-4] + b"\0\0\0\0")
-    from app.errors import ArtifactError
+    from app.core.errors import ArtifactError
 
     with pytest.raises(ArtifactError, match="does not match its card"):
         out_of_fold(version)

@@ -12,14 +12,14 @@ from pathlib import Path
 import pytest
 
 from app.cli import build_parser, main
-from app.progress import LineProgress, Progress, console
-from app.store import ModelStore
+from app.core.progress import LineProgress, Progress, console
+from app.storage.store import ModelStore
 from tests.helpers import image_bytes, write_color_dataset
 
 
 @pytest.fixture
 def cli_env(fresh_tiny_store: ModelStore, tmp_path: Path, monkeypatch) -> Iterator[ModelStore]:
-    from app.settings import get_settings
+    from app.core.settings import get_settings
 
     monkeypatch.setenv("TLSERVE_MODEL_STORE", str(fresh_tiny_store.root))
     monkeypatch.setenv("TLSERVE_DEFAULT_HEAD", "colors")

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import tritonclient.http as th
 
-from app.registry import load_head, save_head
-from app.store import ModelStore
+from app.storage.registry import load_head, save_head
+from app.storage.store import ModelStore
 from tests.helpers import ADMIN, REPO, ServerProcess, image_bytes
 
 RED = image_bytes((210, 40, 40), "PNG", size=(32, 32), noise=15)
@@ -168,8 +168,8 @@ def test_hostile_head_names_touch_no_file(path: str, tiny_store: ModelStore, ser
 def test_a_pinned_version_is_verified_once_not_at_every_request(fresh_tiny_store: ModelStore) -> None:
     """A non-current version pinned by requests is loaded (read, hashed, checked) once and kept while its
     card is the same file; a card replaced on disk is verified again; pinned_versions_cached=0 keeps none."""
-    from app.files import atomic_write
-    from app.registry import CARD, HeadRegistry
+    from app.storage.files import atomic_write
+    from app.storage.registry import CARD, HeadRegistry
 
     store = fresh_tiny_store
     add_version(store, flip=True)
@@ -236,10 +236,10 @@ def test_compare_extracts_the_validation_set_once_and_is_bounded(
 
 
 def test_compare_concurrency_is_a_named_limit(fresh_tiny_store: ModelStore) -> None:
-    from app.errors import TooManyJobs
-    from app.jobs import JobRunner
-    from app.service import Service
-    from app.settings import Settings
+    from app.core.errors import TooManyJobs
+    from app.core.settings import Settings
+    from app.learning.jobs import JobRunner
+    from app.serving.service import Service
 
     runner = JobRunner(Service(Settings(model_store=fresh_tiny_store.root, compare_concurrency=1, intra_op_threads=1)))
     with runner.comparing():

@@ -1,1 +1,1 @@
-"""The HTTP layer: thin routes over :class:`app.service.Service`."""
+"""The HTTP layer: thin routes over :class:`app.serving.service.Service`."""

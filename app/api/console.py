@@ -15,7 +15,7 @@ from importlib import resources
 from fastapi import APIRouter
 from fastapi.responses import RedirectResponse, Response
 
-from app.errors import NotFound
+from app.core.errors import NotFound
 
 router = APIRouter(prefix="/ui", include_in_schema=False)
 

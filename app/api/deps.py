@@ -6,9 +6,9 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from app.errors import AdminDisabled, Forbidden, Unauthorized
-from app.keys import given_key, key_matches
-from app.service import Service
+from app.core.errors import AdminDisabled, Forbidden, Unauthorized
+from app.core.keys import given_key, key_matches
+from app.serving.service import Service
 
 
 async def get_service(request: Request) -> Service:

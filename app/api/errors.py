@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from app.errors import (
+from app.core.errors import (
     HTTP_CODES,
     HTTP_ERROR,
     INTERNAL_ERROR,

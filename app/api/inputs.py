@@ -25,9 +25,9 @@ from starlette.requests import Request
 
 from app.api.multipart import parse_multipart
 from app.api.parsing import THREAD_BYTES, decode_base64, load_json_bounded
-from app.errors import BodyTooLarge, EmptyInput, MalformedRequest, TooManyImages, UnsupportedMediaType
-from app.inference import Item
-from app.settings import Settings
+from app.core.errors import BodyTooLarge, EmptyInput, MalformedRequest, TooManyImages, UnsupportedMediaType
+from app.core.settings import Settings
+from app.serving.inference import Item
 
 if TYPE_CHECKING:
     from app.api.oip.codec import Inflater

@@ -9,9 +9,9 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app import tracing
-from app.logs import request_id
-from app.metrics import Metrics
+from app.core import tracing
+from app.core.logs import request_id
+from app.serving.metrics import Metrics
 
 log = logging.getLogger("tlserve.access")
 QUIET = frozenset({"/livez", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"})

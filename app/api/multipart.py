@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from app.errors import MalformedRequest, TooManyImages
+from app.core.errors import MalformedRequest, TooManyImages
 
 MAX_FIELD_BYTES = 1024 * 1024
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from app.errors import InputError, MalformedRequest, RequestTooComplex
+from app.core.errors import InputError, MalformedRequest, RequestTooComplex
 
 _DATA_URL = re.compile(r"^data:[\w.+/-]*;base64,", re.IGNORECASE)
 _TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no", "")

@@ -8,7 +8,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app.api.deps import ServiceDep, probe_auth
 from app.api.schemas import Probe
-from app.errors import redact
+from app.core.errors import redact
 
 router = APIRouter(dependencies=[Depends(probe_auth)])
 

@@ -13,7 +13,7 @@ from tlserve_client import FamiliaritySummary as FamiliaritySummary
 from tlserve_client import ModelList as ModelList
 from tlserve_client import ModelSummary as ModelSummary
 
-from app.inference import OOD_POLICIES
+from app.serving.inference import OOD_POLICIES
 
 
 class ErrorDetail(BaseModel):

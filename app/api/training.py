@@ -1,11 +1,11 @@
 """Training over HTTP: ``POST /v1/heads/{name}/train`` and ``/examples``, ``GET /v1/jobs/{id}``.
 
-Thin: the upload is :mod:`app.uploads`' (streamed to a spool folder, bounded, archives checked before
-extraction), the photos go into the head's example store (:mod:`app.examples`), and the job is
-:mod:`app.jobs`'. Every check — name, labels, sizes, counts, options, the planned training and
+Thin: the upload is :mod:`app.learning.uploads`' (streamed to a spool folder, bounded, archives checked before
+extraction), the photos go into the head's example store (:mod:`app.storage.examples`), and the job is
+:mod:`app.learning.jobs`'. Every check — name, labels, sizes, counts, options, the planned training and
 validation sets — happens before the 202, and a refused upload stores nothing.
 
-This replica's :class:`~app.jobs.JobRunner` is the app factory's (:func:`app.main.create_app`, at
+This replica's :class:`~app.learning.jobs.JobRunner` is the app factory's (:func:`app.main.create_app`, at
 ``app.state.jobs``): it starts after the service and stops (cancelling running jobs) before the service
 drains its batch queue.
 """
@@ -23,13 +23,13 @@ from app.api.deps import ServiceDep, require_admin, require_key
 from app.api.parsing import error_responses, parse_bool
 from app.api.schemas import ErrorResponse
 from app.api.uploads import receive
-from app.errors import EmptyInput, MalformedRequest, NotReady
-from app.examples import ExampleStore, Incoming, Snapshot
-from app.jobs import JobRunner, JobSpec, Plan, plan
-from app.recipe import VAL_FRACTION
-from app.registry import valid_head_name
-from app.service import Service
-from app.uploads import Upload, spool
+from app.core.errors import EmptyInput, MalformedRequest, NotReady
+from app.core.recipe import VAL_FRACTION
+from app.learning.jobs import JobRunner, JobSpec, Plan, plan
+from app.learning.uploads import Upload, spool
+from app.serving.service import Service
+from app.storage.examples import ExampleStore, Incoming, Snapshot
+from app.storage.registry import valid_head_name
 
 router = APIRouter(prefix="/v1", tags=["training"], dependencies=[Depends(require_key)],
                    responses=error_responses(ErrorResponse, (401, 403, 404, 413, 415, 422, 429, 503)))  # fmt: skip

@@ -2,9 +2,9 @@
 
 :func:`receive` checks the content type and the announced length, parses the body as it streams
 (python-multipart, :class:`app.api.multipart.PartHeaders`) and writes each file part to the path
-:class:`app.uploads.Upload` gives it (the label and photo limit checked when the part's headers
+:class:`app.learning.uploads.Upload` gives it (the label and photo limit checked when the part's headers
 arrive, before any of its bytes are written), bounded by ``max_training_bytes``; then
-:func:`app.uploads.admit` checks the archives and photos (see :mod:`app.uploads`, which knows no HTTP).
+:func:`app.learning.uploads.admit` checks the archives and photos (see :mod:`app.learning.uploads`, which knows no HTTP).
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from python_multipart.exceptions import FormParserError
 from starlette.requests import Request
 
 from app.api.multipart import PartHeaders, boundary_of
-from app.errors import BodyTooLarge, MalformedRequest, UnsupportedMediaType
-from app.settings import Settings
-from app.uploads import ARCHIVE_FIELD, MAX_OPTION_BYTES, OPTION_FIELDS, Upload, admit
+from app.core.errors import BodyTooLarge, MalformedRequest, UnsupportedMediaType
+from app.core.settings import Settings
+from app.learning.uploads import ARCHIVE_FIELD, MAX_OPTION_BYTES, OPTION_FIELDS, Upload, admit
 
 
 class _Spooler(PartHeaders):

@@ -8,7 +8,6 @@ from typing import Any
 import numpy as np
 from fastapi import APIRouter, Depends, Query, Request
 
-from app import tracing
 from app.api.deps import ServiceDep, require_admin, require_key
 from app.api.inputs import parse_images
 from app.api.parsing import error_responses, item_error, parse_bool
@@ -22,10 +21,11 @@ from app.api.schemas import (
     ModelList,
     ModelSummary,
 )
-from app.card import Card
-from app.errors import InputError, MalformedRequest, TlserveError, redact
-from app.inference import InferRequest, InferResult, OodPolicy, parse_ood_policy
-from app.service import Service
+from app.core import tracing
+from app.core.errors import InputError, MalformedRequest, TlserveError, redact
+from app.serving.inference import InferRequest, InferResult, OodPolicy, parse_ood_policy
+from app.serving.service import Service
+from app.storage.card import Card
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_key)],
                    responses=error_responses(ErrorResponse, (401, 404, 409, 413, 415, 422, 500, 503)))  # fmt: skip

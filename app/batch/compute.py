@@ -1,10 +1,10 @@
 """The work of a batch job, the same in-process and on Ray: decode a batch of files, then run the
 extractor and the head on it and give back Arrow rows.
 
-Decoding is :func:`app.imaging.load_image` (the one loader) within the settings' limits
-(:class:`app.imaging.DecodeLimits`); features come from :class:`app.extractor.Extractor` over the
+Decoding is :func:`app.core.imaging.load_image` (the one loader) within the settings' limits
+(:class:`app.core.imaging.DecodeLimits`); features come from :class:`app.serving.extractor.Extractor` over the
 exported model whose sha256 the manifest names; the labels, probabilities, familiarity score and
-verdict are :func:`app.predict.answer`'s, the one core that ``tlserve predict`` and the service run. A
+verdict are :func:`app.serving.predict.answer`'s, the one core that ``tlserve predict`` and the service run. A
 file that does not decode becomes a row with an ``error``; it never fails the batch.
 """
 
@@ -21,14 +21,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from app.batch.parquet import error_column, features_column, schema
-from app.errors import ArtifactError, InputError
-from app.extractor import Extractor
-from app.familiarity import Familiarity
-from app.hashing import sha256_bytes, sha256_file
-from app.heads import Head
-from app.imaging import DecodeLimits
-from app.predict import answer
-from app.store import ExtractorInfo
+from app.core.errors import ArtifactError, InputError
+from app.core.hashing import sha256_bytes, sha256_file
+from app.core.imaging import DecodeLimits
+from app.serving.extractor import Extractor
+from app.serving.familiarity import Familiarity
+from app.serving.predict import answer
+from app.storage.heads import Head
+from app.storage.store import ExtractorInfo
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -101,7 +101,7 @@ class ModelSpec:
     head: Head | None
     """``None`` in features mode."""
     familiarity: Familiarity | None
-    """The head's familiarity model (:func:`app.familiarity.for_head`); ``None`` in features mode or when it has none."""
+    """The head's familiarity model (:func:`app.serving.familiarity.for_head`); ``None`` in features mode or when it has none."""
     meta: dict[str, Any]
     """The job metadata (:func:`app.batch.job.metadata`), stamped on every part."""
     top_k: int

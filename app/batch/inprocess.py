@@ -2,7 +2,7 @@
 
 A thread pool reads and decodes files a bounded window ahead of the extractor (memory stays flat for
 any number of images); the extractor and the head run on batches in this thread; a part is committed
-every ``part_rows`` rows. Progress: :func:`app.progress.console` (a tqdm bar on a terminal, else a
+every ``part_rows`` rows. Progress: :func:`app.core.progress.console` (a tqdm bar on a terminal, else a
 line every few seconds with images done, images/s and ETA).
 """
 
@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING
 
 from app.batch.compute import Decoded, Model, decode_file, stack
 from app.batch.job import Plan, Summary, claim
-from app.errors import OutputConflict
-from app.progress import Meter, Mode, console
+from app.core.errors import OutputConflict
+from app.core.progress import Meter, Mode, console
 
 if TYPE_CHECKING:
     import pyarrow as pa

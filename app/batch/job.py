@@ -12,12 +12,12 @@ from app import __version__
 from app.batch.compute import DecodeSpec, ModelSpec
 from app.batch.parquet import FORMAT, JOB_KEYS, Output, new_run
 from app.batch.source import Source, open_source
-from app.errors import OutputConflict
-from app.familiarity import Familiarity, for_head
-from app.imaging import DecodeLimits
-from app.registry import load_head
-from app.settings import Settings
-from app.store import ExtractorInfo, ModelStore
+from app.core.errors import OutputConflict
+from app.core.imaging import DecodeLimits
+from app.core.settings import Settings
+from app.serving.familiarity import Familiarity, for_head
+from app.storage.registry import load_head
+from app.storage.store import ExtractorInfo, ModelStore
 
 log = logging.getLogger(__name__)
 

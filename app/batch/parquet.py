@@ -6,7 +6,7 @@ An output folder holds::
     part-<run>-<id>.parquet       committed parts (any number, any order); each carries the job metadata
     .part-….tmp                   a part being written (invisible: readers skip names starting with . or _)
 
-Local parts are written to a temporary name, fsynced and renamed (:func:`app.store.atomic_write`);
+Local parts are written to a temporary name, fsynced and renamed (:func:`app.storage.store.atomic_write`);
 on object stores (``s3://``…) an object appears only when its upload completes. So a killed job leaves
 only whole parts, and ``--resume`` skips every path already in one. A straggler writer of a run that
 was replaced by a resumed one (its ``run`` no longer in ``_tlserve.json``) drops its part instead of
@@ -14,7 +14,7 @@ committing it, so no image is written twice.
 
 Columns, classify mode: ``path`` (relative to the source), ``label``, ``probability`` (of the label),
 ``top_k`` (list of ``{label, probability}``), and when the head has familiarity data
-(:mod:`app.familiarity`) ``familiarity`` (the score, float64) and ``in_distribution`` (the verdict at
+(:mod:`app.serving.familiarity`) ``familiarity`` (the score, float64) and ``in_distribution`` (the verdict at
 the head's calibrated threshold), the same numbers as ``tlserve predict`` and the service; then
 ``error`` (null, or ``{code, message}`` for a file that did not decode: its other columns are null).
 Features mode: ``path``, ``class`` (the class folder of a labelled source, else null), ``features``
@@ -32,14 +32,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from app.errors import DatasetError, IncompatibleFeatures, MissingDependency, OutputConflict
-from app.files import atomic_write
+from app.core.errors import DatasetError, IncompatibleFeatures, MissingDependency, OutputConflict
+from app.storage.files import atomic_write
 
 if TYPE_CHECKING:
     import pyarrow as pa
     import pyarrow.fs as pafs
 
-    from app.features import Dataset, Extracted
+    from app.learning.features import Dataset, Extracted
 
 JOB_FILE = "_tlserve.json"
 FORMAT = "tlserve-batch/1"
@@ -206,8 +206,8 @@ def new_run() -> str:
 @dataclass
 class FeatureSet:
     """A ``--features`` output read back as what extracting its source folder gives training: the
-    photos as a :class:`app.features.Dataset` (in :meth:`~app.features.Dataset.from_folder` order) and
-    their features as an :class:`app.features.Extracted` (unreadable files in ``skipped``)."""
+    photos as a :class:`app.learning.features.Dataset` (in :meth:`~app.learning.features.Dataset.from_folder` order) and
+    their features as an :class:`app.learning.features.Extracted` (unreadable files in ``skipped``)."""
 
     data: Dataset
     extracted: Extracted
@@ -219,12 +219,12 @@ def read_features(uri: str, feature_space: str) -> FeatureSet:
     """Every committed row of a features dataset; refused (before reading rows) when it was written by
     another extractor than ``feature_space``, holds no classes, or is not a features dataset. Rows of
     files directly in the source folder (outside the class folders) are counted and left out, as
-    :meth:`app.features.Dataset.from_folder` does."""
+    :meth:`app.learning.features.Dataset.from_folder` does."""
     from collections import Counter
     from pathlib import Path
 
-    from app.features import Dataset, Extracted
-    from app.labelled import refuse_split
+    from app.core.labelled import refuse_split
+    from app.learning.features import Dataset, Extracted
 
     need_pyarrow("tlserve train --features")
     out = Output.open(uri)

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from app.batch.compute import Model, ModelSpec, decode_batch
 from app.batch.job import Plan, Summary, claim
 from app.batch.parquet import Output, schema
-from app.errors import MalformedRequest, MissingDependency
+from app.core.errors import MalformedRequest, MissingDependency
 
 if TYPE_CHECKING:
     import pyarrow as pa

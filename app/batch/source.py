@@ -2,8 +2,8 @@
 
 ``s3://bucket/prefix`` (credentials from the environment, as pyarrow's ``S3FileSystem`` reads them),
 ``gs://…``, ``hdfs://…`` and local paths all become a ``(FileSystem, path)`` pair; only local folders
-are tested here. A *labelled* source follows the labelled-folder rule (:mod:`app.labelled`, as
-:meth:`app.features.Dataset.from_folder` does): at least two class sub-folders; every file under a class
+are tested here. A *labelled* source follows the labelled-folder rule (:mod:`app.core.labelled`, as
+:meth:`app.learning.features.Dataset.from_folder` does): at least two class sub-folders; every file under a class
 folder is one image of that class (nothing hidden or junk on the way). Files directly in a labelled
 source are classified too but have no class (training from the features ignores and counts them, as
 training from the folder does). Any other folder is a flat collection.
@@ -15,8 +15,8 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from app import labelled
-from app.errors import DatasetError
+from app.core import labelled
+from app.core.errors import DatasetError
 
 if TYPE_CHECKING:
     import pyarrow.fs as pafs

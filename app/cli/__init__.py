@@ -14,7 +14,7 @@ import sys
 
 from app.cli import batch, export, heads, keys, predict, serve, train
 from app.cli import settings as settings_command
-from app.errors import TlserveError
+from app.core.errors import TlserveError
 
 __all__ = ["build_parser", "main"]
 
@@ -43,8 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from app.logs import setup_logging
-    from app.settings import get_settings
+    from app.core.logs import setup_logging
+    from app.core.settings import get_settings
 
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -39,7 +39,7 @@ def register(sub: Subparsers) -> None:
 
 def _batch(args: argparse.Namespace) -> int:
     from app.batch import BatchJob, run
-    from app.settings import get_settings
+    from app.core.settings import get_settings
 
     job = BatchJob(
         source=args.source, output=args.output, head=args.head, features=args.features, top_k=args.top_k,

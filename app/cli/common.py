@@ -8,16 +8,16 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from typing import TypeAlias
 
-    from app.training import Trainer
+    from app.learning.training import Trainer
 
     Subparsers: TypeAlias = argparse._SubParsersAction[argparse.ArgumentParser]
     """What ``add_subparsers`` returns: each command module's ``register`` adds its commands to it."""
 
 
 def make_trainer(args: argparse.Namespace) -> Trainer:
-    from app.progress import console
-    from app.settings import get_settings
-    from app.training import Trainer
+    from app.core.progress import console
+    from app.core.settings import get_settings
+    from app.learning.training import Trainer
 
     return Trainer(get_settings(), progress=console(args.progress))
 

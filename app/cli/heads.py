@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from app.cli.common import Subparsers
-    from app.control import HeadControl
+    from app.storage.control import HeadControl
 
 
 def register(sub: Subparsers) -> None:
@@ -27,10 +27,10 @@ def register(sub: Subparsers) -> None:
 
 
 def control() -> HeadControl:
-    """The control plane (:class:`app.control.HeadControl`) over the configured store, with its keys."""
-    from app.control import HeadControl
-    from app.settings import get_settings
-    from app.store import ModelStore
+    """The control plane (:class:`app.storage.control.HeadControl`) over the configured store, with its keys."""
+    from app.core.settings import get_settings
+    from app.storage.control import HeadControl
+    from app.storage.store import ModelStore
 
     s = get_settings()
     return HeadControl(ModelStore.open(s).heads, s.default_head)

@@ -45,7 +45,7 @@ def _write_secret(path: Path, data: bytes) -> bool:
 def _keys(args: argparse.Namespace) -> int:
     import secrets
 
-    from app.signing import generate
+    from app.core.signing import generate
 
     if args.env is not None:  # compose's env_file (docker-compose.yml), a k8s Secret's --from-env-file
         api, admin = secrets.token_urlsafe(32), secrets.token_urlsafe(32)

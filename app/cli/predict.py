@@ -44,11 +44,11 @@ def register(sub: Subparsers) -> None:
 def _predict(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from app.errors import InputError
-    from app.familiarity import for_head
-    from app.imaging import DecodeLimits
-    from app.predict import answer_images
-    from app.registry import load_head
+    from app.core.errors import InputError
+    from app.core.imaging import DecodeLimits
+    from app.serving.familiarity import for_head
+    from app.serving.predict import answer_images
+    from app.storage.registry import load_head
 
     trainer = make_trainer(args)
     s, info = trainer.settings, trainer.info

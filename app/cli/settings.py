@@ -18,7 +18,7 @@ def register(sub: Subparsers) -> None:
 
 
 def _settings(args: argparse.Namespace) -> int:
-    from app.settings import get_settings, settings_markdown
+    from app.core.settings import get_settings, settings_markdown
 
     if args.markdown:
         print(settings_markdown())

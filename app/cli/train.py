@@ -110,8 +110,8 @@ def _print_notes(skipped: list[tuple[Path, str]], nested: dict[str, int], duplic
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from app.registry import load_head
-    from app.training import confusion_png
+    from app.learning.training import confusion_png
+    from app.storage.registry import load_head
 
     trainer = make_trainer(args)
     head = load_head(trainer.heads, args.head or trainer.settings.default_head, trainer.info.feature_space)

@@ -1,5 +1,5 @@
-"""Protobuf ↔ the protocol's transport-neutral types (:mod:`app.oip`) for the gRPC front. What the
-tensors mean and how they are checked is :mod:`app.oip.tensors`'s, shared with REST ``/v2``; here only
+"""Protobuf ↔ the protocol's transport-neutral types (:mod:`app.serving.oip`) for the gRPC front. What the
+tensors mean and how they are checked is :mod:`app.serving.oip.tensors`'s, shared with REST ``/v2``; here only
 bytes move:
 
 - the input's elements come in ``raw_input_contents`` (4-byte little-endian length + bytes each, what
@@ -13,10 +13,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from app.errors import BadRequest
+from app.core.errors import BadRequest
 from app.grpc.stubs import pb
-from app.oip.plane import Answer, Input, ModelMetadata
-from app.oip.tensors import INPUT, frame, unframe
+from app.serving.oip.plane import Answer, Input, ModelMetadata
+from app.serving.oip.tensors import INPUT, frame, unframe
 
 
 def parameter(value: Any) -> Any:

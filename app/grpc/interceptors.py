@@ -12,7 +12,7 @@ errors as statuses, in-flight gauge, duration metric, one JSON log line.
 - bounds before parsing: an accepted call's message is walked on the wire (:mod:`app.grpc.wire`) and
   refused beyond ``max_request_elements`` fields and packed numbers (INVALID_ARGUMENT,
   ``request_too_complex``) before protobuf builds one object;
-- an :mod:`app.errors` exception becomes the status of :func:`app.grpc.status.code_for`, its message
+- an :mod:`app.core.errors` exception becomes the status of :func:`app.grpc.status.code_for`, its message
   (without model store paths) the details, and its code and retry hint the trailing metadata;
   anything else is INTERNAL "internal error" and a traceback in the log;
 - ``tlserve_request_duration_seconds{route="/inference.GRPCInferenceService/ModelInfer", method="GRPC",
@@ -35,14 +35,14 @@ import grpc
 from google.protobuf import descriptor_pool
 from google.protobuf.descriptor import Descriptor
 
-from app import tracing
-from app.errors import TlserveError, Unauthorized, redact
+from app.core import tracing
+from app.core.errors import TlserveError, Unauthorized, redact
+from app.core.keys import given_key, key_matches
+from app.core.logs import request_id
+from app.core.settings import Settings
 from app.grpc.status import SERVER_FAULTS, code_for, trailing_metadata
 from app.grpc.wire import check_message
-from app.keys import given_key, key_matches
-from app.logs import request_id
-from app.metrics import Metrics
-from app.settings import Settings
+from app.serving.metrics import Metrics
 
 log = logging.getLogger("tlserve.access")
 INFERENCE = "inference.GRPCInferenceService"

@@ -1,5 +1,5 @@
 """The gRPC front's server: ``inference.GRPCInferenceService`` and ``grpc.health.v1.Health`` on one port,
-in the event loop of the HTTP front, over the same :class:`~app.service.Service`.
+in the event loop of the HTTP front, over the same :class:`~app.serving.service.Service`.
 
 Life cycle (driven by :mod:`app.server`): :meth:`GrpcFront.bind` claims the port before the model
 loads (a port in use fails start-up at once); :meth:`start` serves once the service has started;
@@ -21,11 +21,11 @@ import logging
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from app.core.settings import Settings
 from app.grpc.interceptors import RequestInterceptor
 from app.grpc.servicers import InferenceServicer
 from app.grpc.stubs import SERVICE, pb_grpc
-from app.service import Service
-from app.settings import Settings
+from app.serving.service import Service
 
 log = logging.getLogger(__name__)
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING

@@ -1,9 +1,9 @@
 """``inference.GRPCInferenceService``: each RPC converts the request, calls the protocol, converts the answer.
 
-Thin over :mod:`app.oip.plane`, the same calls REST ``/v2`` makes: ``ModelInfer`` is one
-:meth:`~app.service.Service.infer` call (same batcher, limits and image metrics as over HTTP), with the
+Thin over :mod:`app.serving.oip.plane`, the same calls REST ``/v2`` makes: ``ModelInfer`` is one
+:meth:`~app.serving.service.Service.infer` call (same batcher, limits and image metrics as over HTTP), with the
 same default outputs, ``ood_policy`` and pinned-version rule; ``ModelReady`` and ``ModelMetadata`` are
-REST's answers. Errors are raised as :mod:`app.errors` exceptions; :mod:`app.grpc.interceptors` turns
+REST's answers. Errors are raised as :mod:`app.core.errors` exceptions; :mod:`app.grpc.interceptors` turns
 them into gRPC statuses (table: :mod:`app.grpc.status`). Models are heads; ``model_version`` is a head
 version (empty: the current one).
 """
@@ -12,12 +12,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from app import tracing
+from app.core import tracing
 from app.grpc import converters
 from app.grpc.interceptors import note
 from app.grpc.stubs import pb, pb_grpc
-from app.oip import plane
-from app.service import Service
+from app.serving.oip import plane
+from app.serving.service import Service
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):

@@ -1,4 +1,4 @@
-"""Our error tree (:mod:`app.errors`) as gRPC status codes: one table, looked up along each error's class tree.
+"""Our error tree (:mod:`app.core.errors`) as gRPC status codes: one table, looked up along each error's class tree.
 
     InputError (4xx)                 INVALID_ARGUMENT   bad image, bad tensor, over a per-request limit
     ├── Unauthorized         401     UNAUTHENTICATED
@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import grpc
 
-from app.errors import (
+from app.core.errors import (
     CapacityError,
     ClientDisconnected,
     Forbidden,

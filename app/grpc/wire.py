@@ -5,7 +5,7 @@ bytes on the wire and an object in memory (a 64 MiB ``ModelInferRequest`` of emp
 ~1.5 GB in the parser), a packed varint one byte and eight. :func:`check_message` walks the wire
 format along the message's descriptor (sub-messages and map entries included, without recursion),
 counting every field and every number of a packed varint field, and stops with
-:class:`~app.errors.RequestTooComplex` at the first one over ``limit`` (``max_request_elements``).
+:class:`~app.core.errors.RequestTooComplex` at the first one over ``limit`` (``max_request_elements``).
 Bytes that are not valid wire format stop the walk: protobuf's own parse then names the error.
 """
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
-from app.errors import RequestTooComplex
+from app.core.errors import RequestTooComplex
 
 _HIGH = bytes(range(0x80, 0x100))
 """Continuation bytes of a varint: deleting them leaves one byte per number."""

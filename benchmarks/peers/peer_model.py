@@ -1,4 +1,4 @@
-"""What every peer serves: the same ONNX file, the same decode (``app.imaging.load_image``) and the same head.
+"""What every peer serves: the same ONNX file, the same decode (``app.core.imaging.load_image``) and the same head.
 
 Imported inside each peer's own virtualenv (``benchmarks/peers.py`` puts the repository and this folder on ``PYTHONPATH``; no ``__init__.py`` here, so
 ``benchmarks.peers`` stays the driver module);
@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from app.extractor import create_session
-from app.heads import Head, build_head, describe
-from app.imaging import load_image
+from app.core.imaging import load_image
+from app.serving.extractor import create_session
+from app.storage.heads import Head, build_head, describe
 
 
 class Model:

@@ -85,7 +85,7 @@ def apply_limits(text: str, max_body_bytes: int, max_training_bytes: int) -> str
 def settings_limits() -> tuple[int, int]:
     """``(max_body_bytes, max_training_bytes)`` as the service reads them (``TLSERVE_*`` variables, else defaults)."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    from app.settings import Settings
+    from app.core.settings import Settings
 
     s = Settings()
     return s.max_body_bytes, s.max_training_bytes
@@ -191,7 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--write-defaults", action="store_true", help=f"rewrite {CONF.name}'s body limits from the Settings defaults")
     args = p.parse_args(argv)
     if args.write_defaults:
-        from app.settings import Settings
+        from app.core.settings import Settings
 
         fields = Settings.model_fields
         CONF.write_text(apply_limits(CONF.read_text(), fields["max_body_bytes"].default, fields["max_training_bytes"].default))

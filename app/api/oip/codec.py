@@ -1,6 +1,6 @@
 """The Open Inference Protocol's REST wire format: request bodies (inflated, split, parsed) → the input's
 image bytes; output tensors → response bodies (JSON, or the binary tensor data extension). What the
-tensors mean and how they are checked is :mod:`app.oip.tensors`'s, shared with gRPC."""
+tensors mean and how they are checked is :mod:`app.serving.oip.tensors`'s, shared with gRPC."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from pydantic import ValidationError
 
 from app.api.oip.schemas import InferenceRequest
 from app.api.parsing import THREAD_BYTES, decode_base64, load_json_bounded
-from app.errors import BadRequest, BodyTooLarge, UnsupportedMediaType
-from app.oip.plane import Answer
-from app.oip.tensors import INPUT, Wanted, count, unframe
+from app.core.errors import BadRequest, BodyTooLarge, UnsupportedMediaType
+from app.serving.oip.plane import Answer
+from app.serving.oip.tensors import INPUT, Wanted, count, unframe
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 

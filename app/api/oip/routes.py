@@ -15,7 +15,7 @@ Every loaded head is a model. A model takes one input and gives up to three outp
 - output ``features``: ``FP32 [N, D]``, the extractor's feature vectors, only when asked for;
 - outputs ``familiarity`` (``FP32 [N]``, higher: more like the training photos) and ``in_distribution``
   (``BOOL [N]``, at or above the head's calibrated threshold), for heads with familiarity data
-  (:mod:`app.familiarity`). Request parameter ``ood_policy``: ``report`` (default: the setting) or
+  (:mod:`app.serving.familiarity`). Request parameter ``ood_policy``: ``report`` (default: the setting) or
   ``refuse``, which sends the label ``""`` for an image that is not in distribution.
 
 Without ``outputs`` in the request, ``label`` and ``probabilities`` come back, and the two familiarity
@@ -37,14 +37,14 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import JSONResponse, Response
 
-from app import tracing
 from app.api.deps import ServiceDep, probe_auth, require_key
 from app.api.inputs import read_body
 from app.api.oip.codec import HEADER_LENGTH, elements, encode, inflater, parse, split
 from app.api.oip.schemas import INFER_BODY, InferenceResponse, Live, ModelMetadata, ModelReady, OipError, Ready, ServerMetadata
 from app.api.parsing import error_responses
-from app.oip import plane
-from app.service import Service
+from app.core import tracing
+from app.serving.oip import plane
+from app.serving.service import Service
 
 router = APIRouter(
     prefix="/v2",

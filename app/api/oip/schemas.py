@@ -1,5 +1,5 @@
 """The Open Inference Protocol's JSON objects (KServe v2 REST), as pydantic models; the metadata ones are
-:mod:`app.oip.plane`'s, shared with gRPC."""
+:mod:`app.serving.oip.plane`'s, shared with gRPC."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from app.oip.plane import ModelMetadata, ServerMetadata, TensorMetadata
+from app.serving.oip.plane import ModelMetadata, ServerMetadata, TensorMetadata
 
 
 class OipError(BaseModel):
