@@ -21,7 +21,7 @@ import asyncio, resource, sys
 resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))
 from pathlib import Path
 from app.core.errors import TlserveError
-from app.learning.jobs import JobStore
+from app.learning.jobstore import JobStore
 from app.storage.registry import HeadRegistry, load_head
 from app.storage.store import ModelStore
 store, what = ModelStore(Path(sys.argv[1])), sys.argv[2]

@@ -18,7 +18,8 @@ from app.api.deps import ServiceDep, require_admin, require_key
 from app.api.parsing import error_responses
 from app.api.schemas import ErrorResponse
 from app.core.errors import DatasetError, HeadNotFound, TlserveError
-from app.learning.jobs import JobRunner, card_report
+from app.learning.jobs import JobRunner
+from app.learning.jobstore import card_report
 from app.serving.service import Service
 from app.storage.examples import ExampleStore
 from app.storage.registry import Version, valid_head_name

@@ -1,12 +1,4 @@
-"""Training jobs: records in the shared store, run at most ``training_jobs`` at a time per replica.
-
-**Records** are JSON files, one per job, in the shared store (``model_store/heads/.jobs/<id>.json``,
-replaced atomically: tmp + fsync + rename), so ``GET /v1/jobs/{id}`` answers the same on every replica
-that shares the store. The replica running a job rewrites its record at every state change and every
-``job_heartbeat_s`` (``heartbeat_at``, progress). Any replica reading a ``queued``/``running`` record
-whose heartbeat is :data:`STALE_BEATS` beats old reports it ``failed`` with ``replica_lost`` (and writes
-that down): a job whose replica died is never left "running" forever. If that replica had committed
-the job's version before it died (a card naming the job), the record says ``succeeded`` instead.
+"""Training jobs: run at most ``training_jobs`` at a time per replica (records: :mod:`app.learning.jobstore`).
 
 **Running**: a job is one thread at nice :data:`JOB_NICE` (threads it starts, the decode pool
 included, inherit it), so requests' decoding and the event loop win the CPU. Its features come from
@@ -31,7 +23,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import re
 import socket
 import threading
 import time
@@ -40,22 +31,19 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from app.core.errors import DatasetError, JobNotFound, NotReady, ShuttingDown, TlserveError, TooManyJobs
+from app.core.errors import DatasetError, NotReady, ShuttingDown, TlserveError, TooManyJobs
 from app.core.progress import Progress
 from app.core.recipe import MIN_IMAGES_PER_CLASS, SEED
 from app.core.settings import Settings
 from app.learning.features import Dataset, Extracted
+from app.learning.jobstore import JobStore, iso, now, report_dict
 from app.serving.extractor import Extractor
 from app.storage.card import Card
 from app.storage.examples import Example, ExampleStore, Snapshot
-from app.storage.files import read_json, write_json
-from app.storage.registry import HeadStore, Version
 
 if TYPE_CHECKING:
     from app.learning.training import Report
@@ -64,40 +52,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-STALE_BEATS = 5
 JOB_NICE = 10
-STATES = ("queued", "running", "succeeded", "failed")
 _VALIDATION_SETS_KEPT = 8
 """Heads whose validation features a replica keeps for ``compare`` (each n_val x D float32: 2 KiB a photo at D=512)."""
-_JOB_ID = re.compile(r"[0-9a-f]{32}")  # fullmatch: "$" would accept a trailing newline
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
-
-
-def _iso(t: datetime) -> str:
-    return t.isoformat(timespec="milliseconds")
-
-
-# --- reports ---------------------------------------------------------------------------------
-def report_dict(metrics: dict[str, Any], n_train: int | None) -> dict[str, Any]:
-    """The HTTP shape of a validation report (``Report.as_dict()`` or a card's ``metrics``)."""
-    per_class = {
-        str(label): {"precision": float(v.get("precision", 0.0)), "recall": float(v.get("recall", 0.0)),
-                     "f1": float(v.get("f1-score", v.get("f1", 0.0))), "support": int(v.get("support", 0))}
-        for label, v in (metrics.get("per_class") or {}).items()
-    }  # fmt: skip
-    return {"accuracy": float(metrics.get("accuracy", 0.0)), "classes": [str(c) for c in metrics.get("classes", [])],
-            "confusion_matrix": metrics.get("confusion_matrix", []), "per_class": per_class,
-            "n_train": n_train, "n_val": int(metrics.get("n", 0))}  # fmt: skip
-
-
-def card_report(card: Card) -> dict[str, Any] | None:
-    """A version's validation report, from its card (None for a card without metrics)."""
-    if card.metrics is None or card.metrics.accuracy is None:
-        return None
-    return report_dict(card.metrics.model_dump(), card.training.n_train)
 
 
 # --- what a job trains on --------------------------------------------------------------------
@@ -154,83 +111,6 @@ def dataset(store: ExampleStore, examples: list[Example], classes: list[str]) ->
     """Photos of the example store as a :class:`~app.learning.features.Dataset` (``relative`` paths: ``ab/<sha256>``)."""
     return Dataset(store.folder / "objects", classes, [store.path(e.sha256) for e in examples],
                    np.asarray([classes.index(e.label) for e in examples], dtype=np.int64))  # fmt: skip
-
-
-# --- the record store ------------------------------------------------------------------------
-class JobStore:
-    """Job records in ``<heads>/.jobs/`` (see the module docstring)."""
-
-    def __init__(self, heads: HeadStore) -> None:
-        self.heads = heads
-        self.root = heads.jobs_dir
-
-    def path(self, job_id: str) -> Path:
-        if not _JOB_ID.fullmatch(job_id):
-            raise JobNotFound(f"no training job {job_id[:40]!r} (job ids are 32 hex digits)")
-        return self.root / f"{job_id}.json"
-
-    def write(self, record: dict[str, Any]) -> None:
-        write_json(self.path(record["id"]), record)
-
-    def read(self, job_id: str) -> dict[str, Any]:
-        path = self.path(job_id)
-        if not path.exists():
-            raise JobNotFound(f"no training job {job_id!r} in the shared store")
-        return read_json(path)
-
-    def get(self, job_id: str) -> dict[str, Any]:
-        """The record, with a dead replica's job reported as it ended (see :meth:`settle`)."""
-        return self.settle(self.read(job_id))
-
-    def list(self, head: str | None = None) -> list[dict[str, Any]]:
-        records = []
-        with contextlib.suppress(OSError):
-            for path in self.root.glob("*.json"):
-                with contextlib.suppress(TlserveError):
-                    record = read_json(path)
-                    if head is None or record.get("head") == head:
-                        records.append(self.settle(record))
-        return sorted(records, key=lambda r: str(r.get("created_at")), reverse=True)
-
-    def settle(self, record: dict[str, Any]) -> dict[str, Any]:
-        """A ``queued``/``running`` record whose heartbeat is :data:`STALE_BEATS` beats old: its replica is
-        gone. Reported (and written) ``succeeded`` if a committed version names the job, else ``failed``."""
-        if record.get("state") not in ("queued", "running"):
-            return record
-        beat = float(record.get("heartbeat_s") or 1.0)
-        try:
-            age = (_now() - datetime.fromisoformat(str(record["heartbeat_at"]))).total_seconds()
-        except (KeyError, ValueError):
-            age = float("inf")
-        if age < STALE_BEATS * beat:
-            return record
-        record = dict(record)
-        committed = self._committed(record)
-        if committed is not None:
-            record.update(state="succeeded", version=committed.version, report=card_report(committed.info), error=None,
-                          promoted=self._is_current(committed))  # fmt: skip
-        else:
-            record.update(state="failed", error={"code": "replica_lost", "message": (
-                f"replica {record.get('replica')} stopped updating this job at {record.get('heartbeat_at')} (no heartbeat for "
-                f"{age:.0f} s, {STALE_BEATS} beats of {beat:g} s): it was stopped or died. No version was written; submit "
-                "the training again (its photos are in the head's example store)")})  # fmt: skip
-        record["updated_at"] = _iso(_now())
-        with contextlib.suppress(OSError, TlserveError):
-            self.write(record)
-        return record
-
-    def _committed(self, record: dict[str, Any]) -> Version | None:
-        with contextlib.suppress(TlserveError, OSError):
-            for v in reversed(self.heads.versions(str(record["head"]))):
-                version = self.heads.get(str(record["head"]), v)
-                if version.info.job_id == record["id"]:
-                    return version
-        return None
-
-    def _is_current(self, version: Version) -> bool:
-        with contextlib.suppress(TlserveError, OSError):
-            return self.heads.current_version(version.name) == version.version
-        return False
 
 
 # --- features through the serving batcher ----------------------------------------------------
@@ -342,12 +222,12 @@ class JobRunner:
         """Record the job (``queued``) and start it; returns its record."""
         if self.service.extractor is None or self.service.batcher is None:
             raise NotReady(f"not ready: {self.service.not_ready_reason}")
-        now = _iso(_now())
+        at = iso(now())
         record: dict[str, Any] = {
-            "id": uuid.uuid4().hex, "head": spec.head, "state": "queued", "created_at": now, "updated_at": now,
+            "id": uuid.uuid4().hex, "head": spec.head, "state": "queued", "created_at": at, "updated_at": at,
             "progress": {"phase": "queued", "done": 0, "total": len(spec.plan.train) + len(spec.plan.val), "images_per_s": None},
             "version": None, "promoted": False, "report": None, "error": None,
-            "replica": self.replica, "heartbeat_at": now, "heartbeat_s": self.settings.job_heartbeat_s,
+            "replica": self.replica, "heartbeat_at": at, "heartbeat_s": self.settings.job_heartbeat_s,
             "options": spec.options, "data": spec.data, "phases": {}, "skipped": [],
         }  # fmt: skip
         job = _Job(record, spec)
@@ -361,7 +241,7 @@ class JobRunner:
     def _flush(self, job: _Job) -> None:
         with job.lock:
             if job.record["state"] in ("queued", "running"):
-                job.record["heartbeat_at"] = job.record["updated_at"] = _iso(_now())
+                job.record["heartbeat_at"] = job.record["updated_at"] = iso(now())
             self.store.write(job.record)
 
     def _progress(self, job: _Job, p: Progress) -> None:
@@ -460,7 +340,7 @@ class JobRunner:
             if job.record["state"] in ("succeeded", "failed"):
                 return
             job.record.update(state=state, **fields)
-            job.record["updated_at"] = _iso(_now())
+            job.record["updated_at"] = iso(now())
             if state == "succeeded":
                 job.record["progress"] = {**job.record["progress"], "phase": "done"}
         try:

@@ -197,7 +197,7 @@ class HeadStore:
 
     @property
     def jobs_dir(self) -> Path:
-        """Training jobs' records (:class:`app.learning.jobs.JobStore`)."""
+        """Training jobs' records (:class:`app.learning.jobstore.JobStore`)."""
         return self.root / JOBS
 
     def examples_dir(self, name: str) -> Path:
