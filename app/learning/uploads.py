@@ -319,7 +319,8 @@ def _check_zip(path: Path, archive: str, settings: Settings, budget: list[int], 
     except _CORRUPT as exc:
         raise MalformedRequest(f"archive {archive!r} is not a readable zip: {exc}") from None
     _count(len(infos), archive, settings)
-    files, ignored, total = [], 0, 0
+    files: list[Member] = []
+    ignored, total = 0, 0
     for info in infos:
         parts = _member_parts(info.filename, archive)
         mode = info.external_attr >> 16
@@ -333,14 +334,20 @@ def _check_zip(path: Path, archive: str, settings: Settings, budget: list[int], 
         if info.is_dir() or not parts:
             continue
         _ratio_check(info.file_size, info.compress_size, where, settings)
-        _spend(budget, info.file_size, archive, settings)
         total += info.file_size
-        if labelled.ignored(parts):
-            ignored += 1
-            continue
-        files.append(Member(parts, info.file_size, info))
+        ignored += _admit(files, Member(parts, info.file_size, info), archive, settings, budget)
     _ratio_check(total, size, f"archive {archive!r}", settings)
     return files, ignored
+
+
+def _admit(files: list[Member], member: Member, archive: str, settings: Settings, budget: list[int]) -> int:
+    """Spend a member's size on the archive's budget and keep it, unless the labelled-folder rule ignores it
+    (junk such as ``__MACOSX``): then 1, for the count of ignored files."""
+    _spend(budget, member.size, archive, settings)
+    if labelled.ignored(member.parts):
+        return 1
+    files.append(member)
+    return 0
 
 
 _TAR_KINDS = {tarfile.SYMTYPE: "a symbolic link", tarfile.LNKTYPE: "a hard link", tarfile.CHRTYPE: "a character device",
@@ -348,7 +355,8 @@ _TAR_KINDS = {tarfile.SYMTYPE: "a symbolic link", tarfile.LNKTYPE: "a hard link"
 
 
 def _check_tar(tar: tarfile.TarFile, archive: str, settings: Settings, budget: list[int], size: int) -> tuple[list[Member], int]:
-    files, ignored, total, n = [], 0, 0, 0
+    files: list[Member] = []
+    ignored, total, n = 0, 0, 0
     while True:
         try:
             info = tar.next()  # reads one header (a compressed stream is decompressed up to it, never stored)
@@ -366,12 +374,8 @@ def _check_tar(tar: tarfile.TarFile, archive: str, settings: Settings, budget: l
             continue
         if info.type not in (tarfile.REGTYPE, tarfile.AREGTYPE):
             raise UnsafeArchive(f"{where} is not a regular file (tar type {info.type!r}); only files and folders are accepted")
-        _spend(budget, info.size, archive, settings)
         total += info.size
-        if labelled.ignored(parts):
-            ignored += 1
-            continue
-        files.append(Member(parts, info.size, info))
+        ignored += _admit(files, Member(parts, info.size, info), archive, settings, budget)
     _ratio_check(total, size, f"archive {archive!r}", settings)
     return files, ignored
 
