@@ -200,7 +200,7 @@ def test_build_stage_bakes_the_exported_model_and_the_heads() -> None:
 
 def test_int8_calibration_photos_are_a_bind_mount_never_a_copy() -> None:
     """PRECISION=int8 (the default) makes the INT8 copy from the committed table, or reads photos from the
-    `calibration` build context, mounted for one RUN (README's CLI)."""
+    `calibration` build context, mounted for one RUN (the export how-to's CLI)."""
     assert ARGS["PRECISION"] == "int8"  # default: the pinned INT8 copy from the committed table
     assert "model_store/int8_calibration.json /opt/tlserve/model_store/" in STAGES["store"].all("COPY")
     assert "!model_store/int8_calibration.json" in (REPO / ".dockerignore").read_text().splitlines()
@@ -208,9 +208,9 @@ def test_int8_calibration_photos_are_a_bind_mount_never_a_copy() -> None:
     assert store.all("ARG") == ['EXPORT_ARGS=""', "PRECISION", 'INT8_ARGS=""']
     (export_run,) = [r for r in store.all("RUN") if "tlserve export" in r]
     assert export_run.startswith("--mount=type=bind,from=calibration,target=/calibration ")
-    assert "set -- --int8 --calibration-dir /calibration ${INT8_ARGS};" in export_run  # the CLI as README documents it
+    assert "set -- --int8 --calibration-dir /calibration ${INT8_ARGS};" in export_run  # the CLI as the export how-to documents it
     assert "set -- --int8;" in export_run and "set -- --no-int8;" in export_run
-    assert "`tlserve export --int8 --calibration-dir DIR`" in (REPO / "README.md").read_text()
+    assert "tlserve export --calibration-dir" in (REPO / "docs" / "howto" / "export-int8.md").read_text()
     assert "--build-context calibration=" in README.read_text()
     # nothing else reads the calibration stage, and no stage copies from it
     everything = " ".join(args for s in STAGE_LIST for _, args in s.instructions)
@@ -387,7 +387,8 @@ def test_dockerignore_sends_what_the_build_copies_and_nothing_heavy() -> None:
 
 
 def test_the_default_head_the_image_serves_is_in_the_repository() -> None:
-    card = REPO / "model_store" / "heads" / ARGS["DEFAULT_HEAD"] / "card.json"
+    folder = REPO / "model_store" / "heads" / ARGS["DEFAULT_HEAD"]
+    card = folder / (folder / "current").read_text().strip() / "card.json"  # the version `current` names
     assert card.exists(), f"{card} is missing: `docker build` would fail its model check (train the head, commit it)"
     assert json.loads(card.read_text())["extractor"]["sha256"], "the head names the extractor it was trained on"
 
