@@ -9,7 +9,7 @@ For each size S, exported into its own store ``<stores>/<S>`` with
 1. features of ``cats_vs_dogs/train`` (2,000), ``cats_vs_dogs/val`` (1,000) and ``weather/train``
    (766) through the product path (:func:`app.learning.features.extract_paths`, the one loader), cached by
    extractor + image content under ``--cache``: a rerun does no model work;
-2. the default recipe (:func:`app.learning.training.cross_validate` + :func:`app.learning.training.fit`: plain L2
+2. the default recipe (:func:`app.learning.crossval.cross_validate` + :func:`app.learning.crossval.fit`: plain L2
    logistic regression, C by 5-fold CV on train) scored on val; weather: 5-fold CV accuracy with C
    chosen by the same 5-fold CV inside each outer fold's training part (nested, so not optimistic);
 3. INT8 with the project's quantization (:func:`app.learning.quantize.quantize_file`; 200 calibration photos
@@ -54,9 +54,10 @@ from app.core.cpus import available_cpus
 from app.core.errors import ArtifactError, InputError
 from app.core.hashing import sha256_file
 from app.core.imaging import load_image
+from app.core.recipe import SEED
+from app.learning.crossval import C_GRID, cross_validate, fit
 from app.learning.features import Dataset, Extracted, FeatureCache, extract_paths
 from app.learning.quantize import image_files, load_many, quantize_file
-from app.learning.training import C_GRID, SEED, cross_validate, fit
 from app.learning.weights import PYPI_WHEEL
 from app.serving.extractor import Extractor
 from app.storage.store import ExtractorInfo, ModelStore

@@ -26,9 +26,11 @@ from pathlib import Path
 
 import numpy as np
 
+from app.core.recipe import SEED
 from app.core.settings import Settings
+from app.learning.crossval import cross_validate, fit, sklearn_threads, stratified_holdout
 from app.learning.features import Dataset, hash_files
-from app.learning.training import SEED, Trainer, cross_validate, fit, sklearn_threads, stratified_holdout
+from app.learning.training import Trainer
 from app.serving import familiarity
 from app.serving.familiarity import Familiarity, auroc, calibrate
 

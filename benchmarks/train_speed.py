@@ -140,9 +140,11 @@ def accuracy_vs_reference(store: Path, weather: Path, cache: Path) -> dict:
     from sklearn.linear_model import LogisticRegressionCV
     from sklearn.model_selection import StratifiedKFold
 
+    from app.core.recipe import SEED
     from app.core.settings import Settings
+    from app.learning.crossval import C_GRID, cross_validate, sklearn_threads
     from app.learning.features import Dataset
-    from app.learning.training import C_GRID, SEED, Trainer, cross_validate, sklearn_threads
+    from app.learning.training import Trainer
 
     t = Trainer(Settings(model_store=store, feature_cache_dir=cache), progress=False)
     done = t.train(weather, "weather")
@@ -185,8 +187,9 @@ def accuracy_vs_reference(store: Path, weather: Path, cache: Path) -> dict:
 def fit_threads(store: Path, data: Path, limit: int, cache: Path) -> dict:
     """One fit at C=0.01 on the cached features: BLAS threads limited to 1 vs scikit-learn's default."""
     from app.core.settings import Settings
+    from app.learning.crossval import make_estimator, sklearn_threads
     from app.learning.features import Dataset
-    from app.learning.training import Trainer, _per_class_subset, make_estimator, sklearn_threads
+    from app.learning.training import Trainer, _per_class_subset
 
     t = Trainer(Settings(model_store=store, feature_cache_dir=cache), progress=False)
     ds = Dataset.from_folder(data)

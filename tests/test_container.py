@@ -268,7 +268,7 @@ def test_commands_left_out_of_the_image_say_which_extra_to_install(image: str) -
 def test_training_runs_in_the_slim_image(image: str) -> None:
     """What training over HTTP needs is there: scikit-learn (C by cross-validation), the report, the PNG."""
     code = (
-        "import numpy as np; from app.learning.training import C_GRID, cross_validate, fit, make_report, confusion_png; "
+        "import numpy as np; from app.learning.crossval import C_GRID, cross_validate, fit; from app.learning.report import make_report, confusion_png; "
         "rng = np.random.default_rng(0); y = np.repeat([0, 1], 40); x = rng.normal(size=(80, 16)) + y[:, None]; "
         "cv = cross_validate(x, y, C_GRID, 2); c = max(cv.accuracy, key=cv.accuracy.get); "
         "r = make_report(y, fit(x, y, c).predict(x), ['a', 'b']); "

@@ -12,8 +12,10 @@ import pytest
 
 from app.core.progress import Progress
 from app.core.settings import Settings
+from app.learning.crossval import C_GRID, cross_validate, sklearn_threads
 from app.learning.features import Dataset
-from app.learning.training import C_GRID, Trainer, cross_validate, make_report, out_of_fold, sklearn_threads
+from app.learning.report import make_report
+from app.learning.training import Trainer, out_of_fold
 from app.storage.registry import load_head
 from app.storage.store import ModelStore
 from tests.helpers import image_bytes, write_color_dataset

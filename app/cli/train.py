@@ -110,7 +110,7 @@ def _print_notes(skipped: list[tuple[Path, str]], nested: dict[str, int], duplic
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from app.learning.training import confusion_png
+    from app.learning.report import confusion_png
     from app.storage.registry import load_head
 
     trainer = make_trainer(args)

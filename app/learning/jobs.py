@@ -46,7 +46,7 @@ from app.storage.card import Card
 from app.storage.examples import Example, ExampleStore, Snapshot
 
 if TYPE_CHECKING:
-    from app.learning.training import Report
+    from app.learning.report import Report
     from app.serving.service import Service
     from app.storage.heads import Head
 
@@ -401,7 +401,8 @@ class JobRunner:
 
     def score(self, head: Head, examples: ExampleStore, val: list[Example]) -> dict[str, Any]:
         """``head`` on the validation photos of its classes (others excluded and counted): a report."""
-        from app.learning.training import make_report, sklearn_threads
+        from app.learning.crossval import sklearn_threads
+        from app.learning.report import make_report
 
         classes = list(head.classes)
         ext, _ = self.validation_features(examples, val)
