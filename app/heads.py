@@ -272,15 +272,20 @@ class Head:
     classes: tuple[str, ...]
     estimator: Any
     card: dict[str, Any]
+    transform: str = "none"  # the card's recipe.transform (app.recipe.transform), applied before the estimator
+    temperature: float = 1.0  # the card's calibration.temperature (app.calibration), applied to its probabilities
 
     @property
     def sha256(self) -> str:
         return str(self.card["pickle_sha256"])
 
     def predict_proba(self, features: np.ndarray) -> np.ndarray:
-        """``[N, D]`` features → ``[N, classes]`` probabilities, columns in ``classes`` order."""
-        proba = self.estimator.predict_proba(features)
-        return np.asarray(proba, dtype=np.float32)
+        """``[N, D]`` features → ``[N, classes]`` probabilities, columns in ``classes`` order: the card's feature
+        transform, the estimator, the card's temperature. A head without a recipe or calibration in its card
+        (trained before them) answers exactly as before: the estimator on the features as they are."""
+        from app.recipe import answer
+
+        return answer(self.estimator, features, self.transform, self.temperature)
 
 
 def check_estimator(estimator: Any, classes: tuple[str, ...], feature_dim: int | None, where: str) -> None:
@@ -314,8 +319,13 @@ def build_head(name: str, version: int, classes: tuple[str, ...], estimator: Any
                feature_dim: int | None) -> Head:  # fmt: skip
     """A :class:`Head` around an estimator from :func:`from_arrays` or :func:`from_pickle`, once it passes
     :func:`check_estimator`."""
-    check_estimator(estimator, classes, feature_dim, f"head {name!r} version {version}")
-    return Head(name=name, version=version, classes=classes, estimator=estimator, card=card)
+    where = f"head {name!r} version {version}"
+    check_estimator(estimator, classes, feature_dim, where)
+    from app.calibration import temperature_of
+    from app.recipe import transform_of
+
+    return Head(name=name, version=version, classes=classes, estimator=estimator, card=card,
+                transform=transform_of(card, where), temperature=temperature_of(card, where))  # fmt: skip
 
 
 def dump_estimator(estimator: Any) -> bytes:

@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from app import calibration
 from app.errors import DatasetError, JobNotFound, NotReady, ShuttingDown, TlserveError, TooManyJobs
 from app.examples import Example, ExampleStore, Snapshot
 from app.extractor import Extractor
@@ -99,7 +100,10 @@ def card_report(card: dict[str, Any]) -> dict[str, Any] | None:
     if not isinstance(metrics, dict) or "accuracy" not in metrics:
         return None
     train = (card.get("training") or {}).get("train_per_class")
-    return report_dict(metrics, sum(int(v) for v in train.values()) if isinstance(train, dict) else None)
+    report = report_dict(metrics, sum(int(v) for v in train.values()) if isinstance(train, dict) else None)
+    if (calibrated := calibration.report_section(card.get("calibration"))) is not None:
+        report["calibration"] = calibrated  # out of fold: ECE and the reliability diagram (app/calibration.py)
+    return report
 
 
 def card_job_id(card: dict[str, Any]) -> str | None:
