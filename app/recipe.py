@@ -121,15 +121,17 @@ def answer(estimator: Any, features: np.ndarray, kind: str, temperature: float) 
 # --- the default, chosen by the learning curve (benchmarks/RESULTS.md) ------------------------
 FEW_PHOTOS = 50
 """At most this many photos in the smallest class: :data:`FEW_RECIPE`; more: :data:`MANY_RECIPE`."""
-FEW_RECIPE = "l2blend_aug"
+FEW_RECIPE = "l2lr_aug"
 MANY_RECIPE = "l2lr"
 
 
 def choose(smallest: int) -> tuple[list[Recipe], str]:
     """The recipes a training whose smallest class has ``smallest`` photos tries, best first, and the rule. The
-    trainer keeps the more accurate by cross-validation (:func:`app.fewshot.select`; ties: the first): the
+    trainer keeps the first unless another is clearly more accurate by cross-validation (:func:`app.fewshot.select`): the
     square-root transform suits ImageNet features and is measured on them, but not every extractor's features."""
     name = FEW_RECIPE if smallest <= FEW_PHOTOS else MANY_RECIPE
     rule = f"smallest class {smallest} {'<=' if smallest <= FEW_PHOTOS else '>'} {FEW_PHOTOS} photos: {name}"
     recipes = [CANDIDATES[name]] + ([LEGACY] if name != LEGACY.name else [])
-    return recipes, rule + (f", or {LEGACY.name} where it is more accurate by cross-validation" if len(recipes) > 1 else "")
+    return recipes, rule + (
+        f", or {LEGACY.name} where it is clearly more accurate by cross-validation" if len(recipes) > 1 else ""
+    )

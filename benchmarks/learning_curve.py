@@ -119,6 +119,10 @@ def _fit_score(xv: np.ndarray, y: np.ndarray, test_x: np.ndarray, recipe: Recipe
         recipe, search, _ = select(xv, y, views, choose(int(np.bincount(y).min()))[0], n_classes)
         zv = prepare(views_of(xv, recipe, views), recipe)
         assert search is not None
+    elif recipe.head == "lda":  # no C to choose
+        zv = prepare(xv, recipe)
+        est = fit_prepared(zv, y, recipe, n_classes, 1.0)
+        return est.predict(transform(test_x, recipe.transform)), time.perf_counter() - t0
     else:
         zv = prepare(xv, recipe)
         search = cross_validate(zv, y, recipe, n_classes, prepared=True)
@@ -180,7 +184,7 @@ def run_cell(feats: dict[str, Any], dataset: str, recipe: Recipe, k: int | str, 
             accs.append(float((pred == va.labels).mean()))
             seconds.append(sec)
     return {**cell, "mean": statistics.mean(accs), "sd": statistics.stdev(accs) if len(accs) > 1 else 0.0,
-            "accuracies": accs, "fit_seconds": statistics.mean(seconds)}  # fmt: skip
+            "accuracies": accs, "draws": len(accs), "fit_seconds": statistics.mean(seconds)}  # fmt: skip
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
@@ -194,6 +198,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
         cells = [c for c in result["cells"] if c["dataset"] == dataset and "mean" in c]
         ks = sorted({c["k"] for c in cells if c["k"] != "all"})
         pos = {k: i for i, k in enumerate([*ks, "all"])}
+        cells.sort(key=lambda c: pos[c["k"]])
         for name in dict.fromkeys(c["recipe"] for c in cells):
             row = [c for c in cells if c["recipe"] == name]
             xs = [pos[c["k"]] for c in row]
@@ -212,7 +217,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 
 def markdown(result: dict[str, Any]) -> str:
-    ks: list[Any] = list(dict.fromkeys(c["k"] for c in result["cells"]))
+    ks: list[Any] = sorted({c["k"] for c in result["cells"] if c["k"] != "all"}) + (
+        ["all"] if any(c["k"] == "all" for c in result["cells"]) else [])  # fmt: skip
     vs = result["view_seconds"]
     lines = []
     for dataset in ("weather", "cats_vs_dogs"):
@@ -224,8 +230,9 @@ def markdown(result: dict[str, Any]) -> str:
                 continue
             views = next(iter(row.values()))["views"]
             ext = sum(vs.get(v, float("nan")) for v in views)
-            cells = [f"{100 * row[k]['mean']:.1f} ± {100 * row[k]['sd']:.1f}" if k in row and "mean" in row[k] else "n/a"
-                     for k in ks]  # fmt: skip
+            cells = [f"{100 * row[k]['mean']:.1f} ± {100 * row[k]['sd']:.1f}"
+                     + ("" if row[k]["draws"] == result["draws"] else f" ({row[k]['draws']} draws)")
+                     if k in row and "mean" in row[k] else "n/a" for k in ks]  # fmt: skip
             fits = " / ".join(f"{row[k]['fit_seconds']:.2f}" if k in row and "mean" in row[k] else "n/a" for k in (10, "all"))
             lines.append(f"| {name} | {'+'.join(views)} | {ext:.2f} | " + " | ".join(cells) + f" | {fits} |")
         lines.append("")
@@ -238,9 +245,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cache", type=Path, default=Path("/work/cache/fewshot"))
     ap.add_argument("--out", type=Path, default=Path("benchmarks"))
     ap.add_argument("--draws", type=int, default=10)
-    ap.add_argument("--ks", default="3,5,10,20,50,all")
+    ap.add_argument("--ks", default="5,10,3,20,50,all", help="in the order run (the floors' sizes first)")
     ap.add_argument("--recipes", default="", help="comma-separated candidate names (default: all)")
-    ap.add_argument("--draws-all", type=int, default=10, help="draws at k=all (outer shuffles for weather)")
+    ap.add_argument(
+        "--draws-all",
+        type=int,
+        default=10,
+        help="draws at k=all for recipes with training-time views (4x the rows: the slowest cells)",
+    )
     ap.add_argument("--no-cats-crops", action="store_true", help="do not extract crops of the cats pool")
     ap.add_argument("--extract-only", action="store_true")
     args = ap.parse_args(argv)
@@ -252,14 +264,15 @@ def main(argv: list[str] | None = None) -> None:
     names = [n for n in args.recipes.split(",") if n] or [*CANDIDATES, AUTO.name]
     ks = [k if k == "all" else int(k) for k in args.ks.split(",")]
     result = {"cpu": cpu_model(), "date": datetime.now(UTC).strftime("%Y-%m-%d"), "draws": args.draws,
-              "draws_all": args.draws_all, "extractor": feats["info"].file, "extractor_sha256": feats["info"].sha256,
+              "draws_all": args.draws_all, "extractor": feats["info"].path.name, "extractor_sha256": feats["info"].sha256,
               "view_seconds": {v: c["seconds"] / max(1, c["images"]) for v, c in feats["costs"].items()},
               "cells": []}  # fmt: skip
     for k in ks:  # every recipe at a k before the next k: a run cut short still compares them
         for name in names:
             recipe = AUTO if name == AUTO.name else CANDIDATES[name]
             for dataset in ("weather", "cats_vs_dogs"):
-                cell = run_cell(feats, dataset, recipe, k, args.draws_all if k == "all" else args.draws)
+                few = k == "all" and len(recipe.views) > 1
+                cell = run_cell(feats, dataset, recipe, k, args.draws_all if few else args.draws)
                 result["cells"].append(cell)
                 print(f"[learning_curve] {name} {dataset} k={k}: {cell.get('mean', float('nan')):.4f} "
                       f"± {cell.get('sd', float('nan')):.4f} ({cell.get('fit_seconds', 0):.2f} s a fit)", file=sys.stderr,

@@ -63,7 +63,7 @@ def test_a_card_temperature_is_checked() -> None:
     assert temperature_of({}, "h") == 1.0
     assert temperature_of({"calibration": {"temperature": 2.5}}, "h") == 2.5
     for bad in ("2", -1.0, 0.0, 0.1, float("nan"), 1e9, None):
-        with pytest.raises(ArtifactError, match="calibration.temperature"):
+        with pytest.raises(ArtifactError, match=r"calibration\.temperature"):
             temperature_of({"calibration": {"temperature": bad}}, "h")
 
 

@@ -12,9 +12,8 @@ import pytest
 from app import fewshot
 from app.features import Dataset
 from app.heads import ARRAY_FILES
-from app.recipe import CANDIDATES, FEW_PHOTOS, FEW_RECIPE, LEGACY, MANY_RECIPE, SQRT_L2_NORM, VIEWS, answer, choose
+from app.recipe import CANDIDATES, FEW_PHOTOS, FEW_RECIPE, LEGACY, MANY_RECIPE, SQRT_L2_NORM, VIEWS, answer, choose, view_image
 from app.recipe import transform as feature_transform
-from app.recipe import view_image
 from app.registry import HeadStore, load_head, save_head
 from app.store import ModelStore
 from tests.helpers import REPO, SHARED_DATA, image_bytes, write_color_dataset
@@ -35,7 +34,7 @@ def test_the_default_depends_on_the_smallest_class_and_is_checked_against_lr() -
     few, rule = choose(FEW_PHOTOS)
     assert [r.name for r in few] == [FEW_RECIPE, LEGACY.name] and f"<= {FEW_PHOTOS}" in rule
     many, rule = choose(FEW_PHOTOS + 1)
-    assert [r.name for r in many][0] == MANY_RECIPE and f"> {FEW_PHOTOS}" in rule
+    assert many[0].name == MANY_RECIPE and f"> {FEW_PHOTOS}" in rule
 
 
 def test_views_are_the_photo_mirrored_and_cropped() -> None:

@@ -21,8 +21,8 @@ import pytest
 
 from app.errors import ArtifactError
 from app.heads import ALLOWED_GLOBALS, ARRAY_FILES, safe_unpickle, to_npy
-from app.registry import HeadStore, check_version, load_head, save_head
 from app.recipe import answer
+from app.registry import HeadStore, check_version, load_head, save_head
 from app.store import ModelStore
 from tests.helpers import ADMIN, REPO, ServerProcess, image_bytes
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import re
 import logging
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -111,8 +111,8 @@ def test_progress_lines_when_stderr_is_not_a_terminal(cli_env: ModelStore, tmp_p
     data = write_color_dataset(tmp_path / "data", per_class=10)
     assert main(["train", str(data), "--name", "lines"]) == 0  # capsys: stderr is not a terminal
     err = capsys.readouterr().err
-    assert "features: 20/20 img, " in err and " img/s, done" in err and "model selection: 40/40 fit" in err  # 5 folds x 4 C, two recipes
-    assert "crop_tl view features: 20/20 img" in err
+    assert "features: 20/20 img, " in err and " img/s, done" in err and "model selection: 40/40 fit" in err
+    assert "crop_tl view features: 20/20 img" in err  # model selection: 5 folds x 4 C, two recipes
     assert "\r" not in err  # no bar redraws in a log
 
     stream = io.StringIO()
