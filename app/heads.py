@@ -19,6 +19,13 @@ is never called. From the recorded state only ``coef_``, ``intercept_``, ``class
 taken, onto a fresh ``LogisticRegression``, so a crafted pickle can be refused but cannot crash the
 loader, read memory it does not own or run code.
 
+**Recipe and calibration** (heads trained since issue 27): the card's ``recipe.transform`` (:mod:`app.recipe`:
+``none`` or ``sqrt_l2``) is applied to the features before the estimator, and its ``calibration.temperature``
+(:mod:`app.calibration`) to the probabilities after it, both by :meth:`Head.predict_proba`, so every path that
+answers applies them. Both are card fields (signed with it), never code; the arrays stay a plain
+``LogisticRegression``'s (a pickle loaded elsewhere answers on transformed features). A card without them (every
+head trained before) answers exactly as before.
+
 Then :func:`check_estimator` checks the estimator: coefficient shapes against the extractor's feature
 size, finite values, classes in card order. Where heads live on disk and how versions work is
 :mod:`app.registry`'s business.
