@@ -100,9 +100,13 @@ def card_report(card: dict[str, Any]) -> dict[str, Any] | None:
     if not isinstance(metrics, dict) or "accuracy" not in metrics:
         return None
     train = (card.get("training") or {}).get("train_per_class")
-    report = report_dict(metrics, sum(int(v) for v in train.values()) if isinstance(train, dict) else None)
+    return _calibrated(report_dict(metrics, sum(int(v) for v in train.values()) if isinstance(train, dict) else None), card)
+
+
+def _calibrated(report: dict[str, Any], card: dict[str, Any]) -> dict[str, Any]:
+    """``report`` with the card's out-of-fold calibration (ECE, reliability diagram: app/calibration.py), if any."""
     if (calibrated := calibration.report_section(card.get("calibration"))) is not None:
-        report["calibration"] = calibrated  # out of fold: ECE and the reliability diagram (app/calibration.py)
+        report["calibration"] = calibrated
     return report
 
 
@@ -548,7 +552,7 @@ class JobRunner:
 
 def _report(report: Report, card: dict[str, Any]) -> dict[str, Any]:
     train = (card.get("training") or {}).get("train_per_class") or {}
-    return report_dict(report.as_dict(), sum(int(v) for v in train.values()))
+    return _calibrated(report_dict(report.as_dict(), sum(int(v) for v in train.values())), card)
 
 
 def _stopped() -> dict[str, str]:
