@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from app.core.errors import ArtifactError
+from app.core.recipe import answer
 from app.storage.heads import ALLOWED_GLOBALS, ARRAY_FILES, safe_unpickle, to_npy
 from app.storage.registry import HeadStore, check_version, load_head, save_head
 from app.storage.store import ModelStore
@@ -371,7 +372,10 @@ def test_a_new_head_is_served_from_its_arrays_without_reading_its_pickle(fresh_t
     served = load_head(heads, "colors", fresh_tiny_store.extractor().feature_space)
     genuine = pickle.loads(version.read(version.card["pickle"]))  # the test's own pickle: trusted here, never in app/
     x = np.random.default_rng(0).normal(size=(16, genuine.coef_.shape[1])).astype(np.float32)
-    np.testing.assert_array_equal(served.predict_proba(x), genuine.predict_proba(x).astype(np.float32))
+    # the pickle is the estimator alone: its card's recipe transform and temperature make the served answer
+    assert served.transform == version.card["recipe"]["transform"]
+    assert served.temperature == version.card["calibration"]["temperature"]
+    np.testing.assert_array_equal(served.predict_proba(x), answer(genuine, x, served.transform, served.temperature))
 
 
 def test_a_new_heads_pickle_is_hashed_but_never_unpickled_to_serve(fresh_tiny_store: ModelStore, tmp_path: Path) -> None:

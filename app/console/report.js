@@ -1,6 +1,8 @@
 // A validation report (a training job's, a version's, a comparison's side) as DOM: accuracy, counts,
-// per-class precision/recall/F1 and the confusion matrix (rows: true class, columns: predicted).
+// per-class precision/recall/F1, the confusion matrix (rows: true class, columns: predicted) and beside it the
+// reliability diagram (reliability.js).
 import { el, percent } from "./api.js";
+import { renderReliability } from "./reliability.js";
 
 // A card's `metrics` (today's heads) in the report shape of the API contract.
 export function fromMetrics(metrics) {
@@ -52,7 +54,7 @@ export function renderReport(report, title = "Validation report") {
         row.map((n, j) => el("td", { class: i === j ? "num diag" : "num" }, String(n)))));
     });
     table.append(body);
-    box.append(table);
+    box.append(el("div", { class: "beside" }, table, renderReliability(report.calibration)));
   }
   return box;
 }

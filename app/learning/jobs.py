@@ -40,7 +40,7 @@ from app.core.progress import Progress
 from app.core.recipe import MIN_IMAGES_PER_CLASS, SEED
 from app.core.settings import Settings
 from app.learning.features import Dataset, Extracted
-from app.learning.jobstore import JobStore, iso, now, report_dict
+from app.learning.jobstore import JobStore, calibrated, iso, now, report_dict
 from app.serving.extractor import Extractor
 from app.storage.card import Card
 from app.storage.examples import Example, ExampleStore, Snapshot
@@ -417,7 +417,7 @@ class JobRunner:
 
 
 def _report(report: Report, card: Card) -> dict[str, Any]:
-    return report_dict(report.as_dict(), card.training.n_train or 0)
+    return calibrated(report_dict(report.as_dict(), card.training.n_train or 0), card)
 
 
 def _stopped() -> dict[str, str]:

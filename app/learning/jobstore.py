@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from app.core import calibration
 from app.core.errors import JobNotFound, TlserveError
 from app.storage.card import Card
 from app.storage.files import read_json, write_json
@@ -52,7 +53,14 @@ def card_report(card: Card) -> dict[str, Any] | None:
     """A version's validation report, from its card (None for a card without metrics)."""
     if card.metrics is None or card.metrics.accuracy is None:
         return None
-    return report_dict(card.metrics.model_dump(), card.training.n_train)
+    return calibrated(report_dict(card.metrics.model_dump(), card.training.n_train), card)
+
+
+def calibrated(report: dict[str, Any], card: Card) -> dict[str, Any]:
+    """``report`` with the card's out-of-fold calibration (ECE, reliability diagram: :mod:`app.core.calibration`), if any."""
+    if (section := calibration.report_section(card.calibration)) is not None:
+        report["calibration"] = section
+    return report
 
 
 # --- the record store ------------------------------------------------------------------------

@@ -33,25 +33,25 @@ import io
 import json
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from app.core import calibration
 from app.core.errors import DatasetError, TlserveError
 from app.core.imaging import DecodeLimits, configure
 from app.core.progress import Meter, ProgressCallback, console, no_progress
-from app.core.recipe import MIN_IMAGES_PER_CLASS, SEED, VAL_FRACTION
+from app.core.recipe import LEGACY, MIN_IMAGES_PER_CLASS, SEED, VAL_FRACTION, Recipe
+from app.core.recipe import choose as choose_recipe
 from app.core.settings import Settings
+from app.learning import fewshot
 from app.learning.crossval import (
     C_GRID,
     DEFAULT_C,
     CrossValidation,
-    cross_validate,
-    fit,
-    n_folds,
     sklearn_threads,
     stratified_holdout,
 )
@@ -268,22 +268,39 @@ class Trainer:
             train_idx, test_idx = stratified_holdout(y, len(data.classes))
             held = _Held(x[test_idx], y[test_idx], train_idx, [data.paths[int(ext.kept[i])] for i in test_idx])
 
-        fitted = self._fit(x, y, held, len(data.classes), c)
+        recipes, rule = choose_recipe(int(np.bincount(y).min()))
+        if features is not None:  # rows of features, no photos to make views of
+            recipes, rule = [replace(r, views=("orig",)) for r in recipes], f"{rule}; trained from features: served view only"
+        views = tuple(dict.fromkeys(v for r in recipes for v in r.views))
+        fitted = self._fit(self._views(data, ext, views), y, held, len(data.classes), c, recipes, views)
+        recipe = fitted.recipe
+        fitted.calibration = calibration.calibrate(fitted.oof.oof[fitted.c], y)
+        fitted.head.temperature = fitted.calibration["temperature"]  # the loaded head's predict_proba applies it
+        if fitted.report_head is not None:
+            fitted.report_head.temperature = fitted.head.temperature
+        oof_raw = fitted.oof.oof[fitted.c]
+        fitted.oof.oof[fitted.c] = calibration.temper(fitted.oof.oof[fitted.c], fitted.head.temperature)
         report = make_report(held.y, fitted.held_pred, data.classes)
         full = self._card(data, val, y, held, skipped, duplicates, fitted, report)
+        full["recipe"] = {**recipe.as_card(), "rule": rule, "cv_accuracy_by_recipe": fitted.recipe_scores, "C": fitted.c,
+                          **({"scale": fitted.scale} if fitted.scale else {}),
+                          "chosen_by": "the learning curve, benchmarks/RESULTS.md"}  # fmt: skip
+        full["calibration"] = fitted.calibration
+        full["estimator"]["kind"] = fewshot.describe(recipe)
         if features is not None:
             full["training"]["features"] = features
         for key, value in (card or {}).items():  # a training job's entries (app/learning/jobs.py)
             full[key] = {**full[key], **value} if isinstance(value, dict) and isinstance(full.get(key), dict) else value
-        known, full["familiarity"] = self._familiarity(x, y, held, fitted, data.classes)
+        known, full["familiarity"] = self._familiarity(x, y, held, fitted, data.classes)  # on calibrated probabilities
         full["int8"] = self._int8_check(fitted, held)
         files = {
             **known.files(),
             "confusion_matrix.png": confusion_png(report, f"{name} ({'val_dir' if val else 'stratified'} split)"),
+            "reliability.png": calibration.reliability_png(oof_raw, y, fitted.calibration, name),
             OOF_FILE: to_npy(fitted.oof.oof[fitted.c]),
             FOLDS_FILE: json.dumps(_folds_json(data, ext, y, fitted), indent=1).encode(),
         }
-        version = save_head(self.heads, name, fitted.head, full, files, promote=promote)
+        version = save_head(self.heads, name, fitted.head.estimator, full, files, promote=promote)
         return Trained(report, version, skipped, duplicates, dict(data.nested), data.loose)
 
     def _int8_check(self, fitted: _Fitted, held: _Held) -> dict[str, Any]:
@@ -342,33 +359,39 @@ class Trainer:
             "refused only when the agreement's 95% upper bound (Wilson) is below min_agreement",
         }
 
-    def _fit(self, x: np.ndarray, y: np.ndarray, held: _Held, n_classes: int, c: float | None) -> _Fitted:
-        train_x, train_y = (x, y) if held.train_idx is None else (x[held.train_idx], y[held.train_idx])
-        search: CrossValidation | None = None
-        source = "--C"
-        if c is None:
-            if n_folds(train_y):
-                n_splits = n_folds(train_y)
-                meter = Meter(self.progress, "model selection", n_splits * len(C_GRID), unit="fit")
-                search = cross_validate(train_x, train_y, C_GRID, n_classes, meter=meter)
-                meter.finish()
-                c, source = search.best, f"{search.n_splits}-fold cross-validation"
-            else:
-                c, source = DEFAULT_C, "default (too few photos a class to cross-validate)"
-        stratified = held.train_idx is not None
-        reuse = search is not None and not stratified  # the search ran on all of DATA_DIR already
-        total = (1 if stratified else 0) + (0 if reuse else n_folds(y)) + 1
-        meter = Meter(self.progress, "final fits", total, unit="fit")
-        report_head = None
-        if stratified:
-            report_head = fit(train_x, train_y, c)
-            meter.advance()
-        oof = search if reuse and search is not None else cross_validate(x, y, (c,), n_classes, meter=meter)
-        head = fit(x, y, c)
+    def _views(self, data: Dataset, ext: Extracted, views: tuple[str, ...]) -> np.ndarray:
+        """``[n, V, D]``: the kept photos' features under ``views`` (the first: as served, ``ext``)."""
+        x = ext.features
+        if views == ("orig",):
+            return x[:, None, :]
+        paths = [data.paths[int(i)] for i in ext.kept]
+        hashes = [ext.hashes[int(i)] for i in ext.kept]
+        cols = [x]
+        for view in views[1:]:
+            meter = Meter(self.progress, f"{view} view features", len(paths))
+            cols.append(fewshot.view_features(paths, hashes, view, self.extractor, self.cache, resample=self.info.resample,
+                                              max_pixels=self.settings.max_image_pixels, fallback=x,
+                                              batch_size=self.feature_batch, meter=meter))  # fmt: skip
+            meter.finish()
+        return np.stack(cols, axis=1)
+
+    def _fit(self, xv: np.ndarray, y: np.ndarray, held: _Held, n_classes: int, c: float | None, recipes: list[Recipe],
+             views: tuple[str, ...]) -> _Fitted:  # fmt: skip
+        """Steps 4-6 and 8: the recipe by cross-validation on the training part (:func:`app.learning.fewshot.select`), then
+        its fits (:func:`app.learning.fewshot.fit_parts`)."""
+        train = slice(None) if held.train_idx is None else held.train_idx
+        folds = fewshot.n_folds(y[train])
+        meter = Meter(self.progress, "model selection", folds * sum(len(fewshot.grid_of(r, c)) for r in recipes), unit="fit")
+        recipe, search, scores = fewshot.select(xv[train], y[train], views, recipes, n_classes, c, on_fold=meter.advance)
         meter.finish()
-        with sklearn_threads(1):
-            pred = (report_head or head).predict(held.x)
-        return _Fitted(head, c, source, search, oof, pred, report_head)
+        stratified = held.train_idx is not None
+        reuse = search is not None and c is None and not stratified  # the search ran on all of DATA_DIR already
+        meter = Meter(self.progress, "final fits", stratified + (0 if reuse else fewshot.n_folds(y)) + 1, unit="fit")
+        f = fewshot.fit_parts(fewshot.views_of(xv, recipe, views), y, held.train_idx, held.x, recipe, n_classes, c,
+                              DEFAULT_C, meter, search=search if c is None else None)  # fmt: skip
+        meter.finish()
+        return _Fitted(f.head, f.c, f.source, f.search, f.oof, f.held_pred, f.report_head, scale=f.scale, recipe=recipe,
+                       recipe_scores=scores)  # fmt: skip
 
     def _familiarity(self, x: np.ndarray, y: np.ndarray, held: _Held, fitted: _Fitted,
                      classes: list[str]) -> tuple[familiarity.Familiarity, dict[str, Any]]:  # fmt: skip
@@ -512,10 +535,14 @@ class _Fitted:
     head: Any
     c: float
     source: str
-    search: CrossValidation | None
-    oof: CrossValidation
+    search: CrossValidation | fewshot.Search | None
+    oof: CrossValidation | fewshot.Search
     held_pred: np.ndarray
     report_head: Any = None  # the head fitted on the training part (stratified split), else None
+    scale: float = 0.0  # the blend's class-mean scale (app.learning.fewshot)
+    recipe: Recipe = LEGACY
+    recipe_scores: dict[str, float] = field(default_factory=dict)  # cross-validated accuracy of each recipe tried
+    calibration: dict[str, Any] = field(default_factory=dict)  # the card's calibration section
 
 
 def _check_c(c: float | None) -> None:

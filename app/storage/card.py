@@ -114,6 +114,8 @@ class Card(BaseModel):
     familiarity: dict[str, Any] | None = None
     int8: CardInt8 | None = None
     job: CardJob | None = None
+    recipe: dict[str, Any] | None = None  # the training recipe (app.core.recipe): its transform is applied when served
+    calibration: dict[str, Any] | None = None  # out-of-fold ECE and temperature (app.core.calibration)
 
     @classmethod
     def parse(cls, raw: dict[str, Any], where: str) -> Card:

@@ -19,6 +19,13 @@ is never called. From the recorded state only ``coef_``, ``intercept_``, ``class
 taken, onto a fresh ``LogisticRegression``, so a crafted pickle can be refused but cannot crash the
 loader, read memory it does not own or run code.
 
+**Recipe and calibration** (heads trained since issue 27): the card's ``recipe.transform`` (:mod:`app.core.recipe`:
+``none`` or ``sqrt_l2``) is applied to the features before the estimator, and its ``calibration.temperature``
+(:mod:`app.core.calibration`) to the probabilities after it, both by :meth:`Head.predict_proba`, so every path that
+answers applies them. Both are card fields (signed with it), never code; the arrays stay a plain
+``LogisticRegression``'s (a pickle loaded elsewhere answers on transformed features). A card without them (every
+head trained before) answers exactly as before.
+
 Then :func:`check_estimator` checks the estimator: coefficient shapes against the extractor's feature
 size, finite values, classes in card order. Where heads live on disk and how versions work is
 :mod:`app.storage.registry`'s business.
@@ -274,6 +281,8 @@ class Head:
     estimator: Any
     card: dict[str, Any]  # as written and verified (what a signature covers)
     info: Card | None = None  # the same card, typed (set by build_head)
+    transform: str = "none"  # the card's recipe.transform (app.core.recipe.transform), applied before the estimator
+    temperature: float = 1.0  # the card's calibration.temperature (app.core.calibration), applied to its probabilities
 
     @property
     def sha256(self) -> str:
@@ -285,9 +294,12 @@ class Head:
         return self.info.familiarity if self.info is not None else None
 
     def predict_proba(self, features: np.ndarray) -> np.ndarray:
-        """``[N, D]`` features → ``[N, classes]`` probabilities, columns in ``classes`` order."""
-        proba = self.estimator.predict_proba(features)
-        return np.asarray(proba, dtype=np.float32)
+        """``[N, D]`` features → ``[N, classes]`` probabilities, columns in ``classes`` order: the card's feature
+        transform, the estimator, the card's temperature. A head without a recipe or calibration in its card
+        (trained before them) answers exactly as before: the estimator on the features as they are."""
+        from app.core.recipe import answer
+
+        return answer(self.estimator, features, self.transform, self.temperature)
 
 
 def check_estimator(estimator: Any, classes: tuple[str, ...], feature_dim: int | None, where: str) -> None:
@@ -323,7 +335,11 @@ def build_head(name: str, version: int, classes: tuple[str, ...], estimator: Any
     :func:`check_estimator`."""
     where = f"head {name!r} version {version}"
     check_estimator(estimator, classes, feature_dim, where)
-    return Head(name=name, version=version, classes=classes, estimator=estimator, card=card, info=Card.parse(card, where))
+    from app.core.calibration import temperature_of
+    from app.core.recipe import transform_of
+
+    return Head(name=name, version=version, classes=classes, estimator=estimator, card=card, info=Card.parse(card, where),
+                transform=transform_of(card, where), temperature=temperature_of(card, where))  # fmt: skip
 
 
 def dump_estimator(estimator: Any) -> bytes:
