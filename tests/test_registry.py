@@ -45,7 +45,7 @@ def test_trained_head_is_version_1_with_artifacts_and_current(tiny_store: ModelS
     assert (heads.folder("colors") / CURRENT).read_text().strip() == "1"
     card = heads.get("colors").card
     assert card["schema"] == 2 and card["version"] == 1
-    assert set(card["artifacts"]) == {card["pickle"], "confusion_matrix.png", "oof_proba.npy", "folds.json", "familiarity_bank.npy",
+    assert set(card["artifacts"]) == {card["pickle"], "confusion_matrix.png", "reliability.png", "oof_proba.npy", "folds.json", "familiarity_bank.npy",
                                       "familiarity_labels.npy", "familiarity_center.npy", *ARRAY_FILES.values()}  # fmt: skip
     for file, sha in card["artifacts"].items():
         assert heads.get("colors").read(file) and len(sha) == 64
