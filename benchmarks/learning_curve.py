@@ -143,7 +143,7 @@ def _auto(smallest: int) -> Recipe:
 
 
 def run_cell(feats: dict[str, Any], dataset: str, recipe: Recipe, k: int | str, draws: int) -> dict[str, Any]:
-    from app.learning.fewshot import fold_ids
+    from app.learning.crossval import fold_ids
 
     if recipe.name == AUTO.name:
         recipe = _auto(int(k) if k != "all" else (113 if dataset == "weather" else 1000))  # weather: 143 x 4/5 folds

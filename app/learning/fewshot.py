@@ -19,7 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from app.core.recipe import SEED, Recipe, transform
+from app.core.recipe import Recipe, transform
+from app.learning.crossval import fold_ids, make_estimator, n_folds
 
 BLEND_WEIGHT = 0.5
 SELECT_MARGIN = 0.1
@@ -38,12 +39,6 @@ def prepare(xv: np.ndarray, recipe: Recipe) -> np.ndarray:
 def _flat(zv: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     n, v, d = zv.shape
     return zv.reshape(n * v, d), np.repeat(y, v)
-
-
-def _lr(c: float) -> Any:
-    from sklearn.linear_model import LogisticRegression
-
-    return LogisticRegression(C=c, max_iter=5000, random_state=SEED)
 
 
 def _means(z: np.ndarray, y: np.ndarray, n_classes: int) -> np.ndarray:
@@ -85,7 +80,7 @@ def fit_prepared(zv: np.ndarray, y: np.ndarray, recipe: Recipe, n_classes: int, 
 
             lda = LinearDiscriminantAnalysis(solver="lsqr", shrinkage="auto").fit(z, yy)
             return _estimator(lda.coef_, lda.intercept_, n_classes, c)
-        lr = _lr(c).fit(z, yy)
+        lr = make_estimator(c).fit(z, yy)
     if recipe.head == "blend":
         coef = (1 - BLEND_WEIGHT) * lr.coef_ + BLEND_WEIGHT * _proto_coef(_means(z, yy, n_classes), scale)
         return _estimator(coef, (1 - BLEND_WEIGHT) * lr.intercept_, n_classes, c)
@@ -125,7 +120,7 @@ def _fold(zv: np.ndarray, y: np.ndarray, train: np.ndarray, test: np.ndarray, re
         return {(grid[0], 0.0): est.predict_proba(zt).astype(np.float32)}
     protos = _proto_coef(_means(z, yy, n_classes), 1.0) if recipe.head == "blend" else None
     with sklearn_threads(1):
-        est = _lr(grid[0]).set_params(warm_start=True)
+        est = make_estimator(grid[0]).set_params(warm_start=True)
         for c in grid:
             est.set_params(C=c).fit(z, yy)
             d = zt @ est.coef_.T + est.intercept_
@@ -136,21 +131,6 @@ def _fold(zv: np.ndarray, y: np.ndarray, train: np.ndarray, test: np.ndarray, re
                 mixed = (1 - BLEND_WEIGHT) * d + BLEND_WEIGHT * s * (zt @ protos.T)
                 out[(c, s)] = proba_of(mixed).astype(np.float32)
     return out
-
-
-def n_folds(y: np.ndarray, most: int = 5) -> int:
-    smallest = int(np.bincount(y).min()) if len(y) else 0
-    n = min(most, smallest)
-    return n if n >= 2 else 0
-
-
-def fold_ids(y: np.ndarray, n_splits: int, seed: int = SEED) -> np.ndarray:
-    from sklearn.model_selection import StratifiedKFold
-
-    folds = np.empty(len(y), dtype=np.int64)
-    for k, (_, test) in enumerate(StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed).split(y, y)):
-        folds[test] = k
-    return folds
 
 
 def cross_validate(xv: np.ndarray, y: np.ndarray, recipe: Recipe, n_classes: int, grid: tuple[float, ...] | None = None,

@@ -52,6 +52,7 @@ from app.learning.crossval import (
     C_GRID,
     DEFAULT_C,
     CrossValidation,
+    n_folds,
     sklearn_threads,
     stratified_holdout,
 )
@@ -380,13 +381,13 @@ class Trainer:
         """Steps 4-6 and 8: the recipe by cross-validation on the training part (:func:`app.learning.fewshot.select`), then
         its fits (:func:`app.learning.fewshot.fit_parts`)."""
         train = slice(None) if held.train_idx is None else held.train_idx
-        folds = fewshot.n_folds(y[train])
+        folds = n_folds(y[train])
         meter = Meter(self.progress, "model selection", folds * sum(len(fewshot.grid_of(r, c)) for r in recipes), unit="fit")
         recipe, search, scores = fewshot.select(xv[train], y[train], views, recipes, n_classes, c, on_fold=meter.advance)
         meter.finish()
         stratified = held.train_idx is not None
         reuse = search is not None and c is None and not stratified  # the search ran on all of DATA_DIR already
-        meter = Meter(self.progress, "final fits", stratified + (0 if reuse else fewshot.n_folds(y)) + 1, unit="fit")
+        meter = Meter(self.progress, "final fits", stratified + (0 if reuse else n_folds(y)) + 1, unit="fit")
         f = fewshot.fit_parts(fewshot.views_of(xv, recipe, views), y, held.train_idx, held.x, recipe, n_classes, c,
                               DEFAULT_C, meter, search=search if c is None else None)  # fmt: skip
         meter.finish()
