@@ -15,6 +15,7 @@ Layout (card schema 2)::
         card.json, head-*.pkl      a flat head from before versions: read as version 1 (by :meth:`HeadStore.get`
                                    alone), never rewritten; ``tlserve heads migrate`` moves it to ``1/``
         examples/                  the head's example store (:mod:`app.examples`), not a version
+        review/                    the head's review queue from production (:mod:`app.review`), not a version
     model_store/heads/.jobs/, .spool/   training jobs' records (:mod:`app.jobs`) and uploads being checked
                                    (:mod:`app.uploads`): not heads (a head name never starts with '.')
 
@@ -88,6 +89,7 @@ CARD = "card.json"
 CURRENT = "current"
 LOCK = ".lock"
 EXAMPLES = "examples"
+REVIEW = "review"
 JOBS = ".jobs"
 SPOOL = ".spool"
 SCHEMA = 2
@@ -203,6 +205,10 @@ class HeadStore:
     def examples_dir(self, name: str) -> Path:
         """``name``'s example store (:class:`app.examples.ExampleStore`)."""
         return self.folder(name) / EXAMPLES
+
+    def review_dir(self, name: str) -> Path:
+        """``name``'s review queue from production (:class:`app.review.ReviewQueue`)."""
+        return self.folder(name) / REVIEW
 
     # --- reading -----------------------------------------------------------------------------
     def folder(self, name: str) -> Path:
