@@ -28,6 +28,7 @@ ASSETS = {
     "train.js": "text/javascript; charset=utf-8",
     "main.js": "text/javascript; charset=utf-8",
     "report.js": "text/javascript; charset=utf-8",
+    "review.js": "text/javascript; charset=utf-8",
 }
 
 CSP = "; ".join(
