@@ -11,7 +11,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.routing import APIRoute
 
 from app import __version__
-from app.api import console, errors, heads, oip, probes, training, v1
+from app.api import console, errors, heads, oip, probes, review, training, v1
 from app.api.middleware import RequestContext, TrustedHosts
 from app.core.settings import Settings, get_settings
 from app.learning.jobs import JobRunner
@@ -57,6 +57,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(v1.router)
     app.include_router(heads.router)
     app.include_router(training.router)
+    app.include_router(review.router)
     app.include_router(oip.router)
     app.include_router(console.router)
     if settings.origins:

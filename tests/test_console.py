@@ -418,3 +418,55 @@ def test_console_creates_a_head_from_photos_classifies_retrains_compares_and_rol
     page.shot("rolled-back")
     page.assert_no_injection()
     assert page.problems() == []
+
+
+# --- the review queue from production (app/serving/review.py): tiny store, photos made here ------------------------
+
+
+def test_console_reviews_unfamiliar_and_uncertain_photos_labels_two_and_retrains_on_them(
+    page: Page, fresh_tiny_store: ModelStore, server_factory: Callable[..., ServerProcess], tmp_path: Path
+) -> None:
+    import time
+
+    from tests.helpers import ADMIN, write_color_dataset
+    from tests.test_review import ENABLED, UNCERTAIN, UNFAMILIAR
+
+    server = server_factory(fresh_tiny_store, job_heartbeat_s=0.5, **ENABLED)
+    data = write_color_dataset(tmp_path / "colors-data", per_class=8)  # a first HTTP training fixes the validation set
+    files = [(p.parent.name, (p.name, p.read_bytes(), "image/png")) for p in sorted(data.glob("*/*.png"))]
+    job = httpx.post(f"{server.url}/v1/heads/colors/train", files=files, data={"promote": "false"}, headers=ADMIN).json()
+    while job["state"] in ("queued", "running"):
+        time.sleep(0.2)
+        job = httpx.get(f"{server.url}/v1/jobs/{job['id']}", headers=ADMIN).json()
+    assert job["state"] == "succeeded", job
+    before = job["report"]["n_train"]
+
+    page.open(server)
+    use_admin_key(page)
+    folder = tmp_path / "production"
+    folder.mkdir()
+    (folder / "odd.png").write_bytes(UNFAMILIAR)
+    (folder / "unsure.png").write_bytes(UNCERTAIN)
+    classify(page, [folder / "odd.png", folder / "unsure.png"], head="colors")
+    page.wait_text("#classify-status", "classified by colors")
+    Select(page.find("#review-head")).select_by_value("colors")
+    deadline = time.monotonic() + 30
+    while len(page.all("#review-items .review-item")) < 2 and time.monotonic() < deadline:
+        page.click("#review-load")
+        page.wait_text("#review-status", "to review for colors")
+    items = page.all("#review-items .review-item")
+    assert len(items) == 2, page.text("#review-status")
+    assert "unfamiliar" in items[0].text and "low_confidence" in items[1].text  # most useful first
+    page.wait_for().until(lambda _: all((i.find_element(By.CSS_SELECTOR, "img").get_attribute("src") or "").startswith("blob:")
+                                        for i in page.all("#review-items .review-item")))  # fmt: skip
+    page.shot("review-queue")
+    page.find("#review-items .review-item:nth-child(1) button.pick").click()  # the other class
+    page.wait_text("#review-status", "Corrected to")
+    page.find("#review-items .review-item button.confirm").click()
+    page.wait_text("#review-status", "Confirmed")
+    assert page.all("#review-items .review-item") == []
+    page.click("#review-retrain")
+    message = page.wait_text("#review-status", "training photos", timeout=120)
+    assert f"({before + 2} training photos)" in message, message  # the two reviewed photos trained the new version
+    page.shot("retrained")
+    assert page.problems() == []

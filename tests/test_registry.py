@@ -257,9 +257,10 @@ def test_names_are_matched_whole_not_up_to_a_trailing_newline(
 ) -> None:
     """'$' accepts "name\\n": the issue's look-alike head "cats_vs_dogs\\n" took three photos with 200 (item 7)."""
     from app.core.errors import InvalidLabel, JobNotFound
+    from app.core.names import valid_head_name
     from app.learning.jobstore import JobStore
-    from app.learning.uploads import valid_label
-    from app.storage.registry import valid_artifact_name, valid_head_name
+    from app.storage.examples import valid_label
+    from app.storage.registry import valid_artifact_name
 
     heads = fresh_tiny_store.heads
     for bad in ("colors\n", "colors\n\n"):

@@ -29,6 +29,7 @@ ASSETS = {
     "main.js": "text/javascript; charset=utf-8",
     "report.js": "text/javascript; charset=utf-8",
     "reliability.js": "text/javascript; charset=utf-8",
+    "review.js": "text/javascript; charset=utf-8",
 }
 
 CSP = "; ".join(

@@ -18,11 +18,12 @@ from app.api.deps import ServiceDep, require_admin, require_key
 from app.api.parsing import error_responses
 from app.api.schemas import ErrorResponse
 from app.core.errors import DatasetError, HeadNotFound, TlserveError
+from app.core.names import valid_head_name
 from app.learning.jobs import JobRunner
 from app.learning.jobstore import card_report
 from app.serving.service import Service
 from app.storage.examples import ExampleStore
-from app.storage.registry import Version, valid_head_name
+from app.storage.registry import Version
 
 router = APIRouter(prefix="/v1/heads", tags=["heads"], dependencies=[Depends(require_key)],
                    responses=error_responses(ErrorResponse, (400, 401, 403, 404, 409, 422, 500, 503)))  # fmt: skip

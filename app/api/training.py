@@ -24,12 +24,12 @@ from app.api.parsing import error_responses, parse_bool
 from app.api.schemas import ErrorResponse
 from app.api.uploads import receive
 from app.core.errors import EmptyInput, MalformedRequest, NotReady
+from app.core.names import valid_head_name
 from app.core.recipe import VAL_FRACTION
 from app.learning.jobs import JobRunner, JobSpec, Plan, plan
 from app.learning.uploads import Upload, spool
 from app.serving.service import Service
 from app.storage.examples import ExampleStore, Incoming, Snapshot
-from app.storage.registry import valid_head_name
 
 router = APIRouter(prefix="/v1", tags=["training"], dependencies=[Depends(require_key)],
                    responses=error_responses(ErrorResponse, (401, 403, 404, 413, 415, 422, 429, 503)))  # fmt: skip

@@ -74,6 +74,15 @@ export async function call(method, path, { json, form, admin = false } = {}) {
   return data;
 }
 
+// A photo behind an admin key (an <img> cannot send one): its bytes as a Blob, or throws ApiError.
+export async function photo(where) {
+  const keys = getKeys();
+  const key = keys.admin || keys.api;
+  const response = await fetch(new URL(where, BASE), { headers: key ? { "X-API-Key": key } : {}, credentials: "omit", cache: "no-store" });
+  if (!response.ok) throw new ApiError(response.status, "", `the photo could not be read (${response.status})`);
+  return response.blob();
+}
+
 // An admin operation was refused: point the person at the admin key field (the error says why beside the button).
 function askForAdminKey() {
   const field = document.getElementById("admin-key");

@@ -2,6 +2,7 @@
 import { getKeys, headsChanged, setKeys, showStatus } from "./api.js";
 import * as classify from "./classify.js";
 import * as heads from "./heads.js";
+import * as review from "./review.js";
 import * as train from "./train.js";
 
 const $ = (id) => document.getElementById(id);
@@ -34,5 +35,10 @@ function initKeys() {
 initKeys();
 classify.init();
 train.init();
-heads.init(classify.setHeads);
-heads.refresh(classify.setHeads);
+review.init();
+const setHeads = (models) => {
+  classify.setHeads(models);
+  review.setHeads(models);
+};
+heads.init(setHeads);
+heads.refresh(setHeads);

@@ -25,7 +25,8 @@
     ├── NotFound (404)
     │   ├── HeadNotFound         404  no head with that name in the model store
     │   ├── VersionNotFound      404  the head has no such version (the message lists those it has)
-    │   └── JobNotFound          404  no training job with that id in the shared store
+    │   ├── JobNotFound          404  no training job with that id in the shared store
+    │   └── ReviewItemNotFound   404  no photo with that sha256 in the head's review queue (labelled, dismissed or gone)
     ├── CapacityError (503)
     │   ├── QueueFull            503  the batch queue is full; retry after ``Retry-After``
     │   ├── ShuttingDown         503  the process is draining
@@ -172,6 +173,10 @@ class VersionNotFound(NotFound):
 
 class JobNotFound(NotFound):
     code = "job_not_found"
+
+
+class ReviewItemNotFound(NotFound):
+    code = "review_item_not_found"
 
 
 class CapacityError(TlserveError):

@@ -259,6 +259,47 @@ class Settings(BaseSettings):
         description="How often a running job refreshes its record in the shared store; a record 5 beats old is reported failed (`replica_lost`).",
     )
 
+    # --- the review queue from production (app/serving/review.py; docs/howto/review.md)
+    review_heads: str = Field(
+        "",
+        description="Comma-separated heads whose uncertain or unfamiliar production answers are sampled into their review queue (users' photos, kept in the shared store under the `review_*` limits); empty (the default): no head's, nothing is stored.",
+    )
+    review_confidence: float = Field(
+        0.6,
+        gt=0,
+        le=1,
+        description="Review queue: an answer whose top-class probability is below this is a candidate (so is every answer judged not in distribution).",
+    )
+    review_sample_rate: float = Field(
+        0.1,
+        gt=0,
+        le=1,
+        description="Review queue: share of candidate answers kept (drawn at random per photo); 1 keeps every one.",
+    )
+    review_max_items: int = Field(
+        1000, ge=1, description="Review queue: most photos queued per head; beyond it the oldest leave first (`evicted`)."
+    )
+    review_max_bytes: int = Field(
+        256 * 1024 * 1024,
+        ge=1,
+        description="Review queue: most photo bytes queued per head; beyond it the oldest leave first (`evicted`).",
+    )
+    review_max_age_days: float = Field(
+        30.0,
+        gt=0,
+        description="Review queue: a photo leaves the queue (its bytes deleted) this long after it was queued (`expired`), whether or not anyone reviewed it.",
+    )
+    review_max_photo_bytes: int = Field(
+        16 * 1024 * 1024,
+        ge=1,
+        description="Review queue: larger photos are never sampled (`too_large`); also the cap a queued photo is read back with.",
+    )
+    review_pending: int = Field(
+        32,
+        ge=1,
+        description="Review queue: sampled photos waiting for the writer thread, held in memory (at most this times `review_max_photo_bytes`); a photo sampled while it is full is dropped (`dropped_full`), never waited for.",
+    )
+
     # --- logging
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
     log_format: Literal["json", "text"] = Field("json", description="`json` (one object a line) or `text`.")
@@ -296,6 +337,17 @@ class Settings(BaseSettings):
             raise ValueError(exc.message) from None
         return v
 
+    @field_validator("review_heads")
+    @classmethod
+    def _review_heads(cls, v: str) -> str:
+        from app.core.errors import HeadNotFound
+        from app.core.names import valid_head_name
+
+        try:
+            return ",".join(dict.fromkeys(valid_head_name(h.strip()) for h in v.split(",") if h.strip()))
+        except HeadNotFound as exc:
+            raise ValueError(f"review_heads: {exc.message}") from None
+
     @model_validator(mode="after")
     def _distinct_ports(self) -> Settings:
         self.check_ports()
@@ -315,6 +367,11 @@ class Settings(BaseSettings):
         if key:
             out["head_signing_key"] = "<PEM, redacted>" if "PRIVATE KEY" in key else f"<redacted; file {key}>"
         return out
+
+    @property
+    def review_head_names(self) -> frozenset[str]:
+        """The heads whose review queue is on (``review_heads``); empty: off."""
+        return frozenset(h for h in self.review_heads.split(",") if h)
 
     @property
     def formats(self) -> frozenset[str]:

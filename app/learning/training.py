@@ -43,6 +43,7 @@ import numpy as np
 from app.core import calibration
 from app.core.errors import DatasetError, TlserveError
 from app.core.imaging import DecodeLimits, configure
+from app.core.names import valid_head_name
 from app.core.progress import Meter, ProgressCallback, console, no_progress
 from app.core.recipe import LEGACY, MIN_IMAGES_PER_CLASS, SEED, VAL_FRACTION, Recipe
 from app.core.recipe import choose as choose_recipe
@@ -72,7 +73,7 @@ from app.serving import familiarity
 from app.serving.extractor import Extractor
 from app.serving.predict import answer
 from app.storage.heads import Head, to_npy
-from app.storage.registry import Version, save_head, valid_head_name
+from app.storage.registry import Version, save_head
 from app.storage.store import ExtractorInfo, ModelStore
 
 log = logging.getLogger(__name__)

@@ -64,14 +64,13 @@ from app.core.errors import (
     ArchiveTooLarge,
     DatasetError,
     EmptyInput,
-    InvalidLabel,
     MalformedRequest,
     TooManyImages,
     UnsafeArchive,
     UnsupportedFormat,
 )
 from app.core.settings import Settings
-from app.storage.registry import HEAD_NAME
+from app.storage.examples import valid_label
 
 ARCHIVE_FIELD = "archive"
 OPTION_FIELDS = ("c", "val_fraction", "promote", "use_examples")
@@ -136,15 +135,6 @@ def admit(upload: Upload, settings: Settings) -> Upload:
         _unpack_all(upload, upload.archives, settings)
     check_photos(upload.photos, settings.formats)
     return upload
-
-
-def valid_label(label: str, where: str) -> str:
-    """A class label is named like a head (it becomes a folder name, a card entry, a metrics label)."""
-    if not HEAD_NAME.fullmatch(label) or ".." in label:
-        raise InvalidLabel(
-            f"invalid class label {label[:80]!r} ({where}): use letters, digits, '_', '-', '.' (at most 64, not starting with '.')"
-        )
-    return label
 
 
 # --- the spool -------------------------------------------------------------------------------

@@ -9,6 +9,13 @@ at most ``max_heads`` head names (further heads count as ``_other``) and ``max_c
 names a head (further classes as ``_other``). The answers per class are counted only with
 ``class_answers`` (setting ``metrics_class_answers``, off by default): ``/metrics`` is open with
 ``open_probes``, and those series tell anyone what everyone's photos showed.
+
+**The review queue** (:mod:`app.serving.review`), per head with the queue on: the answers sampled and what became
+of them (``tlserve_review_sampled_total{outcome}``: ``queued``, ``again`` (those bytes were queued already),
+``known`` (already an example), ``too_large``, ``dropped_full`` (the writer was behind: dropped, never
+waited for), ``failed``), the photos leaving the queue (``tlserve_review_outcomes_total{outcome}``:
+``confirmed``, ``corrected``, ``dismissed``, ``expired``, ``evicted``), and the queue's size in photos
+and bytes as this replica last saw it.
 """
 
 from __future__ import annotations
@@ -81,6 +88,19 @@ class Metrics:
             "tlserve_familiarity_expected_unfamiliar_ratio",
             "Share of training-like photos the head's calibration flags (1 - acceptance)", ["head"], registry=r,
         )  # fmt: skip
+        self.review_sampled = Counter(
+            "tlserve_review_sampled_total", "Answers sampled for a head's review queue, by what became of them",
+            ["head", "outcome"], registry=r,
+        )  # fmt: skip
+        self.review_outcomes = Counter(
+            "tlserve_review_outcomes_total", "Photos leaving a head's review queue: confirmed, corrected, dismissed, "
+            "expired, evicted", ["head", "outcome"], registry=r,
+        )  # fmt: skip
+        self.review_items = Gauge("tlserve_review_queue_items", "Photos in a head's review queue", ["head"], registry=r)
+        self.review_bytes = Gauge("tlserve_review_queue_bytes", "Photo bytes in a head's review queue", ["head"], registry=r)
+        self.review_pending = Gauge(
+            "tlserve_review_pending_photos", "Sampled photos waiting for the review queue's writer thread", registry=r
+        )
         self.head_version = Gauge("tlserve_head_version", "Version of the head that answered last", ["head"], registry=r)
 
     def head_label(self, name: str) -> str:

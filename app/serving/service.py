@@ -23,6 +23,7 @@ from app import __version__
 from app.core import tracing
 from app.core.errors import HeadNotFound, InputError, NotReady, TlserveError
 from app.core.imaging import DecodeLimits, configure
+from app.core.names import valid_head_name
 from app.core.settings import Settings
 from app.serving.batching import Batcher
 from app.serving.extractor import CUDA, Extractor, choose_providers, measure_speedup
@@ -31,9 +32,10 @@ from app.serving.inference import Decoded, InferRequest, InferResult, Item
 from app.serving.metrics import Metrics
 from app.serving.predict import judge, probabilities
 from app.serving.response_cache import ResponseCache
+from app.serving.review import Sampler
 from app.storage.control import HeadControl
 from app.storage.heads import Head
-from app.storage.registry import HeadRegistry, Version, valid_head_name
+from app.storage.registry import HeadRegistry, Version
 from app.storage.store import ExtractorInfo, ModelStore, int8_speed_verdict
 
 log = logging.getLogger(__name__)
@@ -56,6 +58,7 @@ class Service:
         self.registry = HeadRegistry(self.store.heads, feature_space="",
                                      pinned_cache=settings.pinned_versions_cached)  # fmt: skip
         self.control = HeadControl(self.store.heads, settings.default_head)
+        self.review = Sampler(settings, self.store.heads, self.metrics)
         self.decoder = ThreadPoolExecutor(max_workers=settings.decoders, thread_name_prefix="decode")
         self.not_ready_reason: str | None = "starting"
         self.draining = False
@@ -91,6 +94,7 @@ class Service:
             },
         )
         self.batcher.start()
+        self.review.start()
         if s.head_poll_interval_s > 0:
             self._watch_task = asyncio.get_running_loop().create_task(self.registry.watch(s.head_poll_interval_s))
         self.not_ready_reason = None
@@ -162,6 +166,7 @@ class Service:
             if not finished:
                 log.warning("drain timeout: %d images still queued", self.batcher.depth)
             await self.batcher.stop()
+        await asyncio.get_running_loop().run_in_executor(None, self.review.stop)
         self.decoder.shutdown(wait=False, cancel_futures=True)
 
     def begin_drain(self) -> None:
@@ -321,6 +326,12 @@ class Service:
                 result.familiarity, result.in_distribution = answers.familiarity, answers.in_distribution
                 result.refuse = (request.ood_policy or self.settings.ood_policy) == "refuse"
             self.metrics.observe_predictions(head, answers.proba, result.familiarity, result.in_distribution, known)
+            if head.name in self.review.enabled:
+                try:  # sampling never fails a request (the writer thread does the disk work)
+                    self.review.offer(head.name, head.version, result)
+                except Exception:
+                    self.metrics.review_sampled.labels(self.metrics.head_label(head.name), "failed").inc()
+                    log.exception("review queue of %s: sampling failed", head.name)
         return result
 
     def describe_info(self) -> dict[str, Any]:

@@ -35,15 +35,25 @@ from typing import Any
 
 import numpy as np
 
-from app.core.errors import ArtifactError, DatasetError
+from app.core.errors import ArtifactError, DatasetError, InvalidLabel
 from app.core.hashing import sha256_file
+from app.core.names import HEAD_NAME, valid_head_name
 from app.core.recipe import MIN_IMAGES_PER_CLASS, SEED
 from app.storage.files import atomic_write, locked, read_json, write_json
-from app.storage.registry import HeadStore, valid_head_name
+from app.storage.registry import HeadStore
 
 OBJECTS = "objects"
 LABELS = "labels.json"
 VALIDATION = "validation.json"
+
+
+def valid_label(label: str, where: str) -> str:
+    """A class label is named like a head (it becomes a folder name, a card entry, a metrics label)."""
+    if not HEAD_NAME.fullmatch(label) or ".." in label:
+        raise InvalidLabel(
+            f"invalid class label {label[:80]!r} ({where}): use letters, digits, '_', '-', '.' (at most 64, not starting with '.')"
+        )
+    return label
 
 
 @dataclass(frozen=True)

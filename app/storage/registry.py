@@ -15,6 +15,7 @@ Layout (card schema 2)::
         card.json, head-*.pkl      a flat head from before versions: read as version 1 (by :meth:`HeadStore.get`
                                    alone), never rewritten; ``tlserve heads migrate`` moves it to ``1/``
         examples/                  the head's example store (:mod:`app.storage.examples`), not a version
+        review/                    the head's review queue from production (:mod:`app.serving.review`), not a version
     model_store/heads/.jobs/, .spool/   training jobs' records (:mod:`app.learning.jobs`) and uploads being checked
                                    (:mod:`app.learning.uploads`): not heads (a head name never starts with '.')
 
@@ -63,6 +64,7 @@ from app.core.errors import (
     VersionNotFound,
 )
 from app.core.hashing import sha256_bytes
+from app.core.names import HEAD_NAME, valid_head_name
 from app.core.settings import Settings
 from app.core.signing import load_private_key, load_public_keys, sign, verify
 from app.storage.card import Card
@@ -88,21 +90,15 @@ CARD = "card.json"
 CURRENT = "current"
 LOCK = ".lock"
 EXAMPLES = "examples"
+REVIEW = "review"
 JOBS = ".jobs"
 SPOOL = ".spool"
 SCHEMA = 2
 LEGACY_VERSION = 1
-HEAD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # every use is fullmatch: '$' would accept "name\n"
 _VERSION_DIR = re.compile(r"[1-9][0-9]{0,8}")
 _ARTIFACT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 _MAX_CURRENT_BYTES = 64
 _MAX_CARD_BYTES = 64 * 1024 * 1024
-
-
-def valid_head_name(name: str) -> str:
-    if not HEAD_NAME.fullmatch(name) or ".." in name:
-        raise HeadNotFound(f"invalid head name {name[:80]!r}: use letters, digits, '_', '-', '.' (at most 64)")
-    return name
 
 
 def valid_artifact_name(file: str) -> str:
@@ -203,6 +199,10 @@ class HeadStore:
     def examples_dir(self, name: str) -> Path:
         """``name``'s example store (:class:`app.storage.examples.ExampleStore`)."""
         return self.folder(name) / EXAMPLES
+
+    def review_dir(self, name: str) -> Path:
+        """``name``'s review queue from production (:class:`app.serving.review.ReviewQueue`)."""
+        return self.folder(name) / REVIEW
 
     # --- reading -----------------------------------------------------------------------------
     def folder(self, name: str) -> Path:
