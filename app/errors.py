@@ -29,7 +29,8 @@
     ├── CapacityError (503)
     │   ├── QueueFull            503  the batch queue is full; retry after ``Retry-After``
     │   ├── ShuttingDown         503  the process is draining
-    │   └── TooManyJobs          429  this replica already runs ``training_jobs`` training jobs
+    │   ├── TooManyJobs          429  this replica already runs ``training_jobs`` training jobs
+    │   └── StoreUnavailable     503  the object store (``head_store``) cannot be reached: nothing was written
     ├── MissingDependency    500  an optional extra a command needs is not installed (pyarrow, Ray)
     └── ModelError (500/503)
         ├── ArtifactError        500  a model file is missing, changed, or fails its checksum
@@ -192,6 +193,11 @@ class TooManyJobs(CapacityError):
     status_code = 429
     code = "too_many_jobs"
     retry_after_s = 10
+
+
+class StoreUnavailable(CapacityError):
+    code = "store_unavailable"
+    retry_after_s = 5
 
 
 class MissingDependency(TlserveError):

@@ -45,6 +45,16 @@ class Settings(BaseSettings):
     model_store: Path = Field(
         Path("model_store"), description="Folder holding the exported extractor, its manifest.json and heads/."
     )
+    head_store: str = Field(
+        "",
+        description="Heads on an object store, `s3://bucket/prefix` (endpoint and credentials from the standard AWS_* variables, e.g. AWS_ENDPOINT_URL for MinIO; needs the `s3` extra); served from a verified local copy, head_cache_dir. Empty: <model_store>/heads.",
+    )
+    head_cache_dir: Path | None = Field(
+        None, description="This replica's local copy of the heads it serves from head_store; default <model_store>/.cache/heads."
+    )
+    store_timeout_s: float = Field(
+        10.0, gt=0, description="Longest one object-store request may take (head_store) before the store counts as unreachable."
+    )
     default_head: str = Field("cats_vs_dogs", description="Head used when a request names none.")
     feature_cache_dir: Path | None = Field(None, description="Feature cache for training; default <model_store>/.cache/features.")
 
