@@ -20,6 +20,7 @@
     │   ├── Unauthorized         401  missing or wrong API key
     │   ├── Forbidden            403  an inference key used for an admin operation
     │   │   └── AdminDisabled    403  an admin operation while no admin key is set (``TLSERVE_ADMIN_KEYS``)
+    │   │   └── ServeOnly        403  a write (train, examples, promote, roll back, delete) on a ``role=serve`` replica
     │   ├── HostNotAllowed       400  a ``Host`` header outside ``allowed_hosts`` (DNS rebinding)
     │   └── ClientDisconnected   499  the client closed the connection mid-request (nginx's 499)
     ├── NotFound (404)
@@ -146,6 +147,10 @@ class Forbidden(InputError):
 
 class AdminDisabled(Forbidden):
     code = "admin_disabled"
+
+
+class ServeOnly(Forbidden):
+    code = "serve_only"
 
 
 class HostNotAllowed(InputError):

@@ -18,10 +18,11 @@ from typing import Any
 import httpx
 import pytest
 
-from app.errors import StoreUnavailable, VersionConflict
+from app.errors import StoreUnavailable, UntrustedHead, VersionConflict
 from app.mirror import MirroredHeadStore
 from app.objectstore import ObjectStore
 from app.registry import HeadKeys, HeadStore, load_head, save_head
+from app.signing import generate, load_private_key, load_public_keys
 from app.store import ModelStore
 from tests.helpers import ADMIN, REPO, ServerProcess, free_port, image_bytes
 
@@ -115,6 +116,21 @@ def test_a_version_written_on_one_replica_is_verified_and_served_from_anothers_m
     assert load_head(server, "colors").version == 2
     keys = ObjectStore(url(s3)).keys("heads/colors/")
     assert {"heads/colors/.claims/1", "heads/colors/.claims/2", "heads/colors/current", "heads/colors/2/card.json"} <= set(keys)
+
+
+def test_a_verify_only_mirror_serves_signed_versions_and_refuses_unsigned_ones(
+    s3: S3Server, tmp_path: Path, tiny_store: ModelStore
+) -> None:
+    pem, public = generate()
+    signer = HeadKeys(load_private_key(pem.decode()), {})
+    verifier = HeadKeys(None, load_public_keys(public))
+    publish(tiny_store, mirrored(s3, tmp_path / "unsigned"))  # version 1: written without a key
+    publish(tiny_store, mirrored(s3, tmp_path / "trainer", signer), promote=False)  # version 2: signed
+    server = mirrored(s3, tmp_path / "server", verifier)
+    server.refresh()
+    with pytest.raises(UntrustedHead):
+        load_head(server, "colors", version=1)
+    assert load_head(server, "colors", version=2).version == 2
 
 
 def test_version_ids_are_never_reused_and_deletes_reach_the_mirror(s3: S3Server, tmp_path: Path, tiny_store: ModelStore) -> None:

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from app.errors import AdminDisabled, Forbidden, Unauthorized
+from app.errors import AdminDisabled, Forbidden, ServeOnly, Unauthorized
 from app.keys import given_key, key_matches
 from app.service import Service
 
@@ -45,6 +45,17 @@ async def require_admin(request: Request) -> None:
     if settings.keys and key_matches(given, settings.keys):
         raise Forbidden("this operation needs an admin key (TLSERVE_ADMIN_KEYS); an inference key is not enough")
     raise Unauthorized("missing or invalid admin key (send Authorization: Bearer KEY or X-API-Key; TLSERVE_ADMIN_KEYS)")
+
+
+async def require_writer(request: Request) -> None:
+    """Operations that write the head store (train, examples, promote, roll back, delete) run on trainers:
+    a ``role=serve`` replica refuses them (403 ``serve_only``), so it needs neither the signing key nor write
+    credentials. Reload writes nothing and stays on every replica."""
+    if request.app.state.service.settings.role == "serve":
+        raise ServeOnly(
+            "this replica has TLSERVE_ROLE=serve: it serves heads and writes none; send train, examples, promote, "
+            "rollback and delete to a trainer (TLSERVE_ROLE=train or both)"
+        )
 
 
 async def probe_auth(request: Request) -> None:
