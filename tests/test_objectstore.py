@@ -303,9 +303,13 @@ def test_replicas_on_one_object_store_follow_a_promotion_and_ride_out_an_outage(
     s3.stop()
     try:
         deadline = time.monotonic() + 20
-        while stale_seconds(b) == 0:
-            assert time.monotonic() < deadline, "replica b never reported the store stale"
+        while stale_seconds(b) == 0 or stale_seconds(a) == 0:
+            assert time.monotonic() < deadline, "a replica never reported the store stale"
             time.sleep(0.2)
+        for path in ("train", "examples", "promote"):  # refused at once, before a body is read or a job starts
+            r = httpx.post(f"{a.url}/v1/heads/colors/{path}", headers=ADMIN, json={"version": 1})
+            assert r.status_code == 503 and r.json()["error"]["code"] == "store_unavailable", (path, r.text)
+            assert "unreachable since" in r.json()["error"]["message"] and int(r.headers["retry-after"]) > 0
         assert httpx.get(f"{b.url}/readyz").status_code == 200
         assert label(b) == (200, "blue", v2)
         r = httpx.post(f"{a.url}/v1/heads/colors/rollback", headers=ADMIN, timeout=30)
