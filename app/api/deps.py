@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+from datetime import UTC, datetime
 from typing import Annotated
 
 from fastapi import Depends, Request
 
-from app.core.errors import AdminDisabled, Forbidden, Unauthorized
+from app.core.errors import AdminDisabled, Forbidden, ServeOnly, StoreUnavailable, Unauthorized
 from app.core.keys import given_key, key_matches
 from app.serving.service import Service
 
@@ -45,6 +47,25 @@ async def require_admin(request: Request) -> None:
     if settings.keys and key_matches(given, settings.keys):
         raise Forbidden("this operation needs an admin key (TLSERVE_ADMIN_KEYS); an inference key is not enough")
     raise Unauthorized("missing or invalid admin key (send Authorization: Bearer KEY or X-API-Key; TLSERVE_ADMIN_KEYS)")
+
+
+async def require_writer(request: Request) -> None:
+    """Operations that write the head store (train, examples, promote, roll back, delete) run on trainers:
+    a ``role=serve`` replica refuses them (403 ``serve_only``), so it needs neither the signing key nor write
+    credentials. Reload writes nothing and stays on every replica. While the head store was last found
+    unreachable (and one more look finds it so) they are refused (503 ``store_unavailable`` + Retry-After)
+    before a body is read or a job starts: nothing is accepted that could not be committed."""
+    service = request.app.state.service
+    if service.settings.role == "serve":
+        raise ServeOnly(
+            "this replica has TLSERVE_ROLE=serve: it serves heads and writes none; send train, examples, promote, "
+            "rollback and delete to a trainer (TLSERVE_ROLE=train or both)"
+        )
+    heads = service.store.heads
+    if heads.stale_since is not None and not await asyncio.to_thread(heads.refresh):  # one fresh look: polling may be off
+        assert heads.stale_since is not None
+        since = datetime.fromtimestamp(heads.stale_since, UTC).isoformat(timespec="seconds")
+        raise StoreUnavailable(f"the head store has been unreachable since {since}; nothing was written, retry later")
 
 
 async def probe_auth(request: Request) -> None:

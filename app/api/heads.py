@@ -14,7 +14,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, Field
 
-from app.api.deps import ServiceDep, require_admin, require_key
+from app.api.deps import ServiceDep, require_admin, require_key, require_writer
 from app.api.parsing import error_responses
 from app.api.schemas import ErrorResponse
 from app.core.errors import DatasetError, HeadNotFound, TlserveError
@@ -27,7 +27,7 @@ from app.storage.registry import Version
 
 router = APIRouter(prefix="/v1/heads", tags=["heads"], dependencies=[Depends(require_key)],
                    responses=error_responses(ErrorResponse, (400, 401, 403, 404, 409, 422, 500, 503)))  # fmt: skip
-Admin = [Depends(require_admin)]
+Admin = [Depends(require_admin), Depends(require_writer)]  # every route here that needs an admin key writes
 
 
 class VersionSummary(BaseModel):

@@ -19,7 +19,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import BaseModel, Field
 
-from app.api.deps import ServiceDep, require_admin, require_key
+from app.api.deps import ServiceDep, require_admin, require_key, require_writer
 from app.api.parsing import error_responses, parse_bool
 from app.api.schemas import ErrorResponse
 from app.api.uploads import receive
@@ -33,7 +33,7 @@ from app.storage.examples import ExampleStore, Incoming, Snapshot
 
 router = APIRouter(prefix="/v1", tags=["training"], dependencies=[Depends(require_key)],
                    responses=error_responses(ErrorResponse, (401, 403, 404, 413, 415, 422, 429, 503)))  # fmt: skip
-Admin = [Depends(require_admin)]
+Admin = [Depends(require_admin), Depends(require_writer)]  # every route here that needs an admin key writes
 
 
 async def get_jobs(request: Request) -> JobRunner:

@@ -20,6 +20,7 @@
     │   ├── Unauthorized         401  missing or wrong API key
     │   ├── Forbidden            403  an inference key used for an admin operation
     │   │   └── AdminDisabled    403  an admin operation while no admin key is set (``TLSERVE_ADMIN_KEYS``)
+    │   │   └── ServeOnly        403  a write (train, examples, promote, roll back, delete) on a ``role=serve`` replica
     │   ├── HostNotAllowed       400  a ``Host`` header outside ``allowed_hosts`` (DNS rebinding)
     │   └── ClientDisconnected   499  the client closed the connection mid-request (nginx's 499)
     ├── NotFound (404)
@@ -30,7 +31,8 @@
     ├── CapacityError (503)
     │   ├── QueueFull            503  the batch queue is full; retry after ``Retry-After``
     │   ├── ShuttingDown         503  the process is draining
-    │   └── TooManyJobs          429  this replica already runs ``training_jobs`` training jobs
+    │   ├── TooManyJobs          429  this replica already runs ``training_jobs`` training jobs
+    │   └── StoreUnavailable     503  the object store (``head_store``) cannot be reached: nothing was written
     ├── MissingDependency    500  an optional extra a command needs is not installed (pyarrow, Ray)
     └── ModelError (500/503)
         ├── ArtifactError        500  a model file is missing, changed, or fails its checksum
@@ -148,6 +150,10 @@ class AdminDisabled(Forbidden):
     code = "admin_disabled"
 
 
+class ServeOnly(Forbidden):
+    code = "serve_only"
+
+
 class HostNotAllowed(InputError):
     status_code = 400
     code = "host_not_allowed"
@@ -197,6 +203,11 @@ class TooManyJobs(CapacityError):
     status_code = 429
     code = "too_many_jobs"
     retry_after_s = 10
+
+
+class StoreUnavailable(CapacityError):
+    code = "store_unavailable"
+    retry_after_s = 5
 
 
 class MissingDependency(TlserveError):

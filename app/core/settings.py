@@ -45,6 +45,20 @@ class Settings(BaseSettings):
     model_store: Path = Field(
         Path("model_store"), description="Folder holding the exported extractor, its manifest.json and heads/."
     )
+    role: Literal["serve", "train", "both"] = Field(
+        "both",
+        description="What this replica does: `serve` answers requests and refuses writes (train, examples, promote, rollback, delete: 403 serve_only) and holds no signing key; `train` and `both` also write the head store.",
+    )
+    head_store: str = Field(
+        "",
+        description="Heads on an object store, `s3://bucket/prefix` (endpoint and credentials from the standard AWS_* variables, e.g. AWS_ENDPOINT_URL for MinIO; needs the `s3` extra); served from a verified local copy, head_cache_dir. Empty: <model_store>/heads.",
+    )
+    head_cache_dir: Path | None = Field(
+        None, description="This replica's local copy of the heads it serves from head_store; default <model_store>/.cache/heads."
+    )
+    store_timeout_s: float = Field(
+        10.0, gt=0, description="Longest one object-store request may take (head_store) before the store counts as unreachable."
+    )
     default_head: str = Field("cats_vs_dogs", description="Head used when a request names none.")
     feature_cache_dir: Path | None = Field(None, description="Feature cache for training; default <model_store>/.cache/features.")
 
@@ -352,6 +366,19 @@ class Settings(BaseSettings):
     def _distinct_ports(self) -> Settings:
         self.check_ports()
         return self
+
+    @model_validator(mode="after")
+    def _serve_role_holds_no_signing_key(self) -> Settings:
+        if self.role == "serve" and self.head_signing_key.strip():
+            raise ValueError("role=serve holds no signing key: unset TLSERVE_HEAD_SIGNING_KEY (trainers sign; servers verify)")
+        return self
+
+    @field_validator("head_store")
+    @classmethod
+    def _store_url(cls, v: str) -> str:
+        if v and (not v.startswith("s3://") or not v[5:].split("/", 1)[0]):
+            raise ValueError(f"head_store {v[:200]!r}: expected s3://bucket/prefix (or empty for <model_store>/heads)")
+        return v
 
     def check_ports(self) -> None:
         """Refuse (``ValueError``) one port for both fronts; also for a copy whose ``port`` the command line set."""

@@ -67,6 +67,11 @@ class Metrics:
         self.rejections = Counter("tlserve_rejections_total", "Requests or images refused, by reason", ["reason"], registry=r)
         self.model_info = Info("tlserve_model", "Extractor and engine in use", registry=r)
         self.ready = Gauge("tlserve_ready", "1 when /readyz answers 200", registry=r)
+        self.store_stale = Gauge(
+            "tlserve_store_stale_seconds",
+            "Seconds since the object store (head_store) was first found unreachable; 0 while it answers",
+            registry=r,
+        )
         self.answers = Counter(
             "tlserve_prediction_answers_total", "Classification answers by the head's top class (refused ones too)",
             ["head", "class"], registry=r,

@@ -58,6 +58,8 @@ class Service:
         self.registry = HeadRegistry(self.store.heads, feature_space="",
                                      pinned_cache=settings.pinned_versions_cached)  # fmt: skip
         self.control = HeadControl(self.store.heads, settings.default_head)
+        heads = self.store.heads
+        self.metrics.store_stale.set_function(lambda: 0.0 if heads.stale_since is None else time.time() - heads.stale_since)
         self.review = Sampler(settings, self.store.heads, self.metrics)
         self.decoder = ThreadPoolExecutor(max_workers=settings.decoders, thread_name_prefix="decode")
         self.not_ready_reason: str | None = "starting"

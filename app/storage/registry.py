@@ -183,6 +183,14 @@ class HeadStore:
         self.keys = keys
         self.spool = spool or root / SPOOL
 
+    stale_since: float | None = None
+    """When a store that is copied from elsewhere (:class:`app.storage.mirror.MirroredHeadStore`) was last found
+    unreachable; a local folder is never stale."""
+
+    def refresh(self) -> bool:
+        """Bring what is read up to the store (a local folder already is); False while it cannot be reached."""
+        return True
+
     @property
     def signing_key(self) -> Ed25519PrivateKey | None:
         return self.keys.signing
@@ -525,6 +533,7 @@ class HeadRegistry:
         self._pinned_lock = threading.Lock()
 
     def load_all(self) -> None:
+        self.store.refresh()  # an unreachable object store: the mirror's last verified heads are served
         for name in self.store.names():
             try:
                 self._load(name)
@@ -617,6 +626,7 @@ class HeadRegistry:
 
     async def poll(self) -> None:
         """One look at the store: new, changed, promoted and deleted heads."""
+        await asyncio.get_running_loop().run_in_executor(None, self.store.refresh)
         present = set(self.store.names())
         for name in set(self.heads) | set(self.errors):
             if name not in present:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import stat
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -105,11 +106,15 @@ class ModelStore:
     root: Path
     keys: HeadKeys = field(default_factory=HeadKeys, repr=False)
     spool: Path | None = None
+    head_store: str = ""  # s3://bucket/prefix: heads on an object store, served from head_cache (app.storage.mirror)
+    head_cache: Path | None = None
+    store_timeout_s: float = 10.0
 
     @classmethod
     def open(cls, settings: Settings) -> ModelStore:
         """The store ``settings`` name, with the signing and verify keys and the spool they configure."""
-        return cls(settings.model_store, HeadKeys.from_settings(settings), settings.spool_dir)
+        return cls(settings.model_store, HeadKeys.from_settings(settings), settings.spool_dir,
+                   settings.head_store, settings.head_cache_dir, settings.store_timeout_s)  # fmt: skip
 
     @property
     def manifest_path(self) -> Path:
@@ -220,8 +225,15 @@ class ModelStore:
             return fp32, f"precision=auto: fp32, the int8 variant's file {int8.get('file')} is missing"
         return int8, f"precision=auto: the int8 variant, accuracy gate {gate}"
 
-    @property
+    @cached_property
     def heads(self) -> HeadStore:
         """The versioned head store under ``heads/`` (its layout is :mod:`app.storage.registry`'s alone), with this
-        store's keys."""
-        return HeadStore(self.heads_dir, self.keys, spool=self.spool)
+        store's keys; with ``head_store`` the object store's heads, read from their local mirror
+        (:mod:`app.storage.mirror`). One per ModelStore: whether the object store is stale is its state."""
+        if not self.head_store:
+            return HeadStore(self.heads_dir, self.keys, spool=self.spool)
+        from app.storage.mirror import MirroredHeadStore
+        from app.storage.objectstore import ObjectStore
+
+        cache = self.head_cache or self.root / ".cache" / "heads"
+        return MirroredHeadStore(cache, self.keys, ObjectStore(self.head_store, timeout_s=self.store_timeout_s), spool=self.spool)
