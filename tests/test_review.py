@@ -29,8 +29,8 @@ from tests.helpers import ADMIN, ServerProcess, image_bytes
 PNG = {"Content-Type": "image/png"}
 UNCERTAIN = image_bytes((202, 40, 47), seed=3, size=(43, 39))  # the tiny head: red, ~0.73, in distribution
 UNFAMILIAR = image_bytes((40, 210, 40), "PNG", size=(32, 32), noise=15)  # confident, not in distribution
-SURE = image_bytes((210, 40, 40), seed=3, size=(43, 39))  # red, ~0.998, in distribution
-ENABLED = {"default_head": "colors", "review_heads": "colors", "review_confidence": 0.8, "review_sample_rate": 1}
+SURE = image_bytes((210, 40, 40), seed=3, size=(43, 39))  # red, ~1.0 (the calibrated tiny head), in distribution
+ENABLED = {"default_head": "colors", "review_heads": "colors", "review_confidence": 0.95, "review_sample_rate": 1}
 
 
 def photo(i: int, size: int = 100) -> bytes:
@@ -232,8 +232,8 @@ def test_uncertain_and_unfamiliar_answers_are_queued_labelled_and_dismissed_with
     user = {"X-API-Key": "k-infer"}
     answers = [httpx.post(f"{server.url}/v1/classify", content=d, headers={**PNG, **user}).json()["results"][0]
                for d in (UNCERTAIN, UNFAMILIAR, SURE, UNCERTAIN)]  # fmt: skip
-    assert answers[0]["confidence"] < 0.8 and answers[0]["in_distribution"] is True  # the premises
-    assert answers[1]["in_distribution"] is False and answers[2]["confidence"] > 0.8 and answers[2]["in_distribution"]
+    assert answers[0]["confidence"] < 0.95 and answers[0]["in_distribution"] is True  # the premises
+    assert answers[1]["in_distribution"] is False and answers[2]["confidence"] > 0.95 and answers[2]["in_distribution"]
     url = f"{server.url}/v1/heads/colors/review"
     for headers, status in (({}, 401), (user, 403)):  # users' photos: admin keys only, every route
         assert httpx.get(url, headers=headers).status_code == status
