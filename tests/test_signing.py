@@ -82,7 +82,7 @@ def test_signature_covers_every_artifact(fresh_tiny_store: ModelStore, keys) -> 
     heads = signed_store(fresh_tiny_store, keys["trainer"][0])
     card = heads.get("colors").card
     assert card["signature"]["alg"] == "ed25519"
-    assert set(card["artifacts"]) == {card["pickle"], "confusion_matrix.png", "oof_proba.npy", "folds.json", "familiarity_bank.npy",
+    assert set(card["artifacts"]) == {card["pickle"], "confusion_matrix.png", "reliability.png", "oof_proba.npy", "folds.json", "familiarity_bank.npy",
                                       "familiarity_labels.npy", "familiarity_center.npy", *ARRAY_FILES.values()}  # fmt: skip
 
 

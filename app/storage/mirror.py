@@ -40,7 +40,6 @@ from typing import Any
 from app.core.errors import ArtifactError, StoreUnavailable, VersionConflict, VersionNotFound
 from app.core.hashing import sha256_bytes
 from app.core.names import HEAD_NAME, valid_head_name
-from app.core.signing import sign
 from app.storage.card import Card
 from app.storage.files import atomic_write, locked
 from app.storage.heads import MAX_PICKLE_BYTES
@@ -225,11 +224,7 @@ class MirroredHeadStore(HeadStore):
         for file, data in files.items():
             self.objects.put(self._key(name, str(version), file), data)
             artifacts[file] = sha256_bytes(data)
-        full = {**card, "schema": SCHEMA, "name": name, "version": version, "artifacts": artifacts,
-                "created_at": card.get("created_at") or datetime.now(UTC).isoformat(timespec="seconds")}  # fmt: skip
-        full.pop("signature", None)
-        if self.signing_key is not None:
-            full = sign(full, self.signing_key)
+        full = self.committed_card(card, name, version, artifacts)
         body = (json.dumps(full, indent=2, sort_keys=True) + "\n").encode()
         if not self.objects.create(self._key(name, str(version), CARD), body):
             raise VersionConflict(f"head {name!r} version {version} was committed by another writer; nothing changed")

@@ -355,15 +355,19 @@ class HeadStore:
         for file, data in files.items():
             atomic_write(target / file, data)
             artifacts[file] = sha256_bytes(data)
-        full = {**card, "schema": SCHEMA, "name": name, "version": version, "artifacts": artifacts,
-                "created_at": card.get("created_at") or datetime.now(UTC).isoformat(timespec="seconds")}  # fmt: skip
-        full.pop("signature", None)
-        if self.signing_key is not None:
-            full = sign(full, self.signing_key)
+        full = self.committed_card(card, name, version, artifacts)
         write_json(target / CARD, full)
         if promote:
             self.promote(name, version)
         return Version(name, version, target, full)
+
+    def committed_card(self, card: dict[str, Any], name: str, version: int, artifacts: dict[str, str]) -> dict[str, Any]:
+        """The card a new version commits: what the trainer wrote plus what the store vouches for (schema, name,
+        version, every file's sha256, the time), signed with this store's key where it has one."""
+        full = {**card, "schema": SCHEMA, "name": name, "version": version, "artifacts": artifacts,
+                "created_at": card.get("created_at") or datetime.now(UTC).isoformat(timespec="seconds")}  # fmt: skip
+        full.pop("signature", None)
+        return sign(full, self.signing_key) if self.signing_key is not None else full
 
     def _uncommitted(self, folder: Path) -> list[int]:
         return [int(p.name) for p in folder.iterdir() if _VERSION_DIR.fullmatch(p.name) and p.is_dir()]
