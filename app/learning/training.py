@@ -45,12 +45,11 @@ from app.core.errors import DatasetError, TlserveError
 from app.core.imaging import DecodeLimits, configure
 from app.core.names import valid_head_name
 from app.core.progress import Meter, ProgressCallback, console, no_progress
-from app.core.recipe import LEGACY, MIN_IMAGES_PER_CLASS, SEED, VAL_FRACTION, Recipe
+from app.core.recipe import LEGACY, MIN_IMAGES_PER_CLASS, SEED, Recipe
 from app.core.recipe import choose as choose_recipe
 from app.core.settings import Settings
 from app.learning import fewshot
 from app.learning.crossval import (
-    C_GRID,
     DEFAULT_C,
     CrossValidation,
     n_folds,
@@ -69,6 +68,7 @@ from app.learning.features import (
     hidden,
 )
 from app.learning.report import Report, confusion_png, make_report
+from app.learning.trainingcard import FOLDS_FILE, OOF_FILE, training_card
 from app.serving import familiarity
 from app.serving.extractor import Extractor
 from app.serving.predict import answer
@@ -77,9 +77,6 @@ from app.storage.registry import Version, save_head
 from app.storage.store import ExtractorInfo, ModelStore
 
 log = logging.getLogger(__name__)
-
-OOF_FILE = "oof_proba.npy"
-FOLDS_FILE = "folds.json"
 
 
 # --- results ---------------------------------------------------------------------------------
@@ -283,7 +280,7 @@ class Trainer:
         oof_raw = fitted.oof.oof[fitted.c]
         fitted.oof.oof[fitted.c] = calibration.temper(fitted.oof.oof[fitted.c], fitted.head.temperature)
         report = make_report(held.y, fitted.held_pred, data.classes)
-        full = self._card(data, val, y, held, skipped, duplicates, fitted, report)
+        full = training_card(self.info, data, val, y, held, skipped, duplicates, fitted, report)
         full["recipe"] = {**recipe.as_card(), "rule": rule, "cv_accuracy_by_recipe": fitted.recipe_scores, "C": fitted.c,
                           **({"scale": fitted.scale} if fitted.scale else {}),
                           "chosen_by": "the learning curve, benchmarks/RESULTS.md"}  # fmt: skip
@@ -417,65 +414,6 @@ class Trainer:
         section = familiarity.card_section(model, oof, y, classes, fitted.oof.n_splits, acceptance, held_out)
         return model, section
 
-    def _card(self, data: Dataset, val: Dataset | None, y: np.ndarray, held: _Held, skipped: list[tuple[Path, str]],
-              duplicates: list[Duplicate], fitted: _Fitted, report: Report) -> dict[str, Any]:  # fmt: skip
-        import sklearn
-
-        n = len(y)
-        stratified = held.train_idx is not None
-        n_train = len(held.train_idx) if held.train_idx is not None else n
-        held_desc = (f"{len(held.y)} photos of --val-dir {val.root}" if val is not None
-                     else f"a stratified {VAL_FRACTION:.0%} of DATA_DIR ({len(held.y)} photos, seed {SEED})")  # fmt: skip
-        train_desc = f"the other {n_train} photos of DATA_DIR" if stratified else f"all {n} labelled photos of DATA_DIR"
-        search = fitted.search
-        split = (
-            {"kind": "val_dir", "val_dir": str(val.root)}
-            if val is not None
-            else {"kind": "stratified", "val_fraction": VAL_FRACTION, "seed": SEED}
-        )
-        selection = f"{search.n_splits}-fold stratified CV over C in {list(C_GRID)} on {train_desc}" if search else None
-        return {
-            "classes": data.classes,
-            "extractor": {
-                **{k: self.info.raw[k] for k in ("file", "input_size", "resample", "pooling", "feature_dim")},
-                "sha256": self.info.feature_space,
-            },
-            "training": {
-                "data_dir": str(data.root),
-                "split": split,
-                "train_per_class": _counts(y, data.classes),
-                "val_per_class": _counts(held.y, data.classes),
-                "nested_per_class": dict(data.nested),
-                "ignored_outside_class_folders": data.loose,
-                "skipped": len(skipped),
-                "skipped_files": [f"{p}: {why}" for p, why in skipped[:50]],
-                "duplicates": [d.as_dict() for d in duplicates[:50]],
-            },
-            "estimator": {
-                "kind": "LogisticRegression (L2, lbfgs)",
-                "C": fitted.c,
-                "C_source": fitted.source,
-                "cv_accuracy_by_C": {str(c): round(a, 4) for c, a in search.accuracy.items()} if search else {},
-                "fitted_on": f"all {n} labelled photos of DATA_DIR",
-            },
-            "metrics": report.as_dict(),
-            "evaluation": {
-                "metrics": f"held out: {held_desc}; scored with a head fitted on {train_desc} at C={fitted.c}"
-                + ("; the shipped head was then refitted on all photos of DATA_DIR" if stratified else " (the shipped head)"),
-                "model_selection": selection,
-                "cv": {
-                    "data": f"all {n} labelled photos of DATA_DIR",
-                    "folds": fitted.oof.n_splits,
-                    "seed": SEED,
-                    "C": fitted.c,
-                    "accuracy": round(fitted.oof.accuracy[fitted.c], 4),
-                    "artifacts": [OOF_FILE, FOLDS_FILE],
-                },
-                "shipped_head": f"fitted on all {n} labelled photos of DATA_DIR at C={fitted.c}",
-            },
-            "sklearn_version": sklearn.__version__,
-        }
-
     def evaluate(self, head: Head, data_dir: Path, *, limit: int = 0, allow_subset: bool = False,
                  ood_dir: Path | None = None) -> Evaluation:  # fmt: skip
         """Accuracy on a labelled folder; with ``ood_dir`` (photos that are none of the classes, any
@@ -561,10 +499,6 @@ def _enough_after_extraction(data: Dataset, y: np.ndarray) -> None:
                 f"class {data.classes[label]!r} has {count} readable image(s) (folder {data.folder(label)}); at least "
                 f"{MIN_IMAGES_PER_CLASS} needed"
             )
-
-
-def _counts(y: np.ndarray, classes: list[str]) -> dict[str, int]:
-    return dict(zip(classes, np.bincount(y, minlength=len(classes)).tolist(), strict=True))
 
 
 def _folds_json(data: Dataset, ext: Extracted, y: np.ndarray, fitted: _Fitted) -> dict[str, Any]:
