@@ -468,11 +468,15 @@ def test_ray_features_job_killed_resumed_then_trained(ray_cluster: str, vgg_stor
     assert a.classes == b.classes == ("cat", "dog")
     for key in ("train_per_class", "val_per_class", "skipped"):
         assert a.card["training"][key] == b.card["training"][key], key
-    assert a.card["estimator"]["C"] == b.card["estimator"]["C"] and "familiarity" in a.card
+    assert "familiarity" in a.card
+    # a features output holds the photos as served, so its head trains on that view alone; the folder's few-photo
+    # recipe adds mirrored and cropped views (app/core/recipe.py): same transform, same answers on val photos
+    assert a.card["recipe"]["views"] == ["orig"] and a.card["recipe"]["transform"] == b.card["recipe"]["transform"]
+    assert len(b.card["recipe"]["views"]) > 1
     val = [p for label in ("cat", "dog") for p in sorted((shared_data / "val" / label).iterdir())[:10]]
     x = trainer.features(val).features
     pa_, pb = a.predict_proba(x), b.predict_proba(x)
-    assert (pa_.argmax(1) == pb.argmax(1)).all() and np.abs(pa_ - pb).max() < 1e-3
+    assert (pa_.argmax(1) == pb.argmax(1)).all()
 
 
 def test_jpegmem_follows_the_configured_pixel_limit(tiny_store: ModelStore, colors: Path, tmp_path: Path) -> None:
