@@ -22,7 +22,7 @@ from app.serving.service import Service
 from app.storage.examples import ExampleStore
 
 router = APIRouter(prefix="/v1/heads", tags=["review"], dependencies=[Depends(require_admin)],
-                   responses=error_responses(ErrorResponse, (401, 403, 404, 422, 500, 503)))  # fmt: skip
+                   responses=error_responses(ErrorResponse, (400, 401, 403, 404, 422, 500, 503)))  # fmt: skip
 
 PHOTO_TYPES = {b"\xff\xd8\xff": "image/jpeg", b"\x89PNG": "image/png", b"GIF8": "image/gif", b"BM": "image/bmp"}
 
