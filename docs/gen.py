@@ -108,6 +108,12 @@ def settings_markdown() -> str:
     return HEADER.format(source="`app.core.settings.Settings` (`tlserve settings --markdown`)") + table().rstrip() + "\n"
 
 
+def _table(source: str, columns: list[str], rows: list[str]) -> str:
+    """A generated page: the do-not-edit header naming ``source``, then one Markdown table."""
+    head = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n"
+    return HEADER.format(source=source) + head + "\n".join(rows) + "\n"
+
+
 # --- HTTP ------------------------------------------------------------------------------------------------------------
 def openapi() -> dict:
     from app.core.settings import Settings
@@ -121,12 +127,7 @@ def routes_markdown() -> str:
     for path, ops in openapi()["paths"].items():
         for method, op in ops.items():
             rows.append(f"| {method.upper()} | `{path}` | `{op['operationId']}` | {_cell(op.get('summary', ''))} |")
-    return (
-        HEADER.format(source="the app's OpenAPI document (`/openapi.json`)")
-        + "| method | path | operation id | what |\n|---|---|---|---|\n"
-        + "\n".join(rows)
-        + "\n"
-    )
+    return _table("the app's OpenAPI document (`/openapi.json`)", ["method", "path", "operation id", "what"], rows)
 
 
 def error_classes() -> list[type]:
@@ -169,12 +170,7 @@ def errors_markdown() -> str:
     for status, code in sorted(errors.HTTP_CODES.items()):
         rows.append(f"| (the web framework) | {status} | `{code}` | {_cell(errors.HTTP_CODES.__doc__ or '')} |")
     rows.append(f"| (the web framework) | other 4xx | `{errors.HTTP_ERROR}` | any other status the framework answers itself |")
-    return (
-        HEADER.format(source="the error tree in `app/core/errors.py`")
-        + "| error (class tree) | HTTP status | `code` | when |\n|---|---|---|---|\n"
-        + "\n".join(rows)
-        + "\n"
-    )
+    return _table("the error tree in `app/core/errors.py`", ["error (class tree)", "HTTP status", "`code`", "when"], rows)
 
 
 def grpc_status_markdown() -> str:
@@ -184,12 +180,7 @@ def grpc_status_markdown() -> str:
     for cls in error_classes():
         code = next(CODES[c] for c in cls.__mro__ if c in CODES)  # looked up along the class tree, as the front does
         rows.append(f"| `{cls.code}` | {cls.status_code} | `{code.name}` |")
-    return (
-        HEADER.format(source="`app/grpc/status.py`")
-        + "| tlserve code | HTTP status | gRPC status |\n|---|---|---|\n"
-        + "\n".join(rows)
-        + "\n"
-    )
+    return _table("`app/grpc/status.py`", ["tlserve code", "HTTP status", "gRPC status"], rows)
 
 
 # --- the module map --------------------------------------------------------------------------------------------------
@@ -213,12 +204,7 @@ def modules_markdown() -> str:
         module = ".".join(rel.with_suffix("").parts).removesuffix(".__init__")
         doc = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8"))) or ""
         rows.append(f"| `{module}` | {_cell(_first_sentence(doc)) or '**no docstring**'} |")
-    return (
-        HEADER.format(source="the docstrings under `app/`")
-        + "| module | what it is (its docstring's first sentence) |\n|---|---|\n"
-        + "\n".join(rows)
-        + "\n"
-    )
+    return _table("the docstrings under `app/`", ["module", "what it is (its docstring's first sentence)"], rows)
 
 
 FRAGMENTS: dict[str, Callable[[], str]] = {
